@@ -1,0 +1,56 @@
+"""Typed errors a caller can act on; service.py maps each kind to one gRPC status code.
+
+Messages are written for a lane operator and never contain image bytes or templates.
+"""
+
+
+class MatcherError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class InvalidInput(MatcherError, ValueError):
+    """The request itself is wrong (bad image, missing or absurd field)."""
+
+
+class EmptyImage(InvalidInput):
+    pass
+
+
+class UnsupportedImage(InvalidInput):
+    """Readable bytes, but not an image format or mode we accept."""
+
+
+class CorruptImage(InvalidInput):
+    """Looks like a JPEG/PNG but cannot be decoded completely."""
+
+
+class ImageTooLarge(InvalidInput):
+    """Too many bytes or too many pixels; refused before decoding."""
+
+
+class ModelIntegrityError(MatcherError):
+    """A model file is missing, or its sha256 is not the pinned one."""
+
+
+class UnknownTraveller(MatcherError, LookupError):
+    pass
+
+
+class GalleryError(MatcherError):
+    """The gallery cannot do what was asked in its current state."""
+
+
+class SnapshotError(GalleryError):
+    """A snapshot is corrupt, incomplete or made for another model."""
+
+
+class Overloaded(MatcherError):
+    """A bounded queue is full; the caller should retry later or elsewhere."""
+
+
+class DeadlineExpired(MatcherError):
+    """The request's deadline passed before it could be served."""
+
+
+class NotReady(MatcherError):
+    """Models or gallery are still loading."""

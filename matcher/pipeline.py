@@ -1,0 +1,232 @@
+"""decode -> detect -> align -> embed: pure functions on arrays around two ORT sessions.
+
+Shapes and conventions follow the reference InsightFace pipeline exactly (RGB planes,
+(x - 127.5) / 128 for SCRFD, (x - 127.5) / 127.5 for the embedder, 5-point similarity to
+the ArcFace template), so templates are interchangeable with it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _native
+from .alignment import alignment_transforms
+from .decode import DEFAULT_LIMITS, DecodeLimits, decode_image
+from .models import ALIGNED_SIZE, EMBEDDING_DIM, ModelPack, Sessions, default_pack, load_sessions
+from .quality import DEFAULT_POLICY, Quality, QualityPolicy, assess
+
+DET_MEAN, DET_INV_STD = 127.5, 1.0 / 128.0
+EMB_MEAN, EMB_INV_STD = 127.5, 1.0 / 127.5
+STRIDES = (8, 16, 32)
+ANCHORS_PER_CELL = 2
+EMBED_CHUNK = 32  # faces per embedder run; bigger batches stop paying off on 2 cores
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """How SCRFD is run.
+
+    input_size: fixed (width, height) letterbox as in the reference (e.g. (640, 640));
+        None picks a size per image: the image scaled down so its long side is at most
+        ``max_side``, padded up to a multiple of 32. A 640x480 lane portrait then costs
+        640x480 instead of 640x640, and small images are never upscaled.
+    """
+
+    input_size: tuple[int, int] | None = None
+    max_side: int = 640
+    score_threshold: float = 0.5
+    nms_iou: float = 0.4
+    max_faces: int = 64
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Faces found in one image, highest score first; pixel coordinates of that image.
+
+    boxes (n, 4) float32 x1y1x2y2; scores (n,) float32; kps (n, 5, 2) float32
+    (left eye, right eye, nose tip, left and right mouth corner, as seen in the image).
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    kps: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+@dataclass(frozen=True)
+class Face:
+    bbox: np.ndarray
+    kps: np.ndarray
+    det_score: float
+    quality: Quality
+    template: np.ndarray  # (512,) float32, L2-normalised
+
+    @property
+    def area(self) -> float:
+        return float((self.bbox[2] - self.bbox[0]) * (self.bbox[3] - self.bbox[1]))
+
+
+@dataclass
+class StageTimings:
+    """Milliseconds spent per stage, for responses and metrics."""
+
+    ms: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, started: float) -> None:
+        self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - started) * 1e3
+
+
+def letterbox_geometry(height: int, width: int, config: DetectorConfig
+                       ) -> tuple[int, int, int, int, float]:
+    """(input_h, input_w, new_h, new_w, det_scale) for an image of this size."""
+    if config.input_size is not None:
+        input_w, input_h = config.input_size
+        # The reference's arithmetic, kept verbatim so detections agree with it.
+        if height / width > input_h / input_w:
+            new_h = input_h
+            new_w = int(new_h / (height / width))
+        else:
+            new_w = input_w
+            new_h = int(new_w * (height / width))
+        return input_h, input_w, new_h, new_w, new_h / height
+    scale = min(1.0, config.max_side / max(height, width))
+    new_h = max(1, int(round(height * scale)))
+    new_w = max(1, int(round(width * scale)))
+    return (32 * math.ceil(new_h / 32), 32 * math.ceil(new_w / 32), new_h, new_w, new_h / height)
+
+
+class Pipeline:
+    """Stateless apart from the ORT sessions; safe to call from several threads."""
+
+    def __init__(self, pack: ModelPack | None = None, *,
+                 detector: DetectorConfig = DetectorConfig(),
+                 quality: QualityPolicy = DEFAULT_POLICY,
+                 limits: DecodeLimits = DEFAULT_LIMITS, threads: int = 1,
+                 sessions: Sessions | None = None) -> None:
+        self.pack = pack or default_pack()
+        self.detector_config = detector
+        self.quality_policy = quality
+        self.limits = limits
+        self.sessions = sessions or load_sessions(self.pack, threads)
+        self._det_outputs = [o.name for o in self.sessions.detector.get_outputs()]
+
+    @property
+    def model_id(self) -> str:
+        return self.pack.model_id
+
+    # -- stages -------------------------------------------------------------------
+
+    def decode(self, data: bytes) -> np.ndarray:
+        return decode_image(data, self.limits)
+
+    def detect(self, image: np.ndarray) -> Detections:
+        return self.detect_many([image])[0]
+
+    def detect_many(self, images: list[np.ndarray]) -> list[Detections]:
+        """Detect in several images; images that share a letterbox size share one ORT run."""
+        geometry = [letterbox_geometry(im.shape[0], im.shape[1], self.detector_config)
+                    for im in images]
+        results: list[Detections | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, g in enumerate(geometry):
+            groups.setdefault((g[0], g[1]), []).append(i)
+        for (input_h, input_w), members in groups.items():
+            blob = np.empty((len(members), 3, input_h, input_w), dtype=np.float32)
+            for slot, i in enumerate(members):
+                _, _, new_h, new_w, _ = geometry[i]
+                _native.letterbox_to_blob(images[i], blob[slot], new_h, new_w,
+                                          DET_MEAN, DET_INV_STD)
+            outs = self.sessions.detector.run(self._det_outputs,
+                                              {self.sessions.detector_input: blob})
+            for slot, i in enumerate(members):
+                results[i] = self._postprocess(outs, slot, input_w, geometry[i][4])
+        return results  # type: ignore[return-value]
+
+    def _postprocess(self, outs: list[np.ndarray], slot: int, input_w: int,
+                     det_scale: float) -> Detections:
+        n = len(STRIDES)
+        scores = [np.ascontiguousarray(outs[i][slot, :, 0]) for i in range(n)]
+        boxes = [np.ascontiguousarray(outs[n + i][slot]) for i in range(n)]
+        kps = [np.ascontiguousarray(outs[2 * n + i][slot]) for i in range(n)]
+        cfg = self.detector_config
+        s, b, k = _native.decode_scrfd(scores, boxes, kps, STRIDES, input_w, ANCHORS_PER_CELL,
+                                       cfg.score_threshold, det_scale)
+        keep = _native.nms(b, s, cfg.nms_iou)[: cfg.max_faces]
+        return Detections(b[keep], s[keep], k[keep])
+
+    def align(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
+        """(n, 5, 2) landmarks -> (n, 3, 112, 112) float32 embedder input."""
+        blob = np.empty((len(kps), 3, ALIGNED_SIZE, ALIGNED_SIZE), dtype=np.float32)
+        if len(kps):
+            _native.warp_faces_to_batch(image, alignment_transforms(kps), blob,
+                                        EMB_MEAN, EMB_INV_STD)
+        return blob
+
+    def embed(self, blob: np.ndarray) -> np.ndarray:
+        """(n, 3, 112, 112) float32 -> (n, 512) float32 L2-normalised templates."""
+        out = np.empty((len(blob), EMBEDDING_DIM), dtype=np.float32)
+        for start in range(0, len(blob), EMBED_CHUNK):
+            chunk = blob[start:start + EMBED_CHUNK]
+            out[start:start + len(chunk)] = self.sessions.embedder.run(
+                None, {self.sessions.embedder_input: chunk})[0]
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        np.maximum(norms, 1e-12, out=norms)
+        return out / norms
+
+    def embed_aligned(self, crops: np.ndarray) -> np.ndarray:
+        """Already-aligned (n, 112, 112, 3) uint8 RGB faces -> (n, 512) templates."""
+        crops = np.asarray(crops)
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (112, 112, 3):
+            raise ValueError(f"aligned faces must be (n, 112, 112, 3) uint8 RGB, got: "
+                             f"shape={crops.shape}, dtype={crops.dtype}")
+        blob = ((crops.astype(np.float32) - EMB_MEAN) * EMB_INV_STD).transpose(0, 3, 1, 2)
+        return self.embed(np.ascontiguousarray(blob))
+
+    # -- whole pipeline -----------------------------------------------------------
+
+    def analyse(self, image: np.ndarray, timings: StageTimings | None = None) -> list[Face]:
+        return self.analyse_many([image], timings)[0]
+
+    def analyse_many(self, images: list[np.ndarray],
+                     timings: StageTimings | None = None) -> list[list[Face]]:
+        """Every face of every image with quality and template; one embedder batch for all."""
+        timings = timings if timings is not None else StageTimings()
+        t = time.perf_counter()
+        detections = self.detect_many(images)
+        timings.add("detect", t)
+        t = time.perf_counter()
+        blobs = [self.align(im, d.kps) for im, d in zip(images, detections)]
+        blob = np.concatenate(blobs) if blobs else np.empty((0, 3, 112, 112), np.float32)
+        timings.add("align", t)
+        t = time.perf_counter()
+        templates = self.embed(blob)
+        timings.add("embed", t)
+        t = time.perf_counter()
+        grey = blob.mean(axis=1) * (1.0 / EMB_INV_STD) + EMB_MEAN
+        results, row = [], 0
+        for im, d in zip(images, detections):
+            faces = []
+            for j in range(len(d)):
+                q = assess(float(d.scores[j]), d.boxes[j], d.kps[j], im.shape, grey[row],
+                           self.quality_policy)
+                faces.append(Face(d.boxes[j], d.kps[j], float(d.scores[j]), q, templates[row]))
+                row += 1
+            results.append(faces)
+        timings.add("quality", t)
+        return results
+
+    def analyse_bytes(self, data: bytes, timings: StageTimings | None = None) -> list[Face]:
+        timings = timings if timings is not None else StageTimings()
+        t = time.perf_counter()
+        image = self.decode(data)
+        timings.add("decode", t)
+        return self.analyse(image, timings)
+
+
+def largest_face(faces: list[Face]) -> Face | None:
+    return max(faces, key=lambda f: f.area) if faces else None

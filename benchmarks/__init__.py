@@ -1,0 +1,1 @@
+"""Benchmark suites and the harness that runs them (``python -m benchmarks``)."""

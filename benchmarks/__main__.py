@@ -1,0 +1,63 @@
+"""``python -m benchmarks [--quick] [--only NAME[,NAME]] --out DIR``: run the suites."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from .harness import Report, machine_info, write_summary
+
+SUITES = ("accuracy", "pipeline", "kernels", "search", "service", "reindex")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="matcher bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few repeats; finishes in minutes (CI)")
+    parser.add_argument("--only", default="", help=f"comma-separated subset of {SUITES}")
+    parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    wanted = [s for s in args.only.split(",") if s] or list(SUITES)
+    unknown = sorted(set(wanted) - set(SUITES))
+    if unknown:
+        parser.error(f"unknown suite(s) {unknown}; choose from {SUITES}")
+    machine = machine_info()
+    reports, errors = [], {}
+    for name in wanted:
+        try:
+            module = importlib.import_module(f"benchmarks.suite_{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"benchmarks.suite_{name}":
+                print(f"[bench] suite {name}: not present, skipped", flush=True)
+                continue
+            raise
+        report = Report(name, args.quick)
+        print(f"[bench] suite {name} ...", flush=True)
+        started = time.perf_counter()
+        try:
+            module.run(report, args.quick)
+        except Exception as exc:  # a crashing suite fails the run but not the others
+            traceback.print_exc()
+            errors[name] = f"{type(exc).__name__}: {exc}"
+        elapsed = time.perf_counter() - started
+        report.save(args.out, machine, elapsed)
+        reports.append(report)
+        status = "FAILED" if (report.failed or name in errors) else "ok"
+        print(f"[bench] suite {name}: {status} in {elapsed:.1f} s", flush=True)
+        for c in report.failed:
+            print(f"[bench]   check failed: {c.name}: {c.detail}", flush=True)
+    command = "matcher bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = write_summary(args.out, reports, machine, command, errors)
+    print(f"[bench] summary: {summary}", flush=True)
+    failed = errors or any(r.failed for r in reports)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""The quick benchmark run, as CI runs it: every suite's correctness checks and same-run
+ratio floors must hold, and each suite leaves its JSON + PNG behind."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_benchmarks_pass_their_checks(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=900)
+    print(proc.stdout[-4000:])
+    print(proc.stderr[-4000:], file=sys.stderr)
+    summary = (out / "summary.md").read_text()
+    assert proc.returncode == 0, f"benchmark checks failed:\n{summary}"
+    reports = sorted(out.glob("*.json"))
+    assert reports, "no suite ran"
+    for path in reports:
+        doc = json.loads(path.read_text())
+        assert doc["figures"], f"{path.name} recorded no figures"
+        assert (out / f"{doc['suite']}.png").exists(), f"{doc['suite']} drew no plot"

@@ -44,8 +44,9 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(
             f"the image is {len(data) / 1e6:.1f} MB; the limit is {limits.max_bytes / 1e6:.1f} MB")
-    image = _open_header(data)
+    image = _open_header(data, limits)
     _check_dimensions(image.size, limits)
+    _check_single_frame(image)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -63,15 +64,20 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
             "it is truncated or damaged, please capture it again") from None
 
 
-def _open_header(data: bytes) -> Image.Image:
+def _open_header(data: bytes, limits: DecodeLimits) -> Image.Image:
     """Parse only the header; Pillow decodes pixels lazily on ``load()``."""
     try:
-        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        with warnings.catch_warnings():
+            # Between 1x and 2x MAX_IMAGE_PIXELS Pillow only warns; our own limit refuses it.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise UnsupportedImage(
             "the bytes are not a JPEG or PNG image (unknown or unsupported format)") from None
     except Image.DecompressionBombError:
-        raise ImageTooLarge("the image declares more pixels than allowed") from None
+        raise ImageTooLarge(
+            f"the image declares far more pixels than the {limits.max_pixels / 1e6:.0f} "
+            "megapixel limit") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
         raise CorruptImage(
             f"the image header is damaged ({type(exc).__name__}); please capture it again") from None
@@ -86,6 +92,18 @@ def _check_dimensions(size: tuple[int, int], limits: DecodeLimits) -> None:
     if width < limits.min_side or height < limits.min_side:
         raise UnsupportedImage(
             f"the image is {width}x{height} pixels; at least {limits.min_side} per side is needed")
+
+
+def _check_single_frame(image: Image.Image) -> None:
+    """Refuse animated PNGs: which frame holds the traveller's face would be a guess.
+
+    The frame count comes from the acTL chunk read with the header, so this costs nothing.
+    JPEGs are exempt: cameras write MPO files (a JPEG plus preview or depth frames) whose
+    first frame is the photo.
+    """
+    if image.format == "PNG" and getattr(image, "n_frames", 1) > 1:
+        raise UnsupportedImage(
+            f"the PNG is animated ({image.n_frames} frames); send a single still photo")
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:

@@ -1,0 +1,174 @@
+"""The face pipeline on the real shared photos: counts, genuine/impostor separation, EXIF,
+RGBA, group photos, and the detector size policy."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from matcher.pipeline import (DetectorConfig, Face, Pipeline, StageTimings, largest_face,
+                              letterbox_geometry)
+
+GENUINE_FLOOR = 0.50
+IMPOSTOR_CEILING = 0.20
+
+
+@pytest.fixture(scope="module")
+def analysed(pipeline: Pipeline, faces_dir: Path, face_labels) -> dict[str, list[Face]]:
+    """file -> faces, every shared photo through decode + analyse with the default config."""
+    return {f: pipeline.analyse_bytes((faces_dir / f).read_bytes()) for f in face_labels}
+
+
+@pytest.fixture(scope="module")
+def single_templates(analysed, single_face_files) -> dict[str, np.ndarray]:
+    return {f: analysed[f][0].template for f in single_face_files}
+
+
+def test_face_counts_match_labels(analysed, face_labels) -> None:
+    wrong = {f: (len(faces), int(face_labels[f]["faces"])) for f, faces in analysed.items()
+             if len(faces) != int(face_labels[f]["faces"])}
+    assert not wrong, f"(found, labelled) differ for {wrong}"
+
+
+def test_templates_are_unit_float32(analysed) -> None:
+    for faces in analysed.values():
+        for face in faces:
+            assert face.template.shape == (512,) and face.template.dtype == np.float32
+            assert abs(float(np.linalg.norm(face.template)) - 1.0) < 1e-5
+            assert face.bbox.shape == (4,) and face.kps.shape == (5, 2)
+
+
+def test_landmarks_sit_inside_their_box(analysed) -> None:
+    for f, faces in analysed.items():
+        for face in faces:
+            x1, y1, x2, y2 = face.bbox
+            margin = 0.1 * (x2 - x1)
+            inside = ((face.kps[:, 0] > x1 - margin) & (face.kps[:, 0] < x2 + margin)
+                      & (face.kps[:, 1] > y1 - margin) & (face.kps[:, 1] < y2 + margin))
+            assert inside.all(), f"{f}: landmarks outside the face box"
+            # Eyes above the mouth, left eye left of the right eye, as seen in the image.
+            assert face.kps[0, 0] < face.kps[1, 0], f
+            assert face.kps[:2, 1].mean() < face.kps[3:, 1].mean(), f
+
+
+def test_every_genuine_pair_scores_above_floor_and_every_impostor_below_ceiling(
+        single_templates, face_labels) -> None:
+    genuine, impostor = [], []
+    for a, b in itertools.combinations(sorted(single_templates), 2):
+        score = float(single_templates[a] @ single_templates[b])
+        same = face_labels[a]["identity"] == face_labels[b]["identity"]
+        (genuine if same else impostor).append((score, a, b))
+    n = len(single_templates)
+    assert len(genuine) + len(impostor) == n * (n - 1) // 2 and len(genuine) >= 40
+    worst_genuine = min(genuine)
+    worst_impostor = max(impostor)
+    assert worst_genuine[0] >= GENUINE_FLOOR, f"genuine pair too low: {worst_genuine}"
+    assert worst_impostor[0] <= IMPOSTOR_CEILING, f"impostor pair too high: {worst_impostor}"
+
+
+def test_exif_rotated_photo_matches_its_upright_original(single_templates) -> None:
+    score = float(single_templates["obama_exif_rotated.jpg"] @ single_templates["obama_4.jpg"])
+    assert score >= 0.99
+
+
+@pytest.mark.parametrize("png, same_person_jpg", [
+    ("rgba_32bit.png", "obama_2.jpg"),
+    ("alex_lacamoire_3.png", "alex_lacamoire_1.jpg"),
+])
+def test_rgba_png_matches_a_jpeg_of_the_same_person(single_templates, faces_dir: Path,
+                                                    png: str, same_person_jpg: str) -> None:
+    from PIL import Image
+
+    with Image.open(faces_dir / png) as im:
+        assert im.mode == "RGBA"  # the case this test is about
+    assert float(single_templates[png] @ single_templates[same_person_jpg]) >= GENUINE_FLOOR
+
+
+def test_group_faces_are_identified_against_the_single_face_gallery(
+        analysed, single_templates, face_labels) -> None:
+    """Every enrolled person in a group photo comes back as themselves; the stranger as nobody."""
+    names = sorted(single_templates)
+    gallery = np.stack([single_templates[f] for f in names])
+    for group in ("group_kit_harington_rose_leslie.jpg", "group_obama_biden.jpg",
+                  "group_two_people.jpg"):
+        expected = sorted(face_labels[group]["identity"].split(";"))
+        found = []
+        for face in analysed[group]:
+            scores = gallery @ face.template
+            best = int(np.argmax(scores))
+            found.append(face_labels[names[best]]["identity"]
+                         if scores[best] >= 0.35 else "unknown")
+        assert sorted(found) == expected, group
+
+
+def test_analyse_many_equals_one_by_one(pipeline: Pipeline, faces_dir: Path) -> None:
+    files = ["obama_small.jpg", "group_two_people.jpg", "obama_240p.jpg", "obama_4.jpg"]
+    images = [pipeline.decode((faces_dir / f).read_bytes()) for f in files]
+    batched = pipeline.analyse_many(images)
+    for image, faces in zip(images, batched):
+        alone = pipeline.analyse(image)
+        assert len(alone) == len(faces)
+        for a, b in zip(alone, faces):
+            np.testing.assert_allclose(a.bbox, b.bbox, atol=1e-3)
+            assert float(a.template @ b.template) > 0.9999
+
+
+def test_stage_timings_cover_every_stage(pipeline: Pipeline, faces_dir: Path) -> None:
+    timings = StageTimings()
+    pipeline.analyse_bytes((faces_dir / "obama_small.jpg").read_bytes(), timings)
+    assert {"decode", "detect", "align", "embed", "quality"} <= set(timings.ms)
+    assert all(v >= 0 for v in timings.ms.values())
+
+
+def test_image_without_a_face_yields_no_face(pipeline: Pipeline) -> None:
+    y, x = np.mgrid[0:480, 0:640]
+    wall = np.stack([x % 256, y % 256, (x + y) % 256], axis=2).astype(np.uint8)
+    assert pipeline.analyse(wall) == []
+    assert largest_face([]) is None
+
+
+def test_largest_face_picks_the_biggest_box(analysed) -> None:
+    faces = analysed["group_obama_biden.jpg"]
+    assert largest_face(faces).area == max(f.area for f in faces)
+
+
+def test_embed_aligned_refuses_wrong_layout(pipeline: Pipeline) -> None:
+    with pytest.raises(ValueError, match="112, 112, 3"):
+        pipeline.embed_aligned(np.zeros((1, 3, 112, 112), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        pipeline.embed_aligned(np.zeros((1, 112, 112, 3), np.float32))
+
+
+# -- detector input size ----------------------------------------------------------------
+
+@pytest.mark.parametrize("h, w", [(480, 640), (1080, 1920), (240, 320), (2333, 1434),
+                                  (100, 37), (4000, 3000)])
+@pytest.mark.parametrize("max_side", [320, 416, 640])
+def test_auto_letterbox_never_upscales_and_pads_to_stride(h: int, w: int, max_side: int) -> None:
+    input_h, input_w, new_h, new_w, scale = letterbox_geometry(
+        h, w, DetectorConfig(input_size=None, max_side=max_side))
+    assert input_h % 32 == 0 and input_w % 32 == 0
+    assert new_h <= input_h < new_h + 32 and new_w <= input_w < new_w + 32
+    assert max(new_h, new_w) <= max(max_side, 1) and scale <= 1.0
+    assert abs(new_w / w - new_h / h) < 2.0 / min(new_h, new_w)  # aspect kept
+
+
+def test_fixed_letterbox_matches_the_reference_arithmetic() -> None:
+    # 1080p into 640x640: width fills, height is int(640 * 1080 / 1920) = 360.
+    assert letterbox_geometry(1080, 1920, DetectorConfig(input_size=(640, 640)))[:4] == \
+        (640, 640, 360, 640)
+    # A tall image: height fills.
+    assert letterbox_geometry(2204, 970, DetectorConfig(input_size=(640, 640)))[:4] == \
+        (640, 640, 640, 281)
+
+
+def test_fixed_640_and_default_size_agree_on_templates(pipeline: Pipeline,
+                                                       faces_dir: Path) -> None:
+    """The default (smaller) detector input finds the same faces, with the same templates."""
+    fixed = Pipeline(detector=DetectorConfig(input_size=(640, 640)), sessions=pipeline.sessions)
+    for f in ("obama_1080p.jpg", "biden_1.jpg", "kit_harington_2.jpg"):
+        image = pipeline.decode((faces_dir / f).read_bytes())
+        a, b = largest_face(pipeline.analyse(image)), largest_face(fixed.analyse(image))
+        assert float(a.template @ b.template) > 0.97, f

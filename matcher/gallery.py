@@ -1,0 +1,295 @@
+"""The gallery the service searches: durable store + in-memory index + snapshots, one facade.
+
+Thread-safe. Writes (enrol, remove, replay, swap) are serialised by one lock and reach the
+index only after the store has committed them; searches take the current index reference
+once and never lock, so a rebuild or a snapshot hot swap never fails an in-flight search.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GalleryError, InvalidInput, SnapshotError
+from .index import Candidate, IndexConfig, SearchIndex
+from .models import EMBEDDING_DIM
+from .snapshot import Manifest, list_snapshots, prune_snapshots, read_snapshot, write_snapshot
+from .store import (NORM_TOLERANCE, EnrolResult, Store, TemplateCodec, Traveller,
+                    check_traveller_id, to_epoch)
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "gallery.sqlite3"
+SNAPSHOT_DIR = "snapshots"
+
+
+@dataclass(frozen=True)
+class GalleryConfig:
+    index: IndexConfig = field(default_factory=IndexConfig)
+    snapshots_kept: int = 3
+    # Rebuild in the background once the exact delta holds index.delta_max_templates.
+    auto_rebuild: bool = True
+
+
+@dataclass(frozen=True)
+class ClaimScore:
+    """A probe scored against one claimed traveller (1:1)."""
+
+    traveller_id: str
+    score: float          # best cosine over the traveller's templates
+    within_window: bool   # the booking is valid at the time asked about
+    valid_from: float
+    valid_to: float
+
+
+def check_probes(probes: np.ndarray) -> np.ndarray:
+    """(n, 512) or (512,) float32, finite, L2-normalised -> (n, 512) contiguous."""
+    x = np.asarray(probes)
+    if x.dtype != np.float32:
+        raise InvalidInput(f"probe templates must be float32, got: dtype={x.dtype}")
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2 or x.shape[1] != EMBEDDING_DIM:
+        raise InvalidInput(f"probe templates must be (n, {EMBEDDING_DIM}), got: shape={x.shape}")
+    if not np.isfinite(x).all():
+        raise InvalidInput("probe templates contain NaN or infinite values")
+    if len(x) and np.abs(np.linalg.norm(x, axis=1) - 1.0).max() > NORM_TOLERANCE:
+        raise InvalidInput("probe templates must be L2-normalised (unit length)")
+    return np.ascontiguousarray(x)
+
+
+def _now(now: datetime | float | None) -> float:
+    return time.time() if now is None else to_epoch(now, "now")
+
+
+class Gallery:
+    def __init__(self, data_dir: Path, store: Store, index: SearchIndex,
+                 config: GalleryConfig) -> None:
+        self.data_dir = data_dir
+        self.store = store
+        self.config = config
+        self._index = index
+        self._lock = threading.RLock()
+        self._rebuilding: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, data_dir: str | Path, model_id: str, config: GalleryConfig | None = None,
+             codec: TemplateCodec | None = None, use_snapshots: bool = True) -> "Gallery":
+        """Open (or create) the gallery in ``data_dir``.
+
+        Loads the newest snapshot that verifies (a corrupt or mismatched one is logged and
+        skipped), or builds the index from the store, then replays newer store changes.
+        """
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config = config or GalleryConfig()
+        store = Store.open(data_dir / STORE_FILE, model_id, codec)
+        try:
+            index = None
+            if use_snapshots:
+                for path in list_snapshots(data_dir / SNAPSHOT_DIR):
+                    try:
+                        _, index = read_snapshot(path, model_id, store.store_id, config.index)
+                        break
+                    except SnapshotError as e:
+                        log.error("skipping snapshot: %s", e)
+            if index is None:
+                index = _build(store, config.index, time.time())
+            gallery = cls(data_dir, store, index, config)
+            gallery.refresh()
+        except BaseException:
+            store.close()
+            raise
+        return gallery
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            worker = self._rebuilding
+        if worker is not None:
+            worker.join()
+        self.store.close()
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- facts ----------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self.store.model_id
+
+    @property
+    def version(self) -> int:
+        """The gallery_version the in-memory index reflects."""
+        return self._index.applied_version
+
+    @property
+    def size(self) -> int:
+        """Travellers in the index (whatever their booking window)."""
+        return self._index.travellers
+
+    @property
+    def templates(self) -> int:
+        return self._index.templates
+
+    @property
+    def index_kind(self) -> str:
+        return self._index.kind
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / SNAPSHOT_DIR
+
+    def stats(self) -> dict[str, object]:
+        travellers, templates = self.store.counts()
+        ix = self._index
+        return {"model_id": self.model_id, "store_id": self.store.store_id,
+                "schema_version": self.store.schema_version,
+                "gallery_version": self.store.gallery_version,
+                "index_version": ix.applied_version, "index_built_version": ix.built_version,
+                "index_kind": ix.kind, "index_params": ix.built.params,
+                "travellers": travellers, "templates": templates,
+                "index_travellers": ix.travellers, "index_templates": ix.templates,
+                "delta_templates": ix.delta_templates,
+                "snapshots": [p.name for p in list_snapshots(self.snapshot_dir)]}
+
+    # -- writes ---------------------------------------------------------------------
+
+    def enroll(self, traveller_id: str, templates: np.ndarray,
+               valid_from: datetime | float, valid_to: datetime | float,
+               photo_sha256s: Sequence[str]) -> EnrolResult:
+        """Store templates (k, 512) float32 L2-normalised for a traveller; returns once the
+        transaction is durable and the traveller is searchable."""
+        with self._lock:
+            self._check_open()
+            result = self.store.enroll(traveller_id, templates, valid_from, valid_to,
+                                       photo_sha256s)
+            if result.changed:
+                self.refresh()
+        self._maybe_rebuild()
+        return result
+
+    def remove(self, traveller_id: str) -> int:
+        """Delete a traveller; never returned by a search once this returns."""
+        with self._lock:
+            self._check_open()
+            version = self.store.remove(traveller_id)
+            self.refresh()
+        return version
+
+    def refresh(self) -> int:
+        """Apply store changes newer than the index (ours, or another process's)."""
+        with self._lock:
+            _replay(self.store, self._index)
+            return self._index.applied_version
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GalleryError("the gallery is closed")
+
+    # -- reads ----------------------------------------------------------------------
+
+    def get(self, traveller_id: str) -> Traveller:
+        return self.store.get(traveller_id)
+
+    def search(self, probes: np.ndarray, k: int = 5, now: datetime | float | None = None
+               ) -> list[list[Candidate]]:
+        """1:N. probes (n, 512) float32 L2-normalised -> per probe up to k Candidates
+        (traveller_id, best score), best first, among travellers valid at ``now``."""
+        if not isinstance(k, int) or k < 1:
+            raise InvalidInput("k must be a positive integer")
+        x = check_probes(probes)
+        return self._index.search(x, k, _now(now))
+
+    def score_traveller(self, traveller_id: str, probe: np.ndarray,
+                        now: datetime | float | None = None) -> ClaimScore:
+        """1:1 against the durable store. probe (512,) float32; raises UnknownTraveller."""
+        x = check_probes(probe)
+        if len(x) != 1:
+            raise InvalidInput("score_traveller takes exactly one probe template")
+        t = self.store.get(check_traveller_id(traveller_id))
+        score = float((t.templates @ x[0]).max()) if len(t.templates) else float("-inf")
+        return ClaimScore(t.traveller_id, score, t.valid_at(_now(now)), t.valid_from,
+                          t.valid_to)
+
+    # -- rebuild and snapshots ------------------------------------------------------
+
+    def rebuild(self, now: datetime | float | None = None) -> None:
+        """Build a fresh index from the store (dropping bookings ended by ``now``) without
+        blocking searches or writes, then catch up and swap it in."""
+        fresh = _build(self.store, self.config.index, _now(now))
+        self._swap(fresh)
+
+    def _swap(self, fresh: SearchIndex) -> None:
+        with self._lock:
+            _replay(self.store, fresh)
+            old, self._index = self._index, fresh
+        log.info("index swapped: %s at gallery_version %d (was %s at %d)", fresh.kind,
+                 fresh.applied_version, old.kind, old.applied_version)
+
+    def _maybe_rebuild(self) -> None:
+        if not (self.config.auto_rebuild and self._index.needs_rebuild):
+            return
+        with self._lock:
+            if self._closed or (self._rebuilding is not None and self._rebuilding.is_alive()):
+                return
+            self._rebuilding = threading.Thread(target=self._rebuild_worker,
+                                                name="gallery-rebuild", daemon=True)
+            self._rebuilding.start()
+
+    def _rebuild_worker(self) -> None:
+        try:
+            self.rebuild()
+        except Exception:  # a failed background rebuild leaves the current index serving
+            log.exception("background gallery rebuild failed; the current index stays")
+
+    def export_snapshot(self, root: str | Path | None = None) -> Path:
+        """Write the built index to ``root`` (default data_dir/snapshots) atomically.
+
+        The snapshot holds the state at the index's build version; changes since are in
+        the store and are replayed on load. Call rebuild() first for a compact snapshot.
+        """
+        root = Path(root) if root is not None else self.snapshot_dir
+        path = write_snapshot(root, self._index, self.model_id, self.store.store_id)
+        if root == self.snapshot_dir:
+            prune_snapshots(root, self.config.snapshots_kept)
+        return path
+
+    def load_snapshot(self, path: str | Path) -> Manifest:
+        """Hot swap to a snapshot; on any problem raise SnapshotError and keep serving."""
+        manifest, fresh = read_snapshot(path, self.model_id, self.store.store_id,
+                                        self.config.index)
+        self._swap(fresh)
+        return manifest
+
+
+def _build(store: Store, config: IndexConfig, now: float) -> SearchIndex:
+    rows = store.read_all(valid_after=now)
+    return SearchIndex.build(rows.vectors, rows.owner, rows.template_ids, rows.traveller_ids,
+                             rows.valid_from, rows.valid_to, rows.gallery_version, config)
+
+
+def _replay(store: Store, index: SearchIndex) -> None:
+    """Bring ``index`` up to the store: re-read every traveller changed since it was built
+    or last refreshed (caller holds the gallery lock)."""
+    changes = store.changes_since(index.applied_version)
+    if not changes:
+        return
+    for traveller_id in dict.fromkeys(c.traveller_id for c in changes):
+        t = store.find(traveller_id)
+        if t is None:
+            index.remove(traveller_id)
+        else:
+            index.upsert(traveller_id, t.valid_from, t.valid_to, t.templates, t.template_ids)
+    index.applied_version = changes[-1].gallery_version

@@ -1,0 +1,498 @@
+"""The durable traveller store: one SQLite file (WAL, synchronous=FULL), versioned schema.
+
+Holds travellers (booking window in UTC epoch seconds), their templates (float32 512-d,
+through a ``TemplateCodec`` so they can be encrypted at rest), and a ``changes`` log with
+one monotonic ``gallery_version`` per change, which snapshots replay. Never a photo: only
+the sha256 of the photo a template came from.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .errors import GalleryError, InvalidInput, UnknownTraveller
+from .models import EMBEDDING_DIM
+
+log = logging.getLogger(__name__)
+
+MAX_TRAVELLER_ID_CHARS = 128
+MAX_TEMPLATES_PER_TRAVELLER = 16
+# Templates are L2-normalised by the pipeline; anything far from unit norm is a caller bug
+# (raw embedder output, wrong dtype reinterpretation) and would silently skew every score.
+NORM_TOLERANCE = 1e-3
+
+# Each migration is applied once, in order, inside one transaction with its version row.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, (
+        """CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+        """CREATE TABLE travellers (
+               traveller_id TEXT PRIMARY KEY,
+               valid_from REAL NOT NULL,
+               valid_to REAL NOT NULL,
+               created_at REAL NOT NULL,
+               updated_at REAL NOT NULL,
+               CHECK (valid_from < valid_to)
+           ) WITHOUT ROWID""",
+        # AUTOINCREMENT: a template_id is never reused, so an id seen in an old snapshot
+        # can never point at someone else's template.
+        """CREATE TABLE templates (
+               template_id INTEGER PRIMARY KEY AUTOINCREMENT,
+               traveller_id TEXT NOT NULL
+                   REFERENCES travellers(traveller_id) ON DELETE CASCADE,
+               model_id TEXT NOT NULL,
+               photo_sha256 TEXT NOT NULL,
+               codec TEXT NOT NULL,
+               template BLOB NOT NULL,
+               created_at REAL NOT NULL,
+               UNIQUE (traveller_id, photo_sha256)
+           )""",
+        """CREATE TABLE changes (
+               gallery_version INTEGER PRIMARY KEY,
+               traveller_id TEXT NOT NULL,
+               kind TEXT NOT NULL CHECK (kind IN ('enrol', 'remove')),
+               at REAL NOT NULL
+           )""",
+    )),
+)
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+class TemplateCodec(Protocol):
+    """Turns a template into the bytes stored in SQLite and back.
+
+    ``context`` identifies the row (traveller id and photo sha256); an encrypting codec
+    binds it as associated data so a blob moved to another row fails to decode.
+    """
+
+    name: str
+
+    def encode(self, template: np.ndarray, context: bytes) -> bytes: ...
+
+    def decode(self, blob: bytes, context: bytes) -> np.ndarray: ...
+
+
+class PlainCodec:
+    """Little-endian float32 bytes, unencrypted (the default)."""
+
+    name = "plain"
+
+    def encode(self, template: np.ndarray, context: bytes) -> bytes:
+        return np.ascontiguousarray(template, dtype="<f4").tobytes()
+
+    def decode(self, blob: bytes, context: bytes) -> np.ndarray:
+        if len(blob) != EMBEDDING_DIM * 4:
+            raise GalleryError(f"stored template has {len(blob)} bytes, expected "
+                               f"{EMBEDDING_DIM * 4}; the store is damaged")
+        return np.frombuffer(blob, dtype="<f4").astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Traveller:
+    """One booked traveller; ``templates`` is (k, 512) float32, one row per photo."""
+
+    traveller_id: str
+    valid_from: float  # UTC epoch seconds, inclusive
+    valid_to: float    # UTC epoch seconds, exclusive
+    created_at: float
+    updated_at: float
+    templates: np.ndarray
+    template_ids: tuple[int, ...]
+    photo_sha256s: tuple[str, ...]
+    model_id: str
+
+    def valid_at(self, now: float) -> bool:
+        return self.valid_from <= now < self.valid_to
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    traveller_id: str
+    gallery_version: int
+    added_templates: int
+    changed: bool  # False when the same photos and window were already stored
+
+
+@dataclass(frozen=True)
+class Change:
+    gallery_version: int
+    traveller_id: str
+    kind: str  # "enrol" | "remove"
+
+
+@dataclass(frozen=True)
+class GalleryRows:
+    """Every stored template at one ``gallery_version``, ready for an index build.
+
+    vectors (n, 512) float32; owner (n,) int32 index into ``traveller_ids``;
+    template_ids (n,) int64; valid_from / valid_to (t,) float64 per traveller.
+    """
+
+    gallery_version: int
+    traveller_ids: list[str]
+    valid_from: np.ndarray
+    valid_to: np.ndarray
+    owner: np.ndarray
+    template_ids: np.ndarray
+    vectors: np.ndarray
+
+
+# -- input checks (shared with gallery.py) --------------------------------------------
+
+def check_traveller_id(traveller_id: object) -> str:
+    if not isinstance(traveller_id, str) or not traveller_id:
+        raise InvalidInput("traveller_id must be a non-empty string")
+    if len(traveller_id) > MAX_TRAVELLER_ID_CHARS:
+        raise InvalidInput(f"traveller_id is {len(traveller_id)} characters long; "
+                           f"at most {MAX_TRAVELLER_ID_CHARS} are allowed")
+    if not traveller_id.isprintable():
+        raise InvalidInput("traveller_id contains non-printable characters")
+    return traveller_id
+
+
+def to_epoch(t: datetime | float | int, name: str) -> float:
+    """A timezone-aware datetime or UTC epoch seconds -> float epoch seconds."""
+    if isinstance(t, datetime):
+        if t.tzinfo is None or t.utcoffset() is None:
+            raise InvalidInput(f"{name} must be timezone-aware (UTC); got a naive datetime")
+        return t.timestamp()
+    if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
+        return float(t)
+    raise InvalidInput(f"{name} must be a timezone-aware datetime or UTC epoch seconds")
+
+
+def check_templates(templates: np.ndarray) -> np.ndarray:
+    """(k, 512) float32, finite, L2-normalised; raises InvalidInput otherwise."""
+    x = np.asarray(templates)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.dtype != np.float32:
+        raise InvalidInput(f"templates must be float32, got: dtype={x.dtype}")
+    if x.ndim != 2 or x.shape[1] != EMBEDDING_DIM or x.shape[0] == 0:
+        raise InvalidInput(f"templates must be (k, {EMBEDDING_DIM}) with k >= 1, "
+                           f"got: shape={x.shape}")
+    if not np.isfinite(x).all():
+        raise InvalidInput("templates contain NaN or infinite values")
+    norms = np.linalg.norm(x, axis=1)
+    if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
+        raise InvalidInput("templates must be L2-normalised (unit length)")
+    return np.ascontiguousarray(x)
+
+
+def _check_sha256(s: object) -> str:
+    if (not isinstance(s, str) or len(s) != 64
+            or any(c not in "0123456789abcdef" for c in s)):
+        raise InvalidInput("photo_sha256 must be 64 lowercase hex characters")
+    return s
+
+
+def _context(traveller_id: str, photo_sha256: str) -> bytes:
+    return f"{traveller_id}\x00{photo_sha256}".encode()
+
+
+# -- the store --------------------------------------------------------------------------
+
+class Store:
+    """Thread-safe. Writes are serialised and return only after COMMIT has been fsynced."""
+
+    def __init__(self, path: str | Path, model_id: str, codec: TemplateCodec | None = None
+                 ) -> None:
+        self.path = Path(path)
+        self.codec: TemplateCodec = codec or PlainCodec()
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        self._conn = self._connect()
+        self._migrate()
+        self._check_or_set_model(model_id)
+        self.model_id = model_id
+        self.store_id = self._meta("store_id")
+
+    @classmethod
+    def open(cls, path: str | Path, model_id: str, codec: TemplateCodec | None = None
+             ) -> "Store":
+        return cls(path, model_id, codec)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing is left in
+        # an implicit transaction and every acknowledged write is really committed.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged enrolment survives
+        # a power cut, not only a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # Deleted template bytes are overwritten, not left in free pages.
+        conn.execute("PRAGMA secure_delete=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        """A per-thread read connection: WAL readers never wait for the writer's fsync."""
+        if self._closed:
+            raise GalleryError("the gallery store is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self._readers_lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+            self._conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._write_lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.execute("CREATE TABLE IF NOT EXISTS schema_version ("
+                          "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+                current = c.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+                if current > SCHEMA_VERSION:
+                    raise GalleryError(
+                        f"store {self.path} has schema version {current}, newer than this "
+                        f"build understands ({SCHEMA_VERSION}); upgrade matcher")
+                for version, statements in MIGRATIONS:
+                    if version <= current:
+                        continue
+                    for sql in statements:
+                        c.execute(sql)
+                    if version == 1:
+                        c.execute("INSERT INTO meta VALUES ('gallery_version', '0')")
+                        c.execute("INSERT INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+                    c.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time()))
+                    log.info("store %s migrated to schema version %d", self.path, version)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def _meta(self, key: str) -> str | None:
+        row = self._reader().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _check_or_set_model(self, model_id: str) -> None:
+        with self._write_lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key='model_id'").fetchone()
+            if row is None:
+                self._conn.execute("INSERT INTO meta VALUES ('model_id', ?)", (model_id,))
+            elif row[0] != model_id:
+                raise GalleryError(
+                    f"store {self.path.name} holds templates of model {row[0]}, but this "
+                    f"service runs {model_id}; templates of different models are not "
+                    f"comparable, re-enrol into a new store")
+
+    @property
+    def schema_version(self) -> int:
+        return self._reader().execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+
+    @property
+    def gallery_version(self) -> int:
+        return int(self._meta("gallery_version") or 0)
+
+    # -- writes ---------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock:
+            if self._closed:
+                raise GalleryError("the gallery store is closed")
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+
+    @staticmethod
+    def _bump(c: sqlite3.Connection, traveller_id: str, kind: str, now: float) -> int:
+        version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
+                                ).fetchone()[0]) + 1
+        c.execute("UPDATE meta SET value=? WHERE key='gallery_version'", (str(version),))
+        c.execute("INSERT INTO changes VALUES (?, ?, ?, ?)", (version, traveller_id, kind, now))
+        return version
+
+    def enroll(self, traveller_id: str, templates: np.ndarray,
+               valid_from: datetime | float, valid_to: datetime | float,
+               photo_sha256s: Sequence[str], model_id: str | None = None) -> EnrolResult:
+        """Add templates (k, 512) float32 and set the booking window; durable on return.
+
+        Idempotent: photos already stored for this traveller are skipped, and if nothing
+        changes the gallery_version does not move.
+        """
+        traveller_id = check_traveller_id(traveller_id)
+        x = check_templates(templates)
+        vf, vt = to_epoch(valid_from, "valid_from"), to_epoch(valid_to, "valid_to")
+        if not vf < vt:
+            raise InvalidInput("valid_from must be before valid_to")
+        shas = [_check_sha256(s) for s in photo_sha256s]
+        if len(shas) != len(x):
+            raise InvalidInput(f"got {len(x)} templates but {len(shas)} photo_sha256 values")
+        if model_id is not None and model_id != self.model_id:
+            raise GalleryError(f"templates made by model {model_id} cannot join a gallery "
+                               f"of model {self.model_id}")
+        now = time.time()
+        with self._write() as c:
+            row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
+                            (traveller_id,)).fetchone()
+            stored = {r[0] for r in c.execute(
+                "SELECT photo_sha256 FROM templates WHERE traveller_id=?", (traveller_id,))}
+            new: dict[str, int] = {}
+            for i, sha in enumerate(shas):
+                if sha not in stored and sha not in new:
+                    new[sha] = i
+            if len(stored) + len(new) > MAX_TEMPLATES_PER_TRAVELLER:
+                raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
+                                   f" templates; {traveller_id!r} would have "
+                                   f"{len(stored) + len(new)}")
+            window_changed = row is None or (row[0], row[1]) != (vf, vt)
+            if not new and not window_changed:
+                version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
+                                        ).fetchone()[0])
+                return EnrolResult(traveller_id, version, 0, False)
+            if row is None:
+                c.execute("INSERT INTO travellers VALUES (?, ?, ?, ?, ?)",
+                          (traveller_id, vf, vt, now, now))
+            else:
+                c.execute("UPDATE travellers SET valid_from=?, valid_to=?, updated_at=? "
+                          "WHERE traveller_id=?", (vf, vt, now, traveller_id))
+            c.executemany(
+                "INSERT INTO templates (traveller_id, model_id, photo_sha256, codec, template,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+                [(traveller_id, self.model_id, sha, self.codec.name,
+                  self.codec.encode(x[i], _context(traveller_id, sha)), now)
+                 for sha, i in new.items()])
+            version = self._bump(c, traveller_id, "enrol", now)
+        log.info("enrolled traveller (%d new templates) at gallery_version %d",
+                 len(new), version)
+        return EnrolResult(traveller_id, version, len(new), True)
+
+    def remove(self, traveller_id: str) -> int:
+        """Delete the traveller and its template rows; returns the new gallery_version."""
+        traveller_id = check_traveller_id(traveller_id)
+        with self._write() as c:
+            if c.execute("DELETE FROM travellers WHERE traveller_id=?",
+                         (traveller_id,)).rowcount == 0:
+                raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
+            # ON DELETE CASCADE removes the templates; say it explicitly anyway so a
+            # store opened without foreign_keys can never keep orphan biometric rows.
+            c.execute("DELETE FROM templates WHERE traveller_id=?", (traveller_id,))
+            version = self._bump(c, traveller_id, "remove", time.time())
+        log.info("removed a traveller at gallery_version %d", version)
+        return version
+
+    # -- reads ----------------------------------------------------------------------
+
+    def _decode(self, traveller_id: str, sha: str, codec: str, blob: bytes) -> np.ndarray:
+        if codec != self.codec.name:
+            raise GalleryError(f"a template is stored with codec {codec!r} but the store was "
+                               f"opened with {self.codec.name!r}")
+        return self.codec.decode(blob, _context(traveller_id, sha))
+
+    def get(self, traveller_id: str) -> Traveller:
+        traveller_id = check_traveller_id(traveller_id)
+        c = self._reader()
+        c.execute("BEGIN")  # one consistent read of the traveller and its templates
+        try:
+            row = c.execute("SELECT valid_from, valid_to, created_at, updated_at FROM travellers"
+                            " WHERE traveller_id=?", (traveller_id,)).fetchone()
+            rows = c.execute("SELECT template_id, photo_sha256, codec, template, model_id "
+                             "FROM templates WHERE traveller_id=? ORDER BY template_id",
+                             (traveller_id,)).fetchall()
+        finally:
+            c.execute("COMMIT")
+        if row is None:
+            raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
+        templates = np.stack([self._decode(traveller_id, r[1], r[2], r[3]) for r in rows]) \
+            if rows else np.empty((0, EMBEDDING_DIM), np.float32)
+        return Traveller(traveller_id, row[0], row[1], row[2], row[3], templates,
+                         tuple(r[0] for r in rows), tuple(r[1] for r in rows), self.model_id)
+
+    def find(self, traveller_id: str) -> Traveller | None:
+        try:
+            return self.get(traveller_id)
+        except UnknownTraveller:
+            return None
+
+    def counts(self) -> tuple[int, int]:
+        """(travellers, templates)."""
+        c = self._reader()
+        return (c.execute("SELECT COUNT(*) FROM travellers").fetchone()[0],
+                c.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
+
+    def changes_since(self, gallery_version: int) -> list[Change]:
+        return [Change(*r) for r in self._reader().execute(
+            "SELECT gallery_version, traveller_id, kind FROM changes WHERE gallery_version > ? "
+            "ORDER BY gallery_version", (gallery_version,))]
+
+    def read_all(self, valid_after: float | None = None) -> GalleryRows:
+        """Every template (of travellers whose booking ends after ``valid_after``, if given),
+        read in one transaction so the rows match the gallery_version returned with them."""
+        c = self._reader()
+        c.execute("BEGIN")
+        try:
+            version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
+                                    ).fetchone()[0])
+            cutoff = -math.inf if valid_after is None else valid_after
+            travellers = c.execute("SELECT traveller_id, valid_from, valid_to FROM travellers "
+                                   "WHERE valid_to > ? ORDER BY traveller_id",
+                                   (cutoff,)).fetchall()
+            slot = {t[0]: i for i, t in enumerate(travellers)}
+            n = c.execute("SELECT COUNT(*) FROM templates").fetchone()[0]
+            vectors = np.empty((n, EMBEDDING_DIM), np.float32)
+            owner = np.empty(n, np.int32)
+            template_ids = np.empty(n, np.int64)
+            m = 0
+            for tid, trav, sha, codec, blob in c.execute(
+                    "SELECT template_id, traveller_id, photo_sha256, codec, template "
+                    "FROM templates ORDER BY template_id"):
+                s = slot.get(trav)
+                if s is None:
+                    continue
+                vectors[m] = self._decode(trav, sha, codec, blob)
+                owner[m] = s
+                template_ids[m] = tid
+                m += 1
+        finally:
+            c.execute("COMMIT")
+        return GalleryRows(version, [t[0] for t in travellers],
+                           np.array([t[1] for t in travellers], np.float64),
+                           np.array([t[2] for t in travellers], np.float64),
+                           owner[:m], template_ids[:m], vectors[:m])
+
+    def integrity_check(self) -> str:
+        return self._reader().execute("PRAGMA integrity_check").fetchone()[0]

@@ -79,8 +79,8 @@ def _open_header(data: bytes, limits: DecodeLimits) -> Image.Image:
             f"the image declares far more pixels than the {limits.max_pixels / 1e6:.0f} "
             "megapixel limit") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
-        raise CorruptImage(
-            f"the image header is damaged ({type(exc).__name__}); please capture it again") from None
+        raise CorruptImage(f"the image header is damaged ({type(exc).__name__}); "
+                           "please capture it again") from None
 
 
 def _check_dimensions(size: tuple[int, int], limits: DecodeLimits) -> None:

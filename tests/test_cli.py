@@ -1,0 +1,74 @@
+"""The ``matcher`` command through a real subprocess: embed --json and compare."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from matcher.pipeline import Pipeline, largest_face
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _matcher(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "matcher.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_embed_json_prints_one_object_per_face(faces_dir: Path, pipeline: Pipeline) -> None:
+    files = [faces_dir / "obama_small.jpg", faces_dir / "group_two_people.jpg"]
+    proc = _matcher("embed", "--json", *map(str, files))
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [(Path(r["file"]).name, r["face_index"]) for r in records] == [
+        ("obama_small.jpg", 0), ("group_two_people.jpg", 0), ("group_two_people.jpg", 1)]
+    for r in records:
+        assert {"file", "face_index", "bbox", "kps", "det_score", "quality",
+                "embedding"} <= set(r)
+        assert len(r["bbox"]) == 4 and np.asarray(r["kps"]).shape == (5, 2)
+        assert 0.5 <= r["det_score"] <= 1.0
+        assert r["quality"]["accepted"] in (True, False) and "reasons" in r["quality"]
+        embedding = np.asarray(r["embedding"], dtype=np.float64)
+        assert embedding.shape == (512,)
+        assert abs(np.linalg.norm(embedding) - 1.0) < 1e-4
+    # The printed template is the one the library computes for the same file.
+    expected = largest_face(pipeline.analyse_bytes(files[0].read_bytes())).template
+    assert float(np.asarray(records[0]["embedding"]) @ expected) > 0.9999
+
+
+def test_embed_reports_a_bad_file_and_carries_on(faces_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "not_a_photo.jpg"
+    bad.write_bytes(b"this is a text file with a .jpg name")
+    proc = _matcher("embed", str(bad), str(faces_dir / "obama_small.jpg"))
+    assert proc.returncode == 1
+    assert "not_a_photo.jpg" in proc.stderr and "not a JPEG or PNG" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    (record,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert "embedding" not in record  # only with --json
+
+
+@pytest.mark.parametrize("a, b, low, high", [
+    ("obama_exif_rotated.jpg", "obama_4.jpg", 0.99, 1.0),
+    ("obama_1.jpg", "biden_2.jpg", -1.0, 0.20),
+])
+def test_compare_prints_the_cosine_of_the_largest_faces(faces_dir: Path, a: str, b: str,
+                                                        low: float, high: float) -> None:
+    proc = _matcher("compare", str(faces_dir / a), str(faces_dir / b))
+    assert proc.returncode == 0, proc.stderr
+    score = float(proc.stdout.strip())
+    assert low <= score <= high
+
+
+def test_compare_without_a_face_fails_cleanly(faces_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    wall = tmp_path / "wall.png"
+    y, x = np.mgrid[0:240, 0:320]
+    Image.fromarray(np.stack([x % 256, y % 256, (x * y) % 256], 2).astype(np.uint8)).save(wall)
+    proc = _matcher("compare", str(wall), str(faces_dir / "obama_4.jpg"))
+    assert proc.returncode == 1
+    assert "no face found" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,748 @@
+"""The overnight re-index: bookings manifest -> templates on Ray -> store -> index -> snapshot.
+
+One driver, many embedders. The driver reads and checks the manifest, hashes every photo,
+and sends only photos whose sha256 is not yet in the store (for that traveller and this
+store's model) to a Ray Data actor pool; each actor builds one ``Pipeline`` and turns a
+batch of photo paths into templates or reject reasons. The driver is the store's only
+writer: it enrols each traveller as soon as all of its photos are back (durable on
+return, so an interrupted run resumes where it stopped), deletes the travellers who are
+no longer booked, then rebuilds the index and publishes a snapshot, which a running
+``matcher serve`` on the same data dir picks up.
+
+Photos that were refused for what they contain (no face, several faces, low quality,
+undecodable) are remembered by sha256 and pipeline settings in a small side file, so a
+rerun does no embedding work at all for an unchanged manifest.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import sqlite3
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import (CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError,
+                     UnknownTraveller)
+from .gallery import Gallery, GalleryConfig
+from .manifest import (LOW_QUALITY, MISSING_FILE, MULTIPLE_FACES, NO_FACE, UNREADABLE_IMAGE,
+                       Booking, Manifest, Reject, load_manifest)
+from .models import EMBEDDING_DIM, default_pack
+from .pipeline import DetectorConfig, Face, largest_face
+from .quality import DEFAULT_POLICY, QualityPolicy
+from .snapshot import verify_snapshot
+
+log = logging.getLogger(__name__)
+
+REJECTS_FILE = "rejects.csv"
+SUMMARY_FILE = "reindex-summary.json"
+OUTCOMES_FILE = "reindex-outcomes.sqlite3"
+HASH_CHUNK = 1 << 20
+# Reject reasons that depend only on the photo's bytes and the pipeline settings: safe to
+# remember by sha256. A missing file may appear tomorrow, so it is never remembered.
+CACHEABLE_CODES = (UNREADABLE_IMAGE, NO_FACE, MULTIPLE_FACES, LOW_QUALITY)
+# ...except these two, which say something about this run, not about the photo.
+TRANSIENT_REASONS = (f"{UNREADABLE_IMAGE}:changed_during_run",
+                     f"{UNREADABLE_IMAGE}:pipeline_error")
+
+# Ray reads these when it is imported; set them before that (and never override the
+# operator's own choice): no usage report to the internet, no dashboard.
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+@dataclass(frozen=True)
+class ReindexConfig:
+    """What to re-index and how. Ray settings only matter when ``use_ray`` is true.
+
+    actors: embedder actors (default: the cluster's CPUs // cpus_per_actor).
+    num_cpus: CPUs of the local Ray instance (default: all); ignored with ``ray_address``.
+    second_face_area_ratio: a second face at least this fraction of the largest face's
+        area makes the photo ambiguous (``multiple_faces``); smaller faces are bystanders.
+    """
+
+    manifest: Path
+    data_dir: Path
+    rejects_path: Path | None = None
+    use_ray: bool = True
+    ray_address: str | None = None
+    actors: int | None = None
+    cpus_per_actor: float = 1.0
+    ort_threads: int = 1
+    batch_size: int = 8
+    num_cpus: int | None = None
+    object_store_mb: int = 500
+    hash_threads: int = 8
+    now: float | None = None
+    progress: bool = True
+    second_face_area_ratio: float = 0.1
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+    quality: QualityPolicy = DEFAULT_POLICY
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.ort_threads < 1 or self.hash_threads < 1:
+            raise InvalidInput("batch_size, ort_threads and hash_threads must be >= 1")
+        if self.actors is not None and self.actors < 1:
+            raise InvalidInput("actors must be >= 1")
+        if not self.cpus_per_actor > 0:
+            raise InvalidInput("cpus_per_actor must be > 0")
+        if not 0.0 < self.second_face_area_ratio <= 1.0:
+            raise InvalidInput("second_face_area_ratio must be in (0, 1]")
+
+    @property
+    def outcome_key(self) -> str:
+        """Identifies everything that decides a photo's verdict besides its bytes."""
+        text = repr((default_pack().model_id, self.detector, self.quality,
+                     self.second_face_area_ratio))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Summary:
+    """What a run did; written as JSON beside the rejects file and printed at the end."""
+
+    rows: int = 0
+    bookings: int = 0             # rows accepted for the new gallery (before photo checks)
+    duplicates: int = 0           # rows repeating an earlier row's traveller and photo
+    expired: int = 0              # rows whose booking window is already over
+    embedded: int = 0             # photos that went through the pipeline this run
+    skipped: int = 0              # photos whose template was already stored
+    remembered_rejects: int = 0   # photos refused earlier, not embedded again
+    rejected: int = 0
+    rejects_by_reason: dict[str, int] = field(default_factory=dict)
+    enrolled: int = 0             # travellers added or changed in the store
+    unchanged: int = 0
+    removed: int = 0              # travellers deleted (cancelled, expired or no good photo)
+    gallery_travellers: int = 0
+    gallery_templates: int = 0
+    gallery_version: int = 0
+    snapshot: str = ""
+    rejects_file: str = ""
+    photos_per_s: float = 0.0     # embedding rate of this run (after start-up)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(self.rejects_by_reason.items()))
+        times = ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items())
+        return [
+            f"manifest rows {self.rows}: bookings {self.bookings}, expired {self.expired}, "
+            f"duplicates {self.duplicates}",
+            f"photos: embedded {self.embedded} ({self.photos_per_s:.1f} photos/s), "
+            f"skipped {self.skipped} (already stored), "
+            f"remembered rejects {self.remembered_rejects}",
+            f"rejected rows {self.rejected}" + (f" ({reasons})" if reasons else ""),
+            f"travellers: enrolled or changed {self.enrolled}, unchanged {self.unchanged}, "
+            f"removed {self.removed}",
+            f"gallery: {self.gallery_travellers} travellers, {self.gallery_templates} "
+            f"templates at gallery_version {self.gallery_version}",
+            f"snapshot: {self.snapshot}",
+            f"rejects: {self.rejects_file}",
+            f"time: {times}",
+        ]
+
+
+# -- the embedding worker (a Ray actor, or a plain object for --no-ray) -----------------
+
+def _decode_reason(exc: InvalidInput) -> str:
+    kind = ("empty" if isinstance(exc, EmptyImage) else
+            "corrupt" if isinstance(exc, CorruptImage) else
+            "too_large" if isinstance(exc, ImageTooLarge) else "unsupported")
+    return f"{UNREADABLE_IMAGE}:{kind}"
+
+
+def face_verdict(faces: list[Face], second_face_area_ratio: float) -> tuple[Face | None, str]:
+    """The one enrolable face of a booking photo, or None and the reject reason."""
+    main = largest_face(faces)
+    if main is None:
+        return None, NO_FACE
+    if any(f is not main and f.area >= second_face_area_ratio * main.area for f in faces):
+        return None, MULTIPLE_FACES
+    if not main.quality.accepted:
+        return None, f"{LOW_QUALITY}:{'+'.join(main.quality.reasons)}"
+    return main, ""
+
+
+def remember_reject(reason: str) -> bool:
+    """Whether a reject reason is a property of the photo's bytes (worth remembering)."""
+    return (bool(reason) and reason.split(":", 1)[0] in CACHEABLE_CODES
+            and reason not in TRANSIENT_REASONS)
+
+
+def read_photo(path: str) -> tuple[bytes | None, str]:
+    """(bytes, "") or (None, reject reason) for a photo file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(), ""
+    except FileNotFoundError:
+        return None, MISSING_FILE
+    except IsADirectoryError:
+        return None, f"{MISSING_FILE}:is_a_directory"
+    except PermissionError:
+        return None, f"{MISSING_FILE}:permission_denied"
+    except OSError as exc:
+        return None, f"{MISSING_FILE}:{type(exc).__name__}"
+
+
+class PhotoEmbedder:
+    """Photo paths -> one template or one reject reason each. Loads the models once.
+
+    Used as the Ray Data actor class (``__call__`` takes and returns a pyarrow Table) and,
+    without Ray, called directly. In: columns ``sha256`` (string, as hashed by the
+    driver), ``path`` (string). Out: ``sha256``, ``reason`` (string, "" when enrolable),
+    ``template`` (binary, 512 little-endian float32, L2-normalised; empty when refused).
+    """
+
+    def __init__(self, ort_threads: int = 1, second_face_area_ratio: float = 0.1,
+                 detector: DetectorConfig | None = None,
+                 quality: QualityPolicy | None = None) -> None:
+        from .pipeline import Pipeline
+
+        self.pipeline = Pipeline(detector=detector or DetectorConfig(),
+                                 quality=quality or DEFAULT_POLICY, threads=ort_threads)
+        self.second_face_area_ratio = second_face_area_ratio
+
+    def embed(self, shas: list[str], paths: list[str]) -> tuple[list[str], list[bytes]]:
+        """(reasons, template bytes) for each photo, in order."""
+        reasons = [""] * len(paths)
+        templates = [b""] * len(paths)
+        images, slots = [], []
+        for i, (sha, path) in enumerate(zip(shas, paths)):
+            data, reason = read_photo(path)
+            if data is None:
+                reasons[i] = reason
+                continue
+            if hashlib.sha256(data).hexdigest() != sha:
+                # Replaced between hashing and now: what we would embed is not the photo
+                # the store would record. The next run sees the new file.
+                reasons[i] = f"{UNREADABLE_IMAGE}:changed_during_run"
+                continue
+            try:
+                images.append(self.pipeline.decode(data))
+                slots.append(i)
+            except InvalidInput as exc:
+                reasons[i] = _decode_reason(exc)
+        for i, faces in zip(slots, self._analyse(images, [paths[i] for i in slots])):
+            if faces is None:
+                reasons[i] = f"{UNREADABLE_IMAGE}:pipeline_error"
+                continue
+            face, reasons[i] = face_verdict(faces, self.second_face_area_ratio)
+            if face is not None:
+                templates[i] = np.ascontiguousarray(face.template, "<f4").tobytes()
+        return reasons, templates
+
+    def _analyse(self, images: list[np.ndarray], paths: list[str]) -> list[list[Face] | None]:
+        """Faces per image, one batched run; if the batch fails, image by image so one
+        pathological photo is refused instead of failing its neighbours (and the job)."""
+        try:
+            return list(self.pipeline.analyse_many(images))
+        except Exception:  # noqa: BLE001 - isolated below, each failure is reported
+            log.warning("a batch of %d photos failed; retrying one by one", len(images))
+        results: list[list[Face] | None] = []
+        for image, path in zip(images, paths):
+            try:
+                results.append(self.pipeline.analyse(image))
+            except Exception as exc:  # noqa: BLE001 - becomes a reject with a reason
+                log.error("pipeline failed on %s: %s", path, type(exc).__name__)
+                results.append(None)
+        return results
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        shas = batch.column("sha256").to_pylist()
+        reasons, templates = self.embed(shas, batch.column("path").to_pylist())
+        return pa.table({"sha256": pa.array(shas, pa.string()),
+                         "reason": pa.array(reasons, pa.string()),
+                         "template": pa.array(templates, pa.binary())})
+
+
+@dataclass(frozen=True)
+class PhotoResult:
+    sha256: str
+    reason: str                     # "" when the photo gave a template
+    template: np.ndarray | None     # (512,) float32 L2-normalised, or None
+
+
+def _results(table) -> Iterator[PhotoResult]:
+    for sha, reason, blob in zip(table.column("sha256").to_pylist(),
+                                 table.column("reason").to_pylist(),
+                                 table.column("template").to_pylist()):
+        template = None
+        if not reason:
+            if len(blob) != EMBEDDING_DIM * 4:
+                raise MatcherError(f"an embedder returned a {len(blob)}-byte template")
+            template = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        yield PhotoResult(sha, reason, template)
+
+
+# -- running the embedders ------------------------------------------------------------
+
+def _work_table(work: list[tuple[str, str]]):
+    import pyarrow as pa
+
+    return pa.table({"sha256": pa.array([s for s, _ in work], pa.string()),
+                     "path": pa.array([p for _, p in work], pa.string())})
+
+
+def embed_inline(work: list[tuple[str, str]], config: ReindexConfig,
+                 timings: dict[str, float]) -> Iterator[PhotoResult]:
+    """The same worker in this process, one batch at a time (no Ray)."""
+    started = time.perf_counter()
+    worker = PhotoEmbedder(config.ort_threads, config.second_face_area_ratio,
+                           config.detector, config.quality)
+    timings["embedder_start"] = time.perf_counter() - started
+    for i in range(0, len(work), config.batch_size):
+        yield from _results(worker(_work_table(work[i:i + config.batch_size])))
+
+
+def start_ray(config: ReindexConfig) -> bool:
+    """Connect to ``config.ray_address`` or start a private local Ray; True if we started
+    (or connected) it here and so must shut it down, False if the caller already had."""
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    try:
+        import ray
+    except ImportError:
+        raise MatcherError("Ray is not installed: pip install 'matcher[cluster]', "
+                           "or run with --no-ray on one machine") from None
+    if ray.is_initialized():
+        return False
+    if config.ray_address:
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    else:
+        # A private single-node instance bound to loopback: nothing to start by hand,
+        # nothing reachable from the network, and the node-IP lookup never leaves the box.
+        ray.init(num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False,
+                 log_to_driver=False, configure_logging=False,
+                 object_store_memory=config.object_store_mb * 1024 * 1024,
+                 _node_ip_address="127.0.0.1")
+    return True
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    # Our own progress bar runs on the driver; Ray Data's would interleave with it.
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # It warns that bars are off, which is what we asked for.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
+                 timings: dict[str, float]) -> Iterator[PhotoResult]:
+    """Ray Data: blocks of (sha256, path) -> actor pool of PhotoEmbedder -> driver."""
+    started = time.perf_counter()
+    owned = start_ray(config)
+    timings["embedder_start"] = time.perf_counter() - started
+    import ray
+    import ray.data
+
+    try:
+        _quiet_ray_data()
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        actors = config.actors or max(1, int(cpus // config.cpus_per_actor))
+        actors = min(actors, max(1, -(-len(work) // config.batch_size)))
+        table = _work_table(work)
+        # Several blocks per actor keep every actor busy to the end; a cap on block count
+        # keeps the driver's object references few for a 10M-row night.
+        block_rows = max(config.batch_size, -(-len(work) // (actors * 8)), len(work) // 4096)
+        blocks = [table.slice(i, block_rows) for i in range(0, len(work), block_rows)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            PhotoEmbedder,
+            fn_constructor_kwargs={"ort_threads": config.ort_threads,
+                                   "second_face_area_ratio": config.second_face_area_ratio,
+                                   "detector": config.detector, "quality": config.quality},
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=config.batch_size, num_cpus=config.cpus_per_actor,
+            batch_format="pyarrow", zero_copy_batch=True)
+        log.info("embedding %d photos on Ray with %d actors x %.3g CPU, %d ORT thread(s)",
+                 len(work), actors, config.cpus_per_actor, config.ort_threads)
+        for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            yield from _results(out)
+    finally:
+        if owned:
+            ray.shutdown()
+
+
+# -- driver-side pieces ---------------------------------------------------------------
+
+def sha256_file(path: Path) -> tuple[str | None, str]:
+    """(hex digest, "") or (None, reject reason)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+    except FileNotFoundError:
+        return None, MISSING_FILE
+    except IsADirectoryError:
+        return None, f"{MISSING_FILE}:is_a_directory"
+    except PermissionError:
+        return None, f"{MISSING_FILE}:permission_denied"
+    except OSError as exc:
+        return None, f"{MISSING_FILE}:{type(exc).__name__}"
+    return h.hexdigest(), ""
+
+
+def hash_photos(paths: Iterable[Path], threads: int) -> dict[Path, tuple[str | None, str]]:
+    """sha256 of every distinct photo; hashlib releases the GIL, so threads overlap I/O."""
+    unique = list(dict.fromkeys(paths))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return dict(zip(unique, pool.map(sha256_file, unique)))
+
+
+class OutcomeCache:
+    """sha256 -> reject reason for photos refused for their content, per pipeline setting.
+
+    Holds no image and no template; only digests and reason codes. Pruned to the current
+    manifest's photos at the end of each successful run.
+    """
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.key = key
+        self._conn = sqlite3.connect(path, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("CREATE TABLE IF NOT EXISTS rejected_photos ("
+                           "photo_sha256 TEXT NOT NULL, outcome_key TEXT NOT NULL, "
+                           "reason TEXT NOT NULL, PRIMARY KEY (photo_sha256, outcome_key))"
+                           " WITHOUT ROWID")
+
+    def get_many(self, shas: Iterable[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        shas = list(shas)
+        for i in range(0, len(shas), 500):
+            chunk = shas[i:i + 500]
+            marks = ",".join("?" * len(chunk))
+            found.update(self._conn.execute(
+                f"SELECT photo_sha256, reason FROM rejected_photos WHERE outcome_key=? "
+                f"AND photo_sha256 IN ({marks})", (self.key, *chunk)))
+        return found
+
+    def put_many(self, items: list[tuple[str, str]]) -> None:
+        if items:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR REPLACE INTO rejected_photos VALUES (?, ?, ?)",
+                                   [(sha, self.key, reason) for sha, reason in items])
+            self._conn.execute("COMMIT")
+
+    def keep_only(self, shas: set[str]) -> None:
+        self._conn.execute("BEGIN")
+        stale = [(s, k) for s, k in self._conn.execute(
+            "SELECT photo_sha256, outcome_key FROM rejected_photos")
+            if s not in shas or k != self.key]
+        self._conn.executemany("DELETE FROM rejected_photos WHERE photo_sha256=? "
+                               "AND outcome_key=?", stale)
+        self._conn.execute("COMMIT")
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+@dataclass(frozen=True)
+class StoredTraveller:
+    valid_from: float
+    valid_to: float
+    photo_sha256s: frozenset[str]
+
+
+def stored_travellers(gallery: Gallery) -> dict[str, StoredTraveller]:
+    """Every traveller in the store with its window and photo digests (no templates).
+
+    Read straight from the store's file, read-only: the Store API has no listing that
+    does not decode every template, which a 10M-traveller store cannot afford.
+    """
+    store = gallery.store
+    if store.schema_version != 1:
+        raise MatcherError(f"reindex reads store schema 1, the store has "
+                           f"{store.schema_version}; upgrade matcher")
+    conn = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")
+        windows = {tid: (vf, vt) for tid, vf, vt in conn.execute(
+            "SELECT traveller_id, valid_from, valid_to FROM travellers")}
+        photos: dict[str, set[str]] = defaultdict(set)
+        for tid, sha in conn.execute("SELECT traveller_id, photo_sha256 FROM templates"):
+            photos[tid].add(sha)
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return {tid: StoredTraveller(vf, vt, frozenset(photos.get(tid, ())))
+            for tid, (vf, vt) in windows.items()}
+
+
+def write_rejects(path: Path, rejects: list[Reject]) -> None:
+    """CSV ``row,traveller_id,reason`` sorted by row, replaced atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "traveller_id", "reason"])
+        for r in sorted(rejects, key=lambda r: r.row):
+            writer.writerow([r.row, r.traveller_id, r.reason])
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Progress:
+    """tqdm on a terminal; elsewhere (CI, cron) one log line per 10% instead of a bar."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total = total
+        self.done = 0
+        self._bar = None
+        self._started: float | None = None  # at the first photo: start-up is not throughput
+        self._first = 0
+        self._next_report = 0.1
+        self._enabled = enabled and total > 0
+        if self._enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="photo", desc="reindex", smoothing=0.1,
+                             dynamic_ncols=True)
+
+    def update(self, n: int = 1) -> None:
+        if self._started is None:
+            self._started = time.monotonic()
+            self._first = n
+        self.done += n
+        if self._bar is not None:
+            self._bar.update(n)
+        elif self._enabled and self.done >= self._next_report * self.total:
+            elapsed = time.monotonic() - self._started
+            rate = (self.done - self._first) / elapsed if elapsed > 0 else 0.0
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("reindex: %d/%d photos (%.0f%%), %.1f photos/s, ETA %.0f s",
+                     self.done, self.total, 100 * self.done / self.total, rate, eta)
+            while self._next_report * self.total <= self.done:
+                self._next_report += 0.1
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+# -- the job --------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    """Per traveller: window, photo digests wanted, digests still being embedded."""
+
+    valid_from: float
+    valid_to: float
+    rows: dict[str, Booking] = field(default_factory=dict)  # sha256 -> first row with it
+    pending: set[str] = field(default_factory=set)
+    new: dict[str, np.ndarray] = field(default_factory=dict)
+    kept: set[str] = field(default_factory=set)
+
+
+class _Writer:
+    """The store's single writer during a run: enrols, replaces, removes travellers."""
+
+    def __init__(self, gallery: Gallery, stored: dict[str, StoredTraveller],
+                 summary: Summary) -> None:
+        self.gallery = gallery
+        self.stored = stored
+        self.summary = summary
+        self.final: set[str] = set()
+
+    def finish(self, traveller_id: str, plan: _Plan) -> None:
+        have = self.stored.get(traveller_id)
+        wanted = plan.kept | set(plan.new)
+        if not wanted:
+            if have is not None:
+                self._remove(traveller_id)
+            return
+        self.final.add(traveller_id)
+        window = (plan.valid_from, plan.valid_to)
+        stale = have.photo_sha256s - wanted if have is not None else frozenset()
+        if stale:
+            # The booking now lists other photos: templates of the dropped ones must go.
+            # The Store has no per-template delete, so the traveller is re-enrolled whole
+            # (remove, then enrol kept + new templates) in two transactions.
+            t = self.gallery.get(traveller_id)
+            templates = dict(zip(t.photo_sha256s, t.templates))
+            templates = {s: v for s, v in templates.items() if s in wanted} | plan.new
+            self.gallery.remove(traveller_id)
+            self._enrol(traveller_id, templates, window)
+        elif plan.new:
+            self._enrol(traveller_id, plan.new, window)
+        elif have is not None and (have.valid_from, have.valid_to) != window:
+            # Only the window moved: re-send one stored template (a no-op for the
+            # template, since the store skips known photos) to update the window.
+            t = self.gallery.get(traveller_id)
+            self._enrol(traveller_id, {t.photo_sha256s[0]: t.templates[0]}, window)
+        else:
+            self.summary.unchanged += 1
+
+    def _enrol(self, traveller_id: str, templates: dict[str, np.ndarray],
+               window: tuple[float, float]) -> None:
+        shas = list(templates)
+        self.gallery.enroll(traveller_id, np.stack([templates[s] for s in shas]),
+                            window[0], window[1], shas)
+        self.summary.enrolled += 1
+
+    def _remove(self, traveller_id: str) -> None:
+        try:
+            self.gallery.remove(traveller_id)
+        except UnknownTraveller:  # removed meanwhile through the service's admin API
+            return
+        self.summary.removed += 1
+
+    def remove_unbooked(self) -> None:
+        """Delete every stored traveller the new manifest does not keep."""
+        for traveller_id in self.stored:
+            if traveller_id not in self.final:
+                self._remove(traveller_id)
+
+
+def run_reindex(config: ReindexConfig,
+                embed: Callable[..., Iterator[PhotoResult]] | None = None) -> Summary:
+    """Run the whole job; returns its Summary (also written to the data dir).
+
+    ``embed`` defaults to ``embed_on_ray`` (or ``embed_inline`` when ``use_ray`` is off).
+    Raises only for a job that cannot run at all (unreadable manifest, store of another
+    model); bad rows become rejects.
+    """
+    t0 = time.perf_counter()
+    summary = Summary()
+    seconds = summary.seconds
+    now = config.now if config.now is not None else time.time()
+    data_dir = Path(config.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    rejects_path = Path(config.rejects_path or data_dir / REJECTS_FILE)
+    embed = embed or (embed_on_ray if config.use_ray else embed_inline)
+
+    manifest: Manifest = load_manifest(config.manifest, now)
+    rejects = list(manifest.rejects)
+    summary.rows, summary.duplicates = manifest.rows, manifest.duplicates
+    summary.bookings, summary.expired = len(manifest.bookings), len(manifest.expired)
+
+    t = time.perf_counter()
+    digests = hash_photos((b.photo for b in manifest.bookings), config.hash_threads)
+    seconds["hash"] = time.perf_counter() - t
+
+    gallery = Gallery.open(data_dir, default_pack().model_id,
+                           GalleryConfig(auto_rebuild=False))
+    cache = OutcomeCache(data_dir / OUTCOMES_FILE, config.outcome_key)
+    try:
+        stored = stored_travellers(gallery)
+        plans: dict[str, _Plan] = {}
+        for b in manifest.bookings:
+            plan = plans.setdefault(b.traveller_id, _Plan(b.valid_from, b.valid_to))
+            sha, reason = digests[b.photo]
+            if sha is None:
+                rejects.append(Reject(b.row, b.traveller_id, reason))
+            elif sha in plan.rows:
+                summary.duplicates += 1  # another file with the very same bytes
+            else:
+                plan.rows[sha] = b
+        remembered = cache.get_many({s for p in plans.values() for s in p.rows})
+        work: dict[str, str] = {}  # sha256 -> path, each distinct photo embedded once
+        for traveller_id, plan in plans.items():
+            have = stored.get(traveller_id)
+            for sha, b in plan.rows.items():
+                if have is not None and sha in have.photo_sha256s:
+                    plan.kept.add(sha)
+                    summary.skipped += 1
+                elif sha in remembered:
+                    rejects.append(Reject(b.row, traveller_id, remembered[sha]))
+                    summary.remembered_rejects += 1
+                else:
+                    plan.pending.add(sha)
+                    work.setdefault(sha, str(b.photo))
+        waiting: dict[str, list[str]] = defaultdict(list)
+        writer = _Writer(gallery, stored, summary)
+        for traveller_id, plan in plans.items():
+            for sha in plan.pending:
+                waiting[sha].append(traveller_id)
+            if not plan.pending:
+                writer.finish(traveller_id, plan)
+
+        t = time.perf_counter()
+        first_result = None
+        progress = Progress(len(work), config.progress)
+        try:
+            if work:
+                for result in embed(list(work.items()), config, seconds):
+                    first_result = first_result or time.perf_counter()
+                    summary.embedded += 1
+                    progress.update()
+                    if remember_reject(result.reason):
+                        cache.put_many([(result.sha256, result.reason)])
+                    for traveller_id in waiting.pop(result.sha256, ()):
+                        plan = plans[traveller_id]
+                        plan.pending.discard(result.sha256)
+                        if result.template is not None:
+                            plan.new[result.sha256] = result.template
+                        else:
+                            rejects.append(Reject(plan.rows[result.sha256].row,
+                                                  traveller_id, result.reason))
+                        if not plan.pending:
+                            writer.finish(traveller_id, plan)
+        finally:
+            progress.close()
+        if waiting:
+            raise MatcherError(f"the embedders returned no result for {len(waiting)} photos")
+        seconds["embed"] = time.perf_counter() - t - seconds.get("embedder_start", 0.0)
+        if summary.embedded and first_result is not None:
+            steady = time.perf_counter() - first_result
+            # Rate after start-up: from the first result on (that batch's own work is the
+            # only start-up time counted twice, a small bias against Ray).
+            summary.photos_per_s = (summary.embedded / steady if steady > 0 else 0.0)
+
+        t = time.perf_counter()
+        writer.remove_unbooked()
+        seconds["write_removals"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        gallery.rebuild(now=now)
+        seconds["index"] = time.perf_counter() - t
+        t = time.perf_counter()
+        snapshot = gallery.export_snapshot()
+        verified = verify_snapshot(snapshot, gallery.model_id, gallery.store.store_id)
+        seconds["publish"] = time.perf_counter() - t
+        cache.keep_only({s for p in plans.values() for s in p.rows})
+        summary.gallery_travellers = verified.travellers
+        summary.gallery_templates = verified.templates
+        summary.gallery_version = verified.gallery_version
+        summary.snapshot = str(snapshot)
+    finally:
+        cache.close()
+        gallery.close()
+
+    summary.rejected = len(rejects)
+    summary.rejects_by_reason = dict(Counter(r.code for r in rejects))
+    write_rejects(rejects_path, rejects)
+    summary.rejects_file = str(rejects_path)
+    seconds["total"] = time.perf_counter() - t0
+    _write_summary(data_dir / SUMMARY_FILE, summary)
+    log.info("reindex done: %d embedded, %d skipped, %d rejected, %d removed; snapshot %s",
+             summary.embedded, summary.skipped, summary.rejected, summary.removed,
+             Path(summary.snapshot).name)
+    return summary
+
+
+def _write_summary(path: Path, summary: Summary) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
+    os.replace(tmp, path)

@@ -108,8 +108,9 @@ class BuiltIndex:
               config: IndexConfig) -> "BuiltIndex":
         n = len(vectors)
         kind = config.kind_for(n)
-        if kind == "ivf" and _ivf_nlist(n, config) < 2:
-            log.info("only %d templates: building a flat index instead of IVF", n)
+        if n == 0 or (kind == "ivf" and _ivf_nlist(n, config) < 2):
+            # Nothing to train an approximate index on; exact is exact and instant here.
+            log.info("only %d templates: building a flat index instead of %s", n, kind)
             kind = "flat"
         started = time.perf_counter()
         params: dict[str, int | bool] = {}

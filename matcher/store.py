@@ -201,6 +201,31 @@ def _context(traveller_id: str, photo_sha256: str) -> bytes:
     return f"{traveller_id}\x00{photo_sha256}".encode()
 
 
+def stored_model_id(path: str | Path) -> str | None:
+    """The model_id a store file was created for, read without opening it for writing."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='model_id'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise GalleryError(f"{path.name} is not a readable gallery store ({e})") from None
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
+@dataclass(frozen=True)
+class TravellerSummary:
+    """A traveller without its templates: what a re-index run compares against."""
+
+    traveller_id: str
+    valid_from: float
+    valid_to: float
+    photo_sha256s: frozenset[str]
+
+
 # -- the store --------------------------------------------------------------------------
 
 class Store:
@@ -447,6 +472,21 @@ class Store:
             return self.get(traveller_id)
         except UnknownTraveller:
             return None
+
+    def list_travellers(self) -> list[TravellerSummary]:
+        """Every traveller with window and photo digests, in one read; decodes no template."""
+        c = self._reader()
+        c.execute("BEGIN")
+        try:
+            photos: dict[str, set[str]] = {}
+            for tid, sha in c.execute("SELECT traveller_id, photo_sha256 FROM templates"):
+                photos.setdefault(tid, set()).add(sha)
+            rows = c.execute("SELECT traveller_id, valid_from, valid_to FROM travellers "
+                             "ORDER BY traveller_id").fetchall()
+        finally:
+            c.execute("COMMIT")
+        return [TravellerSummary(tid, vf, vt, frozenset(photos.get(tid, ())))
+                for tid, vf, vt in rows]
 
     def counts(self) -> tuple[int, int]:
         """(travellers, templates)."""

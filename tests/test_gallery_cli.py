@@ -1,0 +1,63 @@
+"""``matcher gallery stats|export-snapshot|verify-snapshot`` on a real store."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from matcher.gallery import Gallery
+from matcher.gallery_cli import add_parser
+
+MODEL = "test-model@000000000000"
+
+
+def run(argv, capsys):
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    captured = capsys.readouterr()
+    run.err = captured.err
+    return code, captured.out
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 512)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    with Gallery.open(tmp_path / "g", MODEL) as g:
+        for i in range(12):
+            g.enroll(f"T{i}", x[i], 0.0, 4e9, [hashlib.sha256(bytes([i])).hexdigest()])
+        g.remove("T11")
+    return tmp_path / "g"
+
+
+def test_export_then_stats_then_verify(data_dir, capsys):
+    code, out = run(["gallery", "export-snapshot", "--data-dir", str(data_dir)], capsys)
+    exported = json.loads(out)
+    assert code == 0 and exported["gallery_version"] == 13 and exported["travellers"] == 11
+    code, out = run(["gallery", "stats", "--data-dir", str(data_dir)], capsys)
+    stats = json.loads(out)
+    assert code == 0 and stats["model_id"] == MODEL
+    assert (stats["travellers"], stats["templates"], stats["gallery_version"]) == (11, 11, 13)
+    assert stats["snapshots"][0]["ok"] and stats["snapshots"][0]["behind"] == 0
+
+    snap = exported["snapshot"]
+    code, out = run(["gallery", "verify-snapshot", "--data-dir", str(data_dir), snap], capsys)
+    assert code == 0 and out.startswith("ok:") and "11 travellers" in out
+    with open(f"{snap}/windows.npy", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\x00\x01\x02\x03")
+    code, out = run(["gallery", "verify-snapshot", snap], capsys)
+    assert code == 1 and "REFUSED" in out and "checksum" in out
+    code, out = run(["gallery", "stats", "--data-dir", str(data_dir)], capsys)
+    assert not json.loads(out)["snapshots"][0]["ok"]
+
+
+def test_missing_store_is_a_clear_error(tmp_path, capsys):
+    code, _ = run(["gallery", "stats", "--data-dir", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and "no gallery store" in run.err

@@ -1,0 +1,142 @@
+"""Snapshots: atomic write, verification, refusal of corrupt or foreign ones, replay, hot swap."""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from matcher.errors import SnapshotError
+from matcher.gallery import Gallery, GalleryConfig
+from matcher.index import IndexConfig
+from matcher.snapshot import list_snapshots, verify_snapshot
+
+MODEL = "test-model@000000000000"
+NOW = 1_800_000_000.0
+WINDOW = (NOW - 60, NOW + 3600)
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def sha(i):
+    return hashlib.sha256(str(i).encode()).hexdigest()
+
+
+def filled(path, n=200, kind="flat", seed=0, sq8=False):
+    rng = np.random.default_rng(seed)
+    g = Gallery.open(path, MODEL, GalleryConfig(IndexConfig(index_kind=kind, sq8=sq8)))
+    centres = unit(rng.standard_normal((n, 512)))
+    for i in range(n):
+        g.enroll(f"T{i}", unit(centres[i] + 0.05 * rng.standard_normal(512)), *WINDOW, [sha(i)])
+    g.rebuild(now=NOW)
+    return g, centres
+
+
+def top1(g, probes):
+    return [c[0].traveller_id if c else None for c in g.search(probes, 1, NOW)]
+
+
+@pytest.mark.parametrize("kind,sq8", [("flat", False), ("hnsw", False), ("hnsw", True),
+                                      ("ivf", True)])
+def test_roundtrip_then_replay_of_later_changes(tmp_path, kind, sq8):
+    g, centres = filled(tmp_path / "g", kind=kind, sq8=sq8)
+    path = g.export_snapshot()
+    m = verify_snapshot(path, MODEL, g.store.store_id)
+    assert (m.gallery_version, m.templates, m.travellers, m.index_kind) == (200, 200, 200, kind)
+    assert not any(p.name.startswith(".tmp") for p in path.parent.iterdir())
+    # changes after the snapshot live only in the store; reopening must replay them
+    g.remove("T3")
+    g.enroll("LATE", centres[7:8], *WINDOW, [sha("late")])
+    g.remove("T7")
+    g.close()
+    with Gallery.open(tmp_path / "g", MODEL) as again:
+        assert again.index_kind == kind and again.version == 203
+        got = top1(again, centres[:10])
+        assert got[3] != "T3" and got[7] == "LATE"
+        assert [got[i] for i in (0, 1, 2, 4, 5, 6, 8, 9)] == [f"T{i}" for i in
+                                                               (0, 1, 2, 4, 5, 6, 8, 9)]
+
+
+def test_corrupt_newest_snapshot_is_skipped_for_the_last_good_one(tmp_path, caplog):
+    g, centres = filled(tmp_path / "g", n=50)
+    good = g.export_snapshot()
+    g.enroll("NEW", unit(np.ones((1, 512))), *WINDOW, [sha("new")])
+    g.rebuild(now=NOW)
+    bad = g.export_snapshot()
+    assert list_snapshots(tmp_path / "g" / "snapshots") == [bad, good]
+    g.close()
+    with open(bad / "index.faiss", "r+b") as f:
+        f.seek(200)
+        f.write(b"\xff\xfe\xfd")
+    with pytest.raises(SnapshotError, match="checksum"):
+        verify_snapshot(bad)
+    with Gallery.open(tmp_path / "g", MODEL) as again:
+        # opened from `good`, then replayed the change made after it
+        assert again.stats()["index_built_version"] == 50
+        assert top1(again, unit(np.ones((1, 512)))) == ["NEW"]
+    assert "index.faiss does not match its checksum" in caplog.text
+
+
+def test_foreign_and_incomplete_snapshots_are_refused(tmp_path):
+    g, _ = filled(tmp_path / "g", n=20)
+    path = g.export_snapshot()
+    with pytest.raises(SnapshotError, match="made for model"):
+        verify_snapshot(path, model_id="other@1")
+    with pytest.raises(SnapshotError, match="another gallery store"):
+        verify_snapshot(path, MODEL, store_id="0" * 32)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["templates"] = 21
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SnapshotError, match="disagree"):
+        g.load_snapshot(path)
+    (path / "windows.npy").unlink()
+    with pytest.raises(SnapshotError, match="missing file windows.npy"):
+        verify_snapshot(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(SnapshotError, match="incomplete"):
+        verify_snapshot(path)
+    g.close()
+
+
+def test_failed_hot_swap_keeps_serving_and_good_swap_never_fails_a_search(tmp_path):
+    g, centres = filled(tmp_path / "g", n=300, kind="flat")
+    other, _ = filled(tmp_path / "other", n=10)
+    foreign = other.export_snapshot()
+    other.close()
+    with pytest.raises(SnapshotError):
+        g.load_snapshot(foreign)
+    assert top1(g, centres[:3]) == ["T0", "T1", "T2"]
+
+    g2 = Gallery.open(tmp_path / "g", MODEL, GalleryConfig(IndexConfig(index_kind="hnsw")),
+                      use_snapshots=False)
+    g2.rebuild(now=NOW)
+    hnsw_snapshot = g2.export_snapshot()
+    g2.close()
+    errors: list[BaseException] = []
+    wrong: list[str] = []
+    stop = threading.Event()
+
+    def searcher():
+        while not stop.is_set():
+            try:
+                got = top1(g, centres[:32])
+                wrong.extend(x for i, x in enumerate(got) if x != f"T{i}")
+            except BaseException as e:  # noqa: BLE001 - the test reports any failure
+                errors.append(e)
+                return
+
+    threads = [threading.Thread(target=searcher) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for _ in range(3):
+        g.load_snapshot(hnsw_snapshot)
+        g.rebuild(now=NOW)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong
+    g.close()

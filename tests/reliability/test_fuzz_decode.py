@@ -1,0 +1,254 @@
+"""Hostile images against matcher.decode.decode_image, structure-aware.
+
+tests/test_decode.py flips raw bytes; here the mutations keep the container valid (PNG chunk
+CRCs recomputed, JPEG markers kept in place) so the damage reaches the pixel decoders, and
+the bases are crops of the real shared photos. Every case must end as a (H, W, 3) uint8
+array within the limits or as an InvalidInput; anything else (MemoryError, a raw
+zlib.error, a hang) fails.
+"""
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from matcher.decode import DEFAULT_LIMITS, decode_image
+from matcher.errors import ImageTooLarge, InvalidInput
+
+# Refusing a bomb means reading a header, not decoding pixels: a 40+ megapixel decode takes
+# seconds here, so a generous bound still tells the two apart on a loaded 2-core machine.
+BOMB_REFUSAL_BOUND_S = 0.5
+
+
+def _png_chunks(data: bytes) -> list[tuple[bytes, bytes]]:
+    """(type, payload) of every chunk of a PNG."""
+    pos, chunks = 8, []
+    while pos + 8 <= len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        chunks.append((data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]))
+        pos += 12 + n
+    return chunks
+
+
+def _png_build(chunks: list[tuple[bytes, bytes]]) -> bytes:
+    out = [b"\x89PNG\r\n\x1a\n"]
+    for ctype, payload in chunks:
+        crc = zlib.crc32(ctype + payload) & 0xFFFFFFFF
+        out.append(struct.pack(">I", len(payload)) + ctype + payload + struct.pack(">I", crc))
+    return b"".join(out)
+
+
+def _encode(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bases(faces_dir: Path) -> dict[str, bytes]:
+    """Small real-photo images in the encodings lanes send (and a few they should not)."""
+    with Image.open(faces_dir / "biden_1.jpg") as im:
+        face = im.convert("RGB")
+    face.thumbnail((96, 96))
+    grey16 = Image.fromarray(np.asarray(face.convert("L"), np.uint16) * 257)
+    return {
+        "jpeg": _encode(face, "JPEG", quality=85),
+        "jpeg_progressive": _encode(face, "JPEG", quality=85, progressive=True),
+        "jpeg_cmyk": _encode(face.convert("CMYK"), "JPEG", quality=85),
+        "png_rgb": _encode(face, "PNG"),
+        "png_interlaced": _encode(face, "PNG", interlace=1) if _adam7_supported() else
+        _encode(face, "PNG"),
+        "png_palette": _encode(face.convert("P"), "PNG"),
+        "png_grey16": _encode(grey16, "PNG"),
+        "png_rgba": _encode(face.convert("RGBA"), "PNG"),
+    }
+
+
+def _adam7_supported() -> bool:
+    try:
+        _encode(Image.new("RGB", (8, 8)), "PNG", interlace=1)
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _decode_outcome(data: bytes) -> str:
+    """'ok' or the refusal's class name; fails the test on any other exception."""
+    try:
+        out = decode_image(data)
+    except InvalidInput as exc:
+        assert str(exc), "a refusal must say why"
+        return type(exc).__name__
+    assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+    assert out.flags.c_contiguous
+    h, w = out.shape[:2]
+    assert h * w <= DEFAULT_LIMITS.max_pixels and max(h, w) <= DEFAULT_LIMITS.max_side
+    return "ok"
+
+
+def _fuzz_settings(budget, ci: int, soak: int):
+    return settings(max_examples=budget.pick(ci, soak), deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def test_png_chunk_mutations(bases, budget, tally):
+    """Mutate PNG chunks with valid CRCs: IHDR fields, IDAT bytes, chunk order and count."""
+    pngs = sorted(k for k in bases if k.startswith("png"))
+    outcomes: dict[str, int] = {}
+
+    @_fuzz_settings(budget, 600, 6000)
+    @given(base=st.sampled_from(pngs), data=st.data())
+    def run(base: str, data: st.DataObject) -> None:
+        chunks = _png_chunks(bases[base])
+        op = data.draw(st.sampled_from(["ihdr", "idat_flip", "drop", "duplicate", "swap",
+                                        "idat_trunc", "plte", "inject"]))
+        i = data.draw(st.integers(0, len(chunks) - 1))
+        ctype, payload = chunks[i]
+        if op == "ihdr":
+            w, h, depth, colour, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+            field = data.draw(st.integers(0, 6))
+            values = [w, h, depth, colour, comp, filt, interlace]
+            values[field] = data.draw(st.integers(0, 2**31 - 1) if field < 2
+                                      else st.integers(0, 255))
+            chunks[0] = (b"IHDR", struct.pack(">IIBBBBB", *values))
+        elif op == "idat_flip":
+            idats = [j for j, c in enumerate(chunks) if c[0] == b"IDAT"]
+            j = data.draw(st.sampled_from(idats))
+            raw = bytearray(chunks[j][1])
+            for _ in range(data.draw(st.integers(1, 8))):
+                raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+            chunks[j] = (b"IDAT", bytes(raw))
+        elif op == "idat_trunc":
+            idats = [j for j, c in enumerate(chunks) if c[0] == b"IDAT"]
+            j = data.draw(st.sampled_from(idats))
+            chunks[j] = (b"IDAT", chunks[j][1][:data.draw(st.integers(0, len(chunks[j][1])))])
+        elif op == "drop":
+            del chunks[i]
+        elif op == "duplicate":
+            chunks.insert(i, (ctype, payload))
+        elif op == "swap":
+            j = data.draw(st.integers(0, len(chunks) - 1))
+            chunks[i], chunks[j] = chunks[j], chunks[i]
+        elif op == "plte":
+            chunks.insert(1, (b"PLTE", data.draw(st.binary(max_size=800))))
+        else:  # a foreign or ancillary chunk with random contents
+            kind = data.draw(st.sampled_from([b"tEXt", b"zTXt", b"iCCP", b"eXIf", b"acTL",
+                                              b"fcTL", b"sBIT", b"gAMA", b"xYzW"]))
+            chunks.insert(max(1, i), (kind, data.draw(st.binary(max_size=300))))
+        outcome = _decode_outcome(_png_build(chunks))
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        tally.add("fuzz.decode.png_chunks")
+
+    run()
+    assert len(outcomes) >= 2, f"the mutations never reached both outcomes: {outcomes}"
+
+
+def test_jpeg_marker_mutations(bases, budget, tally):
+    """Change JPEG frame dimensions and component counts, damage tables and scan data."""
+    jpegs = sorted(k for k in bases if k.startswith("jpeg"))
+
+    @_fuzz_settings(budget, 600, 6000)
+    @given(base=st.sampled_from(jpegs), data=st.data())
+    def run(base: str, data: st.DataObject) -> None:
+        raw = bytearray(bases[base])
+        sof = max(raw.find(b"\xff\xc0"), raw.find(b"\xff\xc2"))
+        op = data.draw(st.sampled_from(["dims", "components", "tables", "scan", "cut_marker"]))
+        if op == "dims" and sof > 0:
+            h = data.draw(st.integers(0, 65535))
+            w = data.draw(st.integers(0, 65535))
+            raw[sof + 5:sof + 9] = struct.pack(">HH", h, w)
+        elif op == "components" and sof > 0:
+            raw[sof + 9] = data.draw(st.integers(0, 255))
+        elif op == "tables":  # anywhere in the headers: quantisation, Huffman, frame
+            sos = raw.find(b"\xff\xda")
+            for _ in range(data.draw(st.integers(1, 6))):
+                raw[data.draw(st.integers(2, sos - 1))] = data.draw(st.integers(0, 255))
+        elif op == "scan":
+            sos = raw.find(b"\xff\xda")
+            for _ in range(data.draw(st.integers(1, 16))):
+                pos = data.draw(st.integers(sos + 2, len(raw) - 3))
+                raw[pos] = data.draw(st.integers(0, 255))
+        else:
+            markers = [j for j in range(len(raw) - 1) if raw[j] == 0xFF and raw[j + 1] not in
+                       (0x00, 0xFF)]
+            raw = raw[:data.draw(st.sampled_from(markers)) + data.draw(st.integers(0, 3))]
+        _decode_outcome(bytes(raw))
+        tally.add("fuzz.decode.jpeg_markers")
+
+    run()
+
+
+def test_header_bombs_are_refused_from_the_header(budget, tally):
+    """Tiny PNG/JPEG files declaring more pixels than allowed: ImageTooLarge, no decode."""
+
+    @_fuzz_settings(budget, 300, 3000)
+    @given(fmt=st.sampled_from(["png", "jpeg"]),
+           width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1))
+    def run(fmt: str, width: int, height: int) -> None:
+        if fmt == "jpeg":
+            width, height = min(width, 65535), min(height, 65535)
+        too_large = (width * height > DEFAULT_LIMITS.max_pixels
+                     or max(width, height) > DEFAULT_LIMITS.max_side)
+        if not too_large:
+            return  # in-limit sizes are covered by the mutation tests
+        data = _png_bomb(width, height) if fmt == "png" else _jpeg_bomb(width, height)
+        start = time.monotonic()
+        with pytest.raises(ImageTooLarge):
+            decode_image(data)
+        assert time.monotonic() - start < BOMB_REFUSAL_BOUND_S
+        tally.add("fuzz.decode.bombs")
+
+    run()
+
+
+def _png_bomb(width: int, height: int) -> bytes:
+    # A real compressed row stream that would inflate to width*height*3 bytes, cut short.
+    idat = zlib.compressobj(9).compress(b"\x00" * 65536)
+    return _png_build([(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)),
+                       (b"IDAT", idat), (b"IEND", b"")])
+
+
+_SMALL_JPEG = _encode(Image.new("RGB", (16, 16), (90, 120, 150)), "JPEG")
+
+
+def _jpeg_bomb(width: int, height: int) -> bytes:
+    raw = bytearray(_SMALL_JPEG)
+    sof = raw.find(b"\xff\xc0")
+    raw[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(raw)
+
+
+def test_random_bytes_behind_real_magic_numbers(budget, tally):
+    """Random bodies after PNG/JPEG/GIF/TIFF/WebP signatures and zero-size inputs."""
+    magics = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"GIF89a",
+              b"II*\x00", b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBP", b"BM", b"\x00\x00\x01\x00"]
+
+    @_fuzz_settings(budget, 600, 6000)
+    @given(magic=st.sampled_from(magics), body=st.binary(max_size=2048))
+    def run(magic: bytes, body: bytes) -> None:
+        _decode_outcome(magic + body)
+        tally.add("fuzz.decode.magic_random")
+
+    run()
+
+
+@pytest.mark.parametrize("kind", ["gif_animated", "tiff_multipage", "webp", "apng", "bmp"])
+def test_other_containers_are_refused_as_unsupported(kind: str, tally) -> None:
+    frames = [Image.new("RGB", (64, 64), (i * 40, 80, 120)) for i in range(3)]
+    fmt = {"gif_animated": "GIF", "tiff_multipage": "TIFF", "webp": "WEBP", "apng": "PNG",
+           "bmp": "BMP"}[kind]
+    try:
+        data = (_encode(frames[0], fmt) if fmt == "BMP" else
+                _encode(frames[0], fmt, save_all=True, append_images=frames[1:]))
+    except (OSError, KeyError, ValueError) as exc:
+        pytest.skip(f"this Pillow cannot write {fmt}: {exc}")
+    assert _decode_outcome(data) in ("UnsupportedImage", "CorruptImage")
+    tally.add("fuzz.decode.containers")

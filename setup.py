@@ -2,6 +2,10 @@
 
 Compiler directives are set once here. MATCHER_DEBUG_NATIVE=1 turns bounds and
 wraparound checks back on (and drops optimisation) for a debugging build.
+
+No OpenMP: the kernels run serially with the GIL released. On the 2-core shared boxes
+we target, a prange team was up to 200x slower whenever another process held a core
+(see native/imaging.pyx, warp_faces_to_batch); parallelism comes from concurrent requests.
 """
 import os
 
@@ -22,21 +26,10 @@ directives = {
 # No -ffast-math and no FMA contraction: the kernels keep the numpy twins' float32
 # rounding so that parity tests can be tight.
 optimise = (["-O0", "-g"] if DEBUG else ["-O3"]) + ["-ffp-contract=off"]
-openmp = ["-fopenmp"]
-
-
-def extension(name: str, source: str, parallel: bool) -> Extension:
-    return Extension(
-        name,
-        sources=[source],
-        extra_compile_args=optimise + (openmp if parallel else []),
-        extra_link_args=openmp if parallel else [],
-    )
-
 
 extensions = [
-    extension("matcher._imaging", "native/imaging.pyx", parallel=True),  # prange over faces
-    extension("matcher._scrfd", "native/scrfd.pyx", parallel=False),
+    Extension("matcher._imaging", sources=["native/imaging.pyx"], extra_compile_args=optimise),
+    Extension("matcher._scrfd", sources=["native/scrfd.pyx"], extra_compile_args=optimise),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives=directives,

@@ -71,8 +71,8 @@ def warp_faces_to_batch(image: np.ndarray, inverse_transforms: np.ndarray, out: 
     inverse_transforms: (n, 2, 3) float64, finite; maps an output pixel (x, y, 1) to the
                         source pixel (sx, sy).
     out:                (n, 3, S, S') float32, C-contiguous, written in place.
-    Bilinear; source pixels outside the image count as 0 (cv2 BORDER_CONSTANT). Faces and
-    rows run in parallel (OpenMP) with the GIL released.
+    Bilinear; source pixels outside the image count as 0 (cv2 BORDER_CONSTANT). Runs on
+    one core with the GIL released.
     """
     image = _check_image(image)
     inverse_transforms = _check(inverse_transforms, "inverse_transforms", np.float64,

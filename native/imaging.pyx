@@ -4,7 +4,6 @@ Both read (H, W, 3) uint8 RGB and write normalised float32 CHW planes in one pas
 the same float32 operation order as their numpy twins in ``matcher/_reference.py`` so
 the two agree to the last bit or two. Inputs are validated by ``matcher/_native.py``.
 """
-from cython.parallel cimport prange
 from imaging cimport LinearTap
 from libc.math cimport floor
 from libc.stdlib cimport free, malloc
@@ -37,30 +36,43 @@ cdef inline void linear_taps(Py_ssize_t src, Py_ssize_t dst, LinearTap* taps) no
         taps[i].i1 = i0 + 1 if i0 + 1 < src else src - 1
 
 
-cdef inline void letterbox_row(const unsigned char* image, Py_ssize_t src_w, LinearTap ytap,
-                        const LinearTap* xtaps, Py_ssize_t new_w, float* plane0,
-                        Py_ssize_t plane_stride, float mean, float inv_std) noexcept nogil:
-    cdef const unsigned char* row0 = image + ytap.i0 * src_w * 3
-    cdef const unsigned char* row1 = image + ytap.i1 * src_w * 3
-    cdef float wy = ytap.w
-    cdef float wy0 = 1.0 - wy
-    cdef float wx, wx0, left, right
+cdef inline void blend_rows(const unsigned char* row0, const unsigned char* row1, float wy,
+                            Py_ssize_t n, float* top) noexcept nogil:
+    # Vertical pass over a whole source row (contiguous, so the compiler vectorises it).
+    cdef float wy0 = <float>1.0 - wy
+    cdef Py_ssize_t i
+    for i in range(n):
+        top[i] = <float>row0[i] * wy0 + <float>row1[i] * wy
+
+
+cdef inline void resample_row(const float* top, const LinearTap* xtaps, Py_ssize_t new_w,
+                              bint same_width, float* plane0, Py_ssize_t plane_stride,
+                              float mean, float inv_std) noexcept nogil:
+    # Horizontal pass, normalise and HWC -> CHW in one go.
+    cdef float wx, wx0
     cdef Py_ssize_t x, c, a, b
+    if same_width:
+        # taps are (x, x+1, weight 0): top * 1 + top * 0 == top exactly, so skip them
+        for x in range(new_w):
+            for c in range(3):
+                plane0[c * plane_stride + x] = (top[x * 3 + c] - mean) * inv_std
+        return
     for x in range(new_w):
         a = xtaps[x].i0 * 3
         b = xtaps[x].i1 * 3
         wx = xtaps[x].w
-        wx0 = 1.0 - wx
+        wx0 = <float>1.0 - wx
         for c in range(3):
-            # vertical first, then horizontal: the twin's order, so rounding agrees
-            left = <float>row0[a + c] * wy0 + <float>row1[a + c] * wy
-            right = <float>row0[b + c] * wy0 + <float>row1[b + c] * wy
-            plane0[c * plane_stride + x] = (left * wx0 + right * wx - mean) * inv_std
+            plane0[c * plane_stride + x] = (top[a + c] * wx0 + top[b + c] * wx - mean) * inv_std
 
 
 def letterbox_to_blob(const unsigned char[:, :, ::1] image, float[:, :, ::1] out,
                       Py_ssize_t new_h, Py_ssize_t new_w, double mean, double inv_std):
-    """Resize (H, W, 3) uint8 into the top-left new_h x new_w of out (3, OH, OW) float32."""
+    """Resize (H, W, 3) uint8 into the top-left new_h x new_w of out (3, OH, OW) float32.
+
+    Separable like the twin: blend the two source rows (vertical), then the two columns
+    (horizontal), in the same float32 order, so the results are the twin's bit for bit.
+    """
     cdef Py_ssize_t src_h = image.shape[0], src_w = image.shape[1]
     cdef Py_ssize_t out_h = out.shape[1], out_w = out.shape[2]
     cdef Py_ssize_t plane = out_h * out_w
@@ -69,21 +81,26 @@ def letterbox_to_blob(const unsigned char[:, :, ::1] image, float[:, :, ::1] out
     cdef float mean_f = <float>mean, inv_std_f = <float>inv_std
     cdef LinearTap* xtaps = <LinearTap*>malloc(new_w * sizeof(LinearTap))
     cdef LinearTap* ytaps = <LinearTap*>malloc(new_h * sizeof(LinearTap))
+    cdef float* top = <float*>malloc(src_w * 3 * sizeof(float))
     cdef const unsigned char* src = &image[0, 0, 0]
     cdef float* dst = &out[0, 0, 0]
-    cdef Py_ssize_t y, x, c
-    if xtaps == NULL or ytaps == NULL:
-        free(xtaps)
-        free(ytaps)
-        raise MemoryError()
+    cdef Py_ssize_t y, x, c, row_bytes = src_w * 3
+    cdef bint same_width = new_w == src_w
     try:
+        if xtaps == NULL or ytaps == NULL or top == NULL:
+            raise MemoryError()
         with nogil:
             linear_taps(src_w, new_w, xtaps)
             linear_taps(src_h, new_h, ytaps)
             for y in range(out_h):
                 if y < new_h:
-                    letterbox_row(src, src_w, ytaps[y], xtaps, new_w, dst + y * out_w,
-                                  plane, mean_f, inv_std_f)
+                    # upscaling reuses the same source pair for several output rows
+                    if (y == 0 or ytaps[y].i0 != ytaps[y - 1].i0
+                            or ytaps[y].i1 != ytaps[y - 1].i1 or ytaps[y].w != ytaps[y - 1].w):
+                        blend_rows(src + ytaps[y].i0 * row_bytes, src + ytaps[y].i1 * row_bytes,
+                                   ytaps[y].w, row_bytes, top)
+                    resample_row(top, xtaps, new_w, same_width, dst + y * out_w, plane,
+                                 mean_f, inv_std_f)
                     x = new_w
                 else:
                     x = 0
@@ -92,6 +109,7 @@ def letterbox_to_blob(const unsigned char[:, :, ::1] image, float[:, :, ::1] out
     finally:
         free(xtaps)
         free(ytaps)
+        free(top)
 
 
 cdef inline void fill(float* p, Py_ssize_t n, float value) noexcept nogil:
@@ -103,7 +121,7 @@ cdef inline void fill(float* p, Py_ssize_t n, float value) noexcept nogil:
 cdef inline void warp_row(const unsigned char* image, Py_ssize_t h, Py_ssize_t w,
                    const double* m, Py_ssize_t y, Py_ssize_t size_w, float* plane0,
                    Py_ssize_t plane_stride, float mean, float inv_std) noexcept nogil:
-    cdef double sx, sy, x0, y0
+    cdef double sx, sy
     cdef float fx, fy, fx0, fy0, v
     cdef float outside = (<float>0.0 - mean) * inv_std  # the twin's float32 order
     cdef Py_ssize_t x, c, ix, iy, p
@@ -115,14 +133,15 @@ cdef inline void warp_row(const unsigned char* image, Py_ssize_t h, Py_ssize_t w
             for c in range(3):
                 plane0[c * plane_stride + x] = outside
             continue
-        x0 = floor(sx)
-        y0 = floor(sy)
-        fx = <float>(sx - x0)
-        fy = <float>(sy - y0)
-        fx0 = 1.0 - fx
-        fy0 = 1.0 - fy
-        ix = <Py_ssize_t>x0
-        iy = <Py_ssize_t>y0
+        # floor() without a libm call; exact because sx, sy lie in [-1, w) x [-1, h) here
+        ix = <Py_ssize_t>sx
+        ix = ix - 1 if sx < ix else ix
+        iy = <Py_ssize_t>sy
+        iy = iy - 1 if sy < iy else iy
+        fx = <float>(sx - <double>ix)
+        fy = <float>(sy - <double>iy)
+        fx0 = <float>1.0 - fx
+        fy0 = <float>1.0 - fy
         inside = ix >= 0 and iy >= 0 and ix + 1 < w and iy + 1 < h
         for c in range(3):
             if inside:
@@ -145,15 +164,18 @@ def warp_faces_to_batch(const unsigned char[:, :, ::1] image,
     cdef Py_ssize_t h = image.shape[0], w = image.shape[1]
     cdef Py_ssize_t plane = size_h * size_w
     cdef float mean_f = <float>mean, inv_std_f = <float>inv_std
-    cdef Py_ssize_t row, face, y
+    cdef Py_ssize_t face, y
     if n == 0:
         return
     cdef const unsigned char* src = &image[0, 0, 0]
     cdef const double* transforms = &inverse_transforms[0, 0, 0]
     cdef float* dst = &out[0, 0, 0, 0]
-    # One work item per output row of every face, so a single face uses every core too.
-    for row in prange(n * size_h, nogil=True, schedule="static"):
-        face = row // size_h
-        y = row - face * size_h
-        warp_row(src, h, w, transforms + face * 6, y, size_w,
-                 dst + face * 3 * plane + y * size_w, plane, mean_f, inv_std_f)
+    # Serial on purpose: an OpenMP team (prange over rows) halved the time on an idle
+    # 2-core box but made it 10-200x slower whenever another process held a core (the
+    # team waits for its descheduled thread). Concurrency comes from requests instead:
+    # the GIL is released, so other lanes' requests and ORT run meanwhile.
+    with nogil:
+        for face in range(n):
+            for y in range(size_h):
+                warp_row(src, h, w, transforms + face * 6, y, size_w,
+                         dst + face * 3 * plane + y * size_w, plane, mean_f, inv_std_f)

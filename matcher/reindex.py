@@ -39,6 +39,7 @@ from .models import EMBEDDING_DIM, default_pack
 from .pipeline import DetectorConfig, Face, largest_face
 from .quality import DEFAULT_POLICY, QualityPolicy
 from .snapshot import verify_snapshot
+from .store import TemplateCodec, TravellerSummary
 
 log = logging.getLogger(__name__)
 
@@ -456,36 +457,17 @@ class OutcomeCache:
         self._conn.close()
 
 
-@dataclass(frozen=True)
-class StoredTraveller:
-    valid_from: float
-    valid_to: float
-    photo_sha256s: frozenset[str]
+def stored_travellers(gallery: Gallery) -> dict[str, TravellerSummary]:
+    """Every stored traveller with window and photo digests; no template is decoded."""
+    return {t.traveller_id: t for t in gallery.store.list_travellers()}
 
 
-def stored_travellers(gallery: Gallery) -> dict[str, StoredTraveller]:
-    """Every traveller in the store with its window and photo digests (no templates).
+def template_codec() -> TemplateCodec | None:
+    """The codec the service uses: AES-GCM when a template key is configured, else plain."""
+    from .crypto import Keyring, TemplateCipher
 
-    Read straight from the store's file, read-only: the Store API has no listing that
-    does not decode every template, which a 10M-traveller store cannot afford.
-    """
-    store = gallery.store
-    if store.schema_version != 1:
-        raise MatcherError(f"reindex reads store schema 1, the store has "
-                           f"{store.schema_version}; upgrade matcher")
-    conn = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
-    try:
-        conn.execute("BEGIN")
-        windows = {tid: (vf, vt) for tid, vf, vt in conn.execute(
-            "SELECT traveller_id, valid_from, valid_to FROM travellers")}
-        photos: dict[str, set[str]] = defaultdict(set)
-        for tid, sha in conn.execute("SELECT traveller_id, photo_sha256 FROM templates"):
-            photos[tid].add(sha)
-        conn.execute("COMMIT")
-    finally:
-        conn.close()
-    return {tid: StoredTraveller(vf, vt, frozenset(photos.get(tid, ())))
-            for tid, (vf, vt) in windows.items()}
+    keyring = Keyring.from_env()
+    return TemplateCipher(keyring) if keyring is not None else None
 
 
 def write_rejects(path: Path, rejects: list[Reject]) -> None:
@@ -556,7 +538,7 @@ class _Plan:
 class _Writer:
     """The store's single writer during a run: enrols, replaces, removes travellers."""
 
-    def __init__(self, gallery: Gallery, stored: dict[str, StoredTraveller],
+    def __init__(self, gallery: Gallery, stored: dict[str, TravellerSummary],
                  summary: Summary) -> None:
         self.gallery = gallery
         self.stored = stored
@@ -640,7 +622,7 @@ def run_reindex(config: ReindexConfig,
     seconds["hash"] = time.perf_counter() - t
 
     gallery = Gallery.open(data_dir, default_pack().model_id,
-                           GalleryConfig(auto_rebuild=False))
+                           GalleryConfig(auto_rebuild=False), codec=template_codec())
     cache = OutcomeCache(data_dir / OUTCOMES_FILE, config.outcome_key)
     try:
         stored = stored_travellers(gallery)

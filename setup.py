@@ -32,5 +32,7 @@ extensions = [
     Extension("matcher._scrfd", sources=["native/scrfd.pyx"], extra_compile_args=optimise),
 ]
 
-setup(ext_modules=cythonize(extensions, compiler_directives=directives,
-                            include_path=["native"]))
+# Generated C goes to a directory per mode: cythonize only compares timestamps, so a
+# shared directory would keep serving release C to a debug build and vice versa.
+setup(ext_modules=cythonize(extensions, compiler_directives=directives, include_path=["native"],
+                            build_dir=f"build/cython-{'debug' if DEBUG else 'release'}"))

@@ -54,9 +54,8 @@ def _warp_transforms(pipeline: Pipeline, frame: np.ndarray, n: int) -> np.ndarra
     return out
 
 
-def _detector_outputs(pipeline: Pipeline, image: np.ndarray):
-    input_h, input_w, new_h, new_w, det_scale = letterbox_geometry(
-        *image.shape[:2], pipeline.detector_config)
+def _detector_outputs(pipeline: Pipeline, image: np.ndarray, config: DetectorConfig):
+    input_h, input_w, new_h, new_w, det_scale = letterbox_geometry(*image.shape[:2], config)
     blob = np.empty((1, 3, input_h, input_w), dtype=np.float32)
     _native.letterbox_to_blob(image, blob[0], new_h, new_w, DET_MEAN, DET_INV_STD)
     outs = pipeline.sessions.detector.run(None, {pipeline.sessions.detector_input: blob})
@@ -118,7 +117,7 @@ def run(report: Report, quick: bool) -> None:
         cases.append((f"warp {n} face{'s' if n > 1 else ''} from 1080p", warp, 20 if n == 1 else 2))
 
     scores, boxes, kps, input_w, det_scale = _detector_outputs(
-        pipeline, pipeline.decode((FACES / "group_obama_biden.jpg").read_bytes()))
+        pipeline, pipeline.decode((FACES / "group_obama_biden.jpg").read_bytes()), config)
     threshold = pipeline.detector_config.score_threshold
 
     def decode(impl):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from numpy.testing import assert_allclose, assert_array_equal
 
 from matcher import _native, _reference
@@ -105,6 +107,16 @@ def test_letterbox_matches_twin_on_random_images(src, dst, out):
     native = run_letterbox(_native.letterbox_to_blob, image, out, *dst, EMB_MEAN, EMB_INV_STD)
     twin = run_letterbox(_reference.letterbox_to_blob, image, out, *dst, EMB_MEAN, EMB_INV_STD)
     assert_close(native, twin)
+
+
+@settings(max_examples=60, deadline=None)
+@given(src_h=st.integers(1, 40), src_w=st.integers(1, 40), new_h=st.integers(1, 40),
+       new_w=st.integers(1, 40), pad=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_letterbox_matches_twin_for_any_size(src_h, src_w, new_h, new_w, pad, seed):
+    image = random_image(np.random.default_rng(seed), src_h, src_w)
+    out = (new_h + pad, new_w + 2 * pad)
+    assert_close(run_letterbox(_native.letterbox_to_blob, image, out, new_h, new_w),
+                 run_letterbox(_reference.letterbox_to_blob, image, out, new_h, new_w))
 
 
 def test_letterbox_pads_with_normalised_black():
@@ -264,6 +276,17 @@ def test_nms_matches_twin(m, distinct, iou):
     twin = _reference.nms(boxes, scores, iou)
     assert_same_kept(native, twin, scores)
     assert_array_equal(native, twin)  # stable ties: exactly the twin's order
+
+
+@settings(max_examples=60, deadline=None)
+@given(m=st.integers(0, 60), distinct=st.integers(1, 5), iou=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**16))
+def test_nms_matches_twin_with_heavy_ties(m, distinct, iou, seed):
+    boxes, scores = random_boxes(np.random.default_rng(seed), m, distinct)
+    boxes[::3] = boxes[0] if m else boxes[::3]  # identical boxes too
+    native = _native.nms(boxes, scores, iou)
+    assert_same_kept(native, _reference.nms(boxes, scores, iou), scores)
+    assert_array_equal(native, _reference.nms(boxes, scores, iou))
 
 
 def test_nms_ties_keep_index_order():

@@ -1,0 +1,251 @@
+"""What the service does with a probe, in numpy terms: batched face analysis, gallery
+decisions, enrolment, audit. service.py turns protos into calls on this and back.
+
+Compute layout: every model call goes through one MicroBatcher whose worker threads run
+decode -> detect -> align -> embed (ONNX Runtime releases the GIL); gallery searches and
+SQLite writes run in a small thread pool of their own so a slow 1:N search never holds a
+model worker. The event loop thread only moves bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol, Union
+
+import numpy as np
+
+from .audit import AuditLog
+from .batching import BatchConfig, BatchStats, MicroBatcher
+from .decision import Decider, Decision, DecisionPolicy
+from .errors import InvalidInput, MatcherError
+from .metrics import Metrics
+from .models import ALIGNED_SIZE, EMBEDDING_DIM
+from .pipeline import Face, Pipeline, StageTimings
+from .store import NORM_TOLERANCE, EnrolResult, Traveller
+
+log = logging.getLogger(__name__)
+
+ALIGNED_RAW_BYTES = ALIGNED_SIZE * ALIGNED_SIZE * 3
+
+
+class ServedGallery(Protocol):
+    """What the engine needs from a gallery (matcher.gallery.Gallery or a replica)."""
+
+    model_id: str
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def templates(self) -> int: ...
+
+    @property
+    def index_kind(self) -> str: ...
+
+    def search(self, probes: np.ndarray, k: int = 5, now=None) -> list: ...
+
+    def score_traveller(self, traveller_id: str, probe: np.ndarray, now=None): ...
+
+    def get(self, traveller_id: str) -> Traveller: ...
+
+    def enroll(self, traveller_id: str, templates: np.ndarray, valid_from, valid_to,
+               photo_sha256s) -> EnrolResult: ...
+
+    def remove(self, traveller_id: str) -> int: ...
+
+
+# -- jobs for the model batcher ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageJob:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AlignedJob:
+    """An aligned face: ``crop`` (112, 112, 3) uint8 RGB, or ``data`` an encoded 112x112."""
+
+    crop: np.ndarray | None
+    data: bytes = b""
+
+
+Job = Union[ImageJob, AlignedJob]
+
+
+@dataclass
+class Analysis:
+    """Faces of one probe, largest first; for a template or aligned probe, one pseudo face
+    with only a template. timings_ms per stage (the batch's time for shared stages)."""
+
+    faces: list[Face]
+    templates: np.ndarray              # (n, 512) float32, rows match ``faces`` (or 1 row)
+    from_image: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+
+
+def check_template(values: np.ndarray) -> np.ndarray:
+    """A client's template: 512 finite float32 values of unit norm -> (512,) float32."""
+    x = np.asarray(values, dtype=np.float32)
+    if x.shape != (EMBEDDING_DIM,):
+        raise InvalidInput(f"a template has {EMBEDDING_DIM} values, got {x.size}")
+    if not np.isfinite(x).all():
+        raise InvalidInput("the template contains NaN or infinite values")
+    norm = float(np.linalg.norm(x))
+    if abs(norm - 1.0) > NORM_TOLERANCE:
+        raise InvalidInput(f"the template must have unit L2 norm, got {norm:.4f}; "
+                           "send the normalised embedding")
+    return x
+
+
+def aligned_from_raw(data: bytes) -> np.ndarray:
+    if len(data) != ALIGNED_RAW_BYTES:
+        raise InvalidInput(f"a raw aligned face is {ALIGNED_SIZE}x{ALIGNED_SIZE}x3 = "
+                           f"{ALIGNED_RAW_BYTES} bytes, got {len(data)}")
+    return np.frombuffer(data, np.uint8).reshape(ALIGNED_SIZE, ALIGNED_SIZE, 3)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class MatchEngine:
+    """Pipeline + batcher + gallery + decider + audit, for one running server."""
+
+    def __init__(self, pipeline: Pipeline, gallery: ServedGallery,
+                 batch: BatchConfig = BatchConfig(), policy: DecisionPolicy | None = None,
+                 metrics: Metrics | None = None, audit: AuditLog | None = None,
+                 search_threads: int = 2) -> None:
+        if gallery.model_id != pipeline.model_id:
+            raise MatcherError(f"gallery holds model {gallery.model_id} templates, the "
+                               f"pipeline runs {pipeline.model_id}")
+        self.pipeline = pipeline
+        self.gallery = gallery
+        self.decider = Decider(gallery, policy)
+        self.metrics = metrics or Metrics()
+        self.audit = audit
+        self.batcher: MicroBatcher[Job, Analysis] = MicroBatcher(
+            self._run_batch, batch, name="models",
+            on_batch=self.metrics.observe_batch,
+            on_queue_depth=self.metrics.set_queue_depth,
+            on_expired=lambda: self.metrics.count_rejected("deadline"))
+        self._search_pool = ThreadPoolExecutor(search_threads, thread_name_prefix="search")
+        self.metrics.set_model_info(pipeline.model_id)
+
+    @property
+    def model_id(self) -> str:
+        return self.pipeline.model_id
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.publish_gallery_metrics()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        self._search_pool.shutdown(wait=True)
+
+    def publish_gallery_metrics(self) -> None:
+        self.metrics.set_gallery(self.gallery.templates, self.gallery.version)
+
+    # -- the batch function (runs in a worker thread) ---------------------------------
+
+    def _run_batch(self, jobs: list[Job]) -> list[Analysis | BaseException]:
+        results: list[Analysis | BaseException | None] = [None] * len(jobs)
+        images, image_slots, image_decode_ms = [], [], []
+        crops, crop_slots = [], []
+        for i, job in enumerate(jobs):
+            if isinstance(job, AlignedJob):
+                try:
+                    crops.append(job.crop if job.crop is not None
+                                 else self._decode_aligned(job.data))
+                except MatcherError as exc:
+                    results[i] = exc
+                    continue
+                crop_slots.append(i)
+                continue
+            t = time.perf_counter()
+            try:
+                images.append(self.pipeline.decode(job.data))
+            except MatcherError as exc:  # one bad image fails only its own request
+                results[i] = exc
+                continue
+            image_slots.append(i)
+            image_decode_ms.append((time.perf_counter() - t) * 1e3)
+        if images:
+            timings = StageTimings()
+            per_image = self.pipeline.analyse_many(images, timings)
+            for slot, faces, decode_ms in zip(image_slots, per_image, image_decode_ms):
+                faces = sorted(faces, key=lambda f: f.area, reverse=True)
+                templates = (np.stack([f.template for f in faces]) if faces
+                             else np.empty((0, EMBEDDING_DIM), np.float32))
+                results[slot] = Analysis(faces, templates, True,
+                                         {"decode": decode_ms, **timings.ms}, len(jobs))
+        if crops:
+            t = time.perf_counter()
+            templates = self.pipeline.embed_aligned(np.stack(crops))
+            embed_ms = (time.perf_counter() - t) * 1e3
+            for row, slot in enumerate(crop_slots):
+                results[slot] = Analysis([], templates[row:row + 1], False,
+                                         {"embed": embed_ms}, len(jobs))
+        return results  # type: ignore[return-value]
+
+    def _decode_aligned(self, data: bytes) -> np.ndarray:
+        crop = self.pipeline.decode(data)
+        if crop.shape != (ALIGNED_SIZE, ALIGNED_SIZE, 3):
+            raise InvalidInput(f"an aligned face must be {ALIGNED_SIZE}x{ALIGNED_SIZE} pixels, "
+                               f"got {crop.shape[1]}x{crop.shape[0]}")
+        return crop
+
+    # -- async entry points -------------------------------------------------------------
+
+    async def analyse(self, job: Job, deadline: float | None) -> Analysis:
+        analysis, stats = await self.batcher.submit(job, deadline)
+        analysis.timings_ms["queue"] = stats.queue_ms
+        for stage in ("decode", "detect", "align", "embed"):
+            if stage in analysis.timings_ms:
+                self.metrics.observe_stage(stage, analysis.timings_ms[stage] / 1e3)
+        return analysis
+
+    async def _in_search_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._search_pool, fn, *args)
+
+    async def identify(self, templates: np.ndarray, k: int) -> list[Decision]:
+        """One decision per row of templates (n, 512)."""
+        return await self._in_search_pool(self.decider.identify_many, templates, k)
+
+    async def verify(self, template: np.ndarray, traveller_id: str) -> Decision:
+        return await self._in_search_pool(self.decider.verify, template, traveller_id)
+
+    async def clear(self, template: np.ndarray, claimed: str, k: int) -> Decision:
+        if not claimed:
+            decisions = await self.identify(template[None, :], k)
+            return decisions[0]
+        return await self._in_search_pool(
+            lambda: self.decider.claim_then_search(template, claimed, k=k))
+
+    async def enroll(self, traveller_id: str, templates: np.ndarray, valid_from: float,
+                     valid_to: float, photo_sha256s: list[str]) -> EnrolResult:
+        result = await self._in_search_pool(self.gallery.enroll, traveller_id, templates,
+                                            valid_from, valid_to, photo_sha256s)
+        self.publish_gallery_metrics()
+        return result
+
+    async def remove(self, traveller_id: str) -> int:
+        version = await self._in_search_pool(self.gallery.remove, traveller_id)
+        self.publish_gallery_metrics()
+        return version
+
+    async def get_traveller(self, traveller_id: str) -> Traveller:
+        return await self._in_search_pool(self.gallery.get, traveller_id)
+
+    async def record(self, kind: str, **fields) -> None:
+        """Append one audit record (ids, decision, scores only); durable on return."""
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.append, kind, **fields)

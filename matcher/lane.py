@@ -1,0 +1,141 @@
+"""Lane simulator: N lanes calling the service at once, each waiting for its answer before
+sending the next face (as a real e-gate does); reports latency percentiles and throughput.
+
+    matcher lane --server 127.0.0.1:50051 --lanes 40 --duration 30 photos/*.jpg
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from .client import MatcherClient
+from .v1 import matcher_pb2 as pb
+
+
+@dataclass
+class LaneReport:
+    """Wall-clock latencies in ms of answered calls; failures by status code name."""
+
+    lanes: int
+    seconds: float
+    latencies_ms: list[float] = field(default_factory=list)
+    decisions: Counter = field(default_factory=Counter)
+    errors: Counter = field(default_factory=Counter)
+
+    @property
+    def answered(self) -> int:
+        return len(self.latencies_ms)
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def throughput(self) -> float:
+        return self.answered / self.seconds if self.seconds > 0 else 0.0
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def summary(self) -> dict:
+        return {"lanes": self.lanes, "seconds": round(self.seconds, 3),
+                "answered": self.answered, "failed": self.failed,
+                "throughput_per_s": round(self.throughput, 2),
+                "p50_ms": round(self.percentile(50), 2), "p95_ms": round(self.percentile(95), 2),
+                "p99_ms": round(self.percentile(99), 2),
+                "decisions": dict(self.decisions), "errors": dict(self.errors)}
+
+    def text(self) -> str:
+        s = self.summary()
+        lines = [f"lanes {s['lanes']}  answered {s['answered']}  failed {s['failed']}  "
+                 f"in {s['seconds']:.1f} s  ->  {s['throughput_per_s']:.1f} answers/s",
+                 f"latency ms  p50 {s['p50_ms']:.1f}  p95 {s['p95_ms']:.1f}  "
+                 f"p99 {s['p99_ms']:.1f}",
+                 "decisions   " + "  ".join(f"{k} {v}" for k, v in sorted(s["decisions"].items()))]
+        if s["errors"]:
+            lines.append("errors      " + "  ".join(f"{k} {v}" for k, v in
+                                                    sorted(s["errors"].items())))
+        return "\n".join(lines)
+
+
+def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, *,
+              requests_per_lane: int | None = None, duration_s: float | None = None,
+              rpc: str = "identify", traveller_ids: Sequence[str] | None = None,
+              token: str | None = None, timeout: float = 5.0, ca=None, cert=None, key=None,
+              server_name: str | None = None, stop: threading.Event | None = None
+              ) -> LaneReport:
+    """Drive ``lanes`` concurrent lanes until each sent ``requests_per_lane`` or
+    ``duration_s`` passed (or ``stop`` is set). Lane i starts at image i so lanes differ.
+
+    ``rpc``: identify, verify or clear; verify/clear claim ``traveller_ids[j]`` for
+    ``images[j]``.
+    """
+    if not images:
+        raise ValueError("the lane simulator needs at least one image")
+    if requests_per_lane is None and duration_s is None and stop is None:
+        raise ValueError("give requests_per_lane, duration_s or a stop event")
+    if rpc in ("verify", "clear") and (traveller_ids is None or len(traveller_ids) != len(images)):
+        raise ValueError(f"{rpc} needs one traveller id per image")
+    stop = stop or threading.Event()
+    report = LaneReport(lanes, 0.0)
+    lock = threading.Lock()
+    client = MatcherClient(target, token=token, ca=ca, cert=cert, key=key, timeout=timeout,
+                           server_name=server_name)
+    start_gate = threading.Barrier(lanes + 1)
+
+    def lane(number: int) -> None:
+        lane_id = f"lane-{number:02d}"
+        latencies, decisions, errors = [], Counter(), Counter()
+        start_gate.wait()
+        end = None if duration_s is None else time.monotonic() + duration_s
+        sent = 0
+        while not stop.is_set():
+            if requests_per_lane is not None and sent >= requests_per_lane:
+                break
+            if end is not None and time.monotonic() >= end:
+                break
+            j = (number + sent) % len(images)
+            sent += 1
+            t = time.perf_counter()
+            try:
+                if rpc == "identify":
+                    req = pb.IdentifyRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id)
+                    resp = client.stub.Identify(req, timeout=timeout, metadata=client.metadata)
+                elif rpc == "verify":
+                    req = pb.VerifyRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id,
+                                           traveller_id=traveller_ids[j])
+                    resp = client.stub.Verify(req, timeout=timeout, metadata=client.metadata)
+                else:
+                    req = pb.ClearRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id,
+                                          claimed_traveller_id=traveller_ids[j])
+                    resp = client.stub.Clear(req, timeout=timeout, metadata=client.metadata)
+            except grpc.RpcError as exc:
+                errors[exc.code().name] += 1
+                continue
+            latencies.append((time.perf_counter() - t) * 1e3)
+            decisions[pb.Decision.Name(resp.decision)] += 1
+        with lock:
+            report.latencies_ms.extend(latencies)
+            report.decisions.update(decisions)
+            report.errors.update(errors)
+
+    threads = [threading.Thread(target=lane, args=(i,), name=f"lane-{i}", daemon=True)
+               for i in range(lanes)]
+    for t in threads:
+        t.start()
+    try:
+        start_gate.wait()
+        began = time.perf_counter()
+        for t in threads:
+            t.join()
+        report.seconds = time.perf_counter() - began
+    finally:
+        stop.set()
+        client.close()
+    return report

@@ -1,0 +1,205 @@
+"""Read replicas and hot swaps: serve from published snapshots, pick up new ones.
+
+One writer owns the SQLite store and publishes snapshots (``Gallery.export_snapshot``).
+A ``ReplicaGallery`` serves searches and 1:1 checks from the newest snapshot in a folder
+(the writer's ``snapshots/`` on a shared or synced disk) and refuses writes. A
+``SnapshotWatcher`` notices a newer snapshot and swaps it in: the new index is loaded and
+verified in the watcher's thread while requests keep using the old one, then one reference
+is replaced. A request holds the state it started with, so it finishes on the old gallery.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import GalleryError, SnapshotError, UnknownTraveller
+from .gallery import ClaimScore, check_probes
+from .index import Candidate, IndexConfig, SearchIndex
+from .models import EMBEDDING_DIM
+from .snapshot import Manifest, list_snapshots, read_snapshot
+from .store import EnrolResult, Traveller, check_traveller_id, to_epoch
+
+log = logging.getLogger(__name__)
+
+
+class ReadOnlyReplica(GalleryError):
+    """A write was sent to a read replica."""
+
+
+@dataclass(frozen=True)
+class _State:
+    manifest: Manifest
+    index: SearchIndex
+    rows: dict[str, np.ndarray]           # traveller_id -> positions in index.built.vectors
+    windows: dict[str, tuple[float, float]]
+
+
+def _state(manifest: Manifest, index: SearchIndex) -> _State:
+    ids, valid_from, valid_to = index.built_table()
+    owner = index.built.owner
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(len(ids) + 1))
+    rows = {tid: order[bounds[i]:bounds[i + 1]] for i, tid in enumerate(ids)}
+    windows = {tid: (float(valid_from[i]), float(valid_to[i])) for i, tid in enumerate(ids)}
+    return _State(manifest, index, rows, windows)
+
+
+class ReplicaGallery:
+    """The read side of a Gallery, from snapshots only. Thread-safe; writes raise."""
+
+    def __init__(self, model_id: str, manifest: Manifest, index: SearchIndex,
+                 config: IndexConfig) -> None:
+        self.model_id = model_id
+        self.config = config
+        self._state = _state(manifest, index)
+        self._store_id = manifest.store_id
+
+    @classmethod
+    def open(cls, snapshot_dir: str | Path, model_id: str,
+             config: IndexConfig | None = None) -> "ReplicaGallery":
+        """Load the newest snapshot that verifies; SnapshotError if there is none."""
+        config = config or IndexConfig()
+        for path in list_snapshots(snapshot_dir):
+            try:
+                manifest, index = read_snapshot(path, model_id, None, config)
+            except SnapshotError as exc:
+                log.error("replica skipping snapshot: %s", exc)
+                continue
+            return cls(model_id, manifest, index, config)
+        raise SnapshotError(f"no usable snapshot in {snapshot_dir} yet")
+
+    # -- facts ----------------------------------------------------------------------
+
+    @property
+    def version(self) -> int:
+        return self._state.manifest.gallery_version
+
+    @property
+    def size(self) -> int:
+        return self._state.index.travellers
+
+    @property
+    def templates(self) -> int:
+        return self._state.index.templates
+
+    @property
+    def index_kind(self) -> str:
+        return self._state.index.kind
+
+    @property
+    def snapshot_name(self) -> str:
+        return self._state.manifest.path.name
+
+    # -- reads ----------------------------------------------------------------------
+
+    def search(self, probes: np.ndarray, k: int = 5, now=None) -> list[list[Candidate]]:
+        x = check_probes(probes)
+        return self._state.index.search(x, k, time.time() if now is None
+                                        else to_epoch(now, "now"))
+
+    def score_traveller(self, traveller_id: str, probe: np.ndarray, now=None) -> ClaimScore:
+        x = check_probes(probe)
+        state = self._state
+        rows = state.rows.get(check_traveller_id(traveller_id))
+        if rows is None:
+            raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
+        vectors = state.index.built.vectors[rows]
+        score = float((vectors @ x[0]).max()) if len(vectors) else float("-inf")
+        valid_from, valid_to = state.windows[traveller_id]
+        t = time.time() if now is None else to_epoch(now, "now")
+        return ClaimScore(traveller_id, score, valid_from <= t < valid_to, valid_from, valid_to)
+
+    def get(self, traveller_id: str) -> Traveller:
+        state = self._state
+        rows = state.rows.get(check_traveller_id(traveller_id))
+        if rows is None:
+            raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
+        valid_from, valid_to = state.windows[traveller_id]
+        built = state.index.built
+        templates = (built.vectors[rows] if len(rows)
+                     else np.empty((0, EMBEDDING_DIM), np.float32))
+        # Photo hashes live only in the writer's store.
+        return Traveller(traveller_id, valid_from, valid_to, 0.0, 0.0, templates,
+                         tuple(int(t) for t in built.template_ids[rows]), (), self.model_id)
+
+    # -- writes are the writer's ----------------------------------------------------
+
+    def enroll(self, *args, **kwargs) -> EnrolResult:
+        raise ReadOnlyReplica("this server is a read replica; enrol on the writer")
+
+    def remove(self, *args, **kwargs) -> int:
+        raise ReadOnlyReplica("this server is a read replica; remove on the writer")
+
+    # -- swaps ----------------------------------------------------------------------
+
+    def load_snapshot(self, path: str | Path) -> Manifest:
+        """Verify and load ``path``, then swap it in; SnapshotError keeps the old one."""
+        manifest, index = read_snapshot(path, self.model_id, self._store_id, self.config)
+        self._state = _state(manifest, index)
+        return manifest
+
+
+class SnapshotWatcher:
+    """Polls a snapshot folder every ``interval_s`` and hot-swaps newer snapshots in.
+
+    ``gallery`` is anything with ``load_snapshot(path) -> Manifest`` (Gallery on the
+    writer, ReplicaGallery on a replica). A snapshot that fails verification is logged
+    once and skipped; the gallery keeps serving what it had.
+    """
+
+    def __init__(self, gallery, folder: str | Path, interval_s: float = 2.0,
+                 on_swap: Callable[[Manifest], None] | None = None) -> None:
+        self.gallery = gallery
+        self.folder = Path(folder)
+        self.interval_s = interval_s
+        self.on_swap = on_swap
+        newest = list_snapshots(self.folder)
+        self._seen: Path | None = newest[0] if newest else None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def mark_seen(self, path: Path) -> None:
+        """A snapshot this process wrote itself: nothing to load."""
+        with self._lock:
+            self._seen = path
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="snapshot-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def check_now(self) -> Manifest | None:
+        """Load the newest snapshot if it is new; returns its manifest, else None."""
+        with self._lock:
+            snapshots = list_snapshots(self.folder)
+            if not snapshots or snapshots[0] == self._seen:
+                return None
+            path = self._seen = snapshots[0]
+            try:
+                manifest = self.gallery.load_snapshot(path)
+            except SnapshotError as exc:
+                log.error("not swapping to snapshot %s: %s", path.name, exc)
+                return None
+        log.info("hot-swapped to snapshot %s (gallery_version %d)", path.name,
+                 manifest.gallery_version)
+        if self.on_swap is not None:
+            self.on_swap(manifest)
+        return manifest
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.check_now()
+            except Exception:  # the watcher must outlive one bad disk read; serving goes on
+                log.exception("snapshot watcher failed to check %s", self.folder)

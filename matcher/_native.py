@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+UINT8, FLOAT32, FLOAT64 = np.dtype(np.uint8), np.dtype(np.float32), np.dtype(np.float64)
+
 try:
     from . import _imaging, _scrfd
 except ImportError as exc:  # pragma: no cover - only on a checkout that was never built
@@ -20,26 +22,35 @@ except ImportError as exc:  # pragma: no cover - only on a checkout that was nev
     ) from exc
 
 
-def _check(x: object, name: str, dtype: type, shape: tuple[int | None, ...], *,
+def _check(x: object, name: str, dtype: np.dtype, shape: tuple[int | None, ...], *,
            writable: bool = False) -> np.ndarray:
     """``x`` as-is if it is a C-contiguous ndarray of ``dtype`` matching ``shape`` (None = any)."""
+    # Written for speed: decode_scrfd checks nine arrays per image.
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{name} must be a numpy array, got: type={type(x).__name__}")
     if x.dtype != dtype:
-        raise ValueError(f"{name} must be {np.dtype(dtype).name}, got: {name}.dtype={x.dtype}")
-    if x.ndim != len(shape) or any(want is not None and got != want
-                                   for got, want in zip(x.shape, shape)):
-        expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-        raise ValueError(f"{name} must have shape {expected}, got: {name}.shape={x.shape}")
-    if not x.flags.c_contiguous:
+        raise ValueError(f"{name} must be {dtype.name}, got: {name}.dtype={x.dtype}")
+    got = x.shape
+    if len(got) != len(shape):
+        _bad_shape(name, got, shape)
+    for have, want in zip(got, shape):
+        if want is not None and have != want:
+            _bad_shape(name, got, shape)
+    flags = x.flags
+    if not flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous, got: {name}.strides={x.strides}")
-    if writable and not x.flags.writeable:
+    if writable and not flags.writeable:
         raise ValueError(f"{name} must be writable, got: a read-only array")
     return x
 
 
+def _bad_shape(name: str, got: tuple[int, ...], shape: tuple[int | None, ...]) -> None:
+    expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    raise ValueError(f"{name} must have shape {expected}, got: {name}.shape={got}")
+
+
 def _check_image(image: object) -> np.ndarray:
-    image = _check(image, "image", np.uint8, (None, None, 3))
+    image = _check(image, "image", UINT8, (None, None, 3))
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"image must have at least one pixel, got: image.shape={image.shape}")
     return image
@@ -55,7 +66,7 @@ def letterbox_to_blob(image: np.ndarray, out: np.ndarray, new_h: int, new_w: int
     Same result as ``_reference.letterbox_to_blob`` (cv2.resize INTER_LINEAR centres).
     """
     image = _check_image(image)
-    out = _check(out, "out", np.float32, (3, None, None), writable=True)
+    out = _check(out, "out", FLOAT32, (3, None, None), writable=True)
     new_h, new_w = int(new_h), int(new_w)
     if not (1 <= new_h <= out.shape[1] and 1 <= new_w <= out.shape[2]):
         raise ValueError(f"resized size must fit in out, got: new_h={new_h}, new_w={new_w}, "
@@ -75,9 +86,9 @@ def warp_faces_to_batch(image: np.ndarray, inverse_transforms: np.ndarray, out: 
     one core with the GIL released.
     """
     image = _check_image(image)
-    inverse_transforms = _check(inverse_transforms, "inverse_transforms", np.float64,
+    inverse_transforms = _check(inverse_transforms, "inverse_transforms", FLOAT64,
                                 (None, 2, 3))
-    out = _check(out, "out", np.float32, (len(inverse_transforms), 3, None, None),
+    out = _check(out, "out", FLOAT32, (len(inverse_transforms), 3, None, None),
                  writable=True)
     if not np.isfinite(inverse_transforms).all():
         # NaN/inf would make the source pixel undefined (the twin returns garbage for it)
@@ -107,22 +118,23 @@ def decode_scrfd(scores: Sequence[np.ndarray], boxes: Sequence[np.ndarray],
     if not det_scale > 0:
         raise ValueError(f"det_scale must be positive, got: det_scale={det_scale}")
     for i, stride in enumerate(strides):
-        s = _check(scores[i], f"scores[{i}]", np.float32, (None,))
-        _check(boxes[i], f"boxes[{i}]", np.float32, (len(s), 4))
-        _check(kps[i], f"kps[{i}]", np.float32, (len(s), 10))
+        s = _check(scores[i], f"scores[{i}]", FLOAT32, (None,))
+        _check(boxes[i], f"boxes[{i}]", FLOAT32, (len(s), 4))
+        _check(kps[i], f"kps[{i}]", FLOAT32, (len(s), 10))
         row = num_anchors * (input_w // stride)
         if len(s) % row:
             raise ValueError(f"scores[{i}] is not a whole anchor grid for stride {stride}, "
                              f"got: {len(s)} anchors, rows of {row}")
-    scores, boxes, kps = tuple(scores), tuple(boxes), tuple(kps)
-    m = _scrfd.count_candidates(scores, threshold)
-    out_s = np.empty(m, dtype=np.float32)
-    out_b = np.empty((m, 4), dtype=np.float32)
-    out_k = np.empty((m, 5, 2), dtype=np.float32)
     # the twin multiplies by np.float32(1 / det_scale): same rounding here
-    _scrfd.decode_candidates(scores, boxes, kps, strides, int(input_w), int(num_anchors),
-                             threshold, 1.0 / det_scale, out_s, out_b, out_k)
-    return out_s, out_b, out_k
+    return _scrfd.decode_candidates(tuple(scores), tuple(boxes), tuple(kps), strides,
+                                    int(input_w), int(num_anchors), threshold, 1.0 / det_scale,
+                                    _candidate_arrays)
+
+
+def _candidate_arrays(m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Outputs of decode_scrfd for m candidates: scores, boxes, keypoints."""
+    return (np.empty(m, dtype=np.float32), np.empty((m, 4), dtype=np.float32),
+            np.empty((m, 5, 2), dtype=np.float32))
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
@@ -132,8 +144,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
     keep index order (stable), and the +1 pixel area convention of the reference SCRFD
     code is used, as in ``_reference.nms``.
     """
-    scores = _check(scores, "scores", np.float32, (None,))
-    boxes = _check(boxes, "boxes", np.float32, (len(scores), 4))
+    scores = _check(scores, "scores", FLOAT32, (None,))
+    boxes = _check(boxes, "boxes", FLOAT32, (len(scores), 4))
     keep = np.empty(len(scores), dtype=np.int64)
     kept = _scrfd.nms(boxes, scores, iou_threshold, keep)
     return keep[:kept]

@@ -45,77 +45,77 @@ cdef bint read_strides(tuple scores, tuple boxes, tuple kps, tuple strides, Py_s
     return 1
 
 
-def count_candidates(tuple scores, float threshold):
-    """How many anchors over all strides score >= threshold (float32 comparison)."""
-    cdef Py_ssize_t total = 0, i, j, n
-    cdef const float[::1] s
-    cdef const float* p
-    for i in range(len(scores)):
-        s = scores[i]
-        n = s.shape[0]
-        if n == 0:
-            continue
-        p = &s[0]
-        with nogil:
-            for j in range(n):
-                total += p[j] >= threshold
-    return total
-
-
-cdef inline Py_ssize_t decode_stride(StrideOutputs so, Py_ssize_t num_anchors, float threshold,
-                              float inv_scale, float* out_s, float* out_b,
-                              float* out_k) noexcept nogil:
-    cdef Py_ssize_t j, cell, p, found = 0
+cdef inline void decode_anchor(StrideOutputs so, Py_ssize_t j, Py_ssize_t num_anchors,
+                               float inv_scale, float* out_s, float* out_b,
+                               float* out_k) noexcept nogil:
+    # Anchor j of this stride -> score, x1y1x2y2 and 5 keypoints in image pixels.
+    cdef Py_ssize_t cell = j // num_anchors, p
     cdef float stride = <float>so.stride
-    cdef float cx, cy
-    cdef const float* b
-    cdef const float* k
+    cdef float cx = <float>((cell % so.width) * so.stride)
+    cdef float cy = <float>((cell // so.width) * so.stride)
+    cdef const float* b = so.boxes + j * 4
+    cdef const float* k = so.kps + j * 10
+    out_s[0] = so.scores[j]
+    out_b[0] = (cx - b[0] * stride) * inv_scale
+    out_b[1] = (cy - b[1] * stride) * inv_scale
+    out_b[2] = (cx + b[2] * stride) * inv_scale
+    out_b[3] = (cy + b[3] * stride) * inv_scale
+    for p in range(5):
+        out_k[2 * p] = (cx + k[2 * p] * stride) * inv_scale
+        out_k[2 * p + 1] = (cy + k[2 * p + 1] * stride) * inv_scale
+
+
+cdef inline Py_ssize_t select_anchors(StrideOutputs so, float threshold,
+                                      Py_ssize_t* hits) noexcept nogil:
+    # Indices of the anchors scoring >= threshold (float32 comparison, as numpy does).
+    cdef Py_ssize_t j, found = 0
     for j in range(so.n):
-        if not so.scores[j] >= threshold:
-            continue
-        cell = j // num_anchors
-        cx = <float>((cell % so.width) * so.stride)
-        cy = <float>((cell // so.width) * so.stride)
-        b = so.boxes + j * 4
-        k = so.kps + j * 10
-        out_s[found] = so.scores[j]
-        out_b[found * 4 + 0] = (cx - b[0] * stride) * inv_scale
-        out_b[found * 4 + 1] = (cy - b[1] * stride) * inv_scale
-        out_b[found * 4 + 2] = (cx + b[2] * stride) * inv_scale
-        out_b[found * 4 + 3] = (cy + b[3] * stride) * inv_scale
-        for p in range(5):
-            out_k[found * 10 + 2 * p] = (cx + k[2 * p] * stride) * inv_scale
-            out_k[found * 10 + 2 * p + 1] = (cy + k[2 * p + 1] * stride) * inv_scale
-        found += 1
+        if so.scores[j] >= threshold:
+            hits[found] = j
+            found += 1
     return found
 
 
 def decode_candidates(tuple scores, tuple boxes, tuple kps, tuple strides, Py_ssize_t input_w,
-                      Py_ssize_t num_anchors, float threshold, float inv_scale,
-                      float[::1] out_s, float[:, ::1] out_b, float[:, :, ::1] out_k):
-    """Write every anchor scoring >= threshold, stride by stride, into the outputs.
+                      Py_ssize_t num_anchors, float threshold, float inv_scale, allocate):
+    """Every anchor scoring >= threshold, stride by stride, decoded into new arrays.
 
-    The outputs hold exactly ``count_candidates(scores, threshold)`` rows. One nogil pass
-    over all strides.
+    One pass over the scores finds the survivors, ``allocate(m)`` (the dispatcher's)
+    returns (m,), (m, 4) and (m, 5, 2) float32 C-contiguous outputs, a second pass over
+    the m survivors only decodes them. Returns what ``allocate`` returned.
     """
-    cdef Py_ssize_t n_strides = len(strides), i, found = 0
-    cdef Py_ssize_t capacity = out_s.shape[0]
-    if capacity == 0:
-        return
+    cdef Py_ssize_t n_strides = len(strides), i, j, total = 0, found = 0, row = 0
+    cdef float[::1] out_s
+    cdef float[:, ::1] out_b
+    cdef float[:, :, ::1] out_k
+    for i in range(n_strides):
+        total += len(scores[i])
     cdef StrideOutputs* views = <StrideOutputs*>malloc(n_strides * sizeof(StrideOutputs))
-    if views == NULL:
-        raise MemoryError()
-    cdef float* ps = &out_s[0]
-    cdef float* pb = &out_b[0, 0]
-    cdef float* pk = &out_k[0, 0, 0]
+    cdef Py_ssize_t* per_stride = <Py_ssize_t*>malloc(n_strides * sizeof(Py_ssize_t))
+    cdef Py_ssize_t* hits = <Py_ssize_t*>malloc((total if total else 1) * sizeof(Py_ssize_t))
     try:
+        if views == NULL or per_stride == NULL or hits == NULL:
+            raise MemoryError()
         read_strides(scores, boxes, kps, strides, input_w, views)
         with nogil:
             for i in range(n_strides):
-                found += decode_stride(views[i], num_anchors, threshold, inv_scale,
-                                       ps + found, pb + found * 4, pk + found * 10)
+                per_stride[i] = select_anchors(views[i], threshold, hits + found)
+                found += per_stride[i]
+        outputs = allocate(found)
+        if found == 0:
+            return outputs
+        out_s, out_b, out_k = outputs
+        with nogil:
+            for i in range(n_strides):
+                for j in range(per_stride[i]):
+                    decode_anchor(views[i], hits[row], num_anchors, inv_scale,
+                                  &out_s[row], &out_b[row, 0], &out_k[row, 0, 0])
+                    row += 1
+        return outputs
     finally:
         free(views)
+        free(per_stride)
+        free(hits)
 
 
 cdef inline void stable_argsort_desc(const float* scores, Py_ssize_t* order, Py_ssize_t* scratch,

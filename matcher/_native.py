@@ -7,7 +7,7 @@ for a hidden conversion and never gets a result computed on something else.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 import numpy as np
 
@@ -44,7 +44,7 @@ def _check(x: object, name: str, dtype: np.dtype, shape: tuple[int | None, ...],
     return x
 
 
-def _bad_shape(name: str, got: tuple[int, ...], shape: tuple[int | None, ...]) -> None:
+def _bad_shape(name: str, got: tuple[int, ...], shape: tuple[int | None, ...]) -> NoReturn:
     expected = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
     raise ValueError(f"{name} must have shape {expected}, got: {name}.shape={got}")
 

@@ -25,6 +25,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -278,7 +279,8 @@ class PhotoResult:
     template: np.ndarray | None     # (512,) float32 L2-normalised, or None
 
 
-def _results(table) -> Iterator[PhotoResult]:
+def _results(table) -> list[PhotoResult]:
+    out = []
     for sha, reason, blob in zip(table.column("sha256").to_pylist(),
                                  table.column("reason").to_pylist(),
                                  table.column("template").to_pylist()):
@@ -287,7 +289,8 @@ def _results(table) -> Iterator[PhotoResult]:
             if len(blob) != EMBEDDING_DIM * 4:
                 raise MatcherError(f"an embedder returned a {len(blob)}-byte template")
             template = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        yield PhotoResult(sha, reason, template)
+        out.append(PhotoResult(sha, reason, template))
+    return out
 
 
 # -- running the embedders ------------------------------------------------------------
@@ -300,14 +303,14 @@ def _work_table(work: list[tuple[str, str]]):
 
 
 def embed_inline(work: list[tuple[str, str]], config: ReindexConfig,
-                 timings: dict[str, float]) -> Iterator[PhotoResult]:
+                 timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
     """The same worker in this process, one batch at a time (no Ray)."""
     started = time.perf_counter()
     worker = PhotoEmbedder(config.ort_threads, config.second_face_area_ratio,
                            config.detector, config.quality)
     timings["embedder_start"] = time.perf_counter() - started
     for i in range(0, len(work), config.batch_size):
-        yield from _results(worker(_work_table(work[i:i + config.batch_size])))
+        yield _results(worker(_work_table(work[i:i + config.batch_size])))
 
 
 def start_ray(config: ReindexConfig) -> bool:
@@ -348,7 +351,7 @@ def _quiet_ray_data() -> None:
 
 
 def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
-                 timings: dict[str, float]) -> Iterator[PhotoResult]:
+                 timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
     """Ray Data: blocks of (sha256, path) -> actor pool of PhotoEmbedder -> driver."""
     started = time.perf_counter()
     owned = start_ray(config)
@@ -377,7 +380,7 @@ def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
         log.info("embedding %d photos on Ray with %d actors x %.3g CPU, %d ORT thread(s)",
                  len(work), actors, config.cpus_per_actor, config.ort_threads)
         for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield from _results(out)
+            yield _results(out)
     finally:
         if owned:
             ray.shutdown()
@@ -520,6 +523,12 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
 
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 # -- the job --------------------------------------------------------------------------
 
@@ -595,8 +604,46 @@ class _Writer:
                 self._remove(traveller_id)
 
 
+def iter_nothing() -> Iterator[list[PhotoResult]]:
+    """No photos to embed: no embedder (and no Ray) is started at all."""
+    yield from ()
+
+
+def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, list[str]],
+                     plans: dict[str, _Plan], writer: _Writer, cache: OutcomeCache,
+                     rejects: list[Reject], progress: Progress) -> float:
+    """Consume the embedders' results: enrol each traveller once all its photos are back.
+
+    Returns the steady rate in photos/s: from the first batch back to the last, not
+    counting the first batch (its time is start-up: processes, models, first run).
+    """
+    first_at = last_at = 0.0
+    first_size = 0
+    for batch in batches:
+        last_at = time.perf_counter()
+        if not first_size:
+            first_at, first_size = last_at, len(batch)
+        progress.update(len(batch))
+        cache.put_many([(r.sha256, r.reason) for r in batch if remember_reject(r.reason)])
+        for result in batch:
+            for traveller_id in waiting.pop(result.sha256, ()):
+                plan = plans[traveller_id]
+                plan.pending.discard(result.sha256)
+                if result.template is not None:
+                    plan.new[result.sha256] = result.template
+                else:
+                    rejects.append(Reject(plan.rows[result.sha256].row, traveller_id,
+                                          result.reason))
+                if not plan.pending:
+                    writer.finish(traveller_id, plan)
+    if waiting:
+        raise MatcherError(f"the embedders returned no result for {len(waiting)} photos")
+    steady = last_at - first_at
+    return (progress.done - first_size) / steady if steady > 0 else 0.0
+
+
 def run_reindex(config: ReindexConfig,
-                embed: Callable[..., Iterator[PhotoResult]] | None = None) -> Summary:
+                embed: Callable[..., Iterator[list[PhotoResult]]] | None = None) -> Summary:
     """Run the whole job; returns its Summary (also written to the data dir).
 
     ``embed`` defaults to ``embed_on_ray`` (or ``embed_inline`` when ``use_ray`` is off).
@@ -659,36 +706,15 @@ def run_reindex(config: ReindexConfig,
                 writer.finish(traveller_id, plan)
 
         t = time.perf_counter()
-        first_result = None
         progress = Progress(len(work), config.progress)
-        try:
-            if work:
-                for result in embed(list(work.items()), config, seconds):
-                    first_result = first_result or time.perf_counter()
-                    summary.embedded += 1
-                    progress.update()
-                    if remember_reject(result.reason):
-                        cache.put_many([(result.sha256, result.reason)])
-                    for traveller_id in waiting.pop(result.sha256, ()):
-                        plan = plans[traveller_id]
-                        plan.pending.discard(result.sha256)
-                        if result.template is not None:
-                            plan.new[result.sha256] = result.template
-                        else:
-                            rejects.append(Reject(plan.rows[result.sha256].row,
-                                                  traveller_id, result.reason))
-                        if not plan.pending:
-                            writer.finish(traveller_id, plan)
-        finally:
-            progress.close()
-        if waiting:
-            raise MatcherError(f"the embedders returned no result for {len(waiting)} photos")
+        # closing(): an error while writing must stop the embedders (and our Ray) now.
+        with progress, closing(embed(list(work.items()), config, seconds) if work
+                               else iter_nothing()) as batches:
+            steady = _embed_and_enrol(batches, waiting, plans, writer, cache, rejects,
+                                      progress)
+        summary.embedded = progress.done
         seconds["embed"] = time.perf_counter() - t - seconds.get("embedder_start", 0.0)
-        if summary.embedded and first_result is not None:
-            steady = time.perf_counter() - first_result
-            # Rate after start-up: from the first result on (that batch's own work is the
-            # only start-up time counted twice, a small bias against Ray).
-            summary.photos_per_s = (summary.embedded / steady if steady > 0 else 0.0)
+        summary.photos_per_s = steady
 
         t = time.perf_counter()
         writer.remove_unbooked()

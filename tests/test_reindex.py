@@ -266,10 +266,10 @@ def test_an_interrupted_run_resumes_where_it_stopped(faces_dir: Path, tmp_path: 
                            batch_size=1)
 
     def dies_after_two(work, cfg, timings):
-        for i, result in enumerate(embed_inline(work, cfg, timings)):
+        for i, batch in enumerate(embed_inline(work, cfg, timings)):
             if i == 2:
                 raise _Interrupted("power cut")
-            yield result
+            yield batch
 
     with pytest.raises(_Interrupted):
         run_reindex(config, embed=dies_after_two)

@@ -1,0 +1,242 @@
+"""The overnight re-index on Ray vs the plain single-process pipeline, on the same photos.
+
+Photos: the single-face shared photos, each repeated with a few distinct trailing bytes
+(decoders ignore them) so every copy has its own sha256 and is really embedded.
+
+Figures, all in one run:
+- single process: ``Pipeline.analyse_bytes`` over the photos, ORT with 1 and 2 threads,
+  once before and once after the Ray runs (the machine is shared; the better of each
+  pair is the baseline, so noise cannot flatter Ray);
+- Ray start-up: ``ray.init`` of the private local instance, and the time from submitting
+  the dataset to the first result (actor processes + model load + first batch);
+- Ray steady rate: photos/s from the first result to the last (``embed_on_ray``, with the
+  reindex defaults: one actor per CPU, 1 ORT thread each), and including start-up;
+- the whole job (``run_reindex``: hash, embed, store writes, index, snapshot) on a fresh
+  data dir, and the driver's per-traveller store write and hash costs;
+- an extrapolation of a 10M-photo night on a cluster from the measured per-core rate.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from matcher.gallery import Gallery, GalleryConfig
+from matcher.models import default_pack
+from matcher.pipeline import Pipeline
+from matcher.reindex import (ReindexConfig, embed_on_ray, face_verdict, hash_photos,
+                             run_reindex, start_ray)
+
+from .harness import Report
+
+FACES = Path(os.environ.get("MATCHER_FACES_DIR")
+             or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces")
+RATIO_FLOOR = 0.5      # generous: the machine is shared and Ray's processes cost memory
+RATIO_TARGET = 0.9     # the issue's target on 2 cores (reported, not enforced)
+NIGHT_PHOTOS = 10_000_000
+NIGHT_HOURS = 8.0
+HEADROOM = 1.25        # plan for a 25% slower night (retries, stragglers, bigger photos)
+
+
+def _photo_copies(folder: Path, n: int) -> list[Path]:
+    with open(FACES / "labels.csv", newline="") as f:
+        names = sorted(r["file"] for r in csv.DictReader(f) if r["faces"] == "1")
+    paths = []
+    for i in range(n):
+        name = names[i % len(names)]
+        path = folder / f"{i:05d}-{name}"
+        path.write_bytes((FACES / name).read_bytes() + b"\0copy" + i.to_bytes(4, "little"))
+        paths.append(path)
+    return paths
+
+
+def _single_process(paths: list[Path], threads: int) -> tuple[float, int]:
+    """(photos/s, enrolable photos) of the plain pipeline, models loaded beforehand."""
+    pipe = Pipeline(threads=threads)
+    pipe.analyse_bytes(paths[0].read_bytes())  # warm-up: first ORT runs allocate
+    ok = 0
+    started = time.perf_counter()
+    for path in paths:
+        face, _ = face_verdict(pipe.analyse_bytes(path.read_bytes()), 0.1)
+        ok += face is not None
+    return len(paths) / (time.perf_counter() - started), ok
+
+
+def _ray_run(work: list[tuple[str, str]], config: ReindexConfig) -> dict[str, float]:
+    """One embed_on_ray pass with Ray already up: first-result latency and steady rate
+    (photos after the first batch / time from the first batch to the last)."""
+    timings: dict[str, float] = {}
+    submitted = time.perf_counter()
+    first = last = 0.0
+    first_size = count = ok = 0
+    for batch in embed_on_ray(work, config, timings):
+        last = time.perf_counter()
+        if not first_size:
+            first, first_size = last, len(batch)
+        count += len(batch)
+        ok += sum(r.template is not None for r in batch)
+    if count != len(work) or last <= first:
+        raise RuntimeError(f"Ray returned {count} results for {len(work)} photos")
+    return {"first_result_s": first - submitted, "total_s": last - submitted,
+            "steady_rate": (count - first_size) / (last - first), "ok": ok}
+
+
+def _store_write_ms(folder: Path, n: int) -> list[float]:
+    """Milliseconds per single-traveller enrolment (one fsynced transaction each)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 512)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    out = []
+    with Gallery.open(folder, default_pack().model_id, GalleryConfig(auto_rebuild=False)) as g:
+        for i in range(n):
+            t = time.perf_counter()
+            g.enroll(f"T{i:07d}", x[i], 0.0, 4e9, [hashlib.sha256(b"%d" % i).hexdigest()])
+            out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def extrapolate(per_core_rate: float, write_ms: float, hash_mb_s: float,
+                photo_mb: float) -> dict:
+    """A 10M-photo night: embedding cores, and the driver's serial parts, in hours."""
+    embed_core_hours = NIGHT_PHOTOS / per_core_rate / 3600
+    cores = math.ceil(embed_core_hours * HEADROOM / NIGHT_HOURS)
+    return {
+        "photos": NIGHT_PHOTOS, "window_hours": NIGHT_HOURS, "headroom": HEADROOM,
+        "per_core_photos_s": round(per_core_rate, 2),
+        "embedding_core_hours": round(embed_core_hours, 1),
+        "cores_for_window": cores,
+        "embedding_hours_by_cores": {str(c): round(embed_core_hours / c, 2)
+                                     for c in (16, 32, 64, 128, 256)},
+        # Serial on the driver today: one fsynced transaction per traveller, and hashing.
+        "driver_store_write_hours": round(NIGHT_PHOTOS * write_ms / 1e3 / 3600, 2),
+        "driver_hash_hours": round(NIGHT_PHOTOS * photo_mb / hash_mb_s / 3600, 2),
+    }
+
+
+def run(report: Report, quick: bool) -> None:
+    n = 110 if quick else 330
+    runs = 1 if quick else 3
+    cpus = os.cpu_count() or 1
+    work_dir = Path(tempfile.mkdtemp(prefix="bench-reindex-"))
+    try:
+        (work_dir / "photos").mkdir()
+        paths = _photo_copies(work_dir / "photos", n)
+        photo_mb = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
+        report.param(photos=n, distinct_sources=len({p.name[6:] for p in paths}),
+                     mean_photo_mb=round(photo_mb, 3), cpus=cpus, ray_runs=runs,
+                     ray_actors=cpus, ort_threads_per_actor=1, batch_size=8)
+
+        t = time.perf_counter()
+        digests = hash_photos(paths, threads=8)
+        hash_s = time.perf_counter() - t
+        hash_mb_s = n * photo_mb / hash_s
+        report.figure("driver_hash_MB_s", hash_mb_s, "MB/s")
+        work = [(digests[p][0], str(p)) for p in paths]
+
+        single: dict[int, list[float]] = {1: [], 2: []}
+        for threads in (1, 2):
+            rate, ok = _single_process(paths, threads)
+            single[threads].append(rate)
+            report.check(f"single process ({threads} thread) enrols every photo", ok == n,
+                         f"{ok}/{n}")
+
+        config = ReindexConfig(manifest=work_dir / "unused.csv", data_dir=work_dir / "data",
+                               progress=False)
+        t = time.perf_counter()
+        owned = start_ray(config)
+        ray_init_s = time.perf_counter() - t
+        try:
+            ray_runs = [_ray_run(work, config) for _ in range(runs)]
+            # The whole job, Ray already up: hashing, embedding, writes, index, snapshot.
+            manifest = work_dir / "bookings.csv"
+            with open(manifest, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["traveller_id", "photo", "valid_from", "valid_to"])
+                w.writerows([f"T{i:05d}", str(p), "2026-01-01", "2099-01-01"]
+                            for i, p in enumerate(paths))
+            summary = run_reindex(ReindexConfig(manifest, work_dir / "data", progress=False))
+        finally:
+            if owned:
+                import ray
+
+                ray.shutdown()
+
+        for threads in (1, 2):  # again after Ray: the better of before/after is the baseline
+            rate, _ = _single_process(paths, threads)
+            single[threads].append(rate)
+
+        for r in ray_runs:
+            report.check("every photo embedded on Ray", r["ok"] == n, f"{r['ok']}/{n}")
+        report.check("the whole job enrols every photo and publishes",
+                     summary.embedded == n and summary.rejected == 0
+                     and summary.gallery_templates == n,
+                     f"embedded {summary.embedded}, rejected {summary.rejected}, "
+                     f"templates {summary.gallery_templates}")
+
+        best_threads = max(single, key=lambda k: max(single[k]))
+        baseline = max(single[best_threads])
+        steady = [r["steady_rate"] for r in ray_runs]
+        start_up = [ray_init_s + r["first_result_s"] for r in ray_runs]
+        with_start = [n / (ray_init_s + r["total_s"]) for r in ray_runs]
+        report.figure("single_process_1_thread_photos_s", single[1], "photos/s")
+        report.figure("single_process_2_threads_photos_s", single[2], "photos/s")
+        report.figure("single_process_photos_s", baseline, "photos/s", summary=True,
+                      note=f"best of before/after Ray, ORT threads={best_threads}")
+        report.figure("ray_photos_s", steady, "photos/s", summary=True,
+                      note="from the first result to the last, Ray already up")
+        report.figure("ray_photos_s_incl_startup", with_start, "photos/s",
+                      note=f"{n} photos including ray.init and actor start")
+        report.figure("ray_init_s", ray_init_s, "s", summary=True)
+        report.figure("ray_first_result_s", [r["first_result_s"] for r in ray_runs], "s",
+                      note="dataset submitted -> first batch back (actors, model load, "
+                           "first batch)")
+        report.figure("ray_startup_s", start_up, "s", summary=True,
+                      note="ray.init + first result: the fixed cost of a Ray run")
+        report.figure("job_photos_s", summary.embedded / summary.seconds["total"],
+                      "photos/s", note="whole run_reindex, Ray up: hash + embed + writes + "
+                                       "index + snapshot")
+        report.figure("job_seconds", summary.seconds["total"], "s")
+        ratio = float(np.median(steady)) / baseline
+        report.figure("ray_vs_single_ratio", ratio, "x", summary=True,
+                      note=f"target >= {RATIO_TARGET} on 2 cores")
+        report.ratio_floor("ray steady rate vs single process", ratio, RATIO_FLOOR,
+                           f"(target {RATIO_TARGET})")
+
+        write_ms = _store_write_ms(work_dir / "writes", 100 if quick else 300)
+        report.figure("driver_store_write_ms", write_ms, "ms",
+                      note="one traveller per fsynced transaction")
+        night = extrapolate(float(np.median(steady)) / cpus, float(np.median(write_ms)),
+                            hash_mb_s, photo_mb)
+        report.param(night_extrapolation=night)
+        report.figure("night_cores_for_8h", night["cores_for_window"], "cores", summary=True,
+                      note=f"10M photos, {HEADROOM}x headroom, measured per-core rate")
+
+        fig, axes = report.plot(1, 2, figsize=(11, 4.5))
+        a, b = axes[0]
+        labels = ["single\n1 thread", "single\n2 threads", "Ray\nsteady", "Ray incl.\nstart-up",
+                  "whole job"]
+        values = [max(single[1]), max(single[2]), float(np.median(steady)),
+                  float(np.median(with_start)), summary.embedded / summary.seconds["total"]]
+        a.bar(labels, values, color=["#888", "#888", "#2a7", "#7c9", "#58a"])
+        a.axhline(baseline * RATIO_TARGET, ls="--", c="k", lw=1,
+                  label=f"{RATIO_TARGET:.0%} of single process")
+        a.set_ylabel("photos/s")
+        a.set_title(f"{n} booking photos on {cpus} CPUs")
+        a.legend()
+        cores = [int(c) for c in night["embedding_hours_by_cores"]]
+        b.plot(cores, list(night["embedding_hours_by_cores"].values()), "o-")
+        b.axhline(NIGHT_HOURS, ls="--", c="k", lw=1, label=f"{NIGHT_HOURS:.0f} h window")
+        b.set_xscale("log", base=2)
+        b.set_xlabel("cluster cores (embedding)")
+        b.set_ylabel("hours for 10M photos")
+        b.set_title(f"extrapolation: {night['per_core_photos_s']} photos/s per core")
+        b.legend()
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)

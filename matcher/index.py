@@ -23,7 +23,7 @@ from .models import EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
 
-INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
+INDEX_KINDS = ("auto", "flat", "binary", "hnsw", "ivf")
 D = EMBEDDING_DIM
 # An approximate index cannot be asked for its whole content; past this many candidates per
 # probe the filter gives up and the gallery should be rebuilt (too many dead entries).
@@ -32,34 +32,47 @@ MAX_APPROX_FETCH = 4096
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How templates are indexed. ``index_kind="auto"`` picks flat up to
-    ``flat_max_templates`` (exact, fast enough there) and HNSW above (see
-    benchmarks/suite_search.py for the recall / latency figures behind these defaults)."""
+    """How templates are indexed.
+
+    Kinds: ``flat`` exact inner product; ``binary`` 512-bit sign-of-random-projection codes
+    scanned by Hamming distance, top ``rescore`` candidates re-scored exactly; ``hnsw``
+    (optionally 8-bit) and ``ivf`` (optionally 8-bit), re-scored the same way. ``auto``
+    picks flat up to ``flat_max_templates`` and binary above: on face templates, where
+    impostors sit near cosine 0 and give graph/cluster search no gradient, binary codes
+    reach recall@1 1.0 vs exact where HNSW and IVF stay below 0.99 at the same latency
+    (benchmarks/suite_search.py has the figures behind these defaults).
+    """
 
     index_kind: str = "auto"
-    flat_max_templates: int = 100_000
+    flat_max_templates: int = 20_000
+    binary_bits: int = 512
+    binary_seed: int = 20261125
+    search_threads: int = 2     # binary: database shards scanned in parallel per query
     hnsw_m: int = 32
     hnsw_ef_construction: int = 64
-    hnsw_ef_search: int = 64
+    hnsw_ef_search: int = 128
     ivf_nlist: int = 0          # 0: about 4 * sqrt(n)
     ivf_nprobe: int = 32
-    sq8: bool = False           # 8-bit codes in the approximate index; float32 kept for re-scoring
-    rescore: int = 32           # candidates per probe taken from an approximate index
+    sq8: bool = False           # 8-bit codes in hnsw/ivf; float32 kept for re-scoring
+    rescore: int = 64           # candidates per probe taken from an approximate index
     overfetch: int = 4          # templates fetched per wanted traveller before filtering
     delta_max_templates: int = 20_000  # enrolments since the last build before a rebuild is due
 
     def __post_init__(self) -> None:
         if self.index_kind not in INDEX_KINDS:
             raise InvalidInput(f"index_kind must be one of {INDEX_KINDS}, got {self.index_kind!r}")
-        for name in ("flat_max_templates", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
-                     "ivf_nprobe", "rescore", "overfetch", "delta_max_templates"):
+        for name in ("flat_max_templates", "binary_bits", "search_threads", "hnsw_m",
+                     "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe", "rescore",
+                     "overfetch", "delta_max_templates"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"index setting {name} must be >= 1")
+        if self.binary_bits % 64:
+            raise InvalidInput("binary_bits must be a multiple of 64")
 
     def kind_for(self, n_templates: int) -> str:
         if self.index_kind != "auto":
             return self.index_kind
-        return "flat" if n_templates <= self.flat_max_templates else "hnsw"
+        return "flat" if n_templates <= self.flat_max_templates else "binary"
 
 
 def _flat_view(flat: faiss.IndexFlat) -> np.ndarray:
@@ -75,6 +88,53 @@ def _ivf_nlist(n: int, config: IndexConfig) -> int:
     return max(1, min(nlist, n // 39))
 
 
+class BinaryCodes:
+    """Sign-of-random-projection codes (SimHash) in FAISS binary indexes.
+
+    For unit vectors at angle theta, each bit differs with probability theta / pi, so the
+    Hamming distance ranks candidates by angle; the exact float32 re-score fixes the order.
+    The database is split into ``shards`` scanned by parallel threads, so one probe uses
+    every core. projection (512, bits) float32; codes (n, bits / 8) uint8.
+    """
+
+    def __init__(self, projection: np.ndarray, codes: np.ndarray, shards: int) -> None:
+        self.projection = projection
+        self.codes = codes
+        bits = projection.shape[1]
+        n = len(codes)
+        shards = max(1, min(shards, n // 10_000 or 1))
+        self._parts = []
+        if shards == 1:
+            self.index = faiss.IndexBinaryFlat(bits)
+            self.index.add(codes)
+        else:
+            self.index = faiss.IndexBinaryShards(bits, True, True)  # threaded, successive ids
+            bounds = np.linspace(0, n, shards + 1).astype(int)
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                part = faiss.IndexBinaryFlat(bits)
+                part.add(codes[a:b])
+                self._parts.append(part)  # the shard index does not own its parts
+                self.index.add_shard(part)
+
+    @staticmethod
+    def projection_for(bits: int, seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).standard_normal((D, bits)).astype(np.float32)
+
+    @staticmethod
+    def encode(x: np.ndarray, projection: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+        out = np.empty((len(x), projection.shape[1] // 8), np.uint8)
+        for a in range(0, len(x), chunk):
+            out[a:a + chunk] = np.packbits(x[a:a + chunk] @ projection > 0, axis=1)
+        return out
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(self.encode(xq, self.projection), k)
+
+
 class BuiltIndex:
     """A FAISS index over positions 0..n-1 and the float32 templates behind it.
 
@@ -83,7 +143,7 @@ class BuiltIndex:
     vectors (n, 512) float32; owner (n,) int32 traveller slot; template_ids (n,) int64.
     """
 
-    def __init__(self, kind: str, index: faiss.Index, vectors: np.ndarray, owner: np.ndarray,
+    def __init__(self, kind: str, index, vectors: np.ndarray, owner: np.ndarray,
                  template_ids: np.ndarray, params: dict[str, int | bool]) -> None:
         self.kind = kind
         self.index = index
@@ -91,9 +151,9 @@ class BuiltIndex:
         self.owner = owner
         self.template_ids = template_ids
         self.params = params
-        # HNSW-flat and IVF-flat compute exact inner products on the float32 vectors;
-        # only 8-bit codes need a second, exact pass.
-        self.exact_scores = not params.get("sq8", False)
+        # flat, HNSW-flat and IVF-flat compute exact inner products on the float32 vectors;
+        # binary codes and 8-bit codes need a second, exact pass.
+        self.exact_scores = kind != "binary" and not params.get("sq8", False)
 
     @property
     def ntotal(self) -> int:
@@ -102,6 +162,19 @@ class BuiltIndex:
     @property
     def approximate(self) -> bool:
         return self.kind != "flat"
+
+    @property
+    def bytes_per_template(self) -> float:
+        """Resident bytes per template: index codes/graph plus the float32 re-score copy."""
+        if self.ntotal == 0:
+            return 0.0
+        if self.kind == "binary":
+            codes = self.index.codes.nbytes
+        else:
+            codes = faiss.serialize_index(self.index).nbytes
+        shares_vectors = self.kind == "flat" or (self.kind == "hnsw" and self.exact_scores)
+        extra = 0 if shares_vectors else self.vectors.nbytes
+        return (codes + extra + self.owner.nbytes + self.template_ids.nbytes) / self.ntotal
 
     @classmethod
     def build(cls, vectors: np.ndarray, owner: np.ndarray, template_ids: np.ndarray,
@@ -118,6 +191,12 @@ class BuiltIndex:
             index = faiss.IndexFlatIP(D)
             index.add(vectors)
             vectors = _flat_view(index)
+        elif kind == "binary":
+            params = {"bits": config.binary_bits, "seed": config.binary_seed,
+                      "shards": config.search_threads, "rescore": config.rescore}
+            projection = BinaryCodes.projection_for(config.binary_bits, config.binary_seed)
+            index = BinaryCodes(projection, BinaryCodes.encode(vectors, projection),
+                                config.search_threads)
         elif kind == "hnsw":
             params = {"m": config.hnsw_m, "ef_construction": config.hnsw_ef_construction,
                       "ef_search": config.hnsw_ef_search, "sq8": config.sq8,
@@ -157,11 +236,16 @@ class BuiltIndex:
         if self.kind == "flat":
             return self.index.search(xq, k)
         fetch = min(max(k, int(self.params.get("rescore", 0))), self.ntotal)
-        if self.kind == "hnsw":
-            sp = faiss.SearchParametersHNSW(efSearch=max(int(self.params["ef_search"]), fetch))
+        if self.kind == "binary":
+            _, positions = self.index.search(xq, fetch)
+            scores = None
         else:
-            sp = faiss.SearchParametersIVF(nprobe=int(self.params["nprobe"]))
-        scores, positions = self.index.search(xq, fetch, params=sp)
+            if self.kind == "hnsw":
+                sp = faiss.SearchParametersHNSW(
+                    efSearch=max(int(self.params["ef_search"]), fetch))
+            else:
+                sp = faiss.SearchParametersIVF(nprobe=int(self.params["nprobe"]))
+            scores, positions = self.index.search(xq, fetch, params=sp)
         if not self.exact_scores:
             scores = rescore(xq, positions, self.vectors)
         if fetch > k or not self.exact_scores:
@@ -174,27 +258,41 @@ class BuiltIndex:
 
     def write_files(self, folder: Path) -> list[str]:
         """Write the index and its arrays into ``folder``; returns the file names written."""
-        faiss.write_index(self.index, str(folder / "index.faiss"))
         np.save(folder / "positions.npy", np.stack([self.owner.astype(np.int64),
                                                     self.template_ids]))
-        names = ["index.faiss", "positions.npy"]
-        if self.kind != "flat" and not (self.kind == "hnsw" and self.exact_scores):
-            # 8-bit codes and IVF lists cannot give the float32 templates back.
+        names = ["positions.npy"]
+        if self.kind == "binary":
+            np.save(folder / "projection.npy", self.index.projection)
+            np.save(folder / "codes.npy", self.index.codes)
+            names += ["projection.npy", "codes.npy"]
+        else:
+            faiss.write_index(self.index, str(folder / "index.faiss"))
+            names.append("index.faiss")
+        if not self.exact_scores or self.kind == "ivf":
+            # Binary codes, 8-bit codes and IVF lists cannot give the float32 templates back.
             np.save(folder / "vectors.npy", self.vectors)
             names.append("vectors.npy")
         return names
 
     @classmethod
     def read_files(cls, folder: Path, kind: str, params: dict[str, int | bool]) -> "BuiltIndex":
-        index = faiss.read_index(str(folder / "index.faiss"))
         positions = np.load(folder / "positions.npy")
+        if kind == "binary":
+            projection = np.load(folder / "projection.npy")
+            codes = np.load(folder / "codes.npy")
+            if projection.shape != (D, int(params["bits"])) or codes.shape[1:] != (
+                    int(params["bits"]) // 8,):
+                raise GalleryError("snapshot binary codes do not match their parameters")
+            index = BinaryCodes(projection, codes, int(params["shards"]))
+        else:
+            # read_index already returns the concrete class and owns it; a downcast_index()
+            # proxy would not own it, so we never rebind ``index`` to one.
+            index = faiss.read_index(str(folder / "index.faiss"))
         if positions.shape != (2, index.ntotal):
             raise GalleryError(f"snapshot positions have shape {positions.shape}, expected "
                                f"(2, {index.ntotal})")
         owner = positions[0].astype(np.int32)
         template_ids = np.ascontiguousarray(positions[1])
-        # read_index already returns the concrete class and owns it; a downcast_index()
-        # proxy would not own it, so we never rebind ``index`` to one.
         if kind == "flat":
             vectors = _flat_view(index)
         elif kind == "hnsw" and not params.get("sq8", False):

@@ -151,7 +151,7 @@ def verify_snapshot(path: str | Path, model_id: str | None = None,
     if store_id is not None and m.store_id != store_id:
         raise SnapshotError(f"snapshot {path.name} was made from another gallery store "
                             f"({m.store_id[:8]}, this one is {store_id[:8]})")
-    required = {"index.faiss", "positions.npy", "travellers.txt", "windows.npy"}
+    required = {"positions.npy", "travellers.txt", "windows.npy"}
     if not required <= set(m.files):
         raise SnapshotError(f"snapshot {path.name} manifest lacks {sorted(required - set(m.files))}")
     for name, info in m.files.items():
@@ -174,7 +174,7 @@ def read_snapshot(path: str | Path, model_id: str, store_id: str | None,
         text = (path / "travellers.txt").read_text(encoding="utf-8")
         ids = text.split("\n") if text else []
         windows = np.load(path / "windows.npy")
-    except (GalleryError, OSError, RuntimeError, ValueError) as e:
+    except (GalleryError, OSError, RuntimeError, ValueError, KeyError) as e:
         raise SnapshotError(f"snapshot {path.name} cannot be loaded: {e}") from None
     if (len(ids) != m.travellers or windows.shape != (2, m.travellers)
             or built.ntotal != m.templates

@@ -40,8 +40,8 @@ def exact_top1(probes, gallery, owner, ids):
     return [ids[owner[j]] for j in s.argmax(1)]
 
 
-@pytest.mark.parametrize("kind,sq8", [("flat", False), ("hnsw", False), ("hnsw", True),
-                                      ("ivf", False), ("ivf", True)])
+@pytest.mark.parametrize("kind,sq8", [("flat", False), ("binary", False), ("hnsw", False),
+                                      ("hnsw", True), ("ivf", False), ("ivf", True)])
 def test_every_kind_finds_the_exact_top1(kind, sq8):
     ix, gallery, owner, probes, ids = build(kind, sq8=sq8)
     assert ix.kind == kind
@@ -52,8 +52,9 @@ def test_every_kind_finds_the_exact_top1(kind, sq8):
     assert np.mean([g == f"T{i:05d}" for i, g in enumerate(got)]) >= 0.98
 
 
-def test_scores_are_exact_best_template_per_traveller():
-    ix, gallery, owner, probes, ids = build("hnsw", sq8=True)
+@pytest.mark.parametrize("kind,sq8", [("binary", False), ("hnsw", True)])
+def test_scores_are_exact_best_template_per_traveller(kind, sq8):
+    ix, gallery, owner, probes, ids = build(kind, sq8=sq8)
     res = ix.search(probes[:20], 5, NOW)
     for p, cands in zip(probes[:20], res):
         assert len({c.traveller_id for c in cands}) == len(cands) == 5
@@ -76,7 +77,7 @@ def test_rescore_matches_numpy_and_marks_missing():
     assert got[1, 3] == -np.inf
 
 
-@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "binary", "hnsw"])
 def test_removed_and_out_of_window_travellers_are_not_returned(kind):
     ix, gallery, owner, probes, ids = build(kind)
     assert ix.search(probes[:1], 1, NOW)[0][0].traveller_id == "T00000"
@@ -128,13 +129,36 @@ def test_small_and_empty_indexes():
 
 def test_auto_kind_follows_size_and_bad_kind_is_refused():
     cfg = IndexConfig(flat_max_templates=1000)
-    assert cfg.kind_for(1000) == "flat" and cfg.kind_for(1001) == "hnsw"
+    assert cfg.kind_for(1000) == "flat" and cfg.kind_for(1001) == "binary"
     assert IndexConfig(index_kind="ivf").kind_for(10) == "ivf"
     with pytest.raises(InvalidInput, match="index_kind"):
         IndexConfig(index_kind="annoy")
+    with pytest.raises(InvalidInput, match="multiple of 64"):
+        IndexConfig(binary_bits=100)
 
 
 def test_built_index_keeps_its_vectors_alive():
     ix, gallery, *_ = build("hnsw", n_ids=100, per_id=1)
     np.testing.assert_array_equal(ix.built.vectors, gallery)
     assert isinstance(ix.built, BuiltIndex)
+
+
+def test_binary_codes_shard_the_scan_without_changing_results():
+    from matcher.index import BinaryCodes
+
+    rng = np.random.default_rng(4)
+    x = unit(rng.standard_normal((25_000, 512)))
+    proj = BinaryCodes.projection_for(512, 1)
+    codes = BinaryCodes.encode(x, proj)
+    one, two = BinaryCodes(proj, codes, 1), BinaryCodes(proj, codes, 2)
+    q = x[:8]
+    d1, i1 = one.search(q, 10)
+    d2, i2 = two.search(q, 10)
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(i1[:, 0], np.arange(8))  # itself, at Hamming 0
+    # Hamming distance tracks the angle: bits differ with probability theta / pi
+    y = unit(x[:200] + 0.8 * unit(rng.standard_normal((200, 512))))
+    ham = np.unpackbits(BinaryCodes.encode(x[:200], proj) ^ BinaryCodes.encode(y, proj),
+                        axis=1).sum(1)
+    theta = np.arccos(np.clip((x[:200] * y).sum(1), -1, 1))
+    assert abs(np.mean(ham / 512 - theta / np.pi)) < 0.01

@@ -40,8 +40,8 @@ def top1(g, probes):
     return [c[0].traveller_id if c else None for c in g.search(probes, 1, NOW)]
 
 
-@pytest.mark.parametrize("kind,sq8", [("flat", False), ("hnsw", False), ("hnsw", True),
-                                      ("ivf", True)])
+@pytest.mark.parametrize("kind,sq8", [("flat", False), ("binary", False), ("hnsw", False),
+                                      ("hnsw", True), ("ivf", True)])
 def test_roundtrip_then_replay_of_later_changes(tmp_path, kind, sq8):
     g, centres = filled(tmp_path / "g", kind=kind, sq8=sq8)
     path = g.export_snapshot()

@@ -92,7 +92,7 @@ def _agree(a, b) -> tuple[bool, str]:
     if a.dtype.kind in "iu":
         return bool(np.array_equal(a, b)), f"{len(a)} indices, exact"
     diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-    return bool(np.allclose(a, b, rtol=1e-5, atol=1e-5)), f"max |diff| {diff:.2g}"
+    return bool(np.allclose(a, b, rtol=1e-5, atol=1e-5)), f"max abs diff {diff:.2g}"
 
 
 def run(report: Report, quick: bool) -> None:

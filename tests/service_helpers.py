@@ -1,0 +1,83 @@
+"""A real matcher server on a loopback port, run on its own event loop in a thread."""
+from __future__ import annotations
+
+import asyncio
+import csv
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+from matcher.server import RunningServer, ServerConfig, start_server
+
+
+class ServerThread:
+    """``with ServerThread(config, pipeline) as srv: MatcherClient(srv.address) ...``
+
+    The port is picked by the OS (listen on 127.0.0.1:0) unless the config names one.
+    ``wait=False`` returns before models and gallery are loaded (to test UNAVAILABLE).
+    """
+
+    def __init__(self, config: ServerConfig, pipeline=None, wait: bool = True,
+                 ready_timeout: float = 60.0) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        self.wait = wait
+        self.ready_timeout = ready_timeout
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-server",
+                                       daemon=True)
+        self.running: RunningServer | None = None
+
+    def call(self, coro, timeout: float | None = 120.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return self.running.address
+
+    def start(self) -> "ServerThread":
+        self.thread.start()
+        self.running = self.call(start_server(self.config, self.pipeline))
+        if self.wait:
+            self.call(self.running.wait_ready(self.ready_timeout))
+        return self
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self.running is not None:
+            self.call(self.running.stop(grace))
+            self.running = None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def __enter__(self) -> "ServerThread":
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def server_config(data_dir: Path, **overrides) -> ServerConfig:
+    """A loopback server with an OS-picked port and metrics port, everything else default."""
+    base = ServerConfig(listen="127.0.0.1:0", data_dir=data_dir,
+                        metrics_listen="127.0.0.1:0", watch_interval_s=0.2, grace_s=5.0)
+    return replace(base, **overrides)
+
+
+def read_labels(faces_dir: Path) -> list[dict[str, str]]:
+    with open(faces_dir / "labels.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def enrolment_plan(faces_dir: Path) -> dict[str, str]:
+    """identity -> the file enrolled for it: the first single-face photo of each person
+    (sorted by name); every other photo of them is a probe."""
+    plan: dict[str, str] = {}
+    for row in sorted(read_labels(faces_dir), key=lambda r: r["file"]):
+        if row["faces"] == "1":
+            plan.setdefault(row["identity"], row["file"])
+    return plan

@@ -1,0 +1,256 @@
+"""MicroBatcher: batches form, queues are bounded, deadlines drop work, failures fail all."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from matcher.batching import BatchConfig, BatchContractError, MicroBatcher
+from matcher.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
+
+
+class Recorder:
+    """A batch function that doubles its inputs and remembers every batch it saw;
+    ``gate`` (if set) holds each call until released, to fill the queue deliberately."""
+
+    def __init__(self, gate: threading.Event | None = None) -> None:
+        self.batches: list[list[int]] = []
+        self.gate = gate
+        self.entered = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.batches.append(list(items))
+        self.entered.set()
+        if self.gate is not None:
+            self.gate.wait(10)
+        return [2 * x for x in items]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _wait_until(event: threading.Event) -> None:
+    await asyncio.to_thread(event.wait, 10)
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_results():
+    fn = Recorder()
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=8, max_wait_s=0.05, max_queue=64))
+        b.start()
+        out = await asyncio.gather(*(b.submit(i) for i in range(20)))
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert [result for result, _ in out] == [2 * i for i in range(20)]
+    assert sorted(x for batch in fn.batches for x in batch) == list(range(20))
+    assert max(len(batch) for batch in fn.batches) == 8
+    assert all(1 <= len(batch) <= 8 for batch in fn.batches)
+    assert all(stats.batch_size >= 1 and stats.queue_ms >= 0 for _, stats in out)
+
+
+def test_a_lone_request_is_served_after_max_wait_without_company():
+    fn = Recorder()
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=8, max_wait_s=0.01))
+        b.start()
+        out = await b.submit(21)
+        await b.stop()
+        return out
+
+    result, stats = run(main())
+    assert result == 42 and stats.batch_size == 1 and fn.batches == [[21]]
+
+
+def test_full_queue_refuses_at_once_with_overloaded():
+    gate = threading.Event()
+    fn = Recorder(gate)
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=2))
+        b.start()
+        first = asyncio.create_task(b.submit(0))
+        await _wait_until(fn.entered)             # the worker holds item 0
+        queued = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0)                    # let them enqueue
+        with pytest.raises(Overloaded, match="queue is full"):
+            await b.submit(3)
+        gate.set()
+        results = await asyncio.gather(first, *queued)
+        await b.stop()
+        return results
+
+    assert [r for r, _ in run(main())] == [0, 2, 4]
+
+
+def test_requests_whose_deadline_passed_in_the_queue_are_dropped_before_compute():
+    gate = threading.Event()
+    fn = Recorder(gate)
+    expired = []
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8),
+                         on_expired=lambda: expired.append(1))
+        b.start()
+        first = asyncio.create_task(b.submit(0))
+        await _wait_until(fn.entered)
+        doomed = asyncio.create_task(b.submit(7, deadline=time.monotonic() + 0.05))
+        alive = asyncio.create_task(b.submit(8, deadline=time.monotonic() + 30))
+        await asyncio.sleep(0.1)                  # the doomed deadline passes while queued
+        gate.set()
+        await first
+        with pytest.raises(DeadlineExpired):
+            await doomed
+        result = await alive
+        await b.stop()
+        return result
+
+    assert run(main())[0] == 16
+    assert [7 in batch for batch in fn.batches] == [False] * len(fn.batches)
+    assert expired == [1]
+
+
+def test_a_deadline_already_passed_on_arrival_is_refused():
+    async def main():
+        b = MicroBatcher(Recorder(), BatchConfig())
+        b.start()
+        with pytest.raises(DeadlineExpired):
+            await b.submit(1, deadline=time.monotonic() - 1)
+        await b.stop()
+
+    run(main())
+
+
+def test_every_request_of_a_failed_batch_fails_with_the_error():
+    def explode(items):
+        raise RuntimeError("model crashed")
+
+    async def main():
+        b = MicroBatcher(explode, BatchConfig(max_batch=8, max_wait_s=0.05))
+        b.start()
+        out = await asyncio.gather(*(b.submit(i) for i in range(5)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert all(isinstance(e, RuntimeError) and "model crashed" in str(e) for e in out)
+
+
+def test_a_batch_function_returning_the_wrong_count_fails_the_batch():
+    async def main():
+        b = MicroBatcher(lambda items: items[:-1], BatchConfig(max_batch=8, max_wait_s=0.05))
+        b.start()
+        out = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    assert all(isinstance(e, BatchContractError) for e in run(main()))
+
+
+def test_an_exception_result_fails_only_its_own_request():
+    def picky(items):
+        return [InvalidInput("odd") if x % 2 else x for x in items]
+
+    async def main():
+        b = MicroBatcher(picky, BatchConfig(max_batch=8, max_wait_s=0.05))
+        b.start()
+        out = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert out[0][0] == 0 and out[2][0] == 2
+    assert isinstance(out[1], InvalidInput) and isinstance(out[3], InvalidInput)
+
+
+def test_stop_finishes_queued_work_then_refuses():
+    gate = threading.Event()
+    fn = Recorder(gate)
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=8))
+        b.start()
+        tasks = [asyncio.create_task(b.submit(i)) for i in range(3)]
+        await _wait_until(fn.entered)
+        stopping = asyncio.create_task(b.stop())
+        await asyncio.sleep(0)
+        with pytest.raises(NotReady):
+            await b.submit(99)
+        gate.set()
+        await stopping
+        return [r for r, _ in await asyncio.gather(*tasks)]
+
+    assert run(main()) == [0, 2, 4]
+
+
+def test_a_cancelled_request_is_not_computed():
+    gate = threading.Event()
+    fn = Recorder(gate)
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8))
+        b.start()
+        first = asyncio.create_task(b.submit(0))
+        await _wait_until(fn.entered)
+        gone = asyncio.create_task(b.submit(5))
+        await asyncio.sleep(0)
+        gone.cancel()
+        kept = asyncio.create_task(b.submit(6))
+        await asyncio.sleep(0)
+        gate.set()
+        await first
+        result = await kept
+        await b.stop()
+        return result
+
+    assert run(main())[0] == 12
+    assert all(5 not in batch for batch in fn.batches)
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(ValueError):
+        BatchConfig(max_batch=0)
+    with pytest.raises(ValueError):
+        BatchConfig(max_wait_s=-1)
+
+
+def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeline,
+                                                                           faces_dir, tmp_path):
+    """The real batch function: templates from a batch equal the unbatched pipeline's."""
+    from matcher.engine import ImageJob, MatchEngine
+    from matcher.gallery import Gallery
+
+    files = ["obama_1.jpg", "biden_2.jpg", "kit_harington_1.jpg", "rose_leslie_1.jpg",
+             "alex_lacamoire_1.jpg", "group_two_people.jpg"]
+    data = [(faces_dir / f).read_bytes() for f in files]
+    gallery = Gallery.open(tmp_path, pipeline.model_id)
+    engine = MatchEngine(pipeline, gallery, BatchConfig(max_batch=8, max_wait_s=0.2))
+    sizes = []
+    engine.batcher._on_batch = sizes.append  # observe batch sizes as the metrics hook does
+
+    async def main():
+        engine.start()
+        out = await asyncio.gather(*(engine.analyse(ImageJob(d), None) for d in data),
+                                   engine.analyse(ImageJob(b"junk"), None),
+                                   return_exceptions=True)
+        await engine.stop()
+        return out
+
+    try:
+        out = run(main())
+    finally:
+        gallery.close()
+    assert isinstance(out[-1], InvalidInput)
+    assert max(sizes) > 1
+    for d, analysis in zip(data, out[:-1]):
+        alone = sorted(pipeline.analyse_bytes(d), key=lambda f: f.area, reverse=True)
+        assert len(alone) == len(analysis.faces)
+        np.testing.assert_allclose(analysis.templates, np.stack([f.template for f in alone]),
+                                   atol=2e-3)

@@ -55,12 +55,11 @@ CACHEABLE_CODES = (UNREADABLE_IMAGE, NO_FACE, MULTIPLE_FACES, LOW_QUALITY)
 TRANSIENT_REASONS = (f"{UNREADABLE_IMAGE}:changed_during_run",
                      f"{UNREADABLE_IMAGE}:pipeline_error")
 
-# Ray reads these when it is imported; set them before that (and never override the
-# operator's own choice): no usage report to the internet, no dashboard.
+# Ray reads these when it is imported; set them before that, never overriding the
+# operator's own choice: no usage report sent to the internet, no container CPU nag.
 RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
-    "RAY_DEDUP_LOGS": "0",
 }
 
 
@@ -604,6 +603,39 @@ class _Writer:
                 self._remove(traveller_id)
 
 
+def _plan(bookings: list[Booking], digests: dict[Path, tuple[str | None, str]],
+          stored: dict[str, TravellerSummary], cache: OutcomeCache, summary: Summary,
+          rejects: list[Reject]) -> tuple[dict[str, _Plan], dict[str, str]]:
+    """Per traveller: which photos are kept (already stored), refused (missing, or
+    remembered as refused) or to be embedded. Returns the plans and the work:
+    sha256 -> path, each distinct photo once even if several travellers list it."""
+    plans: dict[str, _Plan] = {}
+    for b in bookings:
+        plan = plans.setdefault(b.traveller_id, _Plan(b.valid_from, b.valid_to))
+        sha, reason = digests[b.photo]
+        if sha is None:
+            rejects.append(Reject(b.row, b.traveller_id, reason))
+        elif sha in plan.rows:
+            summary.duplicates += 1  # another file with the very same bytes
+        else:
+            plan.rows[sha] = b
+    remembered = cache.get_many({s for p in plans.values() for s in p.rows})
+    work: dict[str, str] = {}
+    for traveller_id, plan in plans.items():
+        have = stored.get(traveller_id)
+        for sha, b in plan.rows.items():
+            if have is not None and sha in have.photo_sha256s:
+                plan.kept.add(sha)
+                summary.skipped += 1
+            elif sha in remembered:
+                rejects.append(Reject(b.row, traveller_id, remembered[sha]))
+                summary.remembered_rejects += 1
+            else:
+                plan.pending.add(sha)
+                work.setdefault(sha, str(b.photo))
+    return plans, work
+
+
 def iter_nothing() -> Iterator[list[PhotoResult]]:
     """No photos to embed: no embedder (and no Ray) is started at all."""
     yield from ()
@@ -673,30 +705,7 @@ def run_reindex(config: ReindexConfig,
     cache = OutcomeCache(data_dir / OUTCOMES_FILE, config.outcome_key)
     try:
         stored = stored_travellers(gallery)
-        plans: dict[str, _Plan] = {}
-        for b in manifest.bookings:
-            plan = plans.setdefault(b.traveller_id, _Plan(b.valid_from, b.valid_to))
-            sha, reason = digests[b.photo]
-            if sha is None:
-                rejects.append(Reject(b.row, b.traveller_id, reason))
-            elif sha in plan.rows:
-                summary.duplicates += 1  # another file with the very same bytes
-            else:
-                plan.rows[sha] = b
-        remembered = cache.get_many({s for p in plans.values() for s in p.rows})
-        work: dict[str, str] = {}  # sha256 -> path, each distinct photo embedded once
-        for traveller_id, plan in plans.items():
-            have = stored.get(traveller_id)
-            for sha, b in plan.rows.items():
-                if have is not None and sha in have.photo_sha256s:
-                    plan.kept.add(sha)
-                    summary.skipped += 1
-                elif sha in remembered:
-                    rejects.append(Reject(b.row, traveller_id, remembered[sha]))
-                    summary.remembered_rejects += 1
-                else:
-                    plan.pending.add(sha)
-                    work.setdefault(sha, str(b.photo))
+        plans, work = _plan(manifest.bookings, digests, stored, cache, summary, rejects)
         waiting: dict[str, list[str]] = defaultdict(list)
         writer = _Writer(gallery, stored, summary)
         for traveller_id, plan in plans.items():

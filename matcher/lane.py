@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -68,13 +68,14 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
               requests_per_lane: int | None = None, duration_s: float | None = None,
               rpc: str = "identify", traveller_ids: Sequence[str] | None = None,
               token: str | None = None, timeout: float = 5.0, ca=None, cert=None, key=None,
-              server_name: str | None = None, stop: threading.Event | None = None
-              ) -> LaneReport:
+              server_name: str | None = None, stop: threading.Event | None = None,
+              on_answer: Callable[[str], None] | None = None) -> LaneReport:
     """Drive ``lanes`` concurrent lanes until each sent ``requests_per_lane`` or
     ``duration_s`` passed (or ``stop`` is set). Lane i starts at image i so lanes differ.
 
     ``rpc``: identify, verify or clear; verify/clear claim ``traveller_ids[j]`` for
-    ``images[j]``.
+    ``images[j]``. ``on_answer(decision_name)`` is called from the lane threads after
+    every answer (progress for a caller that changes something mid-run).
     """
     if not images:
         raise ValueError("the lane simulator needs at least one image")
@@ -119,7 +120,10 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
                 errors[exc.code().name] += 1
                 continue
             latencies.append((time.perf_counter() - t) * 1e3)
-            decisions[pb.Decision.Name(resp.decision)] += 1
+            name = pb.Decision.Name(resp.decision)
+            decisions[name] += 1
+            if on_answer is not None:
+                on_answer(name)
         with lock:
             report.latencies_ms.extend(latencies)
             report.decisions.update(decisions)

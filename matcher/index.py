@@ -44,7 +44,7 @@ class IndexConfig:
     """
 
     index_kind: str = "auto"
-    flat_max_templates: int = 20_000
+    flat_max_templates: int = 10_000
     binary_bits: int = 512
     binary_seed: int = 20261125
     search_threads: int = 2     # binary: database shards scanned in parallel per query
@@ -102,7 +102,8 @@ class BinaryCodes:
         self.codes = codes
         bits = projection.shape[1]
         n = len(codes)
-        shards = max(1, min(shards, n // 10_000 or 1))
+        # Below ~100k codes per shard the thread hand-off costs more than the scan saves.
+        shards = max(1, min(shards, n // 100_000))
         self._parts = []
         if shards == 1:
             self.index = faiss.IndexBinaryFlat(bits)

@@ -166,9 +166,67 @@ def test_fixed_letterbox_matches_the_reference_arithmetic() -> None:
 
 def test_fixed_640_and_default_size_agree_on_templates(pipeline: Pipeline,
                                                        faces_dir: Path) -> None:
-    """The default (smaller) detector input finds the same faces, with the same templates."""
+    """The default (smaller) detector input finds the same faces with nearly the same templates.
+
+    SCRFD's landmarks move a little with the input scale, so templates differ by a few
+    percent (the pipeline benchmark's size sweep: median cosine ~0.97 to the 640x640 ones).
+    """
     fixed = Pipeline(detector=DetectorConfig(input_size=(640, 640)), sessions=pipeline.sessions)
     for f in ("obama_1080p.jpg", "biden_1.jpg", "kit_harington_2.jpg"):
         image = pipeline.decode((faces_dir / f).read_bytes())
         a, b = largest_face(pipeline.analyse(image)), largest_face(fixed.analyse(image))
-        assert float(a.template @ b.template) > 0.97, f
+        assert float(a.template @ b.template) > 0.93, f
+
+
+def _far_traveller(pipeline: Pipeline, faces_dir: Path, inter_eye_px: float) -> np.ndarray:
+    """A 1920x1080 frame with one small face (obama_small.jpg, 49 px between the eyes,
+    shrunk to ``inter_eye_px``) in the middle of a plain wall."""
+    from PIL import Image
+
+    src = Image.fromarray(pipeline.decode((faces_dir / "obama_small.jpg").read_bytes()))
+    scale = inter_eye_px / 49.0
+    face = src.resize((round(src.width * scale), round(src.height * scale)), Image.LANCZOS)
+    frame = Image.new("RGB", (1920, 1080), (120, 110, 100))
+    frame.paste(face, (900, 500))
+    return np.asarray(frame)
+
+
+def test_small_face_in_a_wide_frame_is_found_by_the_fallback_pass(pipeline: Pipeline,
+                                                                  faces_dir: Path) -> None:
+    frame = _far_traveller(pipeline, faces_dir, 28.0)
+    config = pipeline.detector_config
+    assert config.input_size is None and config.fallback_max_side > config.max_side
+    single_pass = Pipeline(detector=DetectorConfig(max_side=config.max_side,
+                                                   fallback_max_side=None),
+                           sessions=pipeline.sessions)
+    assert single_pass.analyse(frame) == []  # too small once the frame is shrunk to 320
+    (face,) = pipeline.analyse(frame)
+    assert face.quality.accepted and face.det_score >= config.confident_score
+    assert 880 < face.bbox[0] < face.bbox[2] < 1090  # pasted at x 900..1083
+
+
+class _CountingPipeline(Pipeline):
+    passes: list[tuple[int, int]]
+
+    def _detect_at(self, images, config):  # type: ignore[override]
+        self.passes.append((len(images), config.max_side))
+        return super()._detect_at(images, config)
+
+
+def test_fallback_pass_runs_only_for_images_that_need_it(pipeline: Pipeline,
+                                                         faces_dir: Path) -> None:
+    counting = _CountingPipeline(detector=pipeline.detector_config, sessions=pipeline.sessions)
+    counting.passes = []
+    portrait = pipeline.decode((faces_dir / "obama_1080p.jpg").read_bytes())
+    far = _far_traveller(pipeline, faces_dir, 28.0)
+    results = counting.analyse_many([portrait, far, portrait])
+    assert [len(r) for r in results] == [1, 1, 1]
+    max_side, fallback = pipeline.detector_config.max_side, pipeline.detector_config.fallback_max_side
+    assert counting.passes == [(3, max_side), (1, fallback)]
+
+
+def test_detector_config_refuses_nonsense() -> None:
+    with pytest.raises(ValueError):
+        DetectorConfig(max_side=8)
+    with pytest.raises(ValueError):
+        DetectorConfig(input_size=(640, 0))

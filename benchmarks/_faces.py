@@ -1,0 +1,85 @@
+"""The shared face photos and the InsightFace peer, for the pipeline and accuracy suites."""
+from __future__ import annotations
+
+import csv
+import itertools
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Photo:
+    file: str
+    identities: tuple[str, ...]
+    faces: int
+    data: bytes
+
+
+def faces_dir() -> Path:
+    """../shared/data/faces beside the checkout, or $MATCHER_FACES_DIR (as tests/conftest.py)."""
+    override = os.environ.get("MATCHER_FACES_DIR")
+    path = Path(override) if override else REPO.parent / "shared" / "data" / "faces"
+    if not (path / "labels.csv").exists():
+        raise FileNotFoundError(f"shared face photos not found at {path}; set MATCHER_FACES_DIR")
+    return path
+
+
+def load_photos() -> list[Photo]:
+    root = faces_dir()
+    with open(root / "labels.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [Photo(r["file"], tuple(r["identity"].split(";")), int(r["faces"]),
+                  (root / r["file"]).read_bytes()) for r in rows]
+
+
+def pair_scores(templates: dict[str, np.ndarray], identity: dict[str, str]
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Cosines of every pair of single-face photos: (genuine, impostor) float64 arrays."""
+    genuine, impostor = [], []
+    for a, b in itertools.combinations(sorted(templates), 2):
+        score = float(templates[a] @ templates[b])
+        (genuine if identity[a] == identity[b] else impostor).append(score)
+    return np.asarray(genuine), np.asarray(impostor)
+
+
+class FaceAnalysisPeer:
+    """InsightFace's FaceAnalysis on copies of our two ONNX files in a temporary model root.
+
+    Nothing is downloaded and ~/.insightface is not touched. ``sess_options`` None keeps
+    InsightFace's own ONNX Runtime defaults (all cores, spinning threads): the reference
+    as people run it.
+    """
+
+    def __init__(self, det_size: tuple[int, int] = (640, 640), sess_options=None) -> None:
+        from insightface.app import FaceAnalysis
+
+        from matcher.models import DETECTOR_FILE, EMBEDDER_FILE, vectron_model_dir
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="insightface_root_")
+        pack = Path(self._tmp.name) / "models" / "buffalo_s"
+        pack.mkdir(parents=True)
+        for name in (DETECTOR_FILE, EMBEDDER_FILE):
+            shutil.copyfile(vectron_model_dir() / name, pack / name)
+        kwargs = {"sess_options": sess_options} if sess_options is not None else {}
+        self.app = FaceAnalysis(name="buffalo_s", root=self._tmp.name,
+                                providers=["CPUExecutionProvider"], **kwargs)
+        self.app.prepare(ctx_id=-1, det_size=det_size)
+        self.detector = self.app.det_model
+        self.recognizer = self.app.models["recognition"]
+
+    def get(self, rgb: np.ndarray) -> list:
+        """FaceAnalysis.get on the BGR version of our decoded RGB pixels."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scikit-image deprecation inside
+            return self.app.get(np.ascontiguousarray(rgb[:, :, ::-1]))
+
+    def close(self) -> None:
+        self._tmp.cleanup()

@@ -1,0 +1,158 @@
+"""Accuracy on the shared photos: genuine/impostor score distributions, a DET curve and
+the thresholds of the operating points matcher.decision derives.
+
+Every pair of single-face photos is compared (largest face, default pipeline). With 6
+people the set is small: it proves the pipeline is wired right (colour order, alignment,
+EXIF, normalisation), not where the tail of the impostor distribution lies; the FMR
+resolution here is 1 / (number of impostor pairs).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from matcher.pipeline import Pipeline, largest_face
+
+from ._faces import load_photos, pair_scores
+from .harness import Report
+
+GENUINE_FLOOR = 0.50
+IMPOSTOR_CEILING = 0.20
+GALLERY_SIZES = (100, 1_000, 10_000)   # 1:N operating points: travellers booked for a day
+
+
+def run(report: Report, quick: bool) -> None:
+    photos = load_photos()
+    pipe = Pipeline(threads=2)
+    faces = {p.file: pipe.analyse_bytes(p.data) for p in photos}
+    singles = [p for p in photos if p.faces == 1]
+    templates = {p.file: largest_face(faces[p.file]).template for p in singles
+                 if faces[p.file]}
+    identity = {p.file: p.identities[0] for p in singles}
+    genuine, impostor = pair_scores(templates, identity)
+    report.param(photos=len(photos), single_face_photos=len(singles),
+                 identities=len(set(identity.values())), genuine_pairs=len(genuine),
+                 impostor_pairs=len(impostor), detector=str(pipe.detector_config))
+
+    report.figure("genuine_min", genuine.min(), "cosine", summary=True)
+    report.figure("genuine_mean", genuine.mean(), "cosine")
+    report.figure("impostor_max", impostor.max(), "cosine", summary=True)
+    report.figure("impostor_mean", impostor.mean(), "cosine")
+    report.figure("impostor_std", impostor.std(ddof=1), "cosine")
+    report.figure("separation_gap", genuine.min() - impostor.max(), "cosine",
+                  note="lowest genuine minus highest impostor; > 0 means no overlap")
+    eer, eer_threshold = _eer(genuine, impostor)
+    report.figure("eer", eer, "rate", note=f"at threshold {eer_threshold:.3f}")
+    report.check("every_genuine_pair>=0.50", genuine.min() >= GENUINE_FLOOR,
+                 f"min genuine {genuine.min():.3f} over {len(genuine)} pairs")
+    report.check("every_impostor_pair<=0.20", impostor.max() <= IMPOSTOR_CEILING,
+                 f"max impostor {impostor.max():.3f} over {len(impostor)} pairs")
+
+    points = _operating_points(pipe.model_id, impostor)
+    for name, threshold, source in points:
+        fmr = float((impostor >= threshold).mean())
+        fnmr = float((genuine < threshold).mean())
+        report.figure(f"threshold_{name}", threshold, "cosine", summary=name == "1:1_fmr_1e-05",
+                      note=source)
+        report.figure(f"empirical_fmr_at_{name}", fmr, "rate")
+        report.figure(f"empirical_fnmr_at_{name}", fnmr, "rate")
+    one_to_one = next(t for n, t, _ in points if n.startswith("1:1"))
+    report.check("1:1_operating_point_separates_the_shared_set",
+                 genuine.min() >= one_to_one > impostor.max(),
+                 f"threshold {one_to_one:.3f}, genuine min {genuine.min():.3f}, "
+                 f"impostor max {impostor.max():.3f}")
+    _group_identification(report, photos, faces, templates, identity, one_to_one)
+    _plot(report, genuine, impostor, points)
+
+
+def _eer(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
+    """Equal error rate and its threshold, scanning every observed score."""
+    best = (1.0, 0.0)
+    for t in np.unique(np.concatenate([genuine, impostor])):
+        fmr, fnmr = (impostor >= t).mean(), (genuine < t).mean()
+        if max(fmr, fnmr) < best[0]:
+            best = (float(max(fmr, fnmr)), float(t))
+    return best
+
+
+def _operating_points(model_id: str, impostor: np.ndarray) -> list[tuple[str, float, str]]:
+    """(name, threshold, where it comes from) for 1:1 and 1:N at several gallery sizes."""
+    try:
+        from matcher.decision import (DecisionPolicy, operating_point_1to1,
+                                      operating_point_1toN, score_model_for)
+    except ImportError:  # the decision module is not there: report the empirical points
+        return [("empirical_fmr_0", float(impostor.max()) + 1e-6,
+                 "just above the highest impostor score (no decision.py)")]
+    policy = DecisionPolicy()
+    model = score_model_for(model_id)
+    point = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold)
+    points = [(f"1:1_fmr_{policy.fmr_1to1:g}", point.threshold,
+               f"matcher.decision, FMR {policy.fmr_1to1:g}, floor {policy.min_threshold}")]
+    for n in GALLERY_SIZES:
+        p = operating_point_1toN(model, policy.fpir_1toN, n, policy.min_threshold)
+        points.append((f"1:N_fpir_{policy.fpir_1toN:g}_n{n}", p.threshold,
+                       f"matcher.decision, FPIR {policy.fpir_1toN:g} over {n} travellers "
+                       f"(FMR {p.comparison_fmr:.2g} per comparison)"))
+    return points
+
+
+def _group_identification(report: Report, photos, faces, templates: dict[str, np.ndarray],
+                          identity: dict[str, str], threshold: float) -> None:
+    """Each face of the group photos against the single-face photos as a gallery."""
+    names = sorted(templates)
+    gallery = np.stack([templates[f] for f in names])
+    correct = total = 0
+    wrong = []
+    for p in photos:
+        if p.faces == 1:
+            continue
+        found = []
+        for face in faces[p.file]:
+            scores = gallery @ face.template
+            best = int(np.argmax(scores))
+            found.append(identity[names[best]] if scores[best] >= threshold else "unknown")
+        expected = sorted(p.identities)
+        total += len(expected)
+        matched = sum(min(found.count(x), expected.count(x)) for x in set(expected))
+        correct += matched
+        if matched != len(expected):
+            wrong.append(f"{p.file}: {sorted(found)} vs {expected}")
+    report.figure("group_faces_identified", correct / max(total, 1), "fraction",
+                  summary=True, note=f"{correct}/{total} at the 1:1 threshold "
+                                     f"{threshold:.3f}, strangers must come back unknown")
+    report.check("group_photos_identified", not wrong, "; ".join(wrong) or "all correct")
+
+
+def _plot(report: Report, genuine: np.ndarray, impostor: np.ndarray,
+          points: list[tuple[str, float, str]]) -> None:
+    fig, axes = report.plot(1, 2, figsize=(13, 5))
+    ax_hist, ax_det = axes.ravel()
+    bins = np.linspace(-0.3, 1.0, 53)
+    ax_hist.hist(impostor, bins=bins, alpha=0.6, label=f"impostor ({len(impostor)} pairs)",
+                 color="tab:red")
+    ax_hist.hist(genuine, bins=bins, alpha=0.6, label=f"genuine ({len(genuine)} pairs)",
+                 color="tab:green")
+    for i, (name, t, _) in enumerate(points):
+        ax_hist.axvline(t, color="k", ls=["-", "--", ":", "-."][i % 4], lw=1,
+                        label=f"{name}: {t:.3f}")
+    ax_hist.set_xlabel("cosine similarity of the two templates")
+    ax_hist.set_ylabel("pairs")
+    ax_hist.set_title("genuine vs impostor scores (shared photos)")
+    ax_hist.legend(fontsize=7)
+
+    thresholds = np.linspace(-0.3, 1.0, 1301)
+    fmr = np.array([(impostor >= t).mean() for t in thresholds])
+    fnmr = np.array([(genuine < t).mean() for t in thresholds])
+    floor = 0.5 / max(len(impostor), len(genuine))  # plot zeros at half the resolution
+    ax_det.loglog(np.maximum(fmr, floor), np.maximum(fnmr, floor), "b-", drawstyle="steps-post",
+                  label="empirical (zeros drawn at half the resolution)")
+    for name, t, _ in points:
+        x = max((impostor >= t).mean(), floor)
+        y = max((genuine < t).mean(), floor)
+        ax_det.plot([x], [y], "o", label=f"{name} (t={t:.3f})")
+    ax_det.set_xlabel("false match rate (FMR)")
+    ax_det.set_ylabel("false non-match rate (FNMR)")
+    ax_det.set_xlim(floor / 2, 1.0)
+    ax_det.set_ylim(floor / 2, 1.0)
+    ax_det.set_title("DET curve")
+    ax_det.grid(True, which="both", alpha=0.3)
+    ax_det.legend(fontsize=7)

@@ -96,7 +96,8 @@ class Gallery:
             if use_snapshots:
                 for path in list_snapshots(data_dir / SNAPSHOT_DIR):
                     try:
-                        _, index = read_snapshot(path, model_id, store.store_id, config.index)
+                        _, index = read_snapshot(path, model_id, store.store_id, config.index,
+                                                 store.gallery_version)
                         break
                     except SnapshotError as e:
                         log.error("skipping snapshot: %s", e)
@@ -269,7 +270,7 @@ class Gallery:
     def load_snapshot(self, path: str | Path) -> Manifest:
         """Hot swap to a snapshot; on any problem raise SnapshotError and keep serving."""
         manifest, fresh = read_snapshot(path, self.model_id, self.store.store_id,
-                                        self.config.index)
+                                        self.config.index, self.store.gallery_version)
         self._swap(fresh)
         return manifest
 

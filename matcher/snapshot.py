@@ -165,10 +165,19 @@ def verify_snapshot(path: str | Path, model_id: str | None = None,
 
 
 def read_snapshot(path: str | Path, model_id: str, store_id: str | None,
-                  config: IndexConfig) -> tuple[Manifest, SearchIndex]:
-    """Verify, then load the snapshot as a SearchIndex at its gallery_version."""
+                  config: IndexConfig, store_version: int | None = None
+                  ) -> tuple[Manifest, SearchIndex]:
+    """Verify, then load the snapshot as a SearchIndex at its gallery_version.
+
+    ``store_version``: the store's gallery_version; a snapshot newer than its store (a store
+    restored from an older backup) is refused, since removals it lacks could not be replayed.
+    """
     m = verify_snapshot(path, model_id, store_id)
     path = Path(path)
+    if store_version is not None and m.gallery_version > store_version:
+        raise SnapshotError(f"snapshot {path.name} is at gallery_version {m.gallery_version}, "
+                            f"newer than the store ({store_version}); was the store restored "
+                            f"from an older backup?")
     try:
         built = BuiltIndex.read_files(path, m.index_kind, m.index_params)
         text = (path / "travellers.txt").read_text(encoding="utf-8")

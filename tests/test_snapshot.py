@@ -140,3 +140,28 @@ def test_failed_hot_swap_keeps_serving_and_good_swap_never_fails_a_search(tmp_pa
         t.join()
     assert not errors and not wrong
     g.close()
+
+
+def test_snapshot_newer_than_its_store_is_refused(tmp_path):
+    import shutil
+
+    g, _ = filled(tmp_path / "g", n=20)
+    g.close()
+    shutil.copy(tmp_path / "g" / "gallery.sqlite3", tmp_path / "backup.sqlite3")  # at v20
+    g = Gallery.open(tmp_path / "g", MODEL)
+    g.remove("T0")
+    g.rebuild(now=NOW)
+    newer = g.export_snapshot()
+    g.close()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "g" / f"gallery.sqlite3{suffix}").unlink(missing_ok=True)
+    shutil.copy(tmp_path / "backup.sqlite3", tmp_path / "g" / "gallery.sqlite3")
+    with pytest.raises(SnapshotError, match="newer than the store"):
+        from matcher.snapshot import read_snapshot
+        from matcher.store import Store
+
+        with Store.open(tmp_path / "g" / "gallery.sqlite3", MODEL) as store:
+            read_snapshot(newer, MODEL, store.store_id, IndexConfig(), store.gallery_version)
+    with Gallery.open(tmp_path / "g", MODEL) as restored:  # falls back to a store build
+        assert restored.version == 20
+        assert restored.search(restored.get("T0").templates, 1, NOW)[0][0].traveller_id == "T0"

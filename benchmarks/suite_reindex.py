@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
-from matcher.gallery import Gallery, GalleryConfig
+from matcher.gallery import STORE_FILE
 from matcher.models import default_pack
 from matcher.pipeline import Pipeline
 from matcher.reindex import (ReindexConfig, embed_on_ray, face_verdict, hash_photos,
                              run_reindex, start_ray)
+from matcher.store import Store
 
 from .harness import Report
 
@@ -94,10 +95,11 @@ def _store_write_ms(folder: Path, n: int) -> list[float]:
     x = rng.standard_normal((n, 512)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     out = []
-    with Gallery.open(folder, default_pack().model_id, GalleryConfig(auto_rebuild=False)) as g:
+    folder.mkdir()
+    with Store.open(folder / STORE_FILE, default_pack().model_id) as store:
         for i in range(n):
             t = time.perf_counter()
-            g.enroll(f"T{i:07d}", x[i], 0.0, 4e9, [hashlib.sha256(b"%d" % i).hexdigest()])
+            store.enroll(f"T{i:07d}", x[i], 0.0, 4e9, [hashlib.sha256(b"%d" % i).hexdigest()])
             out.append((time.perf_counter() - t) * 1e3)
     return out
 

@@ -33,14 +33,15 @@ import numpy as np
 
 from .errors import (CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError,
                      UnknownTraveller)
-from .gallery import Gallery, GalleryConfig
+from .gallery import STORE_FILE, Gallery, GalleryConfig
 from .manifest import (LOW_QUALITY, MISSING_FILE, MULTIPLE_FACES, NO_FACE, UNREADABLE_IMAGE,
                        Booking, Manifest, Reject, load_manifest)
 from .models import EMBEDDING_DIM, default_pack
 from .pipeline import DetectorConfig, Face, largest_face
 from .quality import DEFAULT_POLICY, QualityPolicy
+from .snapshot import Manifest as SnapshotManifest
 from .snapshot import verify_snapshot
-from .store import TemplateCodec, TravellerSummary
+from .store import Store, TemplateCodec, TravellerSummary
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,9 @@ class ReindexConfig:
     """What to re-index and how. Ray settings only matter when ``use_ray`` is true.
 
     actors: embedder actors (default: the cluster's CPUs // cpus_per_actor).
-    num_cpus: CPUs of the local Ray instance (default: all); ignored with ``ray_address``.
+    num_cpus: CPUs of the local Ray instance (default: what Ray detects, cgroup-aware);
+        ignored with ``ray_address``.
+    now: UTC epoch seconds deciding which bookings are over (default: the clock at start).
     second_face_area_ratio: a second face at least this fraction of the largest face's
         area makes the photo ambiguous (``multiple_faces``); smaller faces are bystanders.
     """
@@ -330,7 +333,7 @@ def start_ray(config: ReindexConfig) -> bool:
     else:
         # A private single-node instance bound to loopback: nothing to start by hand,
         # nothing reachable from the network, and the node-IP lookup never leaves the box.
-        ray.init(num_cpus=config.num_cpus or os.cpu_count(), include_dashboard=False,
+        ray.init(num_cpus=config.num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False,
                  object_store_memory=config.object_store_mb * 1024 * 1024,
                  _node_ip_address="127.0.0.1")
@@ -459,11 +462,6 @@ class OutcomeCache:
         self._conn.close()
 
 
-def stored_travellers(gallery: Gallery) -> dict[str, TravellerSummary]:
-    """Every stored traveller with window and photo digests; no template is decoded."""
-    return {t.traveller_id: t for t in gallery.store.list_travellers()}
-
-
 def template_codec() -> TemplateCodec | None:
     """The codec the service uses: AES-GCM when a template key is configured, else plain."""
     from .crypto import Keyring, TemplateCipher
@@ -546,9 +544,9 @@ class _Plan:
 class _Writer:
     """The store's single writer during a run: enrols, replaces, removes travellers."""
 
-    def __init__(self, gallery: Gallery, stored: dict[str, TravellerSummary],
+    def __init__(self, store: Store, stored: dict[str, TravellerSummary],
                  summary: Summary) -> None:
-        self.gallery = gallery
+        self.store = store
         self.stored = stored
         self.summary = summary
         self.final: set[str] = set()
@@ -567,17 +565,17 @@ class _Writer:
             # The booking now lists other photos: templates of the dropped ones must go.
             # The Store has no per-template delete, so the traveller is re-enrolled whole
             # (remove, then enrol kept + new templates) in two transactions.
-            t = self.gallery.get(traveller_id)
+            t = self.store.get(traveller_id)
             templates = dict(zip(t.photo_sha256s, t.templates))
             templates = {s: v for s, v in templates.items() if s in wanted} | plan.new
-            self.gallery.remove(traveller_id)
+            self.store.remove(traveller_id)
             self._enrol(traveller_id, templates, window)
         elif plan.new:
             self._enrol(traveller_id, plan.new, window)
         elif have is not None and (have.valid_from, have.valid_to) != window:
             # Only the window moved: re-send one stored template (a no-op for the
             # template, since the store skips known photos) to update the window.
-            t = self.gallery.get(traveller_id)
+            t = self.store.get(traveller_id)
             self._enrol(traveller_id, {t.photo_sha256s[0]: t.templates[0]}, window)
         else:
             self.summary.unchanged += 1
@@ -585,13 +583,13 @@ class _Writer:
     def _enrol(self, traveller_id: str, templates: dict[str, np.ndarray],
                window: tuple[float, float]) -> None:
         shas = list(templates)
-        self.gallery.enroll(traveller_id, np.stack([templates[s] for s in shas]),
+        self.store.enroll(traveller_id, np.stack([templates[s] for s in shas]),
                             window[0], window[1], shas)
         self.summary.enrolled += 1
 
     def _remove(self, traveller_id: str) -> None:
         try:
-            self.gallery.remove(traveller_id)
+            self.store.remove(traveller_id)
         except UnknownTraveller:  # removed meanwhile through the service's admin API
             return
         self.summary.removed += 1
@@ -700,14 +698,17 @@ def run_reindex(config: ReindexConfig,
     digests = hash_photos((b.photo for b in manifest.bookings), config.hash_threads)
     seconds["hash"] = time.perf_counter() - t
 
-    gallery = Gallery.open(data_dir, default_pack().model_id,
-                           GalleryConfig(auto_rebuild=False), codec=template_codec())
+    model_id, codec = default_pack().model_id, template_codec()
+    # Writes go to the Store, not through a Gallery: a Gallery would also hold every new
+    # template in its in-memory index, which a night of millions cannot afford. The index
+    # is built once, from the store, at the end.
+    store = Store.open(data_dir / STORE_FILE, model_id, codec)
     cache = OutcomeCache(data_dir / OUTCOMES_FILE, config.outcome_key)
     try:
-        stored = stored_travellers(gallery)
+        stored = {t.traveller_id: t for t in store.list_travellers()}
         plans, work = _plan(manifest.bookings, digests, stored, cache, summary, rejects)
         waiting: dict[str, list[str]] = defaultdict(list)
-        writer = _Writer(gallery, stored, summary)
+        writer = _Writer(store, stored, summary)
         for traveller_id, plan in plans.items():
             for sha in plan.pending:
                 waiting[sha].append(traveller_id)
@@ -727,23 +728,19 @@ def run_reindex(config: ReindexConfig,
 
         t = time.perf_counter()
         writer.remove_unbooked()
-        seconds["write_removals"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        gallery.rebuild(now=now)
-        seconds["index"] = time.perf_counter() - t
-        t = time.perf_counter()
-        snapshot = gallery.export_snapshot()
-        verified = verify_snapshot(snapshot, gallery.model_id, gallery.store.store_id)
-        seconds["publish"] = time.perf_counter() - t
+        seconds["removals"] = time.perf_counter() - t
         cache.keep_only({s for p in plans.values() for s in p.rows})
-        summary.gallery_travellers = verified.travellers
-        summary.gallery_templates = verified.templates
-        summary.gallery_version = verified.gallery_version
-        summary.snapshot = str(snapshot)
     finally:
         cache.close()
-        gallery.close()
+        store.close()
+
+    t = time.perf_counter()
+    verified = publish_snapshot(data_dir, model_id, codec)
+    seconds["index_and_publish"] = time.perf_counter() - t
+    summary.gallery_travellers = verified.travellers
+    summary.gallery_templates = verified.templates
+    summary.gallery_version = verified.gallery_version
+    summary.snapshot = str(verified.path)
 
     summary.rejected = len(rejects)
     summary.rejects_by_reason = dict(Counter(r.code for r in rejects))
@@ -755,6 +752,16 @@ def run_reindex(config: ReindexConfig,
              summary.embedded, summary.skipped, summary.rejected, summary.removed,
              Path(summary.snapshot).name)
     return summary
+
+
+def publish_snapshot(data_dir: Path, model_id: str, codec: TemplateCodec | None
+                     ) -> SnapshotManifest:
+    """Build the index from the store (bookings already over are left out), write the
+    snapshot atomically where ``matcher serve`` watches, and verify it from disk."""
+    with Gallery.open(data_dir, model_id, GalleryConfig(auto_rebuild=False), codec=codec,
+                      use_snapshots=False) as gallery:
+        path = gallery.export_snapshot()
+        return verify_snapshot(path, gallery.model_id, gallery.store.store_id)
 
 
 def _write_summary(path: Path, summary: Summary) -> None:

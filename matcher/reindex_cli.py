@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -10,6 +11,11 @@ from pathlib import Path
 def cmd_reindex(args: argparse.Namespace) -> int:
     from .reindex import ReindexConfig, run_reindex
 
+    if not getattr(args, "verbose", False):
+        # One INFO line per enrolled traveller is right for the service, but a night of
+        # millions would bury the progress lines and the summary.
+        for name in ("matcher.store", "matcher.gallery"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     config = ReindexConfig(
         manifest=args.manifest, data_dir=args.out, rejects_path=args.rejects,
         use_ray=not args.no_ray, ray_address=args.ray_address, actors=args.actors,
@@ -49,7 +55,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="ONNX Runtime threads per actor")
     ray.add_argument("--batch-size", type=int, default=8, help="photos per actor call")
     ray.add_argument("--num-cpus", type=int, default=None,
-                     help="CPUs the local Ray instance may use (default: all)")
+                     help="CPUs the local Ray instance may use (default: all it detects)")
     ray.add_argument("--object-store-mb", type=int, default=500,
                      help="object store size of the local Ray instance")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")

@@ -51,7 +51,8 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
-            image = ImageOps.exif_transpose(image)
+            # In place: no full-image copy when the orientation is already upright.
+            ImageOps.exif_transpose(image, in_place=True)
         return _to_rgb(image)
     except (ImageTooLarge, UnsupportedImage):
         raise

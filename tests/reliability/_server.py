@@ -1,0 +1,143 @@
+"""A real ``matcher serve`` in a child process on loopback: start, SIGKILL, restart, measure.
+
+Unlike tests/service_helpers.ServerThread (same process), a child process can be killed
+without warning and its memory measured on its own. Output goes to a log file (read by the
+privacy test); the gRPC port is chosen by the OS and read back from the "listening on" line.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from matcher.client import MatcherClient
+
+REPO = Path(__file__).resolve().parents[2]
+_LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+
+
+def free_port() -> int:
+    """A loopback port free right now (for the metrics endpoint, whose port is not logged)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a live process, KiB (from /proc)."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class ServerProcess:
+    """``matcher -v serve --listen 127.0.0.1:0 --data DIR ...`` as a child process.
+
+    ``client_kw`` are the MatcherClient options (token, ca, cert, key) for health checks.
+    """
+
+    def __init__(self, data_dir: Path, log_path: Path, args: list[str] | tuple[str, ...] = (),
+                 *, client_kw: dict | None = None, env: dict[str, str] | None = None,
+                 verbose: bool = True) -> None:
+        self.data_dir = data_dir
+        self.log_path = log_path
+        self.args = list(args)
+        self.client_kw = client_kw or {}
+        self.env = {**os.environ, **(env or {})}
+        self.verbose = verbose
+        self.proc: subprocess.Popen | None = None
+        self.port: int | None = None
+        self._port_seen = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def start(self, timeout: float = 90.0) -> "ServerProcess":
+        argv = [sys.executable, "-m", "matcher.cli", *(["-v"] if self.verbose else []),
+                "serve", "--listen", "127.0.0.1:0", "--data", str(self.data_dir), *self.args]
+        self._port_seen.clear()
+        self.port = None
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, cwd=REPO, env=self.env,
+                                     start_new_session=True)
+        self._reader = threading.Thread(target=self._tee, args=(self.proc,), daemon=True)
+        self._reader.start()
+        if not self._port_seen.wait(timeout):
+            self.kill()
+            raise TimeoutError(f"server did not listen within {timeout:.0f} s; see {self.log_path}")
+        if self.port is None:
+            raise RuntimeError(f"server exited before listening; see {self.log_path}")
+        with self.client() as client:
+            client.wait_serving(timeout)
+        return self
+
+    def _tee(self, proc: subprocess.Popen) -> None:
+        """Copy the child's output to the log file; note the port from the listen line."""
+        with open(self.log_path, "ab") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if self.port is None:
+                    m = _LISTENING.search(line)
+                    if m:
+                        self.port = int(m.group(1))
+                        self._port_seen.set()
+        self._port_seen.set()  # exited: wake a waiting start()
+
+    def client(self, **overrides) -> MatcherClient:
+        kw = {"timeout": 30.0, **self.client_kw, **overrides}
+        return MatcherClient(self.address, **kw)
+
+    def rss_kib(self) -> int:
+        return rss_kib(self.proc.pid)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs, nothing is flushed or closed."""
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self._reap()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (graceful shutdown); SIGKILL if it does not exit in time."""
+        if self.alive():
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+        return self._reap()
+
+    def _reap(self) -> int:
+        if self.proc is None:
+            return 0
+        code = self.proc.wait(30)
+        if self._reader is not None:
+            self._reader.join(10)
+        self.proc.stdout.close()
+        return code
+
+    def __enter__(self) -> "ServerProcess":
+        try:
+            return self.start()
+        except BaseException:
+            self.kill()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -329,3 +329,78 @@ def test_metrics_and_audit_record_decisions_without_biometrics(server, client, e
     for r in records:
         assert all(not isinstance(v, (list, dict)) for v in r["fields"].values())
     assert len(json.dumps(records[-1])) < 2000
+
+
+# -- load shedding, graceful shutdown, the demo command ----------------------------------
+
+def _identify_request(faces_dir: Path, file: str = "obama_3.jpg") -> pb.IdentifyRequest:
+    return pb.IdentifyRequest(probe=pb.Probe(image=(faces_dir / file).read_bytes()))
+
+
+def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path, pipeline, faces_dir):
+    from matcher.batching import BatchConfig
+
+    config = server_config(tmp_path, batch=BatchConfig(max_batch=1, max_wait_s=0,
+                                                       max_queue=1, workers=1))
+    with ServerThread(config, pipeline) as srv, MatcherClient(srv.address, timeout=60) as c:
+        request = _identify_request(faces_dir)
+        futures = [c.stub.Identify.future(request, timeout=60) for _ in range(12)]
+        codes = []
+        for f in futures:
+            try:
+                f.result()
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
+        assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        # Shed, not queued: the server is immediately usable again.
+        assert c.identify(request.probe.image).reason == "empty_gallery"
+        metrics = srv.running.metrics.render().decode()
+        assert 'matcher_requests_rejected_total{reason="overload"}' in metrics
+        assert 'matcher_requests_rejected_total{reason="overload"} 0.0' not in metrics
+
+
+def test_graceful_shutdown_finishes_calls_in_flight(tmp_path, pipeline, faces_dir):
+    from matcher.batching import BatchConfig
+    from test_hot_swap import wait_for
+
+    config = server_config(tmp_path, batch=BatchConfig(max_batch=1, max_wait_s=0,
+                                                       max_queue=32, workers=1))
+    srv = ServerThread(config, pipeline).start()
+    try:
+        with MatcherClient(srv.address, timeout=60) as c:
+            c.enroll("obama", [(faces_dir / "obama_1.jpg").read_bytes()])
+            request = _identify_request(faces_dir)
+            futures = [c.stub.Identify.future(request, timeout=60) for _ in range(6)]
+            engine = srv.running.engine
+            wait_for(lambda: engine.batcher.queue_depth >= 3, what="calls queued")
+            srv.call(srv.running.stop(grace=30))
+            srv.running = None
+            answers = [f.result() for f in futures]          # none failed
+            assert all(a.traveller_id == "obama" for a in answers)
+            with pytest.raises(grpc.RpcError) as info:
+                c.stub.Identify(request, timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        srv.stop()
+
+
+def test_the_demo_command_answers_a_real_match(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "matcher.cli", "demo", "--once", "--listen", f"127.0.0.1:{port}",
+         "--data", str(tmp_path / "demo"), "--metrics-listen", "off"],
+        cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("yaoming.jpg:"))
+    fields = line.split()
+    assert fields[1] == "MATCH" and fields[2].startswith("demo-player-")
+    assert 0.55 <= float(fields[fields.index("score") + 1]) <= 0.75
+    assert "gallery v22" in line  # all 22 faces of players.jpg were enrolled

@@ -49,6 +49,7 @@ REJECTS_FILE = "rejects.csv"
 SUMMARY_FILE = "reindex-summary.json"
 OUTCOMES_FILE = "reindex-outcomes.sqlite3"
 HASH_CHUNK = 1 << 20
+MIN_STEADY_S = 1.0  # a steady rate measured over less than this is noise
 # Reject reasons that depend only on the photo's bytes and the pipeline settings: safe to
 # remember by sha256. A missing file may appear tomorrow, so it is never remembered.
 CACHEABLE_CODES = (UNREADABLE_IMAGE, NO_FACE, MULTIPLE_FACES, LOW_QUALITY)
@@ -133,7 +134,8 @@ class Summary:
     gallery_version: int = 0
     snapshot: str = ""
     rejects_file: str = ""
-    photos_per_s: float = 0.0     # embedding rate of this run (after start-up)
+    photos_per_s: float = 0.0     # embedded / embedding time (embedder start-up included)
+    steady_photos_per_s: float | None = None  # after the first batch; None: too few batches
     seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -145,7 +147,9 @@ class Summary:
         return [
             f"manifest rows {self.rows}: bookings {self.bookings}, expired {self.expired}, "
             f"duplicates {self.duplicates}",
-            f"photos: embedded {self.embedded} ({self.photos_per_s:.1f} photos/s), "
+            f"photos: embedded {self.embedded} ({self.photos_per_s:.1f} photos/s"
+            + (f", {self.steady_photos_per_s:.1f} once started"
+               if self.steady_photos_per_s is not None else "") + "), "
             f"skipped {self.skipped} (already stored), "
             f"remembered rejects {self.remembered_rejects}",
             f"rejected rows {self.rejected}" + (f" ({reasons})" if reasons else ""),
@@ -333,7 +337,8 @@ def start_ray(config: ReindexConfig) -> bool:
     else:
         # A private single-node instance bound to loopback: nothing to start by hand,
         # nothing reachable from the network, and the node-IP lookup never leaves the box.
-        ray.init(num_cpus=config.num_cpus, include_dashboard=False,
+        # address="local": never join a cluster some earlier `ray start` left behind.
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False,
                  object_store_memory=config.object_store_mb * 1024 * 1024,
                  _node_ip_address="127.0.0.1")
@@ -510,9 +515,13 @@ class Progress:
         elif self._enabled and self.done >= self._next_report * self.total:
             elapsed = time.monotonic() - self._started
             rate = (self.done - self._first) / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("reindex: %d/%d photos (%.0f%%), %.1f photos/s, ETA %.0f s",
-                     self.done, self.total, 100 * self.done / self.total, rate, eta)
+            if rate > 0:
+                log.info("reindex: %d/%d photos (%.0f%%), %.1f photos/s, ETA %.0f s",
+                         self.done, self.total, 100 * self.done / self.total, rate,
+                         (self.total - self.done) / rate)
+            else:  # only the first batch is back: no rate yet
+                log.info("reindex: %d/%d photos (%.0f%%)", self.done, self.total,
+                         100 * self.done / self.total)
             while self._next_report * self.total <= self.done:
                 self._next_report += 0.1
 
@@ -645,7 +654,8 @@ def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, li
     """Consume the embedders' results: enrol each traveller once all its photos are back.
 
     Returns the steady rate in photos/s: from the first batch back to the last, not
-    counting the first batch (its time is start-up: processes, models, first run).
+    counting the first batch (its time is start-up: processes, models, first run); None
+    when too few batches came back over too short a time to say.
     """
     first_at = last_at = 0.0
     first_size = 0
@@ -669,7 +679,9 @@ def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, li
     if waiting:
         raise MatcherError(f"the embedders returned no result for {len(waiting)} photos")
     steady = last_at - first_at
-    return (progress.done - first_size) / steady if steady > 0 else 0.0
+    if steady < MIN_STEADY_S:
+        return None
+    return (progress.done - first_size) / steady
 
 
 def run_reindex(config: ReindexConfig,
@@ -724,7 +736,9 @@ def run_reindex(config: ReindexConfig,
                                       progress)
         summary.embedded = progress.done
         seconds["embed"] = time.perf_counter() - t - seconds.get("embedder_start", 0.0)
-        summary.photos_per_s = steady
+        summary.steady_photos_per_s = steady
+        if summary.embedded and seconds["embed"] > 0:
+            summary.photos_per_s = summary.embedded / seconds["embed"]
 
         t = time.perf_counter()
         writer.remove_unbooked()

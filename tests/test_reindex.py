@@ -276,28 +276,35 @@ def _template_rows(data_dir: Path, traveller_id: str) -> int:
                             (traveller_id,)).fetchone()[0]
 
 
-def test_cancelled_expired_and_rephotographed_bookings(night: Night, faces_dir: Path,
-                                                       tmp_path: Path) -> None:
+def test_cancelled_expired_moved_and_rephotographed_bookings(night: Night, faces_dir: Path,
+                                                             tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     shutil.copytree(night.data_dir, data_dir)
     assert _template_rows(data_dir, "KZ-LIN") == 1
-    photos = {k: v for k, v in GOOD.items() if k not in ("KZ-LIN", "KZ-ROSE")}
+    photos = {k: v for k, v in GOOD.items() if k not in ("KZ-LIN", "KZ-ROSE", "KZ-ALEX")}
     photos["KZ-BIDEN"] = ["biden_2.jpg"]  # a new booking photo replaces the old one
     rows = _good_rows(faces_dir, night.window, photos)
+    # KZ-ALEX moved his trip by a day: same photo, new window, nothing to embed.
+    moved = (night.window[0] + DAY, night.window[1] + DAY)
+    rows += _good_rows(faces_dir, moved, {"KZ-ALEX": GOOD["KZ-ALEX"]})
     # KZ-ROSE is still listed, but her booking has ended; KZ-LIN is cancelled (not listed).
     rows.append(["KZ-ROSE", str(faces_dir / "rose_leslie_1.jpg"),
                  _iso(night.window[0] - 3 * DAY), _iso(night.window[0] - DAY)])
     manifest = _write_manifest(tmp_path / "bookings.csv", rows)
     s = run_reindex(ReindexConfig(manifest, data_dir, use_ray=False, progress=False))
     assert (s.embedded, s.removed, s.expired, s.rejected) == (1, 2, 1, 0)
+    assert (s.enrolled, s.unchanged) == (2, 2)  # KZ-BIDEN and KZ-ALEX changed
     # Deleted, not hidden: no template row is left in the store file.
     assert _template_rows(data_dir, "KZ-LIN") == 0
     assert _template_rows(data_dir, "KZ-ROSE") == 0
     new_sha = hashlib.sha256((faces_dir / "biden_2.jpg").read_bytes()).hexdigest()
     with Gallery.open(data_dir, default_pack().model_id) as gallery:
         assert gallery.get("KZ-BIDEN").photo_sha256s == (new_sha,)
+        alex = gallery.get("KZ-ALEX")
+        assert (alex.valid_from, alex.valid_to) == pytest.approx(moved, abs=1.0)
+        assert len(alex.templates) == 1
         ids = (Path(s.snapshot) / "travellers.txt").read_text().split("\n")
-        assert sorted(ids) == sorted(photos)
+        assert sorted(ids) == sorted([*photos, "KZ-ALEX"])
     # Only the photos of this manifest are still remembered as rejected (none here).
     with sqlite3.connect(data_dir / OUTCOMES_FILE) as conn:
         assert conn.execute("SELECT COUNT(*) FROM rejected_photos").fetchone()[0] == 0

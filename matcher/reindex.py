@@ -499,9 +499,14 @@ class Progress:
         self._first = 0
         self._next_report = 0.1
         self._enabled = enabled and total > 0
+        self._redirect = None
         if self._enabled and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
+            # Log lines go through tqdm.write, above the bar instead of through it.
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
             self._bar = tqdm(total=total, unit="photo", desc="reindex", smoothing=0.1,
                              dynamic_ncols=True)
 
@@ -528,6 +533,10 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
 
     def __enter__(self) -> "Progress":
         return self

@@ -72,3 +72,45 @@ def test_compare_without_a_face_fails_cleanly(faces_dir: Path, tmp_path: Path) -
     proc = _matcher("compare", str(wall), str(faces_dir / "obama_4.jpg"))
     assert proc.returncode == 1
     assert "no face found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_embed_survives_every_kind_of_bad_file(faces_dir: Path, tmp_path: Path) -> None:
+    """Broken, hostile and unsupported files in one run: each is reported, none kills the
+    process (a crash would show as a negative return code or a traceback)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def png_chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    good = (faces_dir / "obama_small.jpg").read_bytes()
+    buf = io.BytesIO()
+    frames = [Image.new("RGB", (64, 64), (v, v, v)) for v in (0, 120, 240)]
+    frames[0].save(buf, "PNG", save_all=True, append_images=frames[1:])
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF")
+    bomb_header = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    bad = {
+        "empty.jpg": b"",
+        "noise.jpg": np.random.default_rng(0).bytes(5000),
+        "truncated.jpg": good[: len(good) // 2],
+        "bomb.png": (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", bomb_header)
+                     + png_chunk(b"IEND", b"")),
+        "animated.png": buf.getvalue(),
+        "image.gif": gif.getvalue(),
+    }
+    paths = []
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    proc = _matcher("embed", *paths, str(faces_dir / "obama_small.jpg"))
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for name in bad:
+        assert name in proc.stderr, f"{name} not reported"
+    (record,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert Path(record["file"]).name == "obama_small.jpg"

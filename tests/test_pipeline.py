@@ -221,8 +221,8 @@ def test_fallback_pass_runs_only_for_images_that_need_it(pipeline: Pipeline,
     far = _far_traveller(pipeline, faces_dir, 28.0)
     results = counting.analyse_many([portrait, far, portrait])
     assert [len(r) for r in results] == [1, 1, 1]
-    max_side, fallback = pipeline.detector_config.max_side, pipeline.detector_config.fallback_max_side
-    assert counting.passes == [(3, max_side), (1, fallback)]
+    config = pipeline.detector_config
+    assert counting.passes == [(3, config.max_side), (1, config.fallback_max_side)]
 
 
 def test_detector_config_refuses_nonsense() -> None:

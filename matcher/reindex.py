@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import importlib.util
 import logging
 import os
 import sqlite3
@@ -190,19 +191,24 @@ def remember_reject(reason: str) -> bool:
             and reason not in TRANSIENT_REASONS)
 
 
+def unreadable_file_reason(exc: OSError) -> str:
+    """The reject reason for a photo file that cannot be opened or read."""
+    if isinstance(exc, FileNotFoundError):
+        return MISSING_FILE
+    if isinstance(exc, IsADirectoryError):
+        return f"{MISSING_FILE}:is_a_directory"
+    if isinstance(exc, PermissionError):
+        return f"{MISSING_FILE}:permission_denied"
+    return f"{MISSING_FILE}:{type(exc).__name__}"
+
+
 def read_photo(path: str) -> tuple[bytes | None, str]:
     """(bytes, "") or (None, reject reason) for a photo file."""
     try:
         with open(path, "rb") as f:
             return f.read(), ""
-    except FileNotFoundError:
-        return None, MISSING_FILE
-    except IsADirectoryError:
-        return None, f"{MISSING_FILE}:is_a_directory"
-    except PermissionError:
-        return None, f"{MISSING_FILE}:permission_denied"
     except OSError as exc:
-        return None, f"{MISSING_FILE}:{type(exc).__name__}"
+        return None, unreadable_file_reason(exc)
 
 
 class PhotoEmbedder:
@@ -286,10 +292,14 @@ class PhotoResult:
 
 
 def _results(table) -> list[PhotoResult]:
+    """An embedder's output table -> PhotoResults."""
+    return _to_results(table.column("sha256").to_pylist(), table.column("reason").to_pylist(),
+                       table.column("template").to_pylist())
+
+
+def _to_results(shas: list[str], reasons: list[str], blobs: list[bytes]) -> list[PhotoResult]:
     out = []
-    for sha, reason, blob in zip(table.column("sha256").to_pylist(),
-                                 table.column("reason").to_pylist(),
-                                 table.column("template").to_pylist()):
+    for sha, reason, blob in zip(shas, reasons, blobs, strict=True):
         template = None
         if not reason:
             if len(blob) != EMBEDDING_DIM * 4:
@@ -301,22 +311,27 @@ def _results(table) -> list[PhotoResult]:
 
 # -- running the embedders ------------------------------------------------------------
 
-def _work_table(work: list[tuple[str, str]]):
-    import pyarrow as pa
-
-    return pa.table({"sha256": pa.array([s for s, _ in work], pa.string()),
-                     "path": pa.array([p for _, p in work], pa.string())})
-
-
 def embed_inline(work: list[tuple[str, str]], config: ReindexConfig,
                  timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
-    """The same worker in this process, one batch at a time (no Ray)."""
+    """The same worker in this process, one batch at a time (no Ray, no pyarrow)."""
     started = time.perf_counter()
     worker = PhotoEmbedder(config.ort_threads, config.second_face_area_ratio,
                            config.detector, config.quality)
     timings["embedder_start"] = time.perf_counter() - started
     for i in range(0, len(work), config.batch_size):
-        yield _results(worker(_work_table(work[i:i + config.batch_size])))
+        shas = [sha for sha, _ in work[i:i + config.batch_size]]
+        reasons, blobs = worker.embed(shas, [path for _, path in work[i:i + config.batch_size]])
+        yield _to_results(shas, reasons, blobs)
+
+
+def _check_ray_installed() -> None:
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except ValueError:  # a module without a spec: someone replaced it, treat as absent
+        found = False
+    if not found:
+        raise MatcherError("Ray is not installed: pip install 'matcher[cluster]', "
+                           "or run with --no-ray on one machine")
 
 
 def start_ray(config: ReindexConfig) -> bool:
@@ -324,20 +339,20 @@ def start_ray(config: ReindexConfig) -> bool:
     (or connected) it here and so must shut it down, False if the caller already had."""
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    try:
-        import ray
-    except ImportError:
-        raise MatcherError("Ray is not installed: pip install 'matcher[cluster]', "
-                           "or run with --no-ray on one machine") from None
+    _check_ray_installed()
+    import ray
+
     if ray.is_initialized():
         return False
     if config.ray_address:
         ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     else:
-        # A private single-node instance bound to loopback: nothing to start by hand,
-        # nothing reachable from the network, and the node-IP lookup never leaves the box.
-        # address="local": never join a cluster some earlier `ray start` left behind.
+        # A private single-node instance, nothing to start by hand. Its node address is
+        # loopback, so driver and workers talk over 127.0.0.1 and no route lookup leaves
+        # the box (Ray's own servers still listen on all interfaces, behind its token
+        # auth; see docs/reindex.md). address="local": never join a cluster that some
+        # earlier `ray start` left behind.
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False,
                  object_store_memory=config.object_store_mb * 1024 * 1024,
@@ -371,7 +386,10 @@ def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         actors = config.actors or max(1, int(cpus // config.cpus_per_actor))
         actors = min(actors, max(1, -(-len(work) // config.batch_size)))
-        table = _work_table(work)
+        import pyarrow as pa
+
+        table = pa.table({"sha256": pa.array([s for s, _ in work], pa.string()),
+                          "path": pa.array([p for _, p in work], pa.string())})
         # Several blocks per actor keep every actor busy to the end; a cap on block count
         # keeps the driver's object references few for a 10M-row night.
         block_rows = max(config.batch_size, -(-len(work) // (actors * 8)), len(work) // 4096)
@@ -402,14 +420,8 @@ def sha256_file(path: Path) -> tuple[str | None, str]:
         with open(path, "rb") as f:
             while chunk := f.read(HASH_CHUNK):
                 h.update(chunk)
-    except FileNotFoundError:
-        return None, MISSING_FILE
-    except IsADirectoryError:
-        return None, f"{MISSING_FILE}:is_a_directory"
-    except PermissionError:
-        return None, f"{MISSING_FILE}:permission_denied"
     except OSError as exc:
-        return None, f"{MISSING_FILE}:{type(exc).__name__}"
+        return None, unreadable_file_reason(exc)
     return h.hexdigest(), ""
 
 
@@ -702,15 +714,17 @@ def run_reindex(config: ReindexConfig,
     model); bad rows become rejects.
     """
     t0 = time.perf_counter()
+    if embed is None:
+        embed = embed_on_ray if config.use_ray else embed_inline
+        if config.use_ray:
+            _check_ray_installed()  # before anything is written, not halfway through
     summary = Summary()
     seconds = summary.seconds
     now = config.now if config.now is not None else time.time()
+    manifest: Manifest = load_manifest(config.manifest, now)
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     rejects_path = Path(config.rejects_path or data_dir / REJECTS_FILE)
-    embed = embed or (embed_on_ray if config.use_ray else embed_inline)
-
-    manifest: Manifest = load_manifest(config.manifest, now)
     rejects = list(manifest.rejects)
     summary.rows, summary.duplicates = manifest.rows, manifest.duplicates
     summary.bookings, summary.expired = len(manifest.bookings), len(manifest.expired)

@@ -356,3 +356,20 @@ def test_photo_embedder_refuses_bad_photos_with_reasons(faces_dir: Path, tmp_pat
     # The file no longer has the bytes the driver hashed.
     reasons, _ = worker.embed(["f" * 64], [str(good)])
     assert reasons == ["unreadable_image:changed_during_run"]
+
+
+def test_a_job_that_cannot_run_fails_before_writing_anything(faces_dir: Path, tmp_path: Path,
+                                                             monkeypatch) -> None:
+    from matcher.errors import MatcherError
+    from matcher.manifest import ManifestError
+
+    good = _write_manifest(tmp_path / "ok.csv", _good_rows(
+        faces_dir, (time.time(), time.time() + DAY), {"KZ-KIT": GOOD["KZ-KIT"]}))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("traveller,photo\nKZ-KIT,kit.jpg\n")
+    with pytest.raises(ManifestError, match="lacks column"):
+        run_reindex(ReindexConfig(bad, tmp_path / "data", use_ray=False))
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the cluster extra were missing
+    with pytest.raises(MatcherError, match="--no-ray"):
+        run_reindex(ReindexConfig(good, tmp_path / "data"))
+    assert not (tmp_path / "data").exists()

@@ -21,7 +21,8 @@ rounds of 1.5 s per point; full: 3 rounds of 6 s), so background load on the sha
 machine hits them alike; figures are min/median/max over rounds.
 
 Environment: MATCHER_BENCH_SERVICE_SECONDS (seconds per point), MATCHER_BENCH_SERVICE_SIZE
-(large gallery size).
+(large gallery size), MATCHER_BENCH_SERVICE_ROUNDS, MATCHER_BENCH_SERVICE_LAYOUTS
+(comma-separated names like b8-w2-t1-2ms).
 """
 from __future__ import annotations
 
@@ -66,6 +67,12 @@ class Layout:
     def args(self) -> list[str]:
         return ["--max-batch", str(self.max_batch), "--workers", str(self.workers),
                 "--threads", str(self.ort_threads), "--max-wait-ms", str(self.max_wait_ms)]
+
+
+def parse_layout(text: str) -> Layout:
+    """'b8-w2-t1-2ms' -> Layout(8, 2, 1, 2.0)."""
+    b, w, t, wait = text.strip().split("-")
+    return Layout(int(b[1:]), int(w[1:]), int(t[1:]), float(wait.removesuffix("ms")))
 
 
 QUICK_LAYOUTS = (Layout(1, 1, 2, 0), Layout(8, 1, 2, 2), Layout(1, 2, 1, 0),
@@ -273,9 +280,12 @@ def run(report: Report, quick: bool) -> None:
 
     seconds = float(os.environ.get("MATCHER_BENCH_SERVICE_SECONDS", 1.5 if quick else 6.0))
     size = int(os.environ.get("MATCHER_BENCH_SERVICE_SIZE", 20_000 if quick else 1_000_000))
-    rounds = 2 if quick else 3
+    rounds = int(os.environ.get("MATCHER_BENCH_SERVICE_ROUNDS", 2 if quick else 3))
     lane_counts = (1, 8, 32) if quick else (1, 8, 32, 40)
     layouts = QUICK_LAYOUTS if quick else FULL_LAYOUTS
+    if os.environ.get("MATCHER_BENCH_SERVICE_LAYOUTS"):
+        layouts = tuple(parse_layout(x) for x in
+                        os.environ["MATCHER_BENCH_SERVICE_LAYOUTS"].split(","))
     batch = BatchConfig()
     default = Layout(batch.max_batch, batch.workers, ServerConfig.ort_threads,
                      batch.max_wait_s * 1e3)

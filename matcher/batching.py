@@ -42,10 +42,19 @@ class BatchContractError(MatcherError):
 class BatchConfig:
     """max_batch: items per call; max_wait_s: how long the first item waits for company;
     max_queue: waiting requests before RESOURCE_EXHAUSTED; workers: batches in flight
-    at once (each in its own thread)."""
+    at once (each in its own thread).
 
-    max_batch: int = 8
-    max_wait_s: float = 0.002
+    The defaults come from ``python -m benchmarks --only service`` on 2 cores with the
+    default SCRFD-500M + MobileFaceNet pack: one request per model call, one worker with
+    two ONNX Runtime threads, no waiting, was the best or tied at 1, 8 and 32 lanes.
+    Batches of 8 (waiting 0 or 2 ms) gave 0.55-0.85x its throughput at 8 lanes: closed-loop
+    lanes fall into lock-step with the batch, and the cores idle while a whole batch's
+    answers go out and the next requests come in; these models are too small for batched
+    ORT runs to win that back. Raise max_batch (and measure) for bigger models or a GPU.
+    """
+
+    max_batch: int = 1
+    max_wait_s: float = 0.0
     max_queue: int = 64
     workers: int = 1
 

@@ -32,7 +32,7 @@ from .decision import DecisionPolicy
 from .engine import MatchEngine
 from .errors import MatcherError, SnapshotError
 from .metrics import Metrics, MetricsServer, start_metrics_server
-from .models import demo_photo
+from .models import ModelPack, demo_photo
 from .pipeline import DetectorConfig, Pipeline
 from .replica import ReplicaGallery, SnapshotWatcher
 from .v1 import matcher_pb2 as pb
@@ -63,11 +63,9 @@ DEMO_VALID_TO = 4_102_444_800.0  # 2100-01-01: the demo gallery never expires
 
 
 def default_data_dir() -> Path:
+    """$MATCHER_DATA, else ~/.matcher."""
     env = os.environ.get("MATCHER_DATA")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "matcher"
+    return Path(env) if env else Path.home() / ".matcher"
 
 
 @dataclass
@@ -81,6 +79,7 @@ class ServerConfig:
     ort_threads: int = 2
     search_threads: int = 2
     policy: DecisionPolicy = field(default_factory=DecisionPolicy)
+    model_pack: ModelPack | None = None     # None: the packaged default pack
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None       # set: mutual TLS, clients need a cert from this CA
@@ -206,7 +205,7 @@ class RunningServer:
     def _load(self, pipeline: Pipeline | None) -> tuple[Pipeline, object, AuditLog]:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        pipeline = pipeline or Pipeline(threads=config.ort_threads)
+        pipeline = pipeline or Pipeline(config.model_pack, threads=config.ort_threads)
         gallery = self._open_gallery(pipeline)
         audit = AuditLog(config.audit_path or config.data_dir / "audit.log")
         return pipeline, gallery, audit

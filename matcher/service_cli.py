@@ -17,9 +17,23 @@ log = logging.getLogger(__name__)
 
 # -- serving -----------------------------------------------------------------------------
 
+def _model_pack(args: argparse.Namespace):
+    from .models import ModelPack
+
+    given = [args.detector, args.detector_sha256, args.embedder, args.embedder_sha256]
+    if not any(given):
+        return None
+    if not all(given):
+        raise SystemExit("a custom model pack needs --detector, --detector-sha256, "
+                         "--embedder and --embedder-sha256")
+    return ModelPack.from_paths(args.detector, args.detector_sha256, args.embedder,
+                                args.embedder_sha256)
+
+
 def _server_config(args: argparse.Namespace, demo: bool) -> ServerConfig:
     metrics = None if args.metrics_listen in ("", "off") else args.metrics_listen
     return ServerConfig(
+        model_pack=_model_pack(args),
         listen=args.listen, data_dir=Path(args.data),
         role="replica" if args.replica_of else "writer",
         snapshot_source=Path(args.replica_of) if args.replica_of else None,
@@ -69,7 +83,7 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
     p.add_argument("--data", default=str(default_data_dir()),
                    help="data directory: gallery.sqlite3, snapshots/, audit.log "
-                        "(default $MATCHER_DATA or ~/.local/share/matcher)")
+                        "(default $MATCHER_DATA or ~/.matcher)")
     p.add_argument("--replica-of", metavar="SNAPSHOT_DIR",
                    help="serve read-only from the writer's snapshots in this folder")
     p.add_argument("--watch-interval", type=float, default=2.0,
@@ -89,6 +103,11 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="model batches in flight at once (threads)")
     p.add_argument("--threads", type=int, default=ServerConfig.ort_threads,
                    help="ONNX Runtime intra-op threads per model call")
+    p.add_argument("--detector", help="SCRFD-family ONNX file (5 keypoints) instead of the "
+                                      "packaged one")
+    p.add_argument("--detector-sha256", help="pinned sha256 of --detector")
+    p.add_argument("--embedder", help="ArcFace-family 112x112 ONNX embedder")
+    p.add_argument("--embedder-sha256", help="pinned sha256 of --embedder")
 
 
 # -- clients -----------------------------------------------------------------------------

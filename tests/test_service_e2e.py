@@ -404,3 +404,28 @@ def test_the_demo_command_answers_a_real_match(tmp_path):
     assert fields[1] == "MATCH" and fields[2].startswith("demo-player-")
     assert 0.55 <= float(fields[fields.index("score") + 1]) <= 0.75
     assert "gallery v22" in line  # all 22 faces of players.jpg were enrolled
+
+
+def test_client_commands_identify_verify_enroll_and_lane(server, client, enrolled, faces_dir,
+                                                         capsys):
+    from matcher.cli import main
+
+    address = ["--server", server.address]
+    obama = str(faces_dir / "obama_4.jpg")
+    assert main(["identify", *address, obama]) == 0
+    assert capsys.readouterr().out.startswith("obama_4.jpg: MATCH  obama  score ")
+    assert main(["verify", *address, "biden", obama]) == 0
+    assert "NO_MATCH" in capsys.readouterr().out
+    assert main(["enroll", *address, "cli-traveller", str(faces_dir / "alex_lacamoire_2.jpg")]) == 0
+    assert "1 template(s) added" in capsys.readouterr().out
+    assert main(["identify", *address, str(faces_dir / "group_two_people.jpg"), "--all-faces",
+                 "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["faces_found"] == 2 and len(record["faces"]) == 2
+    assert main(["lane", *address, "--lanes", "3", "--requests", "2", obama,
+                 str(faces_dir / "biden_2.jpg")]) == 0
+    out = capsys.readouterr().out
+    assert "lanes 3  answered 6  failed 0" in out and "p50" in out and "p99" in out
+    assert main(["identify", *address, str(faces_dir / "labels.csv")]) == 1
+    assert "INVALID_ARGUMENT" in capsys.readouterr().err
+    client.remove("cli-traveller")

@@ -19,6 +19,7 @@ from matcher.client import MatcherClient
 
 REPO = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+_RECENT_BYTES = 1 << 20
 
 
 def free_port() -> int:
@@ -56,6 +57,8 @@ class ServerProcess:
         self.port: int | None = None
         self._port_seen = threading.Event()
         self._reader: threading.Thread | None = None
+        self._output = threading.Condition()
+        self._recent = bytearray()  # the last ~_RECENT_BYTES of output, for wait_for_output
 
     @property
     def address(self) -> str:
@@ -90,12 +93,22 @@ class ServerProcess:
             for line in proc.stdout:
                 log.write(line)
                 log.flush()
+                with self._output:
+                    self._recent += line
+                    if len(self._recent) > 2 * _RECENT_BYTES:
+                        del self._recent[:-_RECENT_BYTES]
+                    self._output.notify_all()
                 if self.port is None:
                     m = _LISTENING.search(line)
                     if m:
                         self.port = int(m.group(1))
                         self._port_seen.set()
         self._port_seen.set()  # exited: wake a waiting start()
+
+    def wait_for_output(self, needle: bytes, timeout: float = 10.0) -> bool:
+        """True once ``needle`` has appeared in the recent output (False on timeout)."""
+        with self._output:
+            return self._output.wait_for(lambda: needle in self._recent, timeout)
 
     def client(self, **overrides) -> MatcherClient:
         kw = {"timeout": 30.0, **self.client_kw, **overrides}

@@ -47,7 +47,7 @@ def run(report: Report, quick: bool) -> None:
         _lane_portraits(report, ours, ours_640, photos, images, repeats=1 if quick else 3)
         throughput = _throughput(report, photos, ours, ours_640, workers_pipe, peer, peer_tuned,
                                  rounds)
-        stages = _stages(report, photos, ours, ours_640, peer, rounds)
+        stages = _stages(report, photos, ours, ours_640, peer, 1 if quick else 3)
         _draft_decode(report, photos, ours)
     finally:
         peer.close()

@@ -28,6 +28,8 @@ from _server import ServerProcess
 # RESOURCE_EXHAUSTED is clean too: one EnrollStream of many 16-photo items can fill the
 # model queue by itself (8 items in flight x 16 photos > 64 queue slots), and the contract
 # says so. UNKNOWN, INTERNAL, UNAVAILABLE (a dead server) are never clean.
+pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")
+
 CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
 CLEAN_VALUES = {c.value[0] for c in CLEAN}

@@ -1,0 +1,219 @@
+"""Overload: offer ~3x the measured capacity for a bounded time, then drop back.
+
+Capacity is measured first on this machine (closed loop: 8 lanes, each sending the next
+photo when the last answer arrives), so the test means the same on a fast or a slow
+runner. Then requests arrive open-loop at 3x that rate, each with a lane's 1 s deadline.
+The server must shed the excess with RESOURCE_EXHAUSTED quickly, answer what it admits
+(OK within the deadline, or DEADLINE_EXCEEDED at worst for a small share), keep its memory
+flat, and serve normally as soon as the load drops.
+"""
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from matcher.v1 import matcher_pb2 as pb
+
+from _server import ServerProcess
+
+LANES = 8
+DEADLINE_S = 1.0
+OVERLOAD_FACTOR = 3.0
+RSS_GROWTH_BOUND_KIB = 64 * 1024
+# Of the requests the server admitted (not shed), at most this share may miss the deadline.
+MAX_ADMITTED_DEADLINE_MISS = 0.05
+
+
+@dataclass
+class Outcomes:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    by_code: dict[str, list[float]] = field(default_factory=dict)  # code -> latencies (s)
+
+    def add(self, code: grpc.StatusCode, latency_s: float) -> None:
+        with self.lock:
+            self.by_code.setdefault(code.name, []).append(latency_s)
+
+    def count(self, code: str) -> int:
+        return len(self.by_code.get(code, []))
+
+    def total(self) -> int:
+        return sum(len(v) for v in self.by_code.values())
+
+    def p(self, code: str, q: float) -> float:
+        values = self.by_code.get(code)
+        return float(np.percentile(values, q)) if values else float("nan")
+
+
+@pytest.fixture(scope="module")
+def photo(faces_dir: Path) -> bytes:
+    """A lane-sized real photo (long side 640)."""
+    with Image.open(faces_dir / "biden_1.jpg") as im:
+        face = im.convert("RGB")
+    face.thumbnail((640, 640))
+    buf = io.BytesIO()
+    face.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _closed_loop(server: ServerProcess, request: pb.IdentifyRequest, seconds: float
+                 ) -> tuple[float, Outcomes]:
+    """Answers per second with LANES lanes each waiting for its previous answer."""
+    outcomes = Outcomes()
+    stop_at = time.monotonic() + seconds
+
+    def lane() -> None:
+        with server.client() as client:
+            for _ in range(10_000):
+                if time.monotonic() >= stop_at:
+                    return
+                t = time.monotonic()
+                try:
+                    client.stub.Identify(request, timeout=10 * DEADLINE_S)
+                    outcomes.add(grpc.StatusCode.OK, time.monotonic() - t)
+                except grpc.RpcError as exc:
+                    outcomes.add(exc.code(), time.monotonic() - t)
+
+    threads = [threading.Thread(target=lane) for _ in range(LANES)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 30)
+    return outcomes.count("OK") / (time.monotonic() - start), outcomes
+
+
+def _open_loop(server: ServerProcess, request: pb.IdentifyRequest, rate: float,
+               seconds: float) -> Outcomes:
+    """Send at a fixed ``rate`` regardless of answers (lanes do not wait for each other)."""
+    outcomes = Outcomes()
+    done = threading.Semaphore(0)
+    n = int(rate * seconds)
+    with server.client() as client:
+        start = time.monotonic()
+        for i in range(n):
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sent = time.monotonic()
+            future = client.stub.Identify.future(request, timeout=DEADLINE_S)
+
+            def finished(f, sent=sent) -> None:
+                code = f.code()
+                outcomes.add(code, time.monotonic() - sent)
+                done.release()
+
+            future.add_done_callback(finished)
+        for _ in range(n):
+            if not done.acquire(timeout=30):
+                raise TimeoutError("requests were never answered")
+    return outcomes
+
+
+@dataclass
+class Run:
+    capacity: float
+    offered: float
+    seconds: float
+    base: Outcomes
+    load: Outcomes
+    recovery: Outcomes
+    rss_growth_kib: int
+    max_queue: int | None
+
+
+def _overload_run(folder: Path, photo: bytes, seconds: float, max_queue: int | None,
+                  capacity: float | None = None) -> Run:
+    """Start a server, measure capacity (unless given), offer 3x, then half of capacity."""
+    args = ["--metrics-listen", "off"]
+    if max_queue is not None:
+        args += ["--max-queue", str(max_queue)]
+    server = ServerProcess(folder / "data", folder / "server.log", args, verbose=False)
+    with server:
+        with server.client() as client:
+            client.enroll("T-LOAD", [photo], valid_from=0.0, valid_to=4e9)
+        request = pb.IdentifyRequest(probe=pb.Probe(image=photo), lane_id="K-LOAD")
+        _closed_loop(server, request, 1.5)            # warm-up: threads, arenas, caches
+        measured, base = _closed_loop(server, request, 3.0)
+        capacity = capacity or measured
+        assert capacity > 1.0, f"capacity measured at {capacity:.2f}/s; is the server alive?"
+        rss_before = server.rss_kib()
+        load = _open_loop(server, request, OVERLOAD_FACTOR * capacity, seconds)
+        rss_growth = server.rss_kib() - rss_before
+        recovery = _open_loop(server, request, 0.5 * capacity, 3.0)
+    return Run(capacity, OVERLOAD_FACTOR * capacity, seconds, base, load, recovery,
+               rss_growth, max_queue)
+
+
+def _summary(run: Run) -> dict[str, object]:
+    load = run.load
+    return {
+        "max_queue": run.max_queue or "default",
+        "capacity_per_s": round(run.capacity, 1), "offered_per_s": round(run.offered, 1),
+        "seconds": run.seconds, "ok": load.count("OK"),
+        "shed_resource_exhausted": load.count("RESOURCE_EXHAUSTED"),
+        "deadline_exceeded": load.count("DEADLINE_EXCEEDED"),
+        "ok_p99_ms": round(1e3 * load.p("OK", 99), 1),
+        "shed_p95_ms": round(1e3 * load.p("RESOURCE_EXHAUSTED", 95), 1),
+        "baseline_p99_ms": round(1e3 * run.base.p("OK", 99), 1),
+        "recovery_p99_ms": round(1e3 * run.recovery.p("OK", 99), 1),
+        "rss_growth_mib": round(run.rss_growth_kib / 1024, 1),
+    }
+
+
+def _check(run: Run) -> None:
+    load = run.load
+    assert set(load.by_code) <= {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}, \
+        load.by_code.keys()
+    shed, ok, late = (load.count("RESOURCE_EXHAUSTED"), load.count("OK"),
+                      load.count("DEADLINE_EXCEEDED"))
+    assert shed > 0, "3x capacity was offered but nothing was shed"
+    assert ok > 0.5 * run.capacity * run.seconds, f"only {ok} answered under load"
+    # Shedding is a queue-full check at arrival: the answer comes back long before the
+    # deadline (a generous fraction of it, not a timing benchmark).
+    assert load.p("RESOURCE_EXHAUSTED", 95) < DEADLINE_S / 4
+    assert run.rss_growth_kib < RSS_GROWTH_BOUND_KIB, \
+        f"RSS grew {run.rss_growth_kib / 1024:.0f} MiB under overload"
+    assert set(run.recovery.by_code) == {"OK"}, run.recovery.by_code.keys()
+    assert late <= MAX_ADMITTED_DEADLINE_MISS * (ok + late), \
+        f"{late} of {ok + late} admitted requests missed the {DEADLINE_S} s deadline"
+
+
+@pytest.fixture(scope="module")
+def capacity_run(tmp_path_factory, photo, budget, tally) -> Run:
+    """The default configuration (max_queue 64) at 3x its measured capacity."""
+    run = _overload_run(tmp_path_factory.mktemp("overload-default"), photo,
+                        budget.pick(6.0, 60.0), None)
+    tally.figure("overload.default_queue", _summary(run))
+    print("overload, default queue:", _summary(run))
+    return run
+
+
+def test_three_times_capacity_with_a_deadline_sized_queue(tmp_path, photo, capacity_run,
+                                                          budget, tally):
+    """The operator sizes --max-queue to half a deadline of work: every admitted request
+    is answered in time, the rest is shed at once, memory stays flat, load drop recovers."""
+    max_queue = max(4, int(capacity_run.capacity * DEADLINE_S * 0.5))
+    run = _overload_run(tmp_path, photo, budget.pick(6.0, 60.0), max_queue,
+                        capacity=capacity_run.capacity)
+    tally.figure("overload.sized_queue", _summary(run))
+    print("overload, queue sized to the deadline:", _summary(run))
+    _check(run)
+    tally.figure("overload.level_held", f"{OVERLOAD_FACTOR:.0f}x capacity "
+                 f"({run.offered:.0f}/s) for {run.seconds:.0f} s")
+
+
+@pytest.mark.xfail(strict=True, reason="F6: the default queue (64) holds ~2 s of work at "
+                   "this capacity, so at 3x most admitted requests wait past a 1 s lane "
+                   "deadline and end DEADLINE_EXCEEDED instead of an immediate "
+                   "RESOURCE_EXHAUSTED; admission should consider the expected wait against "
+                   "the call's deadline (or size the queue from the deadline)")
+def test_three_times_capacity_with_the_default_queue(capacity_run):
+    _check(capacity_run)

@@ -219,6 +219,17 @@ class TemplateCipher:
         return self.encode(self.decode(blob, context), context)
 
 
+def codec_from_env(environ: Mapping[str, str] | None = None) -> TemplateCipher | None:
+    """The store codec the environment asks for: a TemplateCipher when
+    MATCHER_TEMPLATE_KEY or MATCHER_TEMPLATE_KEY_FILE is set, else None (plain).
+
+    Every process that opens the store (server, overnight job, gallery CLI) should call
+    this, so they all read and write the same codec.
+    """
+    keyring = Keyring.from_env(environ)
+    return TemplateCipher(keyring) if keyring is not None else None
+
+
 def _header(key_id: str) -> bytes:
     raw = key_id.encode("ascii")
     return bytes((BLOB_VERSION, len(raw))) + raw

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from matcher.crypto import (ENV_KEY, ENV_KEY_FILE, KeyConfigError, Keyring, TemplateCipher,
-                            TemplateDecryptError, generate_key, parse_key)
+                            TemplateDecryptError, codec_from_env, generate_key, parse_key)
 
 CTX_A = b"T-0001\x00" + b"a" * 64
 CTX_B = b"T-0002\x00" + b"b" * 64
@@ -140,6 +140,8 @@ def test_env_single_key_and_ambiguous_config(tmp_path):
         Keyring.from_env({ENV_KEY: key.hex(), ENV_KEY_FILE: str(tmp_path / "k")})
     with pytest.raises(KeyConfigError):
         TemplateCipher.from_env({})
+    assert codec_from_env({}) is None
+    assert codec_from_env({ENV_KEY: key.hex()}).keyring.keys == {cipher.key_id: key}
     with pytest.raises(KeyConfigError, match="twice"):
         Keyring.parse(f"a:{key.hex()}\na:{key.hex()}")
 

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 REJECTS_FILE = "rejects.csv"
 SUMMARY_FILE = "reindex-summary.json"
 OUTCOMES_FILE = "reindex-outcomes.sqlite3"
+LOCK_FILE = "reindex.lock"
 HASH_CHUNK = 1 << 20
 MIN_STEADY_S = 1.0  # a steady rate measured over less than this is noise
 # Reject reasons that depend only on the photo's bytes and the pipeline settings: safe to
@@ -719,11 +720,17 @@ def run_reindex(config: ReindexConfig,
         if config.use_ray:
             _check_ray_installed()  # before anything is written, not halfway through
     summary = Summary()
-    seconds = summary.seconds
     now = config.now if config.now is not None else time.time()
     manifest: Manifest = load_manifest(config.manifest, now)
     data_dir = Path(config.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    with JobLock(data_dir):
+        return _run_locked(config, embed, manifest, data_dir, summary, t0)
+
+
+def _run_locked(config: ReindexConfig, embed: Callable[..., Iterator[list[PhotoResult]]],
+                manifest: Manifest, data_dir: Path, summary: Summary, t0: float) -> Summary:
+    seconds = summary.seconds
     rejects_path = Path(config.rejects_path or data_dir / REJECTS_FILE)
     rejects = list(manifest.rejects)
     summary.rows, summary.duplicates = manifest.rows, manifest.duplicates
@@ -789,6 +796,39 @@ def run_reindex(config: ReindexConfig,
              summary.embedded, summary.skipped, summary.rejected, summary.removed,
              Path(summary.snapshot).name)
     return summary
+
+
+class JobLock:
+    """One re-index per data dir at a time: a cron job that overlaps a slow night fails
+    at once with a clear message instead of racing the other run's removals."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / LOCK_FILE
+        self._file = None
+
+    def __enter__(self) -> "JobLock":
+        import fcntl
+
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise MatcherError(f"another reindex is running on {self.path.parent} "
+                               f"(pid {holder}); wait for it or stop it first") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file releases the lock
+            self._file = None
 
 
 def publish_snapshot(data_dir: Path, model_id: str, codec: TemplateCodec | None

@@ -373,3 +373,19 @@ def test_a_job_that_cannot_run_fails_before_writing_anything(faces_dir: Path, tm
     with pytest.raises(MatcherError, match="--no-ray"):
         run_reindex(ReindexConfig(good, tmp_path / "data"))
     assert not (tmp_path / "data").exists()
+
+
+def test_two_runs_on_one_data_dir_do_not_overlap(faces_dir: Path, tmp_path: Path) -> None:
+    from matcher.errors import MatcherError
+    from matcher.reindex import JobLock
+
+    manifest = _write_manifest(tmp_path / "ok.csv", _good_rows(
+        faces_dir, (time.time(), time.time() + DAY), {"KZ-KIT": GOOD["KZ-KIT"]}))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with JobLock(data_dir):  # as if last night's run were still going
+        with pytest.raises(MatcherError, match="another reindex is running"):
+            run_reindex(ReindexConfig(manifest, data_dir, use_ray=False))
+    assert not (data_dir / STORE_FILE).exists()
+    s = run_reindex(ReindexConfig(manifest, data_dir, use_ray=False, progress=False))
+    assert s.enrolled == 1

@@ -100,7 +100,10 @@ def _check_columns(path: Path, names: Iterable[str]) -> None:
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
     # utf-8-sig: spreadsheets often write a byte-order mark before the header.
-    f = open(path, newline="", encoding="utf-8-sig")
+    # surrogateescape: a stray non-UTF-8 byte spoils its own row (the id is no longer
+    # printable, a date no longer parses) instead of the whole manifest, and paths with
+    # such bytes still name the right file.
+    f = open(path, newline="", encoding="utf-8-sig", errors="surrogateescape")
     try:
         reader = csv.DictReader(f)
         _check_columns(path, [n.strip() for n in reader.fieldnames or ()])
@@ -115,9 +118,9 @@ def _numbered_csv(f, reader: csv.DictReader) -> Iterator[tuple[int, dict[str, ob
         try:
             for i, raw in enumerate(reader, start=1):
                 yield i, {(k or "").strip(): v for k, v in raw.items()}
-        except (csv.Error, UnicodeDecodeError) as exc:
-            raise ManifestError(f"manifest is not valid UTF-8 CSV after row "
-                                f"{reader.line_num}: {type(exc).__name__}") from None
+        except csv.Error as exc:
+            raise ManifestError(f"manifest is not valid CSV near line {reader.line_num}: "
+                                f"{exc}") from None
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict[str, object]]]:
@@ -195,11 +198,13 @@ def _traveller_id(value: object) -> str:
 def parse_row(row: int, raw: dict[str, object], base: Path) -> Booking | Reject:
     """Check one raw row; a Reject says which field is wrong (``invalid_row:<field>``)."""
     raw_id = raw.get("traveller_id")
-    shown_id = str(raw_id).strip() if raw_id is not None else ""
+    # What the rejects file shows for an unusable id: printable, bounded.
+    shown_id = "".join(c if c.isprintable() else "?"
+                       for c in (str(raw_id).strip() if raw_id is not None else "")[:128])
     try:
         traveller_id = _traveller_id(raw_id)
     except InvalidInput:
-        return Reject(row, shown_id[:128], f"{INVALID_ROW}:traveller_id")
+        return Reject(row, shown_id, f"{INVALID_ROW}:traveller_id")
     try:
         photo = photo_path(raw.get("photo"), base)
     except ValueError:

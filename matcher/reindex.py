@@ -217,7 +217,7 @@ class PhotoEmbedder:
 
     Used as the Ray Data actor class (``__call__`` takes and returns a pyarrow Table) and,
     without Ray, called directly. In: columns ``sha256`` (string, as hashed by the
-    driver), ``path`` (string). Out: ``sha256``, ``reason`` (string, "" when enrolable),
+    driver), ``path`` (binary, ``os.fsencode``). Out: ``sha256``, ``reason`` (string, "" when enrolable),
     ``template`` (binary, 512 little-endian float32, L2-normalised; empty when refused).
     """
 
@@ -271,7 +271,7 @@ class PhotoEmbedder:
             try:
                 results.append(self.pipeline.analyse(image))
             except Exception as exc:  # noqa: BLE001 - becomes a reject with a reason
-                log.error("pipeline failed on %s: %s", path, type(exc).__name__)
+                log.error("pipeline failed on %r: %s", path, type(exc).__name__)
                 results.append(None)
         return results
 
@@ -279,7 +279,8 @@ class PhotoEmbedder:
         import pyarrow as pa
 
         shas = batch.column("sha256").to_pylist()
-        reasons, templates = self.embed(shas, batch.column("path").to_pylist())
+        paths = [os.fsdecode(p) for p in batch.column("path").to_pylist()]
+        reasons, templates = self.embed(shas, paths)
         return pa.table({"sha256": pa.array(shas, pa.string()),
                          "reason": pa.array(reasons, pa.string()),
                          "template": pa.array(templates, pa.binary())})
@@ -389,8 +390,9 @@ def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
         actors = min(actors, max(1, -(-len(work) // config.batch_size)))
         import pyarrow as pa
 
+        # Paths as file-system bytes: a name that is not valid UTF-8 still reaches the file.
         table = pa.table({"sha256": pa.array([s for s, _ in work], pa.string()),
-                          "path": pa.array([p for _, p in work], pa.string())})
+                          "path": pa.array([os.fsencode(p) for _, p in work], pa.binary())})
         # Several blocks per actor keep every actor busy to the end; a cap on block count
         # keeps the driver's object references few for a 10M-row night.
         block_rows = max(config.batch_size, -(-len(work) // (actors * 8)), len(work) // 4096)

@@ -143,3 +143,17 @@ def test_instants_and_paths() -> None:
     assert photo_path("rel/y.jpg", Path("/base")) == Path("/base/rel/y.jpg")
     with pytest.raises(ValueError):
         photo_path("https://example.org/y.jpg", Path("/base"))
+
+
+def test_a_stray_non_utf8_byte_spoils_only_its_row(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"traveller_id,photo,valid_from,valid_to\n"
+                     b"A,a.jpg,2026-11-26,2026-11-27\n"
+                     b"B\xe9,b.jpg,2026-11-26,2026-11-27\n"
+                     b"C,caf\xe9.jpg,2026-11-26,2026-11-27\n")
+    m = load_manifest(path, NOW)
+    assert [(r.row, r.traveller_id, r.reason) for r in m.rejects] == [
+        (2, "B?", "invalid_row:traveller_id")]
+    assert [b.traveller_id for b in m.bookings] == ["A", "C"]
+    # The path keeps its original bytes, so it names the file on disk.
+    assert bytes(m.bookings[1].photo) == bytes(tmp_path) + b"/caf\xe9.jpg"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -86,7 +87,8 @@ def _bad_photos(faces_dir: Path, folder: Path) -> dict[str, Path]:
 
 
 def _write_manifest(path: Path, rows: list[list[str]]) -> Path:
-    with open(path, "w", newline="") as f:
+    # surrogateescape: file names that are not valid UTF-8 are written as their bytes.
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         w = csv.writer(f)
         w.writerow(["traveller_id", "photo", "valid_from", "valid_to"])
         w.writerows(rows)
@@ -129,6 +131,10 @@ def night(tmp_path_factory, faces_dir: Path) -> Night:
     vf, vt = _iso(window[0]), _iso(window[1])
     bad = _bad_photos(faces_dir, root / "bad")
     rows = _good_rows(faces_dir, window)
+    # KZ-LIN's photo under a file name that is not valid UTF-8 (Latin-1 from an old system).
+    odd = root / os.fsdecode(b"lin-manuel-miranda-\xe9.png")
+    shutil.copyfile(faces_dir / GOOD["KZ-LIN"][0], odd)
+    rows = [[r[0], str(odd), r[2], r[3]] if r[0] == "KZ-LIN" else r for r in rows]
     n = len(rows)
     rows += [
         ["KZ-GONE", str(root / "bad" / "not_there.jpg"), vf, vt],

@@ -104,6 +104,7 @@ class BinaryCodes:
         n = len(codes)
         # Below ~100k codes per shard the thread hand-off costs more than the scan saves.
         shards = max(1, min(shards, n // 100_000))
+        self.shards = shards
         self._parts = []
         if shards == 1:
             self.index = faiss.IndexBinaryFlat(bits)

@@ -27,8 +27,11 @@ from .harness import Report
 REFERENCE = DetectorConfig(input_size=(640, 640))
 SWEEP_SIDES = (256, 320, 416, 512, 640)
 PARITY_FLOOR = 0.999
-MICRO_BATCH = 4   # images per analyse_many call in the worker layout (the engine's batcher)
-WORKERS = 2       # one per core; each ORT session runs single-threaded inside its worker
+MICRO_BATCH = 4   # images per analyse_many call, as the service's micro-batcher hands them
+WORKERS = 2       # the two-worker layout: one per core, single-threaded ORT in each
+# The headline mode is the service's layout (matcher.server: one batch worker, ORT with 2
+# intra-op threads, decode + analyse_many per micro-batch); the others are for comparison.
+HEADLINE = "ours_default_service_layout"
 
 
 def run(report: Report, quick: bool) -> None:
@@ -194,8 +197,8 @@ def _throughput(report: Report, photos: list[Photo], ours: Pipeline, ours_640: P
     datas = [p.data for p in photos]
     pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="bench-worker")
 
-    def micro_batch(chunk: list[bytes]) -> None:
-        workers_pipe.analyse_many([workers_pipe.decode(d) for d in chunk])
+    def micro_batch(pipe: Pipeline, chunk: list[bytes]) -> None:
+        pipe.analyse_many([pipe.decode(d) for d in chunk])
 
     chunks = [datas[i:i + MICRO_BATCH] for i in range(0, len(datas), MICRO_BATCH)]
     modes = {
@@ -204,7 +207,9 @@ def _throughput(report: Report, photos: list[Photo], ours: Pipeline, ours_640: P
             lambda: [peer_tuned.get(decode_image(d)) for d in datas],
         "ours_640_sequential": lambda: [ours_640.analyse_bytes(d) for d in datas],
         "ours_default_sequential": lambda: [ours.analyse_bytes(d) for d in datas],
-        "ours_default_workers": lambda: list(pool.map(micro_batch, chunks)),
+        HEADLINE: lambda: [micro_batch(ours, c) for c in chunks],
+        "ours_default_2_workers": lambda: list(pool.map(lambda c: micro_batch(workers_pipe, c),
+                                                        chunks)),
     }
     per_round: dict[str, list[float]] = {m: [] for m in modes}
     load_before = os.getloadavg()[0]
@@ -233,20 +238,20 @@ def _throughput(report: Report, photos: list[Photo], ours: Pipeline, ours_640: P
     base = np.asarray(per_round["insightface_640"])
     for name, values in per_round.items():
         report.figure(f"images_per_s_{name}", values, "images/s",
-                      summary=name in ("insightface_640", "ours_default_workers",
-                                       "ours_default_sequential"))
+                      summary=name in ("insightface_640", HEADLINE))
     per_round_ratio = {name: np.asarray(v) / base for name, v in per_round.items()}
     ratios = {name: float(np.median(r)) for name, r in per_round_ratio.items()}
-    for name in ("ours_default_workers", "ours_default_sequential", "ours_640_sequential",
+    for name in (HEADLINE, "ours_default_2_workers", "ours_default_sequential",
+                 "ours_640_sequential",
                  "insightface_640_our_session_options"):
         report.figure(f"speedup_{name}_vs_insightface_640", per_round_ratio[name], "x",
                       summary=name.startswith("ours_default"))
     cpu = {name: float(np.median(v)) for name, v in cpu_ms.items()}
     for name in ("insightface_640", "insightface_640_our_session_options"):
-        report.figure(f"cpu_cost_ratio_{name}_over_ours_default_workers",
-                      cpu[name] / cpu["ours_default_workers"], "x", summary=True,
+        report.figure(f"cpu_cost_ratio_{name}_over_{HEADLINE}",
+                      cpu[name] / cpu[HEADLINE], "x", summary=True,
                       note="CPU ms per image, theirs / ours: the noise-robust comparison")
-    report.ratio_floor("ours_default_workers_vs_insightface_640", ratios["ours_default_workers"],
+    report.ratio_floor(f"{HEADLINE}_vs_insightface_640", ratios[HEADLINE],
                        1.0, "(target 2.0; median of per-round ratios)")
     return {name: float(np.median(v)) for name, v in per_round.items()}
 

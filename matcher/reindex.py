@@ -72,6 +72,8 @@ class ReindexConfig:
     """What to re-index and how. Ray settings only matter when ``use_ray`` is true.
 
     actors: embedder actors (default: the cluster's CPUs // cpus_per_actor).
+    memory_per_actor_mb: memory Ray reserves per actor when placing it (default: none;
+        one actor holds the two models, ~30 MB, plus a batch of decoded photos).
     num_cpus: CPUs of the local Ray instance (default: what Ray detects, cgroup-aware);
         ignored with ``ray_address``.
     now: UTC epoch seconds deciding which bookings are over (default: the clock at start).
@@ -86,6 +88,7 @@ class ReindexConfig:
     ray_address: str | None = None
     actors: int | None = None
     cpus_per_actor: float = 1.0
+    memory_per_actor_mb: int | None = None
     ort_threads: int = 1
     batch_size: int = 8
     num_cpus: int | None = None
@@ -104,6 +107,8 @@ class ReindexConfig:
             raise InvalidInput("actors must be >= 1")
         if not self.cpus_per_actor > 0:
             raise InvalidInput("cpus_per_actor must be > 0")
+        if self.memory_per_actor_mb is not None and self.memory_per_actor_mb < 1:
+            raise InvalidInput("memory_per_actor_mb must be >= 1")
         if not 0.0 < self.second_face_area_ratio <= 1.0:
             raise InvalidInput("second_face_area_ratio must be in (0, 1]")
 
@@ -404,6 +409,8 @@ def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
                                    "detector": config.detector, "quality": config.quality},
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=config.batch_size, num_cpus=config.cpus_per_actor,
+            memory=(config.memory_per_actor_mb * 1024 * 1024
+                    if config.memory_per_actor_mb else None),
             batch_format="pyarrow", zero_copy_batch=True)
         log.info("embedding %d photos on Ray with %d actors x %.3g CPU, %d ORT thread(s)",
                  len(work), actors, config.cpus_per_actor, config.ort_threads)

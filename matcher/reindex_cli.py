@@ -19,7 +19,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     config = ReindexConfig(
         manifest=args.manifest, data_dir=args.out, rejects_path=args.rejects,
         use_ray=not args.no_ray, ray_address=args.ray_address, actors=args.actors,
-        cpus_per_actor=args.cpus_per_actor, ort_threads=args.ort_threads,
+        cpus_per_actor=args.cpus_per_actor, memory_per_actor_mb=args.memory_per_actor_mb,
+        ort_threads=args.ort_threads,
         batch_size=args.batch_size, num_cpus=args.num_cpus,
         object_store_mb=args.object_store_mb, progress=not args.no_progress)
     summary = run_reindex(config)
@@ -50,7 +51,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="embed in this process instead (no Ray needed)")
     ray.add_argument("--actors", type=int, default=None,
                      help="embedder actors (default: cluster CPUs / --cpus-per-actor)")
-    ray.add_argument("--cpus-per-actor", type=float, default=1.0)
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0,
+                     help="CPUs Ray reserves per actor")
+    ray.add_argument("--memory-per-actor-mb", type=int, default=None,
+                     help="memory Ray reserves per actor when placing it (default: none)")
     ray.add_argument("--ort-threads", type=int, default=1,
                      help="ONNX Runtime threads per actor")
     ray.add_argument("--batch-size", type=int, default=8, help="photos per actor call")

@@ -111,7 +111,8 @@ def _reindex_cli(manifest: Path, data_dir: Path) -> tuple[dict, float]:
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "matcher.cli", "reindex", "--manifest", str(manifest),
-         "--out", str(data_dir), "--num-cpus", "2", "--actors", "2", "--no-progress"],
+         "--out", str(data_dir), "--num-cpus", "2", "--actors", "2",
+         "--memory-per-actor-mb", "256", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - started
     assert proc.returncode == 0, proc.stderr[-4000:]

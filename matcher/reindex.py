@@ -221,9 +221,10 @@ class PhotoEmbedder:
     """Photo paths -> one template or one reject reason each. Loads the models once.
 
     Used as the Ray Data actor class (``__call__`` takes and returns a pyarrow Table) and,
-    without Ray, called directly. In: columns ``sha256`` (string, as hashed by the
-    driver), ``path`` (binary, ``os.fsencode``). Out: ``sha256``, ``reason`` (string, "" when enrolable),
-    ``template`` (binary, 512 little-endian float32, L2-normalised; empty when refused).
+    without Ray, through ``embed``. In: columns ``sha256`` (string, as hashed by the
+    driver), ``path`` (binary, ``os.fsencode``). Out: ``sha256``, ``reason`` (string, ""
+    when enrolable), ``template`` (binary, 512 little-endian float32, L2-normalised;
+    empty when refused).
     """
 
     def __init__(self, ort_threads: int = 1, second_face_area_ratio: float = 0.1,

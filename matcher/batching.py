@@ -38,6 +38,20 @@ class BatchContractError(MatcherError):
     """The batch function broke its contract (wrong number of results)."""
 
 
+def detached(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback and chained exceptions.
+
+    A stored exception's traceback holds the frames that made it, and their locals hold
+    the inputs (a 20 MB image) and the results list holding the exception itself: a
+    reference cycle that keeps all of it alive until a full garbage collection. Requests
+    get the message and type; the batcher logs a failed batch's traceback itself.
+    """
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
+
+
 @dataclass(frozen=True)
 class BatchConfig:
     """max_batch: items per call; max_wait_s: how long the first item waits for company;
@@ -151,7 +165,12 @@ class MicroBatcher(Generic[In, Out]):
                              "retry later or on another server") from None
         self._arrived.set()
         self._report_depth()
-        return await future
+        try:
+            return await future
+        finally:
+            # The raised exception's traceback holds this frame: drop the references
+            # that lead back to it (future -> exception) and to the input.
+            del future, item
 
     # -- worker side ----------------------------------------------------------------
 
@@ -221,17 +240,19 @@ class MicroBatcher(Generic[In, Out]):
                     req.future.set_exception(NotReady("the server is shutting down"))
             raise
         except Exception as exc:  # every request of a failed batch fails with its error
-            log.error("%s: batch of %d failed: %s", self.name, len(live), type(exc).__name__)
+            log.error("%s: batch of %d failed: %s", self.name, len(live), type(exc).__name__,
+                      exc_info=exc)
+            error = detached(exc)
             for req in live:
                 if not req.future.done():
-                    req.future.set_exception(exc)
+                    req.future.set_exception(error)
             return
         for req, result in zip(live, results):
             if req.future.done():
                 continue
             stats = BatchStats((started - req.enqueued) * 1e3, len(live))
             if isinstance(result, BaseException):
-                req.future.set_exception(result)
+                req.future.set_exception(detached(result))
             else:
                 req.future.set_result((result, stats))
 

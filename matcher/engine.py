@@ -2,9 +2,11 @@
 decisions, enrolment, audit. service.py turns protos into calls on this and back.
 
 Compute layout: every model call goes through one MicroBatcher whose worker threads run
-decode -> detect -> align -> embed (ONNX Runtime releases the GIL); gallery searches and
-SQLite writes run in a small thread pool of their own so a slow 1:N search never holds a
-model worker. The event loop thread only moves bytes.
+decode -> detect -> align -> embed (ONNX Runtime releases the GIL). 1:N searches go
+through a second MicroBatcher that takes every search waiting (up to 64 probes) into one
+gallery call: one pass over a million templates answers a whole batch for about the cost
+of one probe. 1:1 checks, Clear and SQLite writes run in a small thread pool. Neither a
+slow search nor an fsync ever holds a model worker; the event loop thread only moves bytes.
 """
 from __future__ import annotations
 
@@ -13,13 +15,13 @@ import hashlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol, Union
 
 import numpy as np
 
 from .audit import AuditLog
-from .batching import BatchConfig, BatchStats, MicroBatcher
+from .batching import BatchConfig, MicroBatcher
 from .decision import Decider, Decision, DecisionPolicy
 from .errors import InvalidInput, MatcherError
 from .metrics import Metrics
@@ -30,6 +32,7 @@ from .store import NORM_TOLERANCE, EnrolResult, Traveller
 log = logging.getLogger(__name__)
 
 ALIGNED_RAW_BYTES = ALIGNED_SIZE * ALIGNED_SIZE * 3
+SEARCH_BATCH = 64  # probes per 1:N gallery call
 
 
 class ServedGallery(Protocol):
@@ -136,6 +139,13 @@ class MatchEngine:
             on_batch=self.metrics.observe_batch,
             on_queue_depth=self.metrics.set_queue_depth,
             on_expired=lambda: self.metrics.count_rejected("deadline"))
+        # Greedy: no waiting, every search queued while the previous batch ran joins the
+        # next one. One worker: FAISS parallelises a batch over the cores itself.
+        self.search_batcher: MicroBatcher[tuple[np.ndarray, int], list[Decision]] = \
+            MicroBatcher(self._search_batch,
+                         BatchConfig(max_batch=SEARCH_BATCH, max_wait_s=0.0,
+                                     max_queue=max(batch.max_queue, SEARCH_BATCH), workers=1),
+                         name="search")
         self._search_pool = ThreadPoolExecutor(search_threads, thread_name_prefix="search")
         self.metrics.set_model_info(pipeline.model_id)
 
@@ -145,10 +155,12 @@ class MatchEngine:
 
     def start(self) -> None:
         self.batcher.start()
+        self.search_batcher.start()
         self.publish_gallery_metrics()
 
     async def stop(self) -> None:
         await self.batcher.stop()
+        await self.search_batcher.stop()
         self._search_pool.shutdown(wait=True)
 
     def publish_gallery_metrics(self) -> None:
@@ -203,6 +215,21 @@ class MatchEngine:
                                f"got {crop.shape[1]}x{crop.shape[0]}")
         return crop
 
+    def _search_batch(self, items: list[tuple[np.ndarray, int]]) -> list[list[Decision]]:
+        """Items of (templates (m, 512), k) -> per item m decisions, from one gallery call.
+
+        The batch asks for the largest k; each item's candidates are cut to its own k. A
+        larger k cannot change a decision (it rests on the top two).
+        """
+        k = max(k for _, k in items)
+        decisions = self.decider.identify_many(np.concatenate([t for t, _ in items]), k)
+        out, row = [], 0
+        for templates, own_k in items:
+            mine = decisions[row:row + len(templates)]
+            out.append([replace(d, candidates=d.candidates[:own_k]) for d in mine])
+            row += len(templates)
+        return out
+
     # -- async entry points -------------------------------------------------------------
 
     async def analyse(self, job: Job, deadline: float | None) -> Analysis:
@@ -216,9 +243,11 @@ class MatchEngine:
     async def _in_search_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._search_pool, fn, *args)
 
-    async def identify(self, templates: np.ndarray, k: int) -> list[Decision]:
-        """One decision per row of templates (n, 512)."""
-        return await self._in_search_pool(self.decider.identify_many, templates, k)
+    async def identify(self, templates: np.ndarray, k: int, deadline: float | None = None
+                       ) -> list[Decision]:
+        """One decision per row of templates (n, 512), batched with other searches."""
+        decisions, _ = await self.search_batcher.submit((templates, k), deadline)
+        return decisions
 
     async def verify(self, template: np.ndarray, traveller_id: str) -> Decision:
         return await self._in_search_pool(self.decider.verify, template, traveller_id)

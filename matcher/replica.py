@@ -165,10 +165,14 @@ class SnapshotWatcher:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def mark_seen(self, path: Path) -> None:
-        """A snapshot this process wrote itself: nothing to load."""
+    def publish(self, write: Callable[[], Path]) -> Path:
+        """Run ``write`` (which writes a snapshot into the folder and returns its path)
+        without the watcher looking, and mark its result seen: a snapshot this process
+        wrote itself holds nothing new to load."""
         with self._lock:
+            path = write()
             self._seen = path
+        return path
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="snapshot-watcher", daemon=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,15 +30,14 @@ from .auth import (SERVICE, AuthConfigError, TokenAuthInterceptor, TokenBook, ch
                    server_credentials, split_host_port)
 from .batching import BatchConfig
 from .decision import DecisionPolicy
-from .engine import MatchEngine
+from .engine import MatchEngine, sha256_hex
 from .errors import MatcherError, SnapshotError
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .models import ModelPack, demo_photo
 from .pipeline import DetectorConfig, Pipeline
 from .replica import ReplicaGallery, SnapshotWatcher
-from .v1 import matcher_pb2 as pb
-from .v1 import matcher_pb2_grpc as pb_grpc
 from .service import MatcherServicer
+from .v1 import matcher_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,49 @@ class ServerConfig:
             raise AuthConfigError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
 
 
+def _tolerant_deserializer(message_class):
+    """FromString that returns None for bytes that are not a message of this type, so the
+    servicer can answer INVALID_ARGUMENT (grpc's own default would be UNKNOWN)."""
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return None
+    return deserialize
+
+
+def _refusing_undecodable(behaviour, type_name: str):
+    async def unary(request, context):
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid {type_name} message")
+        return await behaviour(request, context)
+    return unary
+
+
+def _add_servicer(servicer: MatcherServicer, server: grpc.aio.Server) -> None:
+    """Register every Matcher method, as the generated add_MatcherServicer_to_server does,
+    but with deserializers that turn undecodable bytes into INVALID_ARGUMENT. Streaming
+    methods get None items, which the servicer answers with a per-item error."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Matcher"].methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        kw = {"request_deserializer": _tolerant_deserializer(request_class),
+              "response_serializer": response_class.SerializeToString}
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behaviour, **kw)
+        elif method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.name}: half-streaming methods are not wired here")
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _refusing_undecodable(behaviour, method.input_type.full_name), **kw)
+    name = pb.DESCRIPTOR.services_by_name["Matcher"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
 def _setup_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
@@ -119,8 +162,6 @@ def enrol_demo_gallery(pipeline: Pipeline, gallery) -> int:
     photo is detected at the reference's 640x640: its 22 faces are small, and the serving
     default (long side 320) finds only the larger ones.
     """
-    from .engine import sha256_hex
-
     group = Pipeline(pipeline.pack, detector=DetectorConfig(input_size=(640, 640)),
                      quality=pipeline.quality_policy, limits=pipeline.limits,
                      sessions=pipeline.sessions)
@@ -247,8 +288,7 @@ class RunningServer:
     async def _publish(self) -> tuple[str, int]:
         def publish() -> tuple[str, int]:
             self.gallery.rebuild()
-            path = self.gallery.export_snapshot()
-            self.watcher.mark_seen(path)
+            path = self.watcher.publish(self.gallery.export_snapshot)
             return path.name, self.gallery.version
 
         name, version = await asyncio.to_thread(publish)
@@ -270,7 +310,7 @@ async def start_server(config: ServerConfig, pipeline: Pipeline | None = None
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
     server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS),
                              maximum_concurrent_rpcs=config.max_concurrent_rpcs)
-    pb_grpc.add_MatcherServicer_to_server(servicer, server)
+    _add_servicer(servicer, server)
     health_servicer = _setup_health(server)
     await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(

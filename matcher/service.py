@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from .batching import BatchContractError
 from .decision import Decision, Outcome, Reason
 from .engine import (AlignedJob, Analysis, ImageJob, MatchEngine, aligned_from_raw,
                      check_template, sha256_hex)
-from .errors import (DeadlineExpired, GalleryError, InvalidInput, MatcherError, NotReady,
-                     Overloaded, UnknownTraveller)
+from .errors import (DeadlineExpired, GalleryError, InvalidInput, NotReady, Overloaded,
+                     UnknownTraveller)
 from .pipeline import Face
 from .store import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
 from .v1 import matcher_pb2 as pb
@@ -34,6 +33,8 @@ request_log = logging.getLogger("matcher.requests")
 
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 50
+MAX_CLIENT_ID_CHARS = 128        # request_id, lane_id: stored in the audit log and logged
+MAX_DETAILS_CHARS = 400          # status details never echo a long client string
 DEFAULT_WINDOW_S = 24 * 3600.0
 LANE_STREAM_IN_FLIGHT = 16   # requests one lane stream may have in the pipeline at once
 ENROLL_STREAM_IN_FLIGHT = 8
@@ -41,6 +42,21 @@ ENROLL_STREAM_IN_FLIGHT = 8
 
 class ModelMismatch(GalleryError):
     """A template made by another model than the server's."""
+
+
+def client_id(value: str, name: str) -> str:
+    """A request_id or lane_id as sent: at most 128 printable characters (it goes into
+    logs and the audit log, so a newline could forge a log line)."""
+    if len(value) > MAX_CLIENT_ID_CHARS or not value.isprintable():
+        raise InvalidInput(f"{name} must be at most {MAX_CLIENT_ID_CHARS} printable characters")
+    return value
+
+
+def loggable(value: str) -> str:
+    """``value`` if it is a well-formed id, else a bounded escaped form of it."""
+    if len(value) <= MAX_CLIENT_ID_CHARS and value.isprintable():
+        return value
+    return repr(value[:MAX_CLIENT_ID_CHARS]) + ("..." if len(value) > MAX_CLIENT_ID_CHARS else "")
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -59,8 +75,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     elif isinstance(exc, GalleryError):  # wrong model, write on a replica, bad snapshot
         code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
-    elif isinstance(exc, BatchContractError):
-        code = grpc.StatusCode.INTERNAL
+    # Anything else (a broken batch contract, an audit write failure, a bug) is INTERNAL
+    # with a generic message: its text could name internals the caller has no use for.
+    if len(message) > MAX_DETAILS_CHARS:
+        message = message[:MAX_DETAILS_CHARS - 3] + "..."
     return code, message
 
 
@@ -97,8 +115,9 @@ def probe_job(probe: pb.Probe, model_id: str) -> tuple[ImageJob | AlignedJob | N
         return AlignedJob(None, data), None, data
     if kind == "template":
         if probe.template.model_id and probe.template.model_id != model_id:
-            raise ModelMismatch(f"the template was made by {probe.template.model_id}; this "
-                                f"server runs {model_id} and cannot compare them")
+            raise ModelMismatch(f"the template was made by another model "
+                                f"({loggable(probe.template.model_id[:64])}); this server "
+                                f"runs {model_id} and cannot compare them")
         template = check_template(np.asarray(probe.template.values, np.float32))
         return None, template, template.tobytes()
     raise InvalidInput("the request has no probe: set image, aligned or template")
@@ -180,6 +199,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
     def _failed(self, rpc: str, request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code, message = status_for(exc)
+        request_id = loggable(request_id)
         if code is grpc.StatusCode.INTERNAL:
             log.error("rpc=%s request_id=%s failed: %s", rpc, request_id, type(exc).__name__,
                       exc_info=exc)
@@ -232,10 +252,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         else:
             if analysis.from_image:
                 resp.face.CopyFrom(face_info(analysis.faces[0]))
-            decision = await self._decide(engine, call, template)
+            decision = await self._decide(engine, call, template, deadline)
             _fill_decision(resp, decision)
         if call.all_faces and analysis.from_image and analysis.faces:
-            resp.faces.extend(await self._all_faces(engine, analysis, call.top_k))
+            resp.faces.extend(await self._all_faces(engine, analysis, call.top_k, deadline))
         search_ms = (time.perf_counter() - t) * 1e3
         resp.timings_ms.update({k: float(v) for k, v in analysis.timings_ms.items()})
         resp.timings_ms["search"] = search_ms
@@ -244,9 +264,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         await self._account(engine, call, resp, decision)
         return resp
 
-    async def _decide(self, engine: MatchEngine, call: _Call, template: np.ndarray) -> Decision:
+    async def _decide(self, engine: MatchEngine, call: _Call, template: np.ndarray,
+                      deadline: float | None) -> Decision:
         if call.rpc == "Identify":
-            return (await engine.identify(template[None, :], call.top_k))[0]
+            return (await engine.identify(template[None, :], call.top_k, deadline))[0]
         if call.rpc == "Verify":
             decision = await engine.verify(template, call.traveller_id)
             if decision.reason is Reason.UNKNOWN_TRAVELLER:
@@ -254,10 +275,11 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             return decision
         return await engine.clear(template, call.traveller_id, call.top_k)
 
-    async def _all_faces(self, engine: MatchEngine, analysis: Analysis, k: int
-                         ) -> list[pb.FaceMatch]:
+    async def _all_faces(self, engine: MatchEngine, analysis: Analysis, k: int,
+                         deadline: float | None) -> list[pb.FaceMatch]:
         usable = [i for i, f in enumerate(analysis.faces) if not f.quality.reasons]
-        decisions = await engine.identify(analysis.templates[usable], k) if usable else []
+        decisions = (await engine.identify(analysis.templates[usable], k, deadline)
+                     if usable else [])
         by_face = dict(zip(usable, decisions))
         return [_face_match(f, by_face.get(i)) for i, f in enumerate(analysis.faces)]
 
@@ -299,6 +321,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
     async def _run_call(self, engine: MatchEngine, call: _Call, deadline: float | None
                         ) -> pb.MatchResponse:
+        client_id(call.request_id, "request_id")
+        client_id(call.lane_id, "lane_id")
         call.top_k = _top_k(call.top_k)
         return await self._match(engine, call, deadline)
 
@@ -325,12 +349,14 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
         async def answer(request: pb.LaneRequest) -> None:
             try:
-                kind = request.WhichOneof("call")
+                # None: bytes that are not a LaneRequest (see server._tolerant_handlers).
+                kind = request.WhichOneof("call") if request is not None else None
                 call = self._call(kind, getattr(request, kind)) if kind else None
                 rid = call.request_id if call else self._request_id("")
                 try:
                     if call is None:
-                        raise InvalidInput("a LaneRequest must set identify, verify or clear")
+                        raise InvalidInput("a LaneRequest must be a valid message that sets "
+                                           "identify, verify or clear")
                     result = await self._run_call(self._engine(), call, _deadline(context))
                     await out.put(pb.LaneResponse(request_id=rid, result=result))
                 except Exception as exc:  # noqa: BLE001 - one bad request, stream goes on
@@ -362,8 +388,11 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
     # -- gallery --------------------------------------------------------------------------
 
-    async def _enroll(self, engine: MatchEngine, request: pb.EnrollRequest,
+    async def _enroll(self, engine: MatchEngine, request: pb.EnrollRequest | None,
                       request_id: str, deadline: float | None) -> pb.EnrollResponse:
+        if request is None:  # bytes that are not an EnrollRequest, on a stream
+            raise InvalidInput("the item is not a valid EnrollRequest message")
+        client_id(request.request_id, "request_id")
         traveller_id = check_traveller_id(request.traveller_id)
         photos = list(request.photos)
         if not photos or len(photos) > MAX_TEMPLATES_PER_TRAVELLER:
@@ -414,12 +443,14 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 return await self._enroll(self._engine(), request, rid, _deadline(context))
             except Exception as exc:  # noqa: BLE001 - one bad item, bulk goes on
                 code, message = self._failed("EnrollStream", rid, exc)
-                return pb.EnrollResponse(request_id=rid, traveller_id=request.traveller_id,
-                                         error=pb.Error(code=code.value[0], message=message))
+                return pb.EnrollResponse(
+                    request_id=loggable(rid),
+                    traveller_id=request.traveller_id if request is not None else "",
+                    error=pb.Error(code=code.value[0], message=message))
 
         try:
             async for request in request_iterator:
-                rid = self._request_id(request.request_id)
+                rid = self._request_id(request.request_id if request is not None else "")
                 window.append((rid, asyncio.create_task(one(request, rid))))
                 if len(window) >= ENROLL_STREAM_IN_FLIGHT:
                     yield await window.popleft()[1]
@@ -433,6 +464,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         rid = self._request_id(request.request_id)
 
         async def body(engine: MatchEngine, deadline: float | None) -> pb.RemoveResponse:
+            client_id(request.request_id, "request_id")
             traveller_id = check_traveller_id(request.traveller_id)
             version = await engine.remove(traveller_id)
             await engine.record("remove", request_id=rid, traveller_id=traveller_id,

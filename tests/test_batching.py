@@ -254,3 +254,36 @@ def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeli
         assert len(alone) == len(analysis.faces)
         np.testing.assert_allclose(analysis.templates, np.stack([f.template for f in alone]),
                                    atol=2e-3)
+
+
+def test_concurrent_searches_share_one_gallery_call_and_keep_their_own_k(pipeline,
+                                                                        faces_dir, tmp_path):
+    """The search batcher: one identify_many per batch, each answer cut to its own k."""
+    from matcher.engine import MatchEngine
+    from matcher.gallery import Gallery
+
+    gallery = Gallery.open(tmp_path, pipeline.model_id)
+    files = ["obama_1.jpg", "biden_2.jpg", "kit_harington_1.jpg", "rose_leslie_1.jpg"]
+    templates = {f: pipeline.analyse_bytes((faces_dir / f).read_bytes())[0].template
+                 for f in files}
+    for i, (f, t) in enumerate(templates.items()):
+        gallery.enroll(f, t[None, :], 0, 4e9, [f"{i:064x}"])
+    engine = MatchEngine(pipeline, gallery)
+    calls = []
+    real = engine.decider.identify_many
+    engine.decider.identify_many = lambda x, k: calls.append((len(x), k)) or real(x, k)
+
+    async def main():
+        engine.start()
+        out = await asyncio.gather(*(engine.identify(t[None, :], k)
+                                     for k, t in zip((1, 2, 3, 4), templates.values())))
+        await engine.stop()
+        return out
+
+    try:
+        out = run(main())
+    finally:
+        gallery.close()
+    for (f, _), k, decisions in zip(templates.items(), (1, 2, 3, 4), out):
+        assert decisions[0].traveller_id == f and len(decisions[0].candidates) == k
+    assert sum(n for n, _ in calls) == 4 and len(calls) < 4  # at least two shared a call

@@ -15,7 +15,6 @@ from matcher.auth import ROLES, AuthConfigError, TokenBook, check_exposure
 from matcher.client import MatcherClient
 from matcher.server import ServerConfig
 from matcher.v1 import matcher_pb2 as pb
-from matcher.v1 import matcher_pb2_grpc as pb_grpc
 
 from service_helpers import ServerThread, server_config
 

@@ -131,6 +131,7 @@ def test_auto_kind_follows_size_and_bad_kind_is_refused():
     cfg = IndexConfig(flat_max_templates=1000)
     assert cfg.kind_for(1000) == "flat" and cfg.kind_for(1001) == "binary"
     assert IndexConfig(index_kind="ivf").kind_for(10) == "ivf"
+    assert IndexConfig(target_recall=1.0).kind_for(10**7) == "flat"  # exact only
     with pytest.raises(InvalidInput, match="index_kind"):
         IndexConfig(index_kind="annoy")
     with pytest.raises(InvalidInput, match="multiple of 64"):

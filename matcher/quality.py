@@ -20,8 +20,9 @@ class QualityPolicy:
     a capture whose template keeps >= ~0.85 of itself still matches with margin.
     """
 
-    # SCRFD's own threshold is 0.5; every good shared face scores >= 0.74. Between 0.5 and
-    # 0.6 the detections are mostly partial or heavily occluded faces.
+    # SCRFD's own cut is 0.5; every good shared face scores >= 0.74. The weak detections
+    # seen between 0.5 and 0.6 were faint faces: a 7 px inter-eye copy of
+    # alex_lacamoire_3.png (0.54), a far traveller in a 1080p frame shrunk to 320 (0.5x).
     min_det_score: float = 0.6
     # Pixels between the eye centres in the input image. Downscaling the shared faces:
     # 20 px keeps cosine-to-self >= 0.91 (median 0.95), 16 px >= 0.88, 12 px only 0.80 and
@@ -37,6 +38,8 @@ class QualityPolicy:
     # at every size from 256 to 640x640; the half-profile stranger in group_obama_biden.jpg
     # reads yaw 47..59 from 320 up. 40 rejects it everywhere and leaves 8 degrees of margin.
     max_abs_yaw_deg: float = 40.0
+    # Roll is undone by the alignment, pitch barely measured by 5 points: both limits only
+    # catch the absurd (good shared faces: |roll| <= 15, |pitch| <= 26).
     max_abs_roll_deg: float = 35.0
     max_abs_pitch_deg: float = 45.0
 

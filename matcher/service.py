@@ -218,9 +218,13 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                      body: Callable[[MatchEngine, float | None], Awaitable[object]]):
         try:
             return await body(self._engine(), _deadline(context))
-        except Exception as exc:  # noqa: BLE001 - status_for decides; abort raises
+        except Exception as exc:  # noqa: BLE001 - status_for decides
             code, message = self._failed(rpc, request_id, exc)
-        await context.abort(code, message)
+        # Not context.abort(): the AbortError it raises would carry this frame's traceback,
+        # and with it the request (a 20 MB photo), into grpc's keeping.
+        context.set_code(code)
+        context.set_details(message)
+        return None
 
     # -- matching -----------------------------------------------------------------------
 

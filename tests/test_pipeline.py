@@ -230,3 +230,14 @@ def test_detector_config_refuses_nonsense() -> None:
         DetectorConfig(max_side=8)
     with pytest.raises(ValueError):
         DetectorConfig(input_size=(640, 0))
+
+
+def test_bad_bytes_surface_as_typed_errors_through_the_pipeline(pipeline: Pipeline) -> None:
+    from matcher.errors import EmptyImage, InvalidInput, UnsupportedImage
+
+    with pytest.raises(EmptyImage):
+        pipeline.analyse_bytes(b"")
+    with pytest.raises(UnsupportedImage):
+        pipeline.analyse_bytes(b"GIF89a" + bytes(100))
+    with pytest.raises(InvalidInput):
+        pipeline.analyse_bytes(b"\xff\xd8\xff\xe0" + bytes(300))

@@ -12,7 +12,10 @@ batch of eight must not fail the other seven). If the function raises, or return
 wrong number of results, every request of the batch fails with that error.
 
 When the queue is full, ``submit`` raises ``Overloaded`` at once: memory stays bounded and
-the lane can retry on another replica instead of waiting behind a backlog.
+the lane can retry on another replica instead of waiting behind a backlog. So it does when
+the queue holds more work than the request's deadline leaves time for (the batcher keeps a
+moving average of what one item costs a worker): such a request would only wait, expire
+and be dropped, having pushed the requests behind it towards their own deadlines.
 """
 from __future__ import annotations
 
@@ -71,10 +74,16 @@ class BatchConfig:
     max_wait_s: float = 0.0
     max_queue: int = 64
     workers: int = 1
+    # Admit a request with a deadline only if the work ahead of it is expected to take at
+    # most this share of its remaining time; the rest is for the stages after the models
+    # (search, audit fsync, the answer's trip) and for the estimate's own error.
+    admit_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.workers < 1:
             raise ValueError(f"max_batch, max_queue and workers must be >= 1, got: {self}")
+        if not 0.0 < self.admit_fraction <= 1.0:
+            raise ValueError(f"admit_fraction must be in (0, 1], got: {self.admit_fraction}")
         if not 0.0 <= self.max_wait_s < 10.0:
             raise ValueError(f"max_wait_s must be in [0, 10) seconds, got: {self.max_wait_s}")
 
@@ -117,6 +126,8 @@ class MicroBatcher(Generic[In, Out]):
         self._workers: list[asyncio.Task] = []
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
+        self._item_cost_s: float | None = None  # moving average of worker time per item
+        self._computing = 0                     # items inside a running batch
 
     @property
     def queue_depth(self) -> int:
@@ -157,6 +168,11 @@ class MicroBatcher(Generic[In, Out]):
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExpired("the request's deadline had passed when it arrived")
+        expected = self.expected_wait_s()
+        if deadline is not None and expected > self.config.admit_fraction * (deadline - now):
+            raise Overloaded(f"{self.name} queue holds about {expected * 1e3:.0f} ms of work, "
+                             f"more than the call's remaining "
+                             f"{(deadline - now) * 1e3:.0f} ms; retry later or elsewhere")
         future = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Request(item, future, deadline, now))
@@ -171,6 +187,13 @@ class MicroBatcher(Generic[In, Out]):
             # The raised exception's traceback holds this frame: drop the references
             # that lead back to it (future -> exception) and to the input.
             del future, item
+
+    def expected_wait_s(self) -> float:
+        """Roughly how long a request queued now waits before and during its compute."""
+        if self._item_cost_s is None or self._queue is None:
+            return 0.0
+        ahead = self._queue.qsize() + self._computing + 1
+        return ahead * self._item_cost_s / self.config.workers
 
     # -- worker side ----------------------------------------------------------------
 
@@ -227,6 +250,7 @@ class MicroBatcher(Generic[In, Out]):
         started = time.monotonic()
         if self._on_batch is not None:
             self._on_batch(len(live))
+        self._computing += len(live)
         try:
             results = await loop.run_in_executor(self._executor, self.fn,
                                                  [r.item for r in live])
@@ -247,6 +271,11 @@ class MicroBatcher(Generic[In, Out]):
                 if not req.future.done():
                     req.future.set_exception(error)
             return
+        finally:
+            self._computing -= len(live)
+        cost = (time.monotonic() - started) / len(live)
+        self._item_cost_s = cost if self._item_cost_s is None else \
+            0.8 * self._item_cost_s + 0.2 * cost
         for req, result in zip(live, results):
             if req.future.done():
                 continue

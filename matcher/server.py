@@ -29,6 +29,7 @@ from .audit import AuditLog
 from .auth import (SERVICE, AuthConfigError, TokenAuthInterceptor, TokenBook, check_exposure,
                    server_credentials, split_host_port)
 from .batching import BatchConfig
+from .crypto import codec_from_env
 from .decision import DecisionPolicy
 from .engine import MatchEngine, sha256_hex
 from .errors import MatcherError, SnapshotError
@@ -238,7 +239,8 @@ class RunningServer:
                     raise MatcherError("stopped while waiting for a first snapshot")
         from .gallery import Gallery
 
-        gallery = Gallery.open(config.data_dir, pipeline.model_id)
+        # Encrypted at rest when MATCHER_TEMPLATE_KEY(_FILE) is set, as the overnight job.
+        gallery = Gallery.open(config.data_dir, pipeline.model_id, codec=codec_from_env())
         if config.demo:
             enrol_demo_gallery(pipeline, gallery)
         return gallery

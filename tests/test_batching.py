@@ -287,3 +287,27 @@ def test_concurrent_searches_share_one_gallery_call_and_keep_their_own_k(pipelin
     for (f, _), k, decisions in zip(templates.items(), (1, 2, 3, 4), out):
         assert decisions[0].traveller_id == f and len(decisions[0].candidates) == k
     assert sum(n for n, _ in calls) == 4 and len(calls) < 4  # at least two shared a call
+
+
+def test_a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once():
+    def slow(items):
+        time.sleep(0.05)
+        return items
+
+    async def main():
+        b = MicroBatcher(slow, BatchConfig(max_batch=1, max_wait_s=0, max_queue=32))
+        b.start()
+        await b.submit(0)                        # learns what an item costs (~50 ms)
+        backlog = [asyncio.create_task(b.submit(i)) for i in range(10)]
+        await asyncio.sleep(0)
+        assert b.expected_wait_s() >= 0.3
+        with pytest.raises(Overloaded, match="more than the call's remaining"):
+            await b.submit(99, deadline=time.monotonic() + 0.1)
+        refused_before_the_backlog_ran = sum(t.done() for t in backlog) < len(backlog)
+        patient = await b.submit(7, deadline=time.monotonic() + 30)
+        await asyncio.gather(*backlog)
+        await b.stop()
+        return refused_before_the_backlog_ran, patient
+
+    at_once, patient = run(main())
+    assert at_once and patient[0] == 7

@@ -2,6 +2,12 @@
 sending the next face (as a real e-gate does); reports latency percentiles and throughput.
 
     matcher lane --server 127.0.0.1:50051 --lanes 40 --duration 30 photos/*.jpg
+    matcher lane --server 127.0.0.1:50051 --lanes 40 --interval 2 --duration 60 photos/*.jpg
+
+Without ``--interval`` every lane sends back to back (the worst case: the service's
+capacity shows as throughput, and latency is mostly queueing). With it, each lane starts a
+request every INTERVAL seconds (a traveller stepping up), staggered across lanes, which
+shows the latency a lane sees at a given load.
 """
 from __future__ import annotations
 
@@ -69,13 +75,16 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
               rpc: str = "identify", traveller_ids: Sequence[str] | None = None,
               token: str | None = None, timeout: float = 5.0, ca=None, cert=None, key=None,
               server_name: str | None = None, stop: threading.Event | None = None,
-              on_answer: Callable[[str], None] | None = None) -> LaneReport:
+              on_answer: Callable[[str], None] | None = None,
+              interval_s: float | None = None) -> LaneReport:
     """Drive ``lanes`` concurrent lanes until each sent ``requests_per_lane`` or
     ``duration_s`` passed (or ``stop`` is set). Lane i starts at image i so lanes differ.
 
     ``rpc``: identify, verify or clear; verify/clear claim ``traveller_ids[j]`` for
     ``images[j]``. ``on_answer(decision_name)`` is called from the lane threads after
-    every answer (progress for a caller that changes something mid-run).
+    every answer (progress for a caller that changes something mid-run). ``interval_s``:
+    each lane starts a request every that many seconds instead of back to back (lane i
+    first waits i/lanes of an interval, so lanes do not arrive in step).
     """
     if not images:
         raise ValueError("the lane simulator needs at least one image")
@@ -94,8 +103,11 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
         lane_id = f"lane-{number:02d}"
         latencies, decisions, errors = [], Counter(), Counter()
         start_gate.wait()
-        end = None if duration_s is None else time.monotonic() + duration_s
+        began = time.monotonic()
+        end = None if duration_s is None else began + duration_s
         sent = 0
+        if interval_s and stop.wait(interval_s * number / lanes):
+            return
         while not stop.is_set():
             if requests_per_lane is not None and sent >= requests_per_lane:
                 break
@@ -118,12 +130,16 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
                     resp = client.stub.Clear(req, timeout=timeout, metadata=client.metadata)
             except grpc.RpcError as exc:
                 errors[exc.code().name] += 1
-                continue
-            latencies.append((time.perf_counter() - t) * 1e3)
-            name = pb.Decision.Name(resp.decision)
-            decisions[name] += 1
-            if on_answer is not None:
-                on_answer(name)
+            else:
+                latencies.append((time.perf_counter() - t) * 1e3)
+                name = pb.Decision.Name(resp.decision)
+                decisions[name] += 1
+                if on_answer is not None:
+                    on_answer(name)
+            if interval_s:
+                pause = began + interval_s * (sent + number / lanes) - time.monotonic()
+                if pause > 0 and stop.wait(pause):
+                    break
         with lock:
             report.latencies_ms.extend(latencies)
             report.decisions.update(decisions)

@@ -228,7 +228,7 @@ def cmd_lane(args: argparse.Namespace) -> int:
     from .lane import run_lanes
 
     images = [p.read_bytes() for p in _images(args)]
-    report = run_lanes(_servers(args), images, args.lanes,
+    report = run_lanes(_servers(args), images, args.lanes, interval_s=args.interval,
                        requests_per_lane=args.requests, duration_s=args.duration,
                        token=_token(args), timeout=args.timeout, ca=args.ca, cert=args.cert,
                        key=args.key, server_name=args.server_name)
@@ -297,6 +297,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lanes", type=int, default=8)
     p.add_argument("--requests", type=int, default=None, help="requests per lane")
     p.add_argument("--duration", type=float, default=None, help="seconds (default 10)")
+    p.add_argument("--interval", type=float, default=None,
+                   help="each lane starts a request every INTERVAL s (default: back to back)")
     p.add_argument("--demo-probe", action="store_true")
     _add_client_options(p)
 

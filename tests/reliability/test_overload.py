@@ -215,10 +215,7 @@ def test_three_times_capacity_with_a_deadline_sized_queue(tmp_path, photo, capac
                  f"({run.offered:.0f}/s) for {run.seconds:.0f} s")
 
 
-@pytest.mark.xfail(strict=True, reason="F6: the default queue (64) holds ~2 s of work at "
-                   "this capacity, so at 3x most admitted requests wait past a 1 s lane "
-                   "deadline and end DEADLINE_EXCEEDED instead of an immediate "
-                   "RESOURCE_EXHAUSTED; admission should consider the expected wait against "
-                   "the call's deadline (or size the queue from the deadline)")
 def test_three_times_capacity_with_the_default_queue(capacity_run):
+    """Finding F6 (fixed): with a queue counted in items, most admitted requests waited
+    past the deadline; admission now refuses what cannot be served in time."""
     _check(capacity_run)

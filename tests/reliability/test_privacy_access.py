@@ -273,12 +273,8 @@ def test_the_search_finds_each_form_when_it_is_there(run):
     assert find_leaks(printed, template_forms(template, "t"))
 
 
-@pytest.mark.xfail(strict=True, reason="F7: `matcher serve` opens the gallery with the plain "
-                   "codec even when MATCHER_TEMPLATE_KEY is set (server._open_gallery passes "
-                   "no codec; matcher.crypto.codec_from_env() is the one-line fix), so "
-                   "templates are stored unencrypted and a store written by the encrypted "
-                   "overnight job could not be read")
 def test_f7_server_encrypts_templates_when_a_key_is_configured(tmp_path):
+    """Finding F7 (fixed): `matcher serve` stored templates in plain even with a key set."""
     from matcher.crypto import generate_key
 
     server = ServerProcess(tmp_path / "data", tmp_path / "server.log",
@@ -294,3 +290,7 @@ def test_f7_server_encrypts_templates_when_a_key_is_configured(tmp_path):
         conn.close()
     assert codec == "aesgcm-v1"
     assert x.astype("<f4").tobytes()[:64] not in bytes(blob)
+    with server:  # restarted with the same key, the encrypted template still matches
+        with server.client() as client:
+            answer = client.verify("T-ENC", template=x)
+    assert answer.decision == pb.MATCH and answer.score > 0.999

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown suite(s) {unknown}; choose from {SUITES}")
     machine = machine_info()
-    reports, errors = [], {}
+    reports, docs, errors = [], [], {}
     for name in wanted:
         try:
             module = importlib.import_module(f"benchmarks.suite_{name}")
@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
             errors[name] = f"{type(exc).__name__}: {exc}"
         elapsed = time.perf_counter() - started
-        report.save(args.out, machine, elapsed)
+        docs.append(report.save(args.out, machine, elapsed))
         reports.append(report)
         status = "FAILED" if (report.failed or name in errors) else "ok"
         print(f"[bench] suite {name}: {status} in {elapsed:.1f} s", flush=True)
         for c in report.failed:
             print(f"[bench]   check failed: {c.name}: {c.detail}", flush=True)
     command = "matcher bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    summary = write_summary(args.out, reports, machine, command, errors)
+    summary = write_summary(args.out, docs, command, errors)
     print(f"[bench] summary: {summary}", flush=True)
     failed = errors or any(r.failed for r in reports)
     return 1 if failed else 0

@@ -131,14 +131,18 @@ class Report:
     def failed(self) -> list[Check]:
         return [c for c in self.checks if not c.ok]
 
-    def save(self, out_dir: Path, machine: dict, seconds: float) -> None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        doc = {
+    def to_doc(self, machine: dict, seconds: float) -> dict:
+        """The JSON document of this suite's run."""
+        return {
             "suite": self.name, "quick": self.quick, "machine": machine,
             "elapsed_s": round(seconds, 2), "params": self.params, "figures": self.figures,
             "summary_keys": self.summary_keys,
             "checks": [c.__dict__ for c in self.checks],
         }
+
+    def save(self, out_dir: Path, machine: dict, seconds: float) -> dict:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        doc = self.to_doc(machine, seconds)
         (out_dir / f"{self.name}.json").write_text(json.dumps(doc, indent=2, default=str))
         if self._figure is not None:
             fig = self._figure
@@ -147,6 +151,7 @@ class Report:
             fig.tight_layout()
             fig.savefig(out_dir / f"{self.name}.png", dpi=110)
             plt.close(fig)
+        return doc
 
 
 def format_value(entry: dict) -> str:
@@ -157,24 +162,34 @@ def format_value(entry: dict) -> str:
     return f"{text} {entry['unit']}"
 
 
-def write_summary(out_dir: Path, reports: list[Report], machine: dict,
-                  command: str, errors: dict[str, str]) -> Path:
+def write_summary(out_dir: Path, docs: list[dict], command: str,
+                  errors: dict[str, str]) -> Path:
+    """summary.md: one table of every suite's headline figures, then every check.
+
+    ``docs`` are suite JSON documents (``Report.to_doc``), possibly from several runs:
+    each suite's line says its own run's date and mode.
+    """
+    machine = docs[0]["machine"] if docs else machine_info()
     lines = [
         "# Benchmark summary", "",
         f"Command: `{command}`  ",
-        f"Machine: {machine['processor']}, {machine['cpus']} CPUs, Python {machine['python']}  ",
-        f"Date (UTC): {machine['date_utc']}, commit {machine.get('git_commit')}", "",
-        "| suite | figure | median (min-max) |", "|---|---|---|",
+        f"Machine: {machine['processor']}, {machine['cpus']} CPUs, Python {machine['python']}",
+        "",
+        "| suite | run | figure | median (min-max) |", "|---|---|---|---|",
     ]
-    for r in reports:
-        for key in r.summary_keys:
-            lines.append(f"| {r.name} | {key} | {format_value(r.figures[key])} |")
+    for d in docs:
+        run = f"{'quick' if d['quick'] else 'full'} {d['machine']['date_utc'][:16]}"
+        for key in d["summary_keys"]:
+            lines.append(f"| {d['suite']} | {run} | {key} | {format_value(d['figures'][key])} |")
     lines += ["", "| suite | check | result | detail |", "|---|---|---|---|"]
-    for r in reports:
-        for c in r.checks:
-            lines.append(f"| {r.name} | {c.name} | {'ok' if c.ok else 'FAILED'} | {c.detail} |")
+    for d in docs:
+        for c in d["checks"]:
+            detail = str(c["detail"]).replace("|", "/")
+            lines.append(f"| {d['suite']} | {c['name']} | {'ok' if c['ok'] else 'FAILED'} "
+                         f"| {detail} |")
     for name, err in errors.items():
         lines.append(f"| {name} | suite ran | FAILED | {err} |")
     path = out_dir / "summary.md"
+    out_dir.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path

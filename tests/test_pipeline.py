@@ -241,3 +241,21 @@ def test_bad_bytes_surface_as_typed_errors_through_the_pipeline(pipeline: Pipeli
         pipeline.analyse_bytes(b"GIF89a" + bytes(100))
     with pytest.raises(InvalidInput):
         pipeline.analyse_bytes(b"\xff\xd8\xff\xe0" + bytes(300))
+
+
+def test_concurrent_callers_get_the_same_faces_as_one_caller(pipeline: Pipeline,
+                                                            faces_dir: Path) -> None:
+    """The service's batch workers share one Pipeline (ORT sessions run concurrently)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = ["obama_small.jpg", "group_two_people.jpg", "kit_harington_2.jpg",
+             "obama_240p.jpg", "rose_leslie_1.jpg", "alex_lacamoire_3.png"]
+    datas = [(faces_dir / f).read_bytes() for f in files] * 2
+    alone = [pipeline.analyse_bytes(d) for d in datas]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(pipeline.analyse_bytes, datas))
+    for a, b in zip(alone, together):
+        assert len(a) == len(b)
+        for fa, fb in zip(a, b):
+            np.testing.assert_array_equal(fa.bbox, fb.bbox)
+            np.testing.assert_array_equal(fa.template, fb.template)

@@ -62,18 +62,19 @@ class BatchConfig:
     at once (each in its own thread).
 
     The defaults come from ``python -m benchmarks --only service`` on 2 cores with the
-    default SCRFD-500M + MobileFaceNet pack: one request per model call, one worker with
-    two ONNX Runtime threads, no waiting, was the best or tied at 1, 8 and 32 lanes.
-    Batches of 8 (waiting 0 or 2 ms) gave 0.55-0.85x its throughput at 8 lanes: closed-loop
-    lanes fall into lock-step with the batch, and the cores idle while a whole batch's
-    answers go out and the next requests come in; these models are too small for batched
-    ORT runs to win that back. Raise max_batch (and measure) for bigger models or a GPU.
+    default SCRFD-500M + MobileFaceNet pack (docs/service.md has the table): two workers
+    with one ONNX Runtime thread each beat one worker with two threads by 1.2-1.6x at 8 and
+    32 lanes (one batch decodes and runs the native kernels while the other is in ORT, and
+    single-threaded ORT runs have no intra-op synchronisation); batches of up to 4, taken
+    greedily (no waiting), edged out 1 and 8 there. Waiting for company only added latency:
+    under load the queue fills while both workers are busy anyway. At one lane this layout
+    answers a single request with one ORT thread, ~5 ms slower than two threads would.
     """
 
-    max_batch: int = 1
+    max_batch: int = 4
     max_wait_s: float = 0.0
     max_queue: int = 64
-    workers: int = 1
+    workers: int = 2
     # Admit a request with a deadline only if the work ahead of it is expected to take at
     # most this share of its remaining time; the rest is for the stages after the models
     # (search, audit fsync, the answer's trip) and for the estimate's own error.
@@ -168,11 +169,17 @@ class MicroBatcher(Generic[In, Out]):
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExpired("the request's deadline had passed when it arrived")
-        expected = self.expected_wait_s()
-        if deadline is not None and expected > self.config.admit_fraction * (deadline - now):
-            raise Overloaded(f"{self.name} queue holds about {expected * 1e3:.0f} ms of work, "
-                             f"more than the call's remaining "
-                             f"{(deadline - now) * 1e3:.0f} ms; retry later or elsewhere")
+        if deadline is not None and self._item_cost_s is not None:
+            remaining = deadline - now
+            if remaining < self._item_cost_s:  # the caller's deadline, not our queue
+                raise DeadlineExpired(f"the call's deadline ({remaining * 1e3:.0f} ms) is "
+                                      f"shorter than one probe's compute "
+                                      f"(~{self._item_cost_s * 1e3:.0f} ms)")
+            expected = self.expected_wait_s()
+            if expected > self.config.admit_fraction * remaining:
+                raise Overloaded(f"{self.name} queue holds about {expected * 1e3:.0f} ms of "
+                                 f"work, more than the call's remaining "
+                                 f"{remaining * 1e3:.0f} ms allow; retry later or elsewhere")
         future = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Request(item, future, deadline, now))

@@ -77,7 +77,7 @@ class ServerConfig:
     snapshot_source: Path | None = None     # replica: the writer's snapshots/ folder
     watch_interval_s: float = 2.0
     batch: BatchConfig = field(default_factory=BatchConfig)
-    ort_threads: int = 2
+    ort_threads: int = 1                    # per worker; see batching.BatchConfig
     search_threads: int = 2
     policy: DecisionPolicy = field(default_factory=DecisionPolicy)
     model_pack: ModelPack | None = None     # None: the packaged default pack

@@ -41,7 +41,7 @@ def test_concurrent_requests_share_batches_and_get_their_own_results():
     fn = Recorder()
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=8, max_wait_s=0.05, max_queue=64))
+        b = MicroBatcher(fn, BatchConfig(max_batch=8, max_wait_s=0.05, max_queue=64, workers=1))
         b.start()
         out = await asyncio.gather(*(b.submit(i) for i in range(20)))
         await b.stop()
@@ -74,7 +74,7 @@ def test_full_queue_refuses_at_once_with_overloaded():
     fn = Recorder(gate)
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=2))
+        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=2, workers=1))
         b.start()
         first = asyncio.create_task(b.submit(0))
         await _wait_until(fn.entered)             # the worker holds item 0
@@ -96,7 +96,7 @@ def test_requests_whose_deadline_passed_in_the_queue_are_dropped_before_compute(
     expired = []
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8),
+        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8, workers=1),
                          on_expired=lambda: expired.append(1))
         b.start()
         first = asyncio.create_task(b.submit(0))
@@ -175,7 +175,7 @@ def test_stop_finishes_queued_work_then_refuses():
     fn = Recorder(gate)
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=8))
+        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=8, workers=1))
         b.start()
         tasks = [asyncio.create_task(b.submit(i)) for i in range(3)]
         await _wait_until(fn.entered)
@@ -195,7 +195,7 @@ def test_a_cancelled_request_is_not_computed():
     fn = Recorder(gate)
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8))
+        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8, workers=1))
         b.start()
         first = asyncio.create_task(b.submit(0))
         await _wait_until(fn.entered)
@@ -231,7 +231,7 @@ def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeli
              "alex_lacamoire_1.jpg", "group_two_people.jpg"]
     data = [(faces_dir / f).read_bytes() for f in files]
     gallery = Gallery.open(tmp_path, pipeline.model_id)
-    engine = MatchEngine(pipeline, gallery, BatchConfig(max_batch=8, max_wait_s=0.2))
+    engine = MatchEngine(pipeline, gallery, BatchConfig(max_batch=8, max_wait_s=0.2, workers=1))
     sizes = []
     engine.batcher._on_batch = sizes.append  # observe batch sizes as the metrics hook does
 
@@ -295,14 +295,15 @@ def test_a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once
         return items
 
     async def main():
-        b = MicroBatcher(slow, BatchConfig(max_batch=1, max_wait_s=0, max_queue=32))
+        b = MicroBatcher(slow, BatchConfig(max_batch=1, max_wait_s=0, max_queue=32, workers=1))
         b.start()
         await b.submit(0)                        # learns what an item costs (~50 ms)
+        cost = b.expected_wait_s()               # one item ahead of nobody
         backlog = [asyncio.create_task(b.submit(i)) for i in range(10)]
         await asyncio.sleep(0)
-        assert b.expected_wait_s() >= 0.3
+        assert b.expected_wait_s() >= 5 * cost
         with pytest.raises(Overloaded, match="more than the call's remaining"):
-            await b.submit(99, deadline=time.monotonic() + 0.1)
+            await b.submit(99, deadline=time.monotonic() + 2 * cost)
         refused_before_the_backlog_ran = sum(t.done() for t in backlog) < len(backlog)
         patient = await b.submit(7, deadline=time.monotonic() + 30)
         await asyncio.gather(*backlog)
@@ -311,3 +312,20 @@ def test_a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once
 
     at_once, patient = run(main())
     assert at_once and patient[0] == 7
+
+
+def test_a_deadline_shorter_than_the_work_itself_is_deadline_exceeded_not_overload():
+    def slow(items):
+        time.sleep(0.05)
+        return items
+
+    async def main():
+        b = MicroBatcher(slow, BatchConfig(max_batch=1, max_wait_s=0, workers=1))
+        b.start()
+        await b.submit(0)                        # learns what an item costs (~50 ms)
+        cost = b.expected_wait_s()
+        with pytest.raises(DeadlineExpired, match="shorter than one probe's compute"):
+            await b.submit(1, deadline=time.monotonic() + cost / 2)
+        await b.stop()
+
+    run(main())

@@ -125,6 +125,30 @@ class EnrolResult:
 
 
 @dataclass(frozen=True)
+class Enrolment:
+    """One traveller's enrolment for ``Store.enroll_many``: templates (k, 512) float32
+    L2-normalised, one photo sha256 per row, booking window [valid_from, valid_to)."""
+
+    traveller_id: str
+    templates: np.ndarray
+    valid_from: datetime | float
+    valid_to: datetime | float
+    photo_sha256s: Sequence[str]
+    model_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """An Enrolment after validation: epoch seconds, contiguous (k, 512) float32."""
+
+    traveller_id: str
+    templates: np.ndarray
+    valid_from: float
+    valid_to: float
+    photo_sha256s: list[str]
+
+
+@dataclass(frozen=True)
 class Change:
     gallery_version: int
     traveller_id: str
@@ -371,6 +395,69 @@ class Store:
         c.execute("INSERT INTO changes VALUES (?, ?, ?, ?)", (version, traveller_id, kind, now))
         return version
 
+    def _check_enrolment(self, e: "Enrolment") -> "_Checked":
+        """Validate one enrolment (no store access); raises InvalidInput / GalleryError."""
+        traveller_id = check_traveller_id(e.traveller_id)
+        x = check_templates(e.templates)
+        vf, vt = to_epoch(e.valid_from, "valid_from"), to_epoch(e.valid_to, "valid_to")
+        if not vf < vt:
+            raise InvalidInput("valid_from must be before valid_to")
+        shas = [_check_sha256(s) for s in e.photo_sha256s]
+        if len(shas) != len(x):
+            raise InvalidInput(f"got {len(x)} templates but {len(shas)} photo_sha256 values")
+        if e.model_id is not None and e.model_id != self.model_id:
+            raise GalleryError(f"templates made by model {e.model_id} cannot join a gallery "
+                               f"of model {self.model_id}")
+        return _Checked(traveller_id, x, vf, vt, shas)
+
+    def _apply_enrolment(self, c: sqlite3.Connection, e: "_Checked", now: float
+                         ) -> EnrolResult:
+        """Write one checked enrolment inside the caller's transaction."""
+        row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
+                        (e.traveller_id,)).fetchone()
+        stored = {r[0] for r in c.execute(
+            "SELECT photo_sha256 FROM templates WHERE traveller_id=?", (e.traveller_id,))}
+        new: dict[str, int] = {}
+        for i, sha in enumerate(e.photo_sha256s):
+            if sha not in stored and sha not in new:
+                new[sha] = i
+        if len(stored) + len(new) > MAX_TEMPLATES_PER_TRAVELLER:
+            raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
+                               f" templates; {e.traveller_id!r} would have "
+                               f"{len(stored) + len(new)}")
+        window_changed = row is None or (row[0], row[1]) != (e.valid_from, e.valid_to)
+        if not new and not window_changed:
+            return EnrolResult(e.traveller_id, self._version(c), 0, False)
+        self._set_window(c, e.traveller_id, e.valid_from, e.valid_to, row is None, now)
+        self._insert_templates(c, e.traveller_id, e.templates, new, now)
+        version = self._bump(c, e.traveller_id, "enrol", now)
+        return EnrolResult(e.traveller_id, version, len(new), True)
+
+    @staticmethod
+    def _version(c: sqlite3.Connection) -> int:
+        return int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
+                             ).fetchone()[0])
+
+    @staticmethod
+    def _set_window(c: sqlite3.Connection, traveller_id: str, vf: float, vt: float,
+                    insert: bool, now: float) -> None:
+        if insert:
+            c.execute("INSERT INTO travellers VALUES (?, ?, ?, ?, ?)",
+                      (traveller_id, vf, vt, now, now))
+        else:
+            c.execute("UPDATE travellers SET valid_from=?, valid_to=?, updated_at=? "
+                      "WHERE traveller_id=?", (vf, vt, now, traveller_id))
+
+    def _insert_templates(self, c: sqlite3.Connection, traveller_id: str, x: np.ndarray,
+                          rows: dict[str, int], now: float) -> None:
+        """Insert ``x[i]`` for each photo sha256 -> row i of ``rows``."""
+        c.executemany(
+            "INSERT INTO templates (traveller_id, model_id, photo_sha256, codec, template,"
+            " created_at) VALUES (?, ?, ?, ?, ?, ?)",
+            [(traveller_id, self.model_id, sha, self.codec.name,
+              self.codec.encode(x[i], _context(traveller_id, sha)), now)
+             for sha, i in rows.items()])
+
     def enroll(self, traveller_id: str, templates: np.ndarray,
                valid_from: datetime | float, valid_to: datetime | float,
                photo_sha256s: Sequence[str], model_id: str | None = None) -> EnrolResult:
@@ -379,51 +466,110 @@ class Store:
         Idempotent: photos already stored for this traveller are skipped, and if nothing
         changes the gallery_version does not move.
         """
+        checked = self._check_enrolment(Enrolment(traveller_id, templates, valid_from,
+                                                  valid_to, photo_sha256s, model_id))
+        with self._write() as c:
+            result = self._apply_enrolment(c, checked, time.time())
+        if result.changed:
+            log.info("enrolled traveller (%d new templates) at gallery_version %d",
+                     result.added_templates, result.gallery_version)
+        return result
+
+    def enroll_many(self, enrolments: Sequence["Enrolment"]) -> list[EnrolResult]:
+        """Enrol many travellers in ONE transaction; durable (fsynced) on return.
+
+        Each enrolment behaves exactly as ``enroll`` would, in order: photos already
+        stored are skipped, and each traveller that changes gets its own change-log entry
+        and gallery_version (so snapshots replay it like single enrolments). Returns one
+        EnrolResult per enrolment, in order, only after COMMIT.
+
+        All or nothing: every enrolment is validated before anything is written, and a
+        failure (InvalidInput naming the enrolment's position, a traveller over the
+        template limit, a disk error) rolls the whole batch back. Nothing of a failed
+        batch is acknowledged; the caller retries or reports it whole.
+        """
+        checked = []
+        for n, e in enumerate(enrolments):
+            try:
+                checked.append(self._check_enrolment(e))
+            except InvalidInput as exc:
+                raise InvalidInput(f"enrolment {n} of {len(enrolments)} is refused, nothing "
+                                   f"was written: {exc}") from None
+        if not checked:
+            return []
+        now = time.time()
+        with self._write() as c:
+            results = [self._apply_enrolment(c, e, now) for e in checked]
+        changed = [r for r in results if r.changed]
+        log.info("enrolled %d travellers in one transaction (%d changed, %d new templates)"
+                 " at gallery_version %d", len(results), len(changed),
+                 sum(r.added_templates for r in changed), results[-1].gallery_version)
+        return results
+
+    def replace_templates(self, traveller_id: str, keep_sha256s: Sequence[str],
+                          new_templates: np.ndarray, new_sha256s: Sequence[str],
+                          valid_from: datetime | float, valid_to: datetime | float
+                          ) -> EnrolResult:
+        """Make a stored traveller's templates exactly ``keep`` + new, atomically.
+
+        One transaction: stored templates whose photo is neither in ``keep_sha256s`` nor
+        in ``new_sha256s`` are deleted (bytes overwritten, ``secure_delete``), the new
+        templates (k, 512) float32 are added (k may be 0; a new photo already stored is
+        kept, not stored twice) and the window is set. A concurrent reader sees the old
+        templates or the new ones, never neither; a failure leaves the old ones.
+        One change-log entry (kind ``enrol``: a snapshot replays a traveller by re-reading
+        it whole) unless nothing changed. Durable on return.
+
+        Raises UnknownTraveller if the traveller is not stored, InvalidInput if a kept
+        photo is not stored for them, if nothing would be left (use ``remove``), or over
+        the template limit.
+        """
         traveller_id = check_traveller_id(traveller_id)
-        x = check_templates(templates)
+        keep = {_check_sha256(s) for s in keep_sha256s}
+        x = np.asarray(new_templates)
+        if x.size == 0 and not len(new_sha256s):
+            x = np.empty((0, EMBEDDING_DIM), np.float32)
+            new_shas: list[str] = []
+        else:
+            checked = self._check_enrolment(Enrolment(traveller_id, x, valid_from, valid_to,
+                                                      new_sha256s))
+            x, new_shas = checked.templates, checked.photo_sha256s
         vf, vt = to_epoch(valid_from, "valid_from"), to_epoch(valid_to, "valid_to")
         if not vf < vt:
             raise InvalidInput("valid_from must be before valid_to")
-        shas = [_check_sha256(s) for s in photo_sha256s]
-        if len(shas) != len(x):
-            raise InvalidInput(f"got {len(x)} templates but {len(shas)} photo_sha256 values")
-        if model_id is not None and model_id != self.model_id:
-            raise GalleryError(f"templates made by model {model_id} cannot join a gallery "
-                               f"of model {self.model_id}")
+        wanted = keep | set(new_shas)
+        if not wanted:
+            raise InvalidInput(f"replacing {traveller_id!r} would leave no template; "
+                               f"remove the traveller instead")
+        if len(wanted) > MAX_TEMPLATES_PER_TRAVELLER:
+            raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
+                               f" templates; {traveller_id!r} would have {len(wanted)}")
         now = time.time()
         with self._write() as c:
             row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
                             (traveller_id,)).fetchone()
+            if row is None:
+                raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
             stored = {r[0] for r in c.execute(
                 "SELECT photo_sha256 FROM templates WHERE traveller_id=?", (traveller_id,))}
+            missing = keep - stored
+            if missing:
+                raise InvalidInput(f"{len(missing)} of the photos to keep for "
+                                   f"{traveller_id!r} are not stored for them")
+            stale = stored - wanted
             new: dict[str, int] = {}
-            for i, sha in enumerate(shas):
+            for i, sha in enumerate(new_shas):
                 if sha not in stored and sha not in new:
                     new[sha] = i
-            if len(stored) + len(new) > MAX_TEMPLATES_PER_TRAVELLER:
-                raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
-                                   f" templates; {traveller_id!r} would have "
-                                   f"{len(stored) + len(new)}")
-            window_changed = row is None or (row[0], row[1]) != (vf, vt)
-            if not new and not window_changed:
-                version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
-                                        ).fetchone()[0])
-                return EnrolResult(traveller_id, version, 0, False)
-            if row is None:
-                c.execute("INSERT INTO travellers VALUES (?, ?, ?, ?, ?)",
-                          (traveller_id, vf, vt, now, now))
-            else:
-                c.execute("UPDATE travellers SET valid_from=?, valid_to=?, updated_at=? "
-                          "WHERE traveller_id=?", (vf, vt, now, traveller_id))
-            c.executemany(
-                "INSERT INTO templates (traveller_id, model_id, photo_sha256, codec, template,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                [(traveller_id, self.model_id, sha, self.codec.name,
-                  self.codec.encode(x[i], _context(traveller_id, sha)), now)
-                 for sha, i in new.items()])
+            if not stale and not new and (row[0], row[1]) == (vf, vt):
+                return EnrolResult(traveller_id, self._version(c), 0, False)
+            c.executemany("DELETE FROM templates WHERE traveller_id=? AND photo_sha256=?",
+                          [(traveller_id, sha) for sha in stale])
+            self._set_window(c, traveller_id, vf, vt, False, now)
+            self._insert_templates(c, traveller_id, x, new, now)
             version = self._bump(c, traveller_id, "enrol", now)
-        log.info("enrolled traveller (%d new templates) at gallery_version %d",
-                 len(new), version)
+        log.info("replaced templates of a traveller (%d deleted, %d new) at gallery_version "
+                 "%d", len(stale), len(new), version)
         return EnrolResult(traveller_id, version, len(new), True)
 
     def remove(self, traveller_id: str) -> int:

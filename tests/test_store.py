@@ -320,12 +320,13 @@ def test_a_concurrent_reader_never_sees_a_traveller_without_templates(tmp_path):
     problems: list[str] = []
     with Store.open(tmp_path / "g.sqlite3", MODEL) as s:
         s.enroll("A1", x[:1], T0, T1, [sha(0)])
-        stop = threading.Event()
+        stop, reading = threading.Event(), threading.Event()
 
         def reader() -> None:
             with Store.open(tmp_path / "g.sqlite3", MODEL) as other:
                 while not stop.is_set():
                     t = other.find("A1")
+                    reading.set()
                     if t is None or len(t.photo_sha256s) != 1:
                         problems.append("none" if t is None else f"{len(t.photo_sha256s)}")
                         continue
@@ -337,13 +338,17 @@ def test_a_concurrent_reader_never_sees_a_traveller_without_templates(tmp_path):
         thread = threading.Thread(target=reader)
         thread.start()
         try:
-            for n in range(1, 61):
+            assert reading.wait(30)
+            # At least 60 swaps, and on until the reader has seen both photos.
+            for n in range(1, 2001):
                 i = n % 2
                 s.replace_templates("A1", [], x[i:i + 1], [sha(i)], T0, T1)
+                if n >= 60 and len(set(seen)) == 2:
+                    break
         finally:
             stop.set()
             thread.join(30)
         version = s.gallery_version
     assert not problems, problems[:5]
-    assert version == 61  # one change per replace
+    assert version == 1 + n  # one change per replace
     assert len(set(seen)) == 2  # the reader really saw both states

@@ -4,10 +4,11 @@ One driver, many embedders. The driver reads and checks the manifest, hashes eve
 and sends only photos whose sha256 is not yet in the store (for that traveller and this
 store's model) to a Ray Data actor pool; each actor builds one ``Pipeline`` and turns a
 batch of photo paths into templates or reject reasons. The driver is the store's only
-writer: it enrols each traveller as soon as all of its photos are back (durable on
-return, so an interrupted run resumes where it stopped), deletes the travellers who are
-no longer booked, then rebuilds the index and publishes a snapshot, which a running
-``matcher serve`` on the same data dir picks up.
+writer: each traveller whose photos are all back joins a batch that is committed in one
+fsynced transaction (``Store.enroll_many``; a few hundred travellers or a second's worth,
+whichever comes first), so an interrupted run resumes after the last committed batch. It
+then deletes the travellers who are no longer booked, rebuilds the index and publishes a
+snapshot, which a running ``matcher serve`` on the same data dir picks up.
 
 Photos that were refused for what they contain (no face, several faces, low quality,
 undecodable) are remembered by sha256 and pipeline settings in a small side file, so a
@@ -42,7 +43,7 @@ from .pipeline import DetectorConfig, Face, largest_face
 from .quality import DEFAULT_POLICY, QualityPolicy
 from .snapshot import Manifest as SnapshotManifest
 from .snapshot import verify_snapshot
-from .store import Store, TemplateCodec, TravellerSummary
+from .store import Enrolment, Store, TemplateCodec, TravellerSummary
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ class ReindexConfig:
     now: UTC epoch seconds deciding which bookings are over (default: the clock at start).
     second_face_area_ratio: a second face at least this fraction of the largest face's
         area makes the photo ambiguous (``multiple_faces``); smaller faces are bystanders.
+    store_batch_travellers, store_batch_ms: completed travellers are committed to the
+        store together, one fsynced transaction per batch, once this many are waiting or
+        the oldest has waited this long (checked as results arrive). A hard crash
+        (power cut, SIGKILL) loses at most the uncommitted batch; the next run embeds it
+        again. 1 means one transaction per traveller.
     """
 
     manifest: Path
@@ -97,6 +103,8 @@ class ReindexConfig:
     now: float | None = None
     progress: bool = True
     second_face_area_ratio: float = 0.1
+    store_batch_travellers: int = 256
+    store_batch_ms: float = 1000.0
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     quality: QualityPolicy = DEFAULT_POLICY
 
@@ -111,6 +119,8 @@ class ReindexConfig:
             raise InvalidInput("memory_per_actor_mb must be >= 1")
         if not 0.0 < self.second_face_area_ratio <= 1.0:
             raise InvalidInput("second_face_area_ratio must be in (0, 1]")
+        if self.store_batch_travellers < 1 or not self.store_batch_ms >= 0:
+            raise InvalidInput("store_batch_travellers must be >= 1 and store_batch_ms >= 0")
 
     @property
     def outcome_key(self) -> str:
@@ -583,14 +593,23 @@ class _Plan:
 
 
 class _Writer:
-    """The store's single writer during a run: enrols, replaces, removes travellers."""
+    """The store's single writer during a run: enrols (in batches), replaces, removes.
+
+    A traveller counts as enrolled only once its batch has committed; until then it is
+    in memory only and a crash means it is embedded again next run.
+    """
 
     def __init__(self, store: Store, stored: dict[str, TravellerSummary],
-                 summary: Summary) -> None:
+                 summary: Summary, batch_travellers: int = 1, batch_ms: float = 0.0
+                 ) -> None:
         self.store = store
         self.stored = stored
         self.summary = summary
         self.final: set[str] = set()
+        self.batch_travellers = batch_travellers
+        self.batch_s = batch_ms / 1e3
+        self._queue: list[Enrolment] = []
+        self._queued_at = 0.0  # monotonic time the oldest queued traveller was complete
 
     def finish(self, traveller_id: str, plan: _Plan) -> None:
         have = self.stored.get(traveller_id)
@@ -602,30 +621,59 @@ class _Writer:
         self.final.add(traveller_id)
         window = (plan.valid_from, plan.valid_to)
         stale = have.photo_sha256s - wanted if have is not None else frozenset()
-        if stale:
-            # The booking now lists other photos: templates of the dropped ones must go.
-            # The Store has no per-template delete, so the traveller is re-enrolled whole
-            # (remove, then enrol kept + new templates) in two transactions.
-            t = self.store.get(traveller_id)
-            templates = dict(zip(t.photo_sha256s, t.templates))
-            templates = {s: v for s, v in templates.items() if s in wanted} | plan.new
-            self.store.remove(traveller_id)
-            self._enrol(traveller_id, templates, window)
+        moved = have is not None and (have.valid_from, have.valid_to) != window
+        if stale or (moved and not plan.new):
+            # Photos dropped from the booking (their templates must go) or only the window
+            # moved: one atomic replace, so the traveller is never missing in between.
+            self._replace(traveller_id, plan, window)
         elif plan.new:
-            self._enrol(traveller_id, plan.new, window)
-        elif have is not None and (have.valid_from, have.valid_to) != window:
-            # Only the window moved: re-send one stored template (a no-op for the
-            # template, since the store skips known photos) to update the window.
-            t = self.store.get(traveller_id)
-            self._enrol(traveller_id, {t.photo_sha256s[0]: t.templates[0]}, window)
+            self._enqueue(Enrolment(traveller_id, np.stack(list(plan.new.values())),
+                                    window[0], window[1], list(plan.new)))
         else:
             self.summary.unchanged += 1
 
-    def _enrol(self, traveller_id: str, templates: dict[str, np.ndarray],
-               window: tuple[float, float]) -> None:
-        shas = list(templates)
-        self.store.enroll(traveller_id, np.stack([templates[s] for s in shas]),
-                            window[0], window[1], shas)
+    def _enqueue(self, enrolment: Enrolment) -> None:
+        if not self._queue:
+            self._queued_at = time.monotonic()
+        self._queue.append(enrolment)
+        if len(self._queue) >= self.batch_travellers:
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        """Commit the queue if its oldest traveller has waited ``batch_ms``."""
+        if self._queue and time.monotonic() - self._queued_at >= self.batch_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Commit every queued traveller in one durable transaction."""
+        if not self._queue:
+            return
+        self.store.enroll_many(self._queue)
+        self.summary.enrolled += len(self._queue)
+        self._queue = []
+
+    def flush_after_error(self) -> None:
+        """The run is failing: still commit the queued travellers (complete and valid) so
+        the next run need not embed them again. A failure here is logged; the caller
+        re-raises the error that stopped the run."""
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - logged; the original error is what matters
+            log.exception("could not commit %d queued travellers while stopping; the next "
+                          "run embeds them again", len(self._queue))
+
+    def _replace(self, traveller_id: str, plan: _Plan, window: tuple[float, float]) -> None:
+        shas = list(plan.new)
+        templates = (np.stack([plan.new[s] for s in shas]) if shas
+                     else np.empty((0, EMBEDDING_DIM), np.float32))
+        try:
+            self.store.replace_templates(traveller_id, sorted(plan.kept), templates, shas,
+                                         window[0], window[1])
+        except UnknownTraveller:
+            # Removed meanwhile through the service's admin API, kept templates and all;
+            # left out tonight, the next run enrols them from their photos again.
+            log.warning("a traveller was removed during the run; left out until next run")
+            return
         self.summary.enrolled += 1
 
     def _remove(self, traveller_id: str) -> None:
@@ -683,7 +731,9 @@ def iter_nothing() -> Iterator[list[PhotoResult]]:
 def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, list[str]],
                      plans: dict[str, _Plan], writer: _Writer, cache: OutcomeCache,
                      rejects: list[Reject], progress: Progress) -> float:
-    """Consume the embedders' results: enrol each traveller once all its photos are back.
+    """Consume the embedders' results: queue each traveller for the store once all its
+    photos are back; committed in batches, the last one (also on the way out of an error)
+    before this returns.
 
     Returns the steady rate in photos/s: from the first batch back to the last, not
     counting the first batch (its time is start-up: processes, models, first run); None
@@ -691,23 +741,29 @@ def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, li
     """
     first_at = last_at = 0.0
     first_size = 0
-    for batch in batches:
-        last_at = time.perf_counter()
-        if not first_size:
-            first_at, first_size = last_at, len(batch)
-        progress.update(len(batch))
-        cache.put_many([(r.sha256, r.reason) for r in batch if remember_reject(r.reason)])
-        for result in batch:
-            for traveller_id in waiting.pop(result.sha256, ()):
-                plan = plans[traveller_id]
-                plan.pending.discard(result.sha256)
-                if result.template is not None:
-                    plan.new[result.sha256] = result.template
-                else:
-                    rejects.append(Reject(plan.rows[result.sha256].row, traveller_id,
-                                          result.reason))
-                if not plan.pending:
-                    writer.finish(traveller_id, plan)
+    try:
+        for batch in batches:
+            last_at = time.perf_counter()
+            if not first_size:
+                first_at, first_size = last_at, len(batch)
+            progress.update(len(batch))
+            cache.put_many([(r.sha256, r.reason) for r in batch if remember_reject(r.reason)])
+            for result in batch:
+                for traveller_id in waiting.pop(result.sha256, ()):
+                    plan = plans[traveller_id]
+                    plan.pending.discard(result.sha256)
+                    if result.template is not None:
+                        plan.new[result.sha256] = result.template
+                    else:
+                        rejects.append(Reject(plan.rows[result.sha256].row, traveller_id,
+                                              result.reason))
+                    if not plan.pending:
+                        writer.finish(traveller_id, plan)
+            writer.flush_if_due()
+    except BaseException:
+        writer.flush_after_error()
+        raise
+    writer.flush()
     if waiting:
         raise MatcherError(f"the embedders returned no result for {len(waiting)} photos")
     steady = last_at - first_at
@@ -760,7 +816,8 @@ def _run_locked(config: ReindexConfig, embed: Callable[..., Iterator[list[PhotoR
         stored = {t.traveller_id: t for t in store.list_travellers()}
         plans, work = _plan(manifest.bookings, digests, stored, cache, summary, rejects)
         waiting: dict[str, list[str]] = defaultdict(list)
-        writer = _Writer(store, stored, summary)
+        writer = _Writer(store, stored, summary, config.store_batch_travellers,
+                         config.store_batch_ms)
         for traveller_id, plan in plans.items():
             for sha in plan.pending:
                 waiting[sha].append(traveller_id)

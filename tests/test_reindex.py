@@ -396,3 +396,43 @@ def test_two_runs_on_one_data_dir_do_not_overlap(faces_dir: Path, tmp_path: Path
     assert not (data_dir / STORE_FILE).exists()
     s = run_reindex(ReindexConfig(manifest, data_dir, use_ray=False, progress=False))
     assert s.enrolled == 1
+
+
+POWER_CUT = """
+import os, sys
+from pathlib import Path
+from matcher.reindex import ReindexConfig, embed_inline, run_reindex
+
+config = ReindexConfig(Path(sys.argv[1]), Path(sys.argv[2]), use_ray=False, progress=False,
+                       batch_size=1, store_batch_travellers=2, store_batch_ms=1e9)
+
+def power_cut(work, cfg, timings):
+    for i, batch in enumerate(embed_inline(work, cfg, timings)):
+        if i == 3:
+            os._exit(3)  # no finally, no flush: the process is simply gone
+        yield batch
+
+run_reindex(config, embed=power_cut)
+"""
+
+
+def test_a_hard_crash_loses_only_the_uncommitted_store_batch(faces_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """Travellers are committed two at a time here; the process dies with a third one
+    complete but not committed: the first two are durable and never embedded again, the
+    third is embedded again on resume."""
+    now = time.time()
+    photos = {k: v for k, v in GOOD.items() if k != "KZ-OBAMA"}  # one photo each
+    manifest = _write_manifest(tmp_path / "bookings.csv",
+                               _good_rows(faces_dir, (now - DAY, now + DAY), photos))
+    data_dir = tmp_path / "data"
+    proc = subprocess.run([sys.executable, "-c", POWER_CUT, str(manifest), str(data_dir)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    with sqlite3.connect(data_dir / STORE_FILE) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM travellers").fetchone()[0] == 2
+        assert conn.execute("SELECT COUNT(*) FROM templates").fetchone()[0] == 2
+    s = run_reindex(ReindexConfig(manifest, data_dir, use_ray=False, progress=False,
+                                  store_batch_travellers=2))
+    assert (s.embedded, s.skipped, s.enrolled) == (3, 2, 3)
+    assert s.gallery_travellers == len(photos) == s.gallery_templates

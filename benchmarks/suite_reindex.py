@@ -14,7 +14,10 @@ Figures, all in one run:
   left out (``embed_on_ray`` with the reindex defaults: one actor per CPU, 1 ORT thread
   each), and the rate including start-up;
 - the whole job (``run_reindex``: hash, embed, store writes, index, snapshot) on a fresh
-  data dir, and the driver's per-traveller store write and hash costs;
+  data dir, and the driver's hash cost;
+- the driver's store writes, side by side on fresh SQLite files: one fsynced transaction
+  per traveller (``Store.enroll``) vs batches of 256 (``Store.enroll_many``, what the job
+  does), travellers/s with synthetic 512-d templates, in alternating rounds;
 - an extrapolation of a 10M-photo night on a cluster from the measured per-core rate.
 """
 from __future__ import annotations
@@ -35,7 +38,7 @@ from matcher.models import default_pack
 from matcher.pipeline import Pipeline
 from matcher.reindex import (ReindexConfig, embed_on_ray, face_verdict, hash_photos,
                              run_reindex, start_ray)
-from matcher.store import Store
+from matcher.store import Enrolment, Store
 
 from .harness import Report
 
@@ -95,24 +98,53 @@ def _ray_run(work: list[tuple[str, str]], config: ReindexConfig, actors: int
             "steady_rate": (count - first_size * actors) / (last - first), "ok": ok}
 
 
-def _store_write_ms(folder: Path, n: int) -> list[float]:
-    """Milliseconds per single-traveller enrolment (one fsynced transaction each)."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 512)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    out = []
-    folder.mkdir()
-    with Store.open(folder / STORE_FILE, default_pack().model_id) as store:
-        for i in range(n):
-            t = time.perf_counter()
-            store.enroll(f"T{i:07d}", x[i], 0.0, 4e9, [hashlib.sha256(b"%d" % i).hexdigest()])
-            out.append((time.perf_counter() - t) * 1e3)
+STORE_BATCH = 256  # ReindexConfig.store_batch_travellers
+
+
+def _synthetic(n: int, seed: int) -> np.ndarray:
+    """(n, 512) float32 L2-normalised random templates."""
+    x = np.random.default_rng(seed).standard_normal((n, 512)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def store_write_rates(folder: Path, singles: int, batches: int, rounds: int,
+                      batch: int = STORE_BATCH) -> dict[str, list[float]]:
+    """The driver's enrolment throughput, one template per traveller, on fresh store files
+    in ``folder``: ``single_ms`` per ``Store.enroll`` (one fsynced transaction each),
+    ``single_per_s`` and ``batched_per_s`` travellers/s per round (``Store.enroll_many`` of
+    ``batch`` travellers per transaction). The two alternate round by round, so a load
+    change on the shared disk hits both."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model_id = default_pack().model_id
+    out: dict[str, list[float]] = {"single_ms": [], "single_per_s": [], "batched_per_s": []}
+    for r in range(rounds):
+        x = _synthetic(singles, seed=2 * r)
+        with Store.open(folder / f"single-{r}.sqlite3", model_id) as store:
+            started = time.perf_counter()
+            for i in range(singles):
+                t = time.perf_counter()
+                store.enroll(f"T{i:07d}", x[i], 0.0, 4e9,
+                             [hashlib.sha256(b"s%d" % i).hexdigest()])
+                out["single_ms"].append((time.perf_counter() - t) * 1e3)
+            out["single_per_s"].append(singles / (time.perf_counter() - started))
+        n = batches * batch
+        x = _synthetic(n, seed=2 * r + 1)
+        enrolments = [Enrolment(f"T{i:07d}", x[i], 0.0, 4e9,
+                                [hashlib.sha256(b"b%d" % i).hexdigest()]) for i in range(n)]
+        with Store.open(folder / f"batched-{r}.sqlite3", model_id) as store:
+            started = time.perf_counter()
+            for i in range(0, n, batch):
+                store.enroll_many(enrolments[i:i + batch])
+            out["batched_per_s"].append(n / (time.perf_counter() - started))
+            if store.counts() != (n, n) or store.gallery_version != n:
+                raise RuntimeError(f"batched enrolment stored {store.counts()} of {n}")
     return out
 
 
 def extrapolate(per_core_rate: float, write_ms: float, hash_mb_s: float,
-                photo_mb: float) -> dict:
-    """A 10M-photo night: embedding cores, and the driver's serial parts, in hours."""
+                photo_mb: float, batched_per_s: float | None = None) -> dict:
+    """A 10M-photo night (one photo per traveller): embedding cores, and the driver's
+    serial parts, in hours."""
     embed_core_hours = NIGHT_PHOTOS / per_core_rate / 3600
     cores = math.ceil(embed_core_hours * HEADROOM / NIGHT_HOURS)
     return {
@@ -122,8 +154,11 @@ def extrapolate(per_core_rate: float, write_ms: float, hash_mb_s: float,
         "cores_for_window": cores,
         "embedding_hours_by_cores": {str(c): round(embed_core_hours / c, 2)
                                      for c in (16, 32, 64, 128, 256)},
-        # Serial on the driver today: one fsynced transaction per traveller, and hashing.
-        "driver_store_write_hours": round(NIGHT_PHOTOS * write_ms / 1e3 / 3600, 2),
+        # Serial on the driver: store writes (one fsynced transaction per traveller, and
+        # batched as the job does) and hashing.
+        "driver_store_write_hours_single": round(NIGHT_PHOTOS * write_ms / 1e3 / 3600, 2),
+        "driver_store_write_hours": (round(NIGHT_PHOTOS / batched_per_s / 3600, 2)
+                                     if batched_per_s else None),
         "driver_hash_hours": round(NIGHT_PHOTOS * photo_mb / hash_mb_s / 3600, 2),
     }
 
@@ -220,14 +255,19 @@ def run(report: Report, quick: bool) -> None:
         report.ratio_floor("ray steady rate vs single process", ratio, RATIO_FLOOR,
                            f"(target {RATIO_TARGET})")
 
-        write_ms = _store_write_ms(work_dir / "writes", 100 if quick else 300)
-        report.figure("driver_store_write_ms", write_ms, "ms",
-                      note="one traveller per fsynced transaction")
-        night = extrapolate(float(np.median(steady)) / actors, float(np.median(write_ms)),
-                            hash_mb_s, photo_mb)
+        writes = store_write_rates(work_dir / "writes", 100 if quick else 300,
+                                   4 if quick else 20, 1 if quick else 3)
+        report_store_writes(report, writes)
+        night = extrapolate(float(np.median(steady)) / actors,
+                            float(np.median(writes["single_ms"])), hash_mb_s, photo_mb,
+                            float(np.median(writes["batched_per_s"])))
         report.param(night_extrapolation=night)
         report.figure("night_cores_for_8h", night["cores_for_window"], "cores", summary=True,
                       note=f"10M photos, {HEADROOM}x headroom, measured per-core rate")
+        report.figure("night_store_write_hours", night["driver_store_write_hours"], "h",
+                      note=f"10M travellers at the batched rate ({STORE_BATCH} per "
+                           f"transaction); {night['driver_store_write_hours_single']} h "
+                           f"one per transaction")
 
         fig, axes = report.plot(1, 2, figsize=(11, 4.5))
         a, b = axes[0]
@@ -252,3 +292,50 @@ def run(report: Report, quick: bool) -> None:
         b.legend()
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def report_store_writes(report: Report, writes: dict[str, list[float]]) -> None:
+    report.figure("driver_store_write_ms", writes["single_ms"], "ms",
+                  note="one traveller per fsynced transaction (Store.enroll)")
+    report.figure("driver_store_single_travellers_s", writes["single_per_s"], "travellers/s",
+                  note="Store.enroll, one fsynced transaction each")
+    report.figure("driver_store_batched_travellers_s", writes["batched_per_s"],
+                  "travellers/s", summary=True,
+                  note=f"Store.enroll_many, {STORE_BATCH} travellers per transaction")
+    ratio = float(np.median(writes["batched_per_s"]) / np.median(writes["single_per_s"]))
+    report.figure("driver_store_batched_vs_single", ratio, "x", summary=True)
+    report.ratio_floor("batched store writes vs one transaction per traveller", ratio, 2.0)
+
+
+def _store_writes_main() -> None:
+    """``python -m benchmarks.suite_reindex [--quick]``: only the store-write figures,
+    printed as JSON (a few seconds; no photos, no Ray)."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=_store_writes_main.__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="folder for the store files (default: a fresh one in /tmp)")
+    args = parser.parse_args()
+    folder = Path(tempfile.mkdtemp(prefix="bench-store-writes-", dir=args.dir))
+    try:
+        writes = store_write_rates(folder, 100 if args.quick else 300,
+                                   4 if args.quick else 20, 1 if args.quick else 3)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    single, batched = np.median(writes["single_per_s"]), np.median(writes["batched_per_s"])
+    print(json.dumps({
+        "batch": STORE_BATCH, "rounds": len(writes["batched_per_s"]),
+        "single_travellers_s": [round(v, 1) for v in writes["single_per_s"]],
+        "batched_travellers_s": [round(v, 1) for v in writes["batched_per_s"]],
+        "single_ms_median_min_max": [round(float(f(writes["single_ms"])), 2)
+                                     for f in (np.median, np.min, np.max)],
+        "batched_vs_single": round(float(batched / single), 1),
+        "night_10M_hours_single": round(NIGHT_PHOTOS / single / 3600, 2),
+        "night_10M_hours_batched": round(NIGHT_PHOTOS / batched / 3600, 2),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    _store_writes_main()

@@ -395,7 +395,7 @@ class Store:
         c.execute("INSERT INTO changes VALUES (?, ?, ?, ?)", (version, traveller_id, kind, now))
         return version
 
-    def _check_enrolment(self, e: "Enrolment") -> "_Checked":
+    def _check_enrolment(self, e: Enrolment) -> _Checked:
         """Validate one enrolment (no store access); raises InvalidInput / GalleryError."""
         traveller_id = check_traveller_id(e.traveller_id)
         x = check_templates(e.templates)
@@ -410,7 +410,7 @@ class Store:
                                f"of model {self.model_id}")
         return _Checked(traveller_id, x, vf, vt, shas)
 
-    def _apply_enrolment(self, c: sqlite3.Connection, e: "_Checked", now: float
+    def _apply_enrolment(self, c: sqlite3.Connection, e: _Checked, now: float
                          ) -> EnrolResult:
         """Write one checked enrolment inside the caller's transaction."""
         row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
@@ -475,7 +475,7 @@ class Store:
                      result.added_templates, result.gallery_version)
         return result
 
-    def enroll_many(self, enrolments: Sequence["Enrolment"]) -> list[EnrolResult]:
+    def enroll_many(self, enrolments: Sequence[Enrolment]) -> list[EnrolResult]:
         """Enrol many travellers in ONE transaction; durable (fsynced) on return.
 
         Each enrolment behaves exactly as ``enroll`` would, in order: photos already

@@ -102,7 +102,8 @@ class Metrics:
 
     def count_rejected(self, reason: str) -> None:
         if reason not in REJECT_REASONS:
-            raise ValueError(f"unknown rejection reason {reason!r}; expected one of {REJECT_REASONS}")
+            raise ValueError(f"unknown rejection reason {reason!r}; "
+                             f"expected one of {REJECT_REASONS}")
         self.rejected.labels(reason=reason).inc()
 
     def set_gallery(self, size: int, version: int | str) -> None:

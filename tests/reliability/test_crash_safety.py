@@ -24,7 +24,6 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import pytest
 
 from matcher.audit import read_records, verify_chain
 from matcher.snapshot import list_snapshots, verify_snapshot

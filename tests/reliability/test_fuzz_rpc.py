@@ -152,7 +152,8 @@ def _requests(images: dict[str, bytes]):
     ints32 = st.one_of(st.integers(-2**31, 2**31 - 1), st.integers(-2, 60))
     stamps = st.one_of(st.none(), st.builds(_timestamp, st.integers(-2**62, 2**62),
                                             st.integers(-2**31, 2**31 - 1)),
-                       st.builds(_timestamp, st.integers(0, 4_000_000_000), st.integers(0, 10**9 - 1)))
+                       st.builds(_timestamp, st.integers(0, 4_000_000_000),
+                                 st.integers(0, 10**9 - 1)))
 
     def enroll(tid, photos, vf, vt, low, rid):
         req = pb.EnrollRequest(traveller_id=tid, photos=photos, accept_low_quality=low,
@@ -169,7 +170,10 @@ def _requests(images: dict[str, bytes]):
                        lane_id=ids)
     clear = st.builds(pb.ClearRequest, probe=probes, claimed_traveller_id=texts, top_k=ints32,
                       request_id=ids, lane_id=ids)
-    enrol = st.builds(enroll, texts, st.lists(probes, max_size=18), stamps, stamps,
+    # T-FUZZ-1 is the server's reference traveller: a fuzzed enrolment may not move its
+    # booking window (that would be a legitimate change, not a failure).
+    others = texts.filter(lambda t: t != "T-FUZZ-1")
+    enrol = st.builds(enroll, others, st.lists(probes, max_size=18), stamps, stamps,
                       st.booleans(), ids)
     lane = st.one_of(st.just(pb.LaneRequest()), identify.map(lambda r: pb.LaneRequest(identify=r)),
                      verify.map(lambda r: pb.LaneRequest(verify=r)),
@@ -179,8 +183,8 @@ def _requests(images: dict[str, bytes]):
         verify.map(lambda r: ("Verify", r)),
         clear.map(lambda r: ("Clear", r)),
         enrol.map(lambda r: ("Enroll", r)),
-        st.builds(pb.RemoveRequest, traveller_id=texts.filter(lambda t: t != "T-FUZZ-1"),
-                  request_id=ids).map(lambda r: ("Remove", r)),
+        st.builds(pb.RemoveRequest, traveller_id=others, request_id=ids).map(
+            lambda r: ("Remove", r)),
         st.builds(pb.GetTravellerRequest, traveller_id=texts).map(lambda r: ("GetTraveller", r)),
         st.lists(lane, max_size=5).map(lambda r: ("LaneStream", r)),
         st.lists(enrol, max_size=4).map(lambda r: ("EnrollStream", r)),
@@ -340,10 +344,14 @@ def test_f5_refused_large_images_do_not_accumulate(server, images):
     body = images["real"] + b"\x00" * (DEFAULT_LIMITS.max_bytes + 1 - len(images["real"]))
     request = pb.IdentifyRequest(probe=pb.Probe(image=body))
     with server.client() as client:
-        _call(client, "Identify", request)  # allocator warm-up at this size
+        # The allocator keeps some 20 MB buffers for reuse (gRPC receive, protobuf parse):
+        # RSS climbs for the first few calls, then stays on a plateau (~+300 MB here).
+        for _ in range(6):
+            _call(client, "Identify", request)
         before = server.rss_kib()
         for _ in range(12):
             code, _, _ = _call(client, "Identify", request)
             assert code == grpc.StatusCode.INVALID_ARGUMENT
     growth = server.rss_kib() - before
-    assert growth < 160 * 1024, f"RSS grew {growth / 1024:.0f} MiB over 12 refused images"
+    # Before the fix each call kept ~60 MB: 12 calls would add ~700 MB.
+    assert growth < 128 * 1024, f"RSS grew {growth / 1024:.0f} MiB over 12 refused images"

@@ -68,6 +68,7 @@ class Run:
         self.log = b""
         self.audit: list[dict] = []
         self.audit_raw = b""
+        self.audit_path: Path | None = None
         self.snapshots: list[Path] = []
         self.store_bytes = b""
         self.after_removal: dict[str, object] = {}
@@ -167,15 +168,16 @@ def run(tmp_path_factory, faces_dir, pipeline) -> Run:
             r.after_removal["get"] = r.code_of(lambda: enroller.get_traveller(REMOVED))
             r.after_removal["verify"] = r.code_of(lambda: lane.verify(REMOVED, r.photos[REMOVED]))
             removed_template = np.frombuffer(r.templates[REMOVED], "<f4")
-            r.after_removal["identify_candidates"] = [
-                c.traveller_id for c in lane.identify(template=removed_template, top_k=5).candidates]
+            found = lane.identify(template=removed_template, top_k=5).candidates
+            r.after_removal["identify_candidates"] = [c.traveller_id for c in found]
             admin.publish_snapshot()
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
                                         timeout=10) as resp:
                 r.metrics = resp.read()
     # After a graceful stop SQLite has checkpointed the WAL into the main file.
     r.log = server.log_path.read_bytes()
-    r.audit_raw = (data / "audit.log").read_bytes()
+    r.audit_path = data / "audit.log"
+    r.audit_raw = r.audit_path.read_bytes()
     r.audit = list(read_records(data / "audit.log"))
     r.snapshots = list_snapshots(data / "snapshots")
     r.store_bytes = b"".join(p.read_bytes() for p in sorted(data.glob("gallery.sqlite3*")))
@@ -223,16 +225,7 @@ def test_deletion_is_in_the_audit_log(run):
                 and r["fields"].get("traveller_id") == REMOVED]
     assert removals and removals[0]["fields"].get("request_id") == "privacy-remove"
     assert {"enrol", "decision", "remove"} <= {r["kind"] for r in run.audit}
-    assert verify_chain_ok(run)
-
-
-def verify_chain_ok(run) -> bool:
-    from tempfile import NamedTemporaryFile
-
-    with NamedTemporaryFile("wb", suffix=".log") as f:
-        f.write(run.audit_raw)
-        f.flush()
-        return verify_chain(f.name).ok
+    assert verify_chain(run.audit_path).ok
 
 
 # -- privacy ------------------------------------------------------------------------------

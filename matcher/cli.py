@@ -59,7 +59,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(bench_args: list[str]) -> int:
+    """Hand every argument to the harness (python -m benchmarks) untouched."""
     repo = Path(__file__).resolve().parents[1]
     if not (repo / "benchmarks" / "harness.py").exists():
         print("matcher bench runs from a source checkout (benchmarks/ is not in the wheel)",
@@ -68,7 +69,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(repo))
     from benchmarks.__main__ import main as bench_main
 
-    return bench_main(args.bench_args)
+    return bench_main(bench_args)
 
 
 def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
@@ -94,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline_options(p)
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("bench", help="run the benchmark suites (see python -m benchmarks -h)")
-    p.add_argument("bench_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_bench)
+    # Listed for --help only: main() hands "bench ..." to the harness before parsing, since
+    # argparse cannot pass options such as --out through a subcommand untouched.
+    sub.add_parser("bench", add_help=False,
+                   help="run the benchmark suites (matcher bench -h for their options)")
 
     for module in _SUBCOMMAND_MODULES:
         __import__(f"matcher.{module}", fromlist=["add_parser"]).add_parser(sub)
@@ -108,6 +110,9 @@ _SUBCOMMAND_MODULES: tuple[str, ...] = ("audit_cli", "gallery_cli", "reindex_cli
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

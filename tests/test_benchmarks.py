@@ -27,3 +27,12 @@ def test_quick_benchmarks_pass_their_checks(tmp_path: Path) -> None:
         doc = json.loads(path.read_text())
         assert doc["figures"], f"{path.name} recorded no figures"
         assert (out / f"{doc['suite']}.png").exists(), f"{doc['suite']} drew no plot"
+
+
+def test_matcher_bench_command_passes_its_options_to_the_harness(tmp_path: Path) -> None:
+    out = tmp_path / "acc"
+    proc = subprocess.run([sys.executable, "-m", "matcher.cli", "bench", "--quick",
+                           "--only", "accuracy", "--out", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "accuracy.json").exists() and (out / "summary.md").exists()

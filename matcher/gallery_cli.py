@@ -1,4 +1,4 @@
-"""``matcher gallery stats|export-snapshot|verify-snapshot``: the gallery for operators."""
+"""``matcher gallery stats|export-snapshot|verify-snapshot|rewrap``: the gallery for operators."""
 from __future__ import annotations
 
 import argparse
@@ -106,6 +106,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got: {value}")
+    return value
+
+
+def cmd_rewrap(args: argparse.Namespace) -> int:
+    """Re-encrypt every template not yet under the current key (and, with --from-plain,
+    encrypt a store written without a key); prints the count as JSON."""
+    from .crypto import ENV_KEY, ENV_KEY_FILE, codec_from_env
+    from .gallery import STORE_FILE
+    from .store import PlainCodec, Store
+
+    store_path = Path(args.data_dir) / STORE_FILE
+    if not store_path.is_file():
+        print(f"error: no gallery store at {store_path}", file=sys.stderr)
+        return 2
+    codec = codec_from_env()
+    if codec is None:
+        print(f"error: no template key is configured: set {ENV_KEY} or {ENV_KEY_FILE} "
+              f"(the new key first) as for the service", file=sys.stderr)
+        return 2
+    old_codec = PlainCodec() if args.from_plain else None
+    with Store.open(store_path, _model_id(args, store_path), codec) as store:
+        rewrapped = store.rewrap_templates(old_codec, batch=args.batch)
+        _, templates = store.counts()
+    print(json.dumps({"rewrapped": rewrapped, "templates": templates,
+                      "key_id": codec.key_id}))
+    return 0
+
+
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("gallery", help="gallery store and snapshots")
     sub = p.add_subparsers(dest="gallery_command", required=True)
@@ -132,6 +164,17 @@ def add_parser(subparsers) -> None:
     common(v, data_dir_required=False)
     v.add_argument("path", help="a snapshot folder (gallery-v...)")
     v.set_defaults(func=cmd_verify)
+
+    r = sub.add_parser("rewrap", help="re-encrypt templates under the current key "
+                                      "(key from MATCHER_TEMPLATE_KEY[_FILE])")
+    r.add_argument("--data-dir", "--data", dest="data_dir", required=True,
+                   help="gallery folder (gallery.sqlite3 and snapshots/)")
+    r.add_argument("--model-id", help="default: the model the store was made for")
+    r.add_argument("--from-plain", action="store_true",
+                   help="also encrypt templates stored without a key (turning encryption on)")
+    r.add_argument("--batch", type=_positive_int, default=500,
+                   help="rows per write transaction (default 500)")
+    r.set_defaults(func=cmd_rewrap)
 
 
 add_gallery_parser = add_parser

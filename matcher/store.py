@@ -586,6 +586,117 @@ class Store:
         log.info("removed a traveller at gallery_version %d", version)
         return version
 
+    # -- re-encryption ----------------------------------------------------------------
+
+    def _is_current(self, codec: str, blob: bytes) -> bool:
+        """True if a row is already written by this store's codec (and, for a keyed
+        codec such as TemplateCipher, under its current key)."""
+        if codec != self.codec.name:
+            return False
+        key_id_of = getattr(self.codec, "key_id_of", None)
+        return key_id_of is None or key_id_of(blob) == self.codec.key_id  # type: ignore[attr-defined]
+
+    def rewrap_templates(self, old_codec: TemplateCodec | None = None, batch: int = 500
+                         ) -> int:
+        """Re-encode every template row not yet written by the current codec / current key.
+
+        A row is decoded with ``old_codec`` when its ``codec`` column carries that codec's
+        name (``plain`` rows, when encryption is turned on for an existing store), else
+        with the current codec (``aesgcm-v1`` rows under an older key of the keyring: the
+        current keyring decrypts them). Each is re-encoded with the current codec under
+        the same row context (traveller id + photo sha256), checked to decode back to the
+        same float32 values, and written with its ``codec`` column in write transactions of
+        at most ``batch`` rows, each durable (WAL, synchronous=FULL) on COMMIT.
+
+        Idempotent and resumable: a row is either still in its old form or fully in the
+        new one, so after a crash a rerun finishes the job (and returns 0 once there is
+        nothing left). The template values do not change, so neither does
+        ``gallery_version``, and no change-log entry is written: built indexes and
+        snapshots stay valid. After rows were rewritten the WAL is checkpointed and
+        truncated so the old blobs do not linger in the ``-wal`` file.
+
+        Returns the number of rows rewritten. Raises GalleryError (nothing written) if a
+        row's codec can be decoded by neither codec, or (its batch rolled back, earlier
+        batches kept) if a row does not decode, e.g. its key is not in the keyring.
+        """
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got: batch={batch!r}")
+        decoders: dict[str, TemplateCodec] = {self.codec.name: self.codec}
+        if old_codec is not None:
+            decoders[old_codec.name] = old_codec
+        pending, unknown = self._rows_to_rewrap(decoders)
+        if unknown:
+            names = ", ".join(f"{n} with codec {c!r}" for c, n in sorted(unknown.items()))
+            raise GalleryError(
+                f"cannot re-encode the store, nothing was written: templates stored as "
+                f"{names}; pass the codec they were written with as old_codec (a store "
+                f"written without a key: `matcher gallery rewrap --from-plain`)")
+        done = 0
+        for start in range(0, len(pending), batch):
+            ids = pending[start:start + batch]
+            with self._write() as c:
+                done += self._rewrap_rows(c, ids, decoders)
+            log.info("re-encoded %d of %d template rows", done, len(pending))
+        if done:
+            with self._write_lock:
+                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                # Only cosmetic for the data: every row is rewritten; the old blobs stay in
+                # the -wal file until a later checkpoint overwrites them.
+                log.warning("store %s: WAL checkpoint after re-encoding was blocked by a "
+                            "reader; the old template blobs leave the -wal file at the next "
+                            "checkpoint", self.path.name)
+        log.info("re-encoded %d template rows to codec %s", done, self.codec.name)
+        return done
+
+    def _rows_to_rewrap(self, decoders: dict[str, TemplateCodec]
+                        ) -> tuple[list[int], dict[str, int]]:
+        """(template_ids not yet current, {undecodable codec name: row count}), read in
+        one read transaction."""
+        pending: list[int] = []
+        unknown: dict[str, int] = {}
+        c = self._reader()
+        c.execute("BEGIN")
+        try:
+            for tid, codec, blob in c.execute(
+                    "SELECT template_id, codec, template FROM templates ORDER BY template_id"):
+                if self._is_current(codec, blob):
+                    continue
+                if codec in decoders:
+                    pending.append(tid)
+                else:
+                    unknown[codec] = unknown.get(codec, 0) + 1
+        finally:
+            c.execute("COMMIT")
+        return pending, unknown
+
+    def _rewrap_rows(self, c: sqlite3.Connection, template_ids: Sequence[int],
+                     decoders: dict[str, TemplateCodec]) -> int:
+        """Re-encode the given rows inside the caller's write transaction; rows deleted or
+        already current since they were listed are skipped (template ids are never
+        reused). Returns how many were rewritten."""
+        updates: list[tuple[str, bytes, int]] = []
+        for tid in template_ids:
+            row = c.execute("SELECT traveller_id, photo_sha256, codec, template FROM templates"
+                            " WHERE template_id=?", (tid,)).fetchone()
+            if row is None or self._is_current(row[2], row[3]):
+                continue
+            traveller_id, sha, codec, blob = row
+            decoder = decoders.get(codec)
+            if decoder is None:
+                raise GalleryError(f"template row {tid} is stored with codec {codec!r}, "
+                                   f"which neither the store's nor the old codec decodes")
+            context = _context(traveller_id, sha)
+            template = decoder.decode(blob, context)
+            sealed = self.codec.encode(template, context)
+            # A codec bug must not cost a traveller's template: check before replacing it.
+            if not np.array_equal(self.codec.decode(sealed, context), template):
+                raise GalleryError(f"re-encoding template row {tid} does not round-trip; "
+                                   f"nothing of this batch was written")
+            updates.append((self.codec.name, sealed, tid))
+        c.executemany("UPDATE templates SET codec=?, template=? WHERE template_id=?", updates)
+        return len(updates)
+
     # -- reads ----------------------------------------------------------------------
 
     def _decode(self, traveller_id: str, sha: str, codec: str, blob: bytes) -> np.ndarray:

@@ -687,7 +687,12 @@ class Store:
                 raise GalleryError(f"template row {tid} is stored with codec {codec!r}, "
                                    f"which neither the store's nor the old codec decodes")
             context = _context(traveller_id, sha)
-            template = decoder.decode(blob, context)
+            try:
+                template = decoder.decode(blob, context)
+            except GalleryError as exc:
+                # Same error type (e.g. TemplateDecryptError), plus the row an operator has
+                # to restore or remove; the traveller id stays out of logs and messages.
+                raise type(exc)(f"template row {tid}: {exc}") from None
             sealed = self.codec.encode(template, context)
             # A codec bug must not cost a traveller's template: check before replacing it.
             if not np.array_equal(self.codec.decode(sealed, context), template):

@@ -1,6 +1,7 @@
 """Re-encrypting stored templates: plain -> encrypted, key rotation, resume, the CLI."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 from matcher.crypto import ENV_KEY, ENV_KEY_FILE, Keyring, TemplateCipher, TemplateDecryptError
 from matcher.errors import GalleryError
 from matcher.gallery import STORE_FILE, Gallery
-from matcher.store import PlainCodec, Store
+from matcher.store import Enrolment, PlainCodec, Store
 
 MODEL = "test-model@000000000000"
 REPO = Path(__file__).resolve().parents[1]
@@ -207,3 +208,45 @@ def test_cli_rewrap_from_plain_then_the_gallery_loads_with_the_key(tmp_path):
     for vector, owner in zip(rows.vectors, rows.owner):
         i = int(rows.traveller_ids[owner].split("-")[1])
         np.testing.assert_array_equal(vector, x[i])
+
+
+def test_cli_killed_midway_leaves_every_row_readable_and_a_rerun_finishes(tmp_path):
+    data = tmp_path / "g"
+    data.mkdir()
+    a, b = os.urandom(32), os.urandom(32)
+    x = templates(600, seed=4)
+    with Store(data / STORE_FILE, MODEL, codec=cipher({"A": a}, "A")) as store:
+        store.enroll_many([Enrolment(f"T-{i}", x[i], 0.0, 4e9, [sha(i)]) for i in range(600)])
+    keys = tmp_path / "keys"
+    keys.write_text(f"B:{b.hex()}\nA:{a.hex()}\n")
+    keys.chmod(0o600)
+    env = {k: v for k, v in os.environ.items() if k != ENV_KEY}
+    env[ENV_KEY_FILE] = str(keys)
+
+    # One row per transaction so the kill lands between commits, after >= 100 of them.
+    proc = subprocess.Popen([sys.executable, "-m", "matcher.cli", "gallery", "rewrap",
+                             "--data", str(data), "--batch", "1"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A one-page pipe: the child blocks on its progress lines instead of racing to the end
+    # while this process, on a busy machine, is still reading line 100.
+    fcntl.fcntl(proc.stderr.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+    try:
+        for line in proc.stderr:
+            if "re-encoded 100 of 600" in line:
+                proc.kill()
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    ring = cipher({"B": b, "A": a}, "B")
+    on_b = sum(ring.key_id_of(blob) == "B" for _, _, blob in raw_rows(data / STORE_FILE))
+    assert 100 <= on_b < 600, "the kill did not land mid-way"
+
+    with Store(data / STORE_FILE, MODEL, codec=ring) as store:
+        assert store.integrity_check() == "ok"
+        np.testing.assert_array_equal(store.read_all().vectors, x)  # every row readable
+    done = _matcher(["gallery", "rewrap", "--data", str(data)], env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rewrapped"] == 600 - on_b
+    with Store(data / STORE_FILE, MODEL, codec=cipher({"B": b}, "B")) as store:
+        np.testing.assert_array_equal(store.read_all().vectors, x)

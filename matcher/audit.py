@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from .durable import fsync_path
 from .errors import MatcherError
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class AuditLog:
         try:
             self._seq, self._head = self._recover_tail()
             if created:
-                _fsync_dir(self.path.parent)
+                fsync_path(self.path.parent)
         except BaseException:
             os.close(self._fd)
             raise
@@ -223,14 +224,6 @@ def _write_all(fd: int, data: bytes) -> None:
     while view:
         n = os.write(fd, view)
         view = view[n:]
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_records(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .durable import fsync_path
 from .errors import GalleryError, SnapshotError
 from .index import BuiltIndex, IndexConfig, SearchIndex
 
@@ -52,14 +53,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_snapshot(root: str | Path, index: SearchIndex, model_id: str, store_id: str) -> Path:
     """Write the built part of ``index`` (state at ``index.built_version``) under ``root``.
 
@@ -78,7 +71,7 @@ def write_snapshot(root: str | Path, index: SearchIndex, model_id: str, store_id
         np.save(tmp / "windows.npy", np.stack([valid_from, valid_to]))
         names += ["travellers.txt", "windows.npy"]
         for name in names:
-            _fsync_path(tmp / name)
+            fsync_path(tmp / name)
         manifest = {
             "format": FORMAT,
             "gallery_version": index.built_version,
@@ -96,10 +89,10 @@ def write_snapshot(root: str | Path, index: SearchIndex, model_id: str, store_id
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_path(tmp)
+        fsync_path(tmp)
         final = root / f"{PREFIX}{index.built_version:012d}-{time.time_ns()}"
         os.rename(tmp, final)
-        _fsync_path(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

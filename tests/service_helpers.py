@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from matcher.server import RunningServer, ServerConfig, start_server
+from matcher.v1 import matcher_pb2 as pb
 
 
 class ServerThread:
@@ -81,3 +82,19 @@ def enrolment_plan(faces_dir: Path) -> dict[str, str]:
         if row["faces"] == "1":
             plan.setdefault(row["identity"], row["file"])
     return plan
+
+
+# One minimal call per RPC; any outcome but UNAUTHENTICATED/PERMISSION_DENIED means the
+# interceptor let it through (e.g. INVALID_ARGUMENT for an empty Identify).
+CALLS = {
+    "Identify": lambda s, kw: s.Identify(pb.IdentifyRequest(), **kw),
+    "Verify": lambda s, kw: s.Verify(pb.VerifyRequest(), **kw),
+    "Clear": lambda s, kw: s.Clear(pb.ClearRequest(), **kw),
+    "LaneStream": lambda s, kw: list(s.LaneStream(iter(()), **kw)),
+    "Enroll": lambda s, kw: s.Enroll(pb.EnrollRequest(), **kw),
+    "EnrollStream": lambda s, kw: list(s.EnrollStream(iter(()), **kw)),
+    "Remove": lambda s, kw: s.Remove(pb.RemoveRequest(traveller_id="nobody"), **kw),
+    "GetTraveller": lambda s, kw: s.GetTraveller(pb.GetTravellerRequest(traveller_id="x"), **kw),
+    "GetGalleryInfo": lambda s, kw: s.GetGalleryInfo(pb.GetGalleryInfoRequest(), **kw),
+    "PublishSnapshot": lambda s, kw: s.PublishSnapshot(pb.PublishSnapshotRequest(), **kw),
+}

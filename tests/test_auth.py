@@ -16,7 +16,7 @@ from matcher.client import MatcherClient
 from matcher.server import ServerConfig
 from matcher.v1 import matcher_pb2 as pb
 
-from service_helpers import ServerThread, server_config
+from service_helpers import CALLS, ServerThread, server_config
 
 TOKENS = {"lane": "lane-token-0123456789abcdef", "enroller": "enroller-token-0123456789ab",
           "admin": "admin-token-0123456789abcdef"}
@@ -61,22 +61,6 @@ def _client(srv, pki, role: str | None, *, cert=True) -> MatcherClient:
     return MatcherClient(srv.address, token=TOKENS.get(role) if role else None,
                          ca=pki.ca.cert_path, cert=pki.client.cert_path if cert else None,
                          key=pki.client.key_path if cert else None, timeout=20.0)
-
-
-# One minimal call per RPC; any outcome but UNAUTHENTICATED/PERMISSION_DENIED means the
-# interceptor let it through (e.g. INVALID_ARGUMENT for an empty Identify).
-CALLS = {
-    "Identify": lambda s, kw: s.Identify(pb.IdentifyRequest(), **kw),
-    "Verify": lambda s, kw: s.Verify(pb.VerifyRequest(), **kw),
-    "Clear": lambda s, kw: s.Clear(pb.ClearRequest(), **kw),
-    "LaneStream": lambda s, kw: list(s.LaneStream(iter(()), **kw)),
-    "Enroll": lambda s, kw: s.Enroll(pb.EnrollRequest(), **kw),
-    "EnrollStream": lambda s, kw: list(s.EnrollStream(iter(()), **kw)),
-    "Remove": lambda s, kw: s.Remove(pb.RemoveRequest(traveller_id="nobody"), **kw),
-    "GetTraveller": lambda s, kw: s.GetTraveller(pb.GetTravellerRequest(traveller_id="x"), **kw),
-    "GetGalleryInfo": lambda s, kw: s.GetGalleryInfo(pb.GetGalleryInfoRequest(), **kw),
-    "PublishSnapshot": lambda s, kw: s.PublishSnapshot(pb.PublishSnapshotRequest(), **kw),
-}
 
 
 def _outcome(client: MatcherClient, method: str) -> grpc.StatusCode:

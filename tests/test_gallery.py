@@ -1,7 +1,6 @@
 """The Gallery facade: background rebuild, concurrent writers and readers, refresh, inputs."""
 from __future__ import annotations
 
-import hashlib
 import threading
 
 import numpy as np
@@ -11,17 +10,7 @@ from matcher.errors import GalleryError, InvalidInput, UnknownTraveller
 from matcher.gallery import Gallery, GalleryConfig
 from matcher.index import IndexConfig
 
-MODEL = "test-model@000000000000"
-NOW = 1_800_000_000.0
-WINDOW = (NOW - 60, NOW + 3600)
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def sha(i):
-    return hashlib.sha256(str(i).encode()).hexdigest()
+from synthetic import MODEL, NOW, WINDOW, sha, unit
 
 
 def test_background_rebuild_folds_the_delta_into_the_index(tmp_path):

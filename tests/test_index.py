@@ -7,11 +7,7 @@ import pytest
 from matcher.errors import InvalidInput
 from matcher.index import BuiltIndex, IndexConfig, SearchIndex, rescore
 
-NOW = 1_800_000_000.0
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+from synthetic import NOW, unit
 
 
 def clusters(n_ids: int, per_id: int, seed: int, noise: float = 1.0):

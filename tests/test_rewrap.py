@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import sqlite3
@@ -18,12 +17,9 @@ from matcher.errors import GalleryError
 from matcher.gallery import STORE_FILE, Gallery
 from matcher.store import Enrolment, PlainCodec, Store
 
-MODEL = "test-model@000000000000"
+from synthetic import MODEL, sha
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def sha(i: object) -> str:
-    return hashlib.sha256(str(i).encode()).hexdigest()
 
 
 def templates(n: int, seed: int = 0) -> np.ndarray:

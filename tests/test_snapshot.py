@@ -1,7 +1,6 @@
 """Snapshots: atomic write, verification, refusal of corrupt or foreign ones, replay, hot swap."""
 from __future__ import annotations
 
-import hashlib
 import json
 import threading
 
@@ -13,17 +12,7 @@ from matcher.gallery import Gallery, GalleryConfig
 from matcher.index import IndexConfig
 from matcher.snapshot import list_snapshots, verify_snapshot
 
-MODEL = "test-model@000000000000"
-NOW = 1_800_000_000.0
-WINDOW = (NOW - 60, NOW + 3600)
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def sha(i):
-    return hashlib.sha256(str(i).encode()).hexdigest()
+from synthetic import MODEL, NOW, WINDOW, sha, unit
 
 
 def filled(path, n=200, kind="flat", seed=0, sq8=False):

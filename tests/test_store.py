@@ -1,7 +1,6 @@
 """The SQLite store: schema, idempotent enrolment, versions, deletion, codec hook, input checks."""
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import threading
 from datetime import datetime, timedelta, timezone
@@ -12,15 +11,7 @@ import pytest
 from matcher.errors import GalleryError, InvalidInput, UnknownTraveller
 from matcher.store import SCHEMA_VERSION, Enrolment, PlainCodec, Store
 
-MODEL = "test-model@000000000000"
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def sha(i: object) -> str:
-    return hashlib.sha256(str(i).encode()).hexdigest()
+from synthetic import MODEL, sha, unit
 
 
 @pytest.fixture

@@ -33,26 +33,13 @@ from matcher.v1 import matcher_pb2 as pb
 from _leaks import byte_forms, find_leaks, template_forms
 from _pki import make_pki
 from _server import ServerProcess, free_port
+from service_helpers import CALLS  # one minimal call per RPC, shared with tests/test_auth.py
 
 TOKENS = {"lane": "lane-privacy-token-5b1f0c", "enroller": "enroller-privacy-token-9e2d",
           "admin": "admin-privacy-token-41aa07"}
 PHOTOS = {"T-P1": "obama_1.jpg", "T-P2": "biden_1.jpg", "T-P3": "kit_harington_1.jpg"}
 REMOVED = "T-P2"
 DENIED = {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED}
-
-CALLS = {
-    "Identify": lambda s, kw: s.Identify(pb.IdentifyRequest(), **kw),
-    "Verify": lambda s, kw: s.Verify(pb.VerifyRequest(), **kw),
-    "Clear": lambda s, kw: s.Clear(pb.ClearRequest(), **kw),
-    "LaneStream": lambda s, kw: list(s.LaneStream(iter(()), **kw)),
-    "Enroll": lambda s, kw: s.Enroll(pb.EnrollRequest(), **kw),
-    "EnrollStream": lambda s, kw: list(s.EnrollStream(iter(()), **kw)),
-    "Remove": lambda s, kw: s.Remove(pb.RemoveRequest(traveller_id="nobody"), **kw),
-    "GetTraveller": lambda s, kw: s.GetTraveller(pb.GetTravellerRequest(traveller_id="x"),
-                                                 **kw),
-    "GetGalleryInfo": lambda s, kw: s.GetGalleryInfo(pb.GetGalleryInfoRequest(), **kw),
-    "PublishSnapshot": lambda s, kw: s.PublishSnapshot(pb.PublishSnapshotRequest(), **kw),
-}
 
 
 class Run:

@@ -1,4 +1,4 @@
-"""The shared face photos and the InsightFace peer, for the pipeline and accuracy suites."""
+"""Face photos for the suites (tests/data/faces; LFW when present) and the InsightFace peer."""
 from __future__ import annotations
 
 import csv
@@ -24,12 +24,28 @@ class Photo:
 
 
 def faces_dir() -> Path:
-    """../shared/data/faces beside the checkout, or $MATCHER_FACES_DIR (as tests/conftest.py)."""
+    """tests/data/faces in the checkout, or $MATCHER_FACES_DIR (as tests/conftest.py)."""
     override = os.environ.get("MATCHER_FACES_DIR")
-    path = Path(override) if override else REPO.parent / "shared" / "data" / "faces"
+    path = Path(override) if override else REPO / "tests" / "data" / "faces"
     if not (path / "labels.csv").exists():
-        raise FileNotFoundError(f"shared face photos not found at {path}; set MATCHER_FACES_DIR")
+        raise FileNotFoundError(f"face photos not found at {path} (labels.csv missing); "
+                                "unset MATCHER_FACES_DIR to use tests/data/faces")
     return path
+
+
+def lfw_dir() -> Path | None:
+    """../shared/data/lfw-dev beside the checkout, or $MATCHER_LFW_DIR; None if absent.
+
+    Too large for the repository (79 MB), so a benchmark that wants it runs without it and
+    says so in one line rather than failing on a fresh clone.
+    """
+    override = os.environ.get("MATCHER_LFW_DIR")
+    path = Path(override) if override else REPO.parent / "shared" / "data" / "lfw-dev"
+    if (path / "labels.csv").exists():
+        return path
+    print(f"lfw-dev not found at {path}: skipping the LFW figures "
+          "(set MATCHER_LFW_DIR to its folder)", flush=True)
+    return None
 
 
 def load_photos() -> list[Photo]:

@@ -8,8 +8,6 @@ to show what the kernels are worth end to end (the ONNX models dominate there).
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,10 +18,10 @@ from matcher.alignment import alignment_transforms
 from matcher.pipeline import (ANCHORS_PER_CELL, DET_INV_STD, DET_MEAN, EMB_INV_STD, EMB_MEAN,
                               STRIDES, DetectorConfig, Pipeline, letterbox_geometry)
 
+from ._faces import faces_dir
 from .harness import Report, measure
 
-FACES = Path(os.environ.get("MATCHER_FACES_DIR")
-             or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces")
+FACES = faces_dir()
 FLOOR = 1.0    # native must at least match numpy
 TARGET = 5.0   # what we aim for; reported, not enforced
 

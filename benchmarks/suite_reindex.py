@@ -40,10 +40,10 @@ from matcher.reindex import (ReindexConfig, embed_on_ray, face_verdict, hash_pho
                              run_reindex, start_ray)
 from matcher.store import Enrolment, Store
 
+from ._faces import faces_dir
 from .harness import Report
 
-FACES = Path(os.environ.get("MATCHER_FACES_DIR")
-             or Path(__file__).resolve().parents[1].parent / "shared" / "data" / "faces")
+FACES = faces_dir()
 RATIO_FLOOR = 0.5      # generous: the machine is shared and Ray's processes cost memory
 RATIO_TARGET = 0.9     # the target on 2 cores (reported, not enforced)
 NIGHT_PHOTOS = 10_000_000

@@ -10,18 +10,22 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+# The 25 photos live in the repository so a fresh clone's tests need nothing beside it.
+FACES_DIR = REPO / "tests" / "data" / "faces"
+
+
 def shared_faces_dir() -> Path:
-    """../shared/data/faces beside the checkout (CI lays shared/ next to the clone)."""
+    """tests/data/faces, or $MATCHER_FACES_DIR to run the same tests on another copy."""
     override = os.environ.get("MATCHER_FACES_DIR")
-    path = Path(override) if override else REPO.parent / "shared" / "data" / "faces"
-    return path
+    return Path(override) if override else FACES_DIR
 
 
 @pytest.fixture(scope="session")
 def faces_dir() -> Path:
     path = shared_faces_dir()
     if not (path / "labels.csv").exists():
-        pytest.fail(f"shared face photos not found at {path}; set MATCHER_FACES_DIR")
+        pytest.fail(f"face photos not found at {path} (labels.csv missing); "
+                    "unset MATCHER_FACES_DIR to use tests/data/faces")
     return path
 
 

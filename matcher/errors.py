@@ -44,6 +44,30 @@ class SnapshotError(GalleryError):
     """A snapshot is corrupt, incomplete or made for another model."""
 
 
+class StoreDamaged(GalleryError):
+    """The store file fails SQLite's own check or cannot be read as a database; the
+    message names the file and how to recover. Raised at start-up: never served from."""
+
+
+class StorageUnavailable(MatcherError):
+    """A file the service must write cannot be written now (I/O error, a lock held by
+    another process); nothing was written, a retry later may succeed."""
+
+
+class DiskFull(StorageUnavailable):
+    """The disk holding the store is full; nothing was written."""
+
+
+class StoreBusy(StorageUnavailable):
+    """Another process holds the store's write lock (or a write is stuck) past the
+    time this write could wait; nothing was written."""
+
+
+class AuditUnavailable(StorageUnavailable):
+    """The audit log cannot be appended to (disk full, I/O error); see the
+    ``audit_failure`` setting for what decisions do meanwhile."""
+
+
 class Overloaded(MatcherError):
     """A bounded queue is full; the caller should retry later or elsewhere."""
 

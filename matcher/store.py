@@ -7,6 +7,8 @@ the sha256 of the photo a template came from.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import math
 import sqlite3
@@ -22,7 +24,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import GalleryError, InvalidInput, UnknownTraveller
+from .errors import (DiskFull, GalleryError, InvalidInput, StorageUnavailable, StoreBusy,
+                     StoreDamaged, UnknownTraveller)
 from .models import EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
@@ -32,6 +35,12 @@ MAX_TEMPLATES_PER_TRAVELLER = 16
 # Templates are L2-normalised by the pipeline; anything far from unit norm is a caller bug
 # (raw embedder output, wrong dtype reinterpretation) and would silently skew every score.
 NORM_TOLERANCE = 1e-3
+# How long a write may wait for the store's write lock (ours or another process's) when the
+# caller gives no deadline; a write never hangs a request or a shutdown for longer.
+DEFAULT_WRITE_WAIT_S = 10.0
+# Quarantining a damaged row found by a read must not stall that read (a Verify) behind a
+# stuck writer; the row is skipped either way, only its record waits for a later read.
+QUARANTINE_WAIT_S = 1.0
 
 # Each migration is applied once, in order, inside one transaction with its version row.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -63,6 +72,21 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                traveller_id TEXT NOT NULL,
                kind TEXT NOT NULL CHECK (kind IN ('enrol', 'remove')),
                at REAL NOT NULL
+           )""",
+    )),
+    # SQLite keeps no checksum of row data: a rotted byte in a plain template blob would be
+    # searched as if it were true. Every row now carries a blake2b-128 digest bound to its
+    # row (traveller id, photo sha256, codec), checked on every read; rows that fail are
+    # listed in ``quarantine`` and never searched. Existing rows get their digest when the
+    # migration runs (after a plausibility check of plain rows), see _backfill_checksums.
+    (2, (
+        """ALTER TABLE templates ADD COLUMN checksum BLOB""",
+        """CREATE TABLE quarantine (
+               template_id INTEGER PRIMARY KEY,
+               traveller_id TEXT NOT NULL,
+               photo_sha256 TEXT NOT NULL,
+               reason TEXT NOT NULL,
+               found_at REAL NOT NULL
            )""",
     )),
 )
@@ -225,6 +249,83 @@ def _context(traveller_id: str, photo_sha256: str) -> bytes:
     return f"{traveller_id}\x00{photo_sha256}".encode()
 
 
+def template_checksum(traveller_id: str, photo_sha256: str, codec: str, blob: bytes) -> bytes:
+    """16-byte blake2b of a stored blob bound to its row, so a flipped bit and a blob moved
+    onto another traveller's row both fail. Not a MAC: it detects damage, not an attacker
+    with write access (the AES-GCM codec covers that)."""
+    h = hashlib.blake2b(digest_size=16, person=b"matcher-tmpl-v1")
+    h.update(_context(traveller_id, photo_sha256) + b"\x00" + codec.encode() + b"\x00")
+    h.update(blob)
+    return h.digest()
+
+
+def _row_problem(traveller_id: str, photo_sha256: str, codec: str, blob: bytes,
+                 checksum: bytes | None) -> str:
+    """Why a stored row is not intact ("" if it is)."""
+    if checksum is None:
+        return "no checksum (failed the plausibility check when the store was migrated)"
+    if not hmac.compare_digest(checksum,
+                               template_checksum(traveller_id, photo_sha256, codec, blob)):
+        return "checksum mismatch"
+    return ""
+
+
+def _plausible_plain(blob: bytes) -> bool:
+    """A plain blob is 512 finite float32 of unit norm; used only when back-filling."""
+    if len(blob) != EMBEDDING_DIM * 4:
+        return False
+    x = np.frombuffer(blob, dtype="<f4")
+    return bool(np.isfinite(x).all()) and abs(float(np.linalg.norm(x)) - 1.0) <= NORM_TOLERANCE
+
+
+@dataclass(frozen=True)
+class DamagedRow:
+    """A template row that failed its integrity check: quarantined, never searched."""
+
+    template_id: int
+    traveller_id: str
+    photo_sha256: str
+    reason: str
+
+
+def damaged_store_message(path: Path, detail: str) -> str:
+    """What an operator reads when the store cannot be served from: the file, the
+    problem, and the ways back."""
+    d = path.parent
+    return (f"gallery store {path} is damaged ({detail[:200]}); matcher will not serve from "
+            f"it. Keep it for investigation: move it aside with its -wal and -shm files "
+            f"(mv {path} {path}.damaged), then restore the last good backup of it, or rebuild "
+            f"it from the bookings with `matcher reindex --manifest BOOKINGS --out {d}`; "
+            f"check the result with `matcher gallery stats --data-dir {d}`. Meanwhile a read "
+            f"replica can serve the last good snapshot: `matcher serve --replica-of "
+            f"{d / 'snapshots'} --data OTHER_DIR`")
+
+
+def storage_error(exc: sqlite3.Error, path: Path) -> Exception:
+    """A typed error for an SQLite failure an operator can act on (disk full, lock held
+    by another process, I/O error, damaged file); other errors come back unchanged."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc)
+    if name == "SQLITE_FULL" or "disk is full" in text:
+        return DiskFull(f"disk full: the disk holding the gallery store {path.name} has no "
+                        f"space left; nothing was written. Free space on it: enrolment "
+                        f"resumes without a restart")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return StoreBusy(f"the gallery store {path.name} is locked by another process (or "
+                         f"its disk is stalled) for longer than this write could wait; "
+                         f"nothing was written, retry later")
+    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text \
+            or "not a database" in text:
+        return StoreDamaged(damaged_store_message(path, text))
+    if name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY")):
+        return StorageUnavailable(f"the gallery store {path.name} cannot be written "
+                                  f"({name}: disk I/O error); nothing was written")
+    return exc
+
+
+_typed = storage_error
+
+
 def stored_model_id(path: str | Path) -> str | None:
     """The model_id a store file was created for, read without opening it for writing."""
     path = Path(path)
@@ -255,25 +356,35 @@ class TravellerSummary:
 class Store:
     """Thread-safe. Writes are serialised and return only after COMMIT has been fsynced."""
 
-    def __init__(self, path: str | Path, model_id: str, codec: TemplateCodec | None = None
-                 ) -> None:
+    def __init__(self, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
+                 write_wait_s: float = DEFAULT_WRITE_WAIT_S) -> None:
         self.path = Path(path)
         self.codec: TemplateCodec = codec or PlainCodec()
+        self.write_wait_s = write_wait_s
         self._write_lock = threading.Lock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._closed = False
-        self._conn = self._connect()
-        self._migrate()
-        self._check_or_set_model(model_id)
-        self.model_id = model_id
-        self.store_id = self._meta("store_id")
+        try:
+            self._conn = self._connect()
+        except sqlite3.Error as e:
+            raise _typed(e, self.path) from None
+        try:
+            self._migrate()
+            self._check_or_set_model(model_id)
+            self.model_id = model_id
+            self.store_id = self._meta("store_id")
+        except BaseException as e:
+            self.close()
+            if isinstance(e, sqlite3.Error):
+                raise _typed(e, self.path) from None
+            raise
 
     @classmethod
-    def open(cls, path: str | Path, model_id: str, codec: TemplateCodec | None = None
-             ) -> "Store":
-        return cls(path, model_id, codec)
+    def open(cls, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
+             write_wait_s: float = DEFAULT_WRITE_WAIT_S) -> "Store":
+        return cls(path, model_id, codec, write_wait_s)
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing is left in
@@ -310,7 +421,8 @@ class Store:
                 for conn in self._readers:
                     conn.close()
                 self._readers.clear()
-            self._conn.close()
+            if hasattr(self, "_conn"):
+                self._conn.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -340,12 +452,37 @@ class Store:
                     if version == 1:
                         c.execute("INSERT INTO meta VALUES ('gallery_version', '0')")
                         c.execute("INSERT INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+                    if version == 2:
+                        self._backfill_checksums(c)
                     c.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time()))
                     log.info("store %s migrated to schema version %d", self.path, version)
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
+
+    def _backfill_checksums(self, c: sqlite3.Connection) -> None:
+        """Give every existing row its checksum, inside the migration's transaction.
+
+        Computed now rather than when a row is next rewritten: rows are rarely rewritten,
+        and a row without a checksum would be searched unchecked for its whole life. A
+        digest taken now cannot vouch for bytes that rotted before the migration, so plain
+        rows must first look like a template (512 finite float32 of unit norm); one that
+        does not keeps a NULL checksum and is quarantined by the first read. Encrypted
+        rows are vouched for by their AES-GCM tag when they are decrypted.
+        """
+        updates, implausible = [], 0
+        for tid, trav, sha, codec, blob in c.execute(
+                "SELECT template_id, traveller_id, photo_sha256, codec, template FROM templates"
+        ).fetchall():
+            if codec == PlainCodec.name and not _plausible_plain(blob):
+                implausible += 1
+                continue
+            updates.append((template_checksum(trav, sha, codec, blob), tid))
+        c.executemany("UPDATE templates SET checksum=? WHERE template_id=?", updates)
+        if implausible:
+            log.error("store %s: %d template rows do not look like templates and get no "
+                      "checksum; they will be quarantined", self.path.name, implausible)
 
     def _meta(self, key: str) -> str | None:
         row = self._reader().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -373,19 +510,43 @@ class Store:
     # -- writes ---------------------------------------------------------------------
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._write_lock:
+    def _write(self, wait_s: float | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed (durable) when the block ends.
+
+        Waits at most ``wait_s`` (capped by ``write_wait_s``) for this process's earlier
+        writes and for another process's write lock, then raises StoreBusy; a full disk
+        raises DiskFull. Either way the transaction is rolled back and nothing was written.
+        """
+        wait = self.write_wait_s if wait_s is None else max(0.0, min(wait_s, self.write_wait_s))
+        deadline = time.monotonic() + wait
+        if not self._write_lock.acquire(timeout=wait):
+            raise StoreBusy(f"an earlier write to the gallery store {self.path.name} is still "
+                            f"waiting (its write lock is held by another process, or the disk "
+                            f"is stalled); nothing was written, retry later")
+        try:
             if self._closed:
                 raise GalleryError("the gallery store is closed")
             c = self._conn
-            c.execute("BEGIN IMMEDIATE")
+            try:
+                remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                c.execute(f"PRAGMA busy_timeout={remaining_ms}")
+                c.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise _typed(e, self.path) from None
             try:
                 yield c
                 c.execute("COMMIT")
-            except BaseException:
+            except BaseException as e:
                 if c.in_transaction:
-                    c.execute("ROLLBACK")
+                    try:
+                        c.execute("ROLLBACK")
+                    except sqlite3.Error:  # SQLite has already rolled back, e.g. SQLITE_FULL
+                        log.warning("rollback of a failed write to %s failed", self.path.name)
+                if isinstance(e, sqlite3.Error):
+                    raise _typed(e, self.path) from None
                 raise
+        finally:
+            self._write_lock.release()
 
     @staticmethod
     def _bump(c: sqlite3.Connection, traveller_id: str, kind: str, now: float) -> int:
@@ -413,6 +574,7 @@ class Store:
     def _apply_enrolment(self, c: sqlite3.Connection, e: _Checked, now: float
                          ) -> EnrolResult:
         """Write one checked enrolment inside the caller's transaction."""
+        healed = self._drop_quarantined(c, e.traveller_id, e.photo_sha256s)
         row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
                         (e.traveller_id,)).fetchone()
         stored = {r[0] for r in c.execute(
@@ -426,7 +588,7 @@ class Store:
                                f" templates; {e.traveller_id!r} would have "
                                f"{len(stored) + len(new)}")
         window_changed = row is None or (row[0], row[1]) != (e.valid_from, e.valid_to)
-        if not new and not window_changed:
+        if not new and not window_changed and not healed:
             return EnrolResult(e.traveller_id, self._version(c), 0, False)
         self._set_window(c, e.traveller_id, e.valid_from, e.valid_to, row is None, now)
         self._insert_templates(c, e.traveller_id, e.templates, new, now)
@@ -450,25 +612,42 @@ class Store:
 
     def _insert_templates(self, c: sqlite3.Connection, traveller_id: str, x: np.ndarray,
                           rows: dict[str, int], now: float) -> None:
-        """Insert ``x[i]`` for each photo sha256 -> row i of ``rows``."""
+        """Insert ``x[i]`` for each photo sha256 -> row i of ``rows``, with its checksum."""
+        values = []
+        for sha, i in rows.items():
+            blob = self.codec.encode(x[i], _context(traveller_id, sha))
+            values.append((traveller_id, self.model_id, sha, self.codec.name, blob,
+                           template_checksum(traveller_id, sha, self.codec.name, blob), now))
         c.executemany(
             "INSERT INTO templates (traveller_id, model_id, photo_sha256, codec, template,"
-            " created_at) VALUES (?, ?, ?, ?, ?, ?)",
-            [(traveller_id, self.model_id, sha, self.codec.name,
-              self.codec.encode(x[i], _context(traveller_id, sha)), now)
-             for sha, i in rows.items()])
+            " checksum, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+
+    @staticmethod
+    def _drop_quarantined(c: sqlite3.Connection, traveller_id: str,
+                          photo_sha256s: Sequence[str] | None = None) -> int:
+        """Delete the traveller's quarantined rows (those of ``photo_sha256s``, or all):
+        re-enrolling a photo is how a damaged row is healed. Returns how many."""
+        rows = c.execute("SELECT q.template_id, q.photo_sha256 FROM quarantine q "
+                         "WHERE q.traveller_id=?", (traveller_id,)).fetchall()
+        wanted = None if photo_sha256s is None else set(photo_sha256s)
+        drop = [(tid,) for tid, sha in rows if wanted is None or sha in wanted]
+        c.executemany("DELETE FROM templates WHERE template_id=?", drop)
+        c.executemany("DELETE FROM quarantine WHERE template_id=?", drop)
+        return len(drop)
 
     def enroll(self, traveller_id: str, templates: np.ndarray,
                valid_from: datetime | float, valid_to: datetime | float,
-               photo_sha256s: Sequence[str], model_id: str | None = None) -> EnrolResult:
+               photo_sha256s: Sequence[str], model_id: str | None = None,
+               wait_s: float | None = None) -> EnrolResult:
         """Add templates (k, 512) float32 and set the booking window; durable on return.
 
         Idempotent: photos already stored for this traveller are skipped, and if nothing
-        changes the gallery_version does not move.
+        changes the gallery_version does not move. ``wait_s`` bounds the wait for the write
+        lock (StoreBusy after it); a full disk raises DiskFull. Neither writes anything.
         """
         checked = self._check_enrolment(Enrolment(traveller_id, templates, valid_from,
                                                   valid_to, photo_sha256s, model_id))
-        with self._write() as c:
+        with self._write(wait_s) as c:
             result = self._apply_enrolment(c, checked, time.time())
         if result.changed:
             log.info("enrolled traveller (%d new templates) at gallery_version %d",
@@ -565,6 +744,7 @@ class Store:
                 return EnrolResult(traveller_id, self._version(c), 0, False)
             c.executemany("DELETE FROM templates WHERE traveller_id=? AND photo_sha256=?",
                           [(traveller_id, sha) for sha in stale])
+            self._drop_quarantined(c, traveller_id)
             self._set_window(c, traveller_id, vf, vt, False, now)
             self._insert_templates(c, traveller_id, x, new, now)
             version = self._bump(c, traveller_id, "enrol", now)
@@ -572,16 +752,17 @@ class Store:
                  "%d", len(stale), len(new), version)
         return EnrolResult(traveller_id, version, len(new), True)
 
-    def remove(self, traveller_id: str) -> int:
+    def remove(self, traveller_id: str, wait_s: float | None = None) -> int:
         """Delete the traveller and its template rows; returns the new gallery_version."""
         traveller_id = check_traveller_id(traveller_id)
-        with self._write() as c:
+        with self._write(wait_s) as c:
             if c.execute("DELETE FROM travellers WHERE traveller_id=?",
                          (traveller_id,)).rowcount == 0:
                 raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
             # ON DELETE CASCADE removes the templates; say it explicitly anyway so a
             # store opened without foreign_keys can never keep orphan biometric rows.
             c.execute("DELETE FROM templates WHERE traveller_id=?", (traveller_id,))
+            c.execute("DELETE FROM quarantine WHERE traveller_id=?", (traveller_id,))
             version = self._bump(c, traveller_id, "remove", time.time())
         log.info("removed a traveller at gallery_version %d", version)
         return version
@@ -677,11 +858,18 @@ class Store:
         reused). Returns how many were rewritten."""
         updates: list[tuple[str, bytes, int]] = []
         for tid in template_ids:
-            row = c.execute("SELECT traveller_id, photo_sha256, codec, template FROM templates"
-                            " WHERE template_id=?", (tid,)).fetchone()
+            row = c.execute("SELECT traveller_id, photo_sha256, codec, template, checksum "
+                            "FROM templates WHERE template_id=?", (tid,)).fetchone()
             if row is None or self._is_current(row[2], row[3]):
                 continue
-            traveller_id, sha, codec, blob = row
+            traveller_id, sha, codec, blob, checksum = row
+            if codec == PlainCodec.name and _row_problem(traveller_id, sha, codec, blob,
+                                                          checksum):
+                # Sealing a damaged plain blob would give it a valid tag and checksum; an
+                # encrypted one is refused by its own tag below.
+                raise GalleryError(f"template row {tid} fails its checksum (damaged); "
+                                   f"re-enrol that traveller's photo or remove the row, "
+                                   f"then rerun; nothing of this batch was written")
             decoder = decoders.get(codec)
             if decoder is None:
                 raise GalleryError(f"template row {tid} is stored with codec {codec!r}, "
@@ -698,8 +886,10 @@ class Store:
             if not np.array_equal(self.codec.decode(sealed, context), template):
                 raise GalleryError(f"re-encoding template row {tid} does not round-trip; "
                                    f"nothing of this batch was written")
-            updates.append((self.codec.name, sealed, tid))
-        c.executemany("UPDATE templates SET codec=?, template=? WHERE template_id=?", updates)
+            updates.append((self.codec.name, sealed,
+                            template_checksum(traveller_id, sha, self.codec.name, sealed), tid))
+        c.executemany("UPDATE templates SET codec=?, template=?, checksum=? "
+                      "WHERE template_id=?", updates)
         return len(updates)
 
     # -- reads ----------------------------------------------------------------------
@@ -710,24 +900,66 @@ class Store:
                                f"opened with {self.codec.name!r}")
         return self.codec.decode(blob, _context(traveller_id, sha))
 
+    @staticmethod
+    def _quarantined_ids(c: sqlite3.Connection, traveller_id: str | None = None) -> set[int]:
+        if traveller_id is None:
+            return {r[0] for r in c.execute("SELECT template_id FROM quarantine")}
+        return {r[0] for r in c.execute("SELECT template_id FROM quarantine WHERE "
+                                        "traveller_id=?", (traveller_id,))}
+
+    def _quarantine(self, damaged: Sequence[DamagedRow], wait_s: float | None = None) -> None:
+        """Record damaged rows (outside any read transaction). They are skipped by every
+        read whether or not this record could be written (their checksum fails each time),
+        so a full disk or a held lock only delays the record."""
+        if not damaged:
+            return
+        for d in damaged:
+            # The row id is enough for the log; traveller ids stay out of logs and are
+            # listed by `matcher gallery stats` from the quarantine table.
+            log.error("store %s: template row %d is damaged (%s); quarantined, never "
+                      "searched. `matcher gallery stats` names its traveller; re-enrol that "
+                      "photo to heal it", self.path.name, d.template_id, d.reason)
+        try:
+            with self._write(QUARANTINE_WAIT_S if wait_s is None else wait_s) as c:
+                c.executemany(
+                    "INSERT OR IGNORE INTO quarantine SELECT ?, ?, ?, ?, ? WHERE EXISTS "
+                    "(SELECT 1 FROM templates WHERE template_id=?)",
+                    [(d.template_id, d.traveller_id, d.photo_sha256, d.reason, time.time(),
+                      d.template_id) for d in damaged])
+        except (StorageUnavailable, GalleryError) as exc:
+            log.warning("store %s: could not record %d damaged rows yet (%s); they stay "
+                        "unsearched", self.path.name, len(damaged), type(exc).__name__)
+
     def get(self, traveller_id: str) -> Traveller:
+        """One traveller with its intact templates (damaged ones quarantined, left out)."""
         traveller_id = check_traveller_id(traveller_id)
         c = self._reader()
         c.execute("BEGIN")  # one consistent read of the traveller and its templates
         try:
             row = c.execute("SELECT valid_from, valid_to, created_at, updated_at FROM travellers"
                             " WHERE traveller_id=?", (traveller_id,)).fetchone()
-            rows = c.execute("SELECT template_id, photo_sha256, codec, template, model_id "
-                             "FROM templates WHERE traveller_id=? ORDER BY template_id",
-                             (traveller_id,)).fetchall()
+            rows = c.execute("SELECT template_id, photo_sha256, codec, template, model_id, "
+                             "checksum FROM templates WHERE traveller_id=? ORDER BY "
+                             "template_id", (traveller_id,)).fetchall()
+            skip = self._quarantined_ids(c, traveller_id) if rows else set()
         finally:
             c.execute("COMMIT")
         if row is None:
             raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
-        templates = np.stack([self._decode(traveller_id, r[1], r[2], r[3]) for r in rows]) \
-            if rows else np.empty((0, EMBEDDING_DIM), np.float32)
+        good, damaged = [], []
+        for r in rows:
+            if r[0] in skip:
+                continue
+            problem = _row_problem(traveller_id, r[1], r[2], r[3], r[5])
+            if problem:
+                damaged.append(DamagedRow(r[0], traveller_id, r[1], problem))
+            else:
+                good.append(r)
+        self._quarantine(damaged)
+        templates = np.stack([self._decode(traveller_id, r[1], r[2], r[3]) for r in good]) \
+            if good else np.empty((0, EMBEDDING_DIM), np.float32)
         return Traveller(traveller_id, row[0], row[1], row[2], row[3], templates,
-                         tuple(r[0] for r in rows), tuple(r[1] for r in rows), self.model_id)
+                         tuple(r[0] for r in good), tuple(r[1] for r in good), self.model_id)
 
     def find(self, traveller_id: str) -> Traveller | None:
         try:
@@ -736,12 +968,15 @@ class Store:
             return None
 
     def list_travellers(self) -> list[TravellerSummary]:
-        """Every traveller with window and photo digests, in one read; decodes no template."""
+        """Every traveller with window and photo digests, in one read; decodes no template.
+
+        Photos of quarantined rows are left out, so a re-index run re-embeds them."""
         c = self._reader()
         c.execute("BEGIN")
         try:
             photos: dict[str, set[str]] = {}
-            for tid, sha in c.execute("SELECT traveller_id, photo_sha256 FROM templates"):
+            for tid, sha in c.execute("SELECT traveller_id, photo_sha256 FROM templates WHERE "
+                                      "template_id NOT IN (SELECT template_id FROM quarantine)"):
                 photos.setdefault(tid, set()).add(sha)
             rows = c.execute("SELECT traveller_id, valid_from, valid_to FROM travellers "
                              "ORDER BY traveller_id").fetchall()
@@ -762,10 +997,12 @@ class Store:
             "ORDER BY gallery_version", (gallery_version,))]
 
     def read_all(self, valid_after: float | None = None) -> GalleryRows:
-        """Every template (of travellers whose booking ends after ``valid_after``, if given),
-        read in one transaction so the rows match the gallery_version returned with them."""
+        """Every intact template (of travellers whose booking ends after ``valid_after``, if
+        given), read in one transaction so the rows match the gallery_version returned with
+        them. Rows failing their checksum are quarantined and left out."""
         c = self._reader()
         c.execute("BEGIN")
+        damaged: list[DamagedRow] = []
         try:
             version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
                                     ).fetchone()[0])
@@ -774,16 +1011,21 @@ class Store:
                                    "WHERE valid_to > ? ORDER BY traveller_id",
                                    (cutoff,)).fetchall()
             slot = {t[0]: i for i, t in enumerate(travellers)}
+            skip = self._quarantined_ids(c)
             n = c.execute("SELECT COUNT(*) FROM templates").fetchone()[0]
             vectors = np.empty((n, EMBEDDING_DIM), np.float32)
             owner = np.empty(n, np.int32)
             template_ids = np.empty(n, np.int64)
             m = 0
-            for tid, trav, sha, codec, blob in c.execute(
-                    "SELECT template_id, traveller_id, photo_sha256, codec, template "
+            for tid, trav, sha, codec, blob, checksum in c.execute(
+                    "SELECT template_id, traveller_id, photo_sha256, codec, template, checksum "
                     "FROM templates ORDER BY template_id"):
                 s = slot.get(trav)
-                if s is None:
+                if s is None or tid in skip:
+                    continue
+                problem = _row_problem(trav, sha, codec, blob, checksum)
+                if problem:
+                    damaged.append(DamagedRow(tid, trav, sha, problem))
                     continue
                 vectors[m] = self._decode(trav, sha, codec, blob)
                 owner[m] = s
@@ -791,10 +1033,58 @@ class Store:
                 m += 1
         finally:
             c.execute("COMMIT")
+        self._quarantine(damaged, wait_s=self.write_wait_s)
         return GalleryRows(version, [t[0] for t in travellers],
                            np.array([t[1] for t in travellers], np.float64),
                            np.array([t[2] for t in travellers], np.float64),
                            owner[:m], template_ids[:m], vectors[:m])
+
+    def verify_templates(self) -> list[DamagedRow]:
+        """Check every template row's checksum (no decryption, no key needed); quarantine
+        the rows that fail and return them (newly found ones only)."""
+        c = self._reader()
+        c.execute("BEGIN")
+        damaged: list[DamagedRow] = []
+        try:
+            skip = self._quarantined_ids(c)
+            for tid, trav, sha, codec, blob, checksum in c.execute(
+                    "SELECT template_id, traveller_id, photo_sha256, codec, template, checksum "
+                    "FROM templates"):
+                if tid in skip:
+                    continue
+                problem = _row_problem(trav, sha, codec, blob, checksum)
+                if problem:
+                    damaged.append(DamagedRow(tid, trav, sha, problem))
+        finally:
+            c.execute("COMMIT")
+        self._quarantine(damaged, wait_s=self.write_wait_s)
+        return damaged
+
+    def quarantined(self) -> list[DamagedRow]:
+        """Rows in quarantine, oldest first (what `matcher gallery stats` lists)."""
+        return [DamagedRow(*r) for r in self._reader().execute(
+            "SELECT template_id, traveller_id, photo_sha256, reason FROM quarantine "
+            "ORDER BY found_at, template_id")]
+
+    def quick_check(self, max_s: float) -> str | None:
+        """SQLite's ``PRAGMA quick_check``: "ok", or its first problems joined by "; ".
+
+        None if it did not finish within ``max_s`` seconds (interrupted, so a huge store
+        never holds start-up hostage; the caller logs it)."""
+        conn = self._connect()
+        deadline = time.monotonic() + max_s
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            rows = conn.execute("PRAGMA quick_check(10)").fetchall()
+        except sqlite3.OperationalError as e:
+            if "interrupt" in str(e):
+                return None
+            return str(e)
+        except sqlite3.DatabaseError as e:
+            return str(e)
+        finally:
+            conn.close()
+        return "; ".join(str(r[0]) for r in rows)
 
     def integrity_check(self) -> str:
         return self._reader().execute("PRAGMA integrity_check").fetchone()[0]

@@ -170,5 +170,9 @@ def test_store_with_cipher_keeps_templates_encrypted_and_bound_to_their_row(tmp_
         conn.execute("UPDATE templates SET template=? WHERE traveller_id='T-A'", (bb,))
         conn.execute("UPDATE templates SET template=? WHERE traveller_id='T-B'", (ba,))
     with Store(db, "buffalo_l", codec=cipher) as store:
-        with pytest.raises(TemplateDecryptError):
-            store.get("T-A")
+        # The row checksum catches it first: quarantined, never decoded nor searched.
+        assert len(store.get("T-A").templates) == 0
+        assert [d.traveller_id for d in store.quarantined()] == ["T-A"]
+    # And the cipher alone refuses the blob on the wrong row.
+    with pytest.raises(TemplateDecryptError):
+        cipher.decode(bb, f"T-A\x00{sha_a}".encode())

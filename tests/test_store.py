@@ -29,7 +29,7 @@ def test_schema_is_versioned_and_pragmas_are_durable(store, tmp_path):
     assert store.schema_version == SCHEMA_VERSION
     c = sqlite3.connect(tmp_path / "g.sqlite3")
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert [r[0] for r in c.execute("SELECT version FROM schema_version")] == [1]
+    assert [r[0] for r in c.execute("SELECT version FROM schema_version")] == [1, 2]
     c.close()
     assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 

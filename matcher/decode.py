@@ -1,21 +1,41 @@
 """Image bytes -> (H, W, 3) uint8 RGB, refusing anything unsafe before it is decoded.
 
-The header is read first: byte and pixel limits are checked there, so a 20,000 x 20,000
-"decompression bomb" costs a few hundred bytes of parsing and no allocation. EXIF
-orientation is applied, so a phone photo stored sideways is matched upright.
+Accepted: JPEG, PNG, WebP, HEIC/HEIF and AVIF, told apart by their first bytes (a WebP
+named ``.jpg`` is a WebP). The header is read first: byte and pixel limits are checked
+there, so a 30,000 x 30,000 "decompression bomb" costs a few hundred bytes of parsing and
+no allocation. EXIF orientation (and HEIF/AVIF irot/imir) is applied, so a phone photo
+stored sideways is matched upright.
 """
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from pillow_heif import register_heif_opener
 
 from .errors import CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage
 
-ACCEPTED_FORMATS = ("JPEG", "PNG")
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF")
+ACCEPTED_NAMES = "JPEG, PNG, WebP, HEIC/HEIF or AVIF"
+
+# Thumbnails, depth maps and auxiliary images are never looked at: do not list them.
+register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
+
+# ISO-BMFF brands (the ftyp box) of a HEIF still image or collection, and of AVIF.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm",
+                          b"hevs", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+# Formats we recognise only to name them in the refusal.
+_OTHER_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+                (b"%PDF", "PDF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"))
+
+# What decoders raise on damaged data. pillow-heif reports libheif errors as RuntimeError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+                  RuntimeError, struct.error, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -35,7 +55,8 @@ Image.MAX_IMAGE_PIXELS = DEFAULT_LIMITS.max_pixels
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """Decode JPEG or PNG bytes to a C-contiguous (H, W, 3) uint8 RGB array.
+    """Decode JPEG, PNG, WebP, HEIC/HEIF or AVIF bytes to a C-contiguous (H, W, 3) uint8 RGB
+    array.
 
     Raises EmptyImage, ImageTooLarge, UnsupportedImage or CorruptImage (all InvalidInput).
     """
@@ -44,7 +65,13 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(
             f"the image is {len(data) / 1e6:.1f} MB; the limit is {limits.max_bytes / 1e6:.1f} MB")
-    image = _open_header(data, limits)
+    fmt = sniff_format(data)
+    declared = _declared_size(fmt, data)
+    if declared is not None:
+        # Before any decoder sees the bytes: libwebp allocates the whole canvas when it opens
+        # a file, and a HEIF/AVIF parser may size buffers from the same header.
+        _check_dimensions(declared, limits)
+    image = _open_header(data, fmt, limits)
     _check_dimensions(image.size, limits)
     _check_single_frame(image)
     try:
@@ -58,29 +85,120 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
         raise
     except Image.DecompressionBombWarning:
         raise ImageTooLarge("the image declares more pixels than allowed") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
-            Image.DecompressionBombError) as exc:
+    except _DECODE_ERRORS as exc:
         raise CorruptImage(
-            f"the {image.format} image could not be decoded ({type(exc).__name__}); "
+            f"the {fmt} image could not be decoded ({type(exc).__name__}); "
             "it is truncated or damaged, please capture it again") from None
 
 
-def _open_header(data: bytes, limits: DecodeLimits) -> Image.Image:
-    """Parse only the header; Pillow decodes pixels lazily on ``load()``."""
+def sniff_format(data: bytes) -> str:
+    """The Pillow format name of ``data`` from its magic bytes (never a file name).
+
+    Raises UnsupportedImage, naming the format where it is a known one we do not accept.
+    """
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[4:8] == b"ftyp":
+        (box_size,) = struct.unpack(">I", data[:4])
+        major = data[8:12]
+        # Compatible brands follow the major brand and its minor version.
+        compatible = {data[i:i + 4] for i in range(16, min(box_size, len(data), 64) - 3, 4)}
+        if major in _AVIF_BRANDS or (major in (b"mif1", b"msf1") and compatible & _AVIF_BRANDS):
+            return "AVIF"
+        if major in _HEIF_BRANDS or compatible & (_HEIF_BRANDS - {b"mif1", b"msf1"}):
+            return "HEIF"
+    for magic, name in _OTHER_MAGIC:
+        if data.startswith(magic):
+            raise UnsupportedImage(f"the image is a {name} file; send {ACCEPTED_NAMES}")
+    raise UnsupportedImage(f"the bytes are not a {ACCEPTED_NAMES} image "
+                           "(unknown or unsupported format)")
+
+
+def _declared_size(fmt: str, data: bytes) -> tuple[int, int] | None:
+    """(width, height) the header declares, for formats whose decoder allocates on open.
+
+    None when the header does not say (the decoder then refuses it, or Pillow's size is
+    checked after opening, before any pixel is decoded).
+    """
+    if fmt == "WEBP":
+        return _webp_size(data)
+    if fmt in ("HEIF", "AVIF"):
+        return _isobmff_size(data)
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas size from the first chunk: VP8X (extended), VP8 (lossy) or VP8L (lossless)."""
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        width = int.from_bytes(data[24:27], "little") + 1
+        height = int.from_bytes(data[27:30], "little") + 1
+        return width, height
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        (bits,) = struct.unpack("<I", data[21:25])
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+# The boxes on the path meta/iprp/ipco to the image spatial extents ('ispe') properties.
+_CONTAINER_BOXES = {b"meta": 4, b"iprp": 0, b"ipco": 0}  # type -> header bytes to skip
+
+
+def _isobmff_size(data: bytes) -> tuple[int, int] | None:
+    """The largest width and height of any 'ispe' property of a HEIF/AVIF file.
+
+    The primary image, its tiles and thumbnails each have one; the largest bounds what any
+    of them decodes to, and a lie in a smaller one is caught after opening.
+    """
+    sizes = [(w, h) for w, h in _ispe_boxes(data, 0, len(data), depth=0)]
+    if not sizes:
+        return None
+    return max(w for w, _ in sizes), max(h for _, h in sizes)
+
+
+def _ispe_boxes(data: bytes, start: int, end: int, depth: int):
+    pos = start
+    while pos + 8 <= end and depth <= 3:
+        size, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        header = 8
+        if size == 1 and pos + 16 <= end:  # 64-bit size
+            (size,) = struct.unpack(">Q", data[pos + 8:pos + 16])
+            header = 16
+        elif size == 0:  # to the end of the file
+            size = end - pos
+        if size < header or pos + size > end:
+            return  # a damaged box: the decoder will say so
+        if kind == b"ispe" and size >= header + 12:
+            yield struct.unpack(">II", data[pos + header + 4:pos + header + 12])
+        elif kind in _CONTAINER_BOXES:
+            yield from _ispe_boxes(data, pos + header + _CONTAINER_BOXES[kind], pos + size,
+                                   depth + 1)
+        pos += size
+
+
+def _open_header(data: bytes, fmt: str, limits: DecodeLimits) -> Image.Image:
+    """Parse only the header; the decoders decode pixels lazily on ``load()``."""
     try:
         with warnings.catch_warnings():
             # Between 1x and 2x MAX_IMAGE_PIXELS Pillow only warns; our own limit refuses it.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+            return Image.open(io.BytesIO(data), formats=(fmt,))
     except UnidentifiedImageError:
-        raise UnsupportedImage(
-            "the bytes are not a JPEG or PNG image (unknown or unsupported format)") from None
+        raise CorruptImage(f"the {fmt} image header is damaged or incomplete; "
+                           "please capture it again") from None
     except Image.DecompressionBombError:
         raise ImageTooLarge(
             f"the image declares far more pixels than the {limits.max_pixels / 1e6:.0f} "
             "megapixel limit") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
-        raise CorruptImage(f"the image header is damaged ({type(exc).__name__}); "
+    except _DECODE_ERRORS as exc:
+        raise CorruptImage(f"the {fmt} image header is damaged ({type(exc).__name__}); "
                            "please capture it again") from None
 
 
@@ -96,26 +214,30 @@ def _check_dimensions(size: tuple[int, int], limits: DecodeLimits) -> None:
 
 
 def _check_single_frame(image: Image.Image) -> None:
-    """Refuse animated PNGs: which frame holds the traveller's face would be a guess.
+    """Refuse animated PNG, WebP and AVIF: which frame holds the face would be a guess.
 
-    The frame count comes from the acTL chunk read with the header, so this costs nothing.
-    JPEGs are exempt: cameras write MPO files (a JPEG plus preview or depth frames) whose
-    first frame is the photo.
+    The frame count comes with the header, so this costs nothing. JPEGs are exempt:
+    cameras write MPO files (a JPEG plus preview or depth frames) whose first frame is the
+    photo; so are HEIF collections (bursts, edits), whose primary image is the photo and
+    is the one decoded.
     """
-    if image.format == "PNG" and getattr(image, "n_frames", 1) > 1:
+    frames = getattr(image, "n_frames", 1)
+    if image.format in ("PNG", "WEBP", "AVIF") and frames > 1:
         raise UnsupportedImage(
-            f"the PNG is animated ({image.n_frames} frames); send a single still photo")
+            f"the {image.format} is animated ({frames} frames); send a single still photo")
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16-bit grey: scale to 8 bits instead of letting convert() clip at 255.
+        # 16-bit grey (PNG, or 10/12-bit HEIF scaled to 16): scale to 8 bits instead of
+        # letting convert() clip at 255.
         grey = np.asarray(image, dtype=np.uint32)
         grey8 = (np.minimum(grey, 65535) // 257).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(grey8[:, :, None], 3, axis=2))
     if mode == "F":
-        raise UnsupportedImage("floating-point images are not supported; send 8 or 16-bit JPEG/PNG")
+        raise UnsupportedImage("floating-point images are not supported; send an 8 or 16-bit "
+                               "photo")
     if mode != "RGB":
         # Covers L, LA, P, PA, RGBA (alpha dropped as the reference pipeline does), CMYK, 1.
         image = image.convert("RGB")

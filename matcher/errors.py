@@ -21,7 +21,7 @@ class UnsupportedImage(InvalidInput):
 
 
 class CorruptImage(InvalidInput):
-    """Looks like a JPEG/PNG but cannot be decoded completely."""
+    """Looks like an accepted image format but cannot be decoded completely."""
 
 
 class ImageTooLarge(InvalidInput):

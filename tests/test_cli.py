@@ -45,7 +45,7 @@ def test_embed_reports_a_bad_file_and_carries_on(faces_dir: Path, tmp_path: Path
     bad.write_bytes(b"this is a text file with a .jpg name")
     proc = _matcher("embed", str(bad), str(faces_dir / "obama_small.jpg"))
     assert proc.returncode == 1
-    assert "not_a_photo.jpg" in proc.stderr and "not a JPEG or PNG" in proc.stderr
+    assert "not_a_photo.jpg" in proc.stderr and "not a JPEG, PNG, WebP" in proc.stderr
     assert "Traceback" not in proc.stderr
     (record,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert "embedding" not in record  # only with --json

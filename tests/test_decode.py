@@ -1,14 +1,19 @@
 """decode_image: every odd, broken or hostile input gets a typed error or a correct RGB array.
 
 All test images are generated here with Pillow/numpy (or written byte by byte where Pillow
-cannot produce them); nothing binary is committed.
+cannot produce them); the WebP, AVIF and HEIC files are encoded at test time from the
+committed test photos by the real encoders (Pillow's WebP and AVIF, pillow-heif's HEIC).
 """
 from __future__ import annotations
 
 import io
+import os
 import struct
+import subprocess
+import sys
 import tracemalloc
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from matcher.decode import DEFAULT_LIMITS, DecodeLimits, decode_image
+from matcher.decode import DEFAULT_LIMITS, DecodeLimits, decode_image, sniff_format
 from matcher.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, UnsupportedImage
 
 
@@ -62,7 +67,9 @@ def test_random_bytes_are_not_an_image() -> None:
 
 
 def test_text_is_not_an_image() -> None:
-    with pytest.raises(UnsupportedImage, match="not a JPEG or PNG"):
+    with pytest.raises(UnsupportedImage, match="not a JPEG, PNG, WebP, HEIC/HEIF or AVIF"):
+        decode_image(b"this is a booking confirmation, not a photo" * 10)
+    with pytest.raises(UnsupportedImage, match="is a PDF file"):
         decode_image(b"%PDF-1.7 this is a document, not a photo" * 10)
 
 
@@ -132,17 +139,18 @@ def test_tiny_image_is_refused() -> None:
         decode_image(_encode(Image.fromarray(_gradient(16, 16)), "PNG"))
 
 
-@pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "TIFF"])
-def test_other_image_formats_are_unsupported(fmt: str) -> None:
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "TIFF"])
+def test_other_image_formats_are_unsupported_and_named(fmt: str) -> None:
     data = _encode(Image.fromarray(_gradient()), fmt)
-    with pytest.raises(UnsupportedImage, match="JPEG or PNG"):
+    with pytest.raises(UnsupportedImage, match=f"is a {fmt} file; send JPEG, PNG, WebP"):
         decode_image(data)
 
 
-def test_animated_png_is_refused() -> None:
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "AVIF"])
+def test_animated_images_are_refused(fmt: str) -> None:
     frames = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (0, 100, 200)]
-    data = _encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
-    with pytest.raises(UnsupportedImage, match="animated"):
+    data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+    with pytest.raises(UnsupportedImage, match=f"{fmt} is animated \\(3 frames\\)"):
         decode_image(data)
 
 
@@ -229,15 +237,204 @@ def test_exif_orientation_is_applied() -> None:
     np.testing.assert_array_equal(out, pixels)
 
 
+# -- the formats phones and web forms upload: WebP, AVIF, HEIC ----------------------------
+
+MODERN = ("WEBP", "AVIF", "HEIF")
+
+
+def _as_bytes(fmt: str, image: Image.Image, **kwargs) -> bytes:
+    """Encoded by the real encoder; lossy at quality 90 unless told otherwise."""
+    return _encode(image, fmt, **{"quality": 90, **kwargs})
+
+
+def _webp_canvas(width: int, height: int, frame: bytes) -> bytes:
+    """An extended WebP (VP8X) declaring a ``width`` x ``height`` canvas around a real
+    frame: how a 30,000 x 30,000 WebP header looks (the simple form stops at 16,383)."""
+    vp8x = (b"VP8X" + struct.pack("<I", 10) + bytes(4)
+            + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little"))
+    body = b"WEBP" + vp8x + frame[12:]
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _with_ispe(data: bytes, width: int, height: int) -> bytes:
+    """A real HEIF/AVIF file whose image spatial extents ('ispe') now declare another size."""
+    raw = bytearray(data)
+    pos = raw.find(b"ispe")
+    assert pos > 0, "the encoder wrote no ispe property"
+    while pos > 0:
+        raw[pos + 8:pos + 16] = struct.pack(">II", width, height)
+        pos = raw.find(b"ispe", pos + 4)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("fmt", MODERN)
+def test_modern_formats_decode_to_the_same_pixels(fmt: str) -> None:
+    pixels = _gradient(96, 128)
+    data = _as_bytes(fmt, Image.fromarray(pixels))
+    assert sniff_format(data) == fmt
+    out = decode_image(data)
+    _check_rgb(out, 96, 128)
+    assert np.abs(out.astype(int) - pixels).mean() < 3  # lossy, but the same picture
+
+
+def test_lossless_webp_round_trips_exactly() -> None:
+    pixels = _gradient()
+    np.testing.assert_array_equal(
+        decode_image(_encode(Image.fromarray(pixels), "WEBP", lossless=True)), pixels)
+
+
+def test_the_format_comes_from_the_bytes_not_the_name(tmp_path: Path) -> None:
+    """One upload in sixty is a WebP named .jpg: it is decoded as the WebP it is."""
+    pixels = _gradient()
+    named_jpg = tmp_path / "booking.jpg"
+    named_jpg.write_bytes(_encode(Image.fromarray(pixels), "WEBP", lossless=True))
+    np.testing.assert_array_equal(decode_image(named_jpg.read_bytes()), pixels)
+
+
+@pytest.mark.parametrize("fmt", MODERN)
+def test_modern_formats_honour_the_stored_orientation(fmt: str) -> None:
+    """Pixels stored sideways with orientation 6 come back upright: EXIF for WebP, irot
+    written by the encoder for AVIF and HEIC (pillow-heif turns the EXIF tag into irot)."""
+    pixels = _gradient(64, 96)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(pixels, k=1)))
+    out = decode_image(_as_bytes(fmt, stored, exif=exif.tobytes()))
+    _check_rgb(out, 64, 96)
+    assert np.abs(out.astype(int) - pixels).mean() < 3
+
+
+@pytest.mark.parametrize("fmt", MODERN)
+def test_grey_modern_formats_become_three_equal_channels(fmt: str) -> None:
+    grey = _gradient()[:, :, 0]
+    out = decode_image(_as_bytes(fmt, Image.fromarray(grey, "L")))
+    _check_rgb(out, *grey.shape)
+    # WebP has no grey mode: the encoder stores grey as colour, equal to a rounding step.
+    spread = np.ptp(out.astype(int), axis=2).max()
+    assert spread <= (2 if fmt == "WEBP" else 0)
+    assert np.abs(out[:, :, 0].astype(int) - grey).mean() < 3
+
+
+def test_10_bit_grey_heic_is_scaled_not_clipped() -> None:
+    """pillow-heif writes 16-bit grey as a 10-bit HEIC and reads it back as I;16."""
+    grey = np.linspace(0, 65535, 64 * 96).reshape(64, 96).astype(np.uint16)
+    out = decode_image(_encode(Image.fromarray(grey), "HEIF", quality=-1))
+    _check_rgb(out, 64, 96)
+    assert out.max() >= 250 and out.min() <= 2
+    assert np.abs(out[:, :, 0].astype(int) - grey // 257).max() <= 2
+
+
+def test_10_bit_rgb_heic_keeps_its_colours() -> None:
+    import pillow_heif
+
+    rgb16 = (_gradient().astype(np.uint16) * 257)
+    heif = pillow_heif.from_bytes("RGB;16", (rgb16.shape[1], rgb16.shape[0]), rgb16.tobytes())
+    buf = io.BytesIO()
+    heif.save(buf, quality=-1)
+    out = decode_image(buf.getvalue())
+    _check_rgb(out, *rgb16.shape[:2])
+    assert np.abs(out.astype(int) - _gradient()).mean() < 3
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "AVIF", "HEIF"])
+@pytest.mark.parametrize("size", [(30_000, 30_000), (DEFAULT_LIMITS.max_side + 1, 64)])
+def test_modern_bomb_headers_are_refused_from_the_header(fmt: str, size) -> None:
+    small = _as_bytes(fmt, Image.fromarray(_gradient(64, 64)))
+    bomb = _webp_canvas(*size, small) if fmt == "WEBP" else _with_ispe(small, *size)
+    with pytest.raises(ImageTooLarge, match=f"{size[0]}x{size[1]} pixels"):
+        decode_image(bomb)
+
+
+def test_lossy_webp_at_its_largest_simple_size_is_refused() -> None:
+    """The simple (VP8) header holds at most 16383 x 16383 (268 MP)."""
+    data = bytearray(_as_bytes("WEBP", Image.fromarray(_gradient(64, 64))))
+    assert data[12:16] == b"VP8 "
+    data[26:30] = struct.pack("<HH", 16383, 16383)
+    with pytest.raises(ImageTooLarge):
+        decode_image(bytes(data))
+
+
+_BOMBS_UNDER_AN_ADDRESS_SPACE_LIMIT = r"""
+import io, resource, struct, sys
+sys.path.insert(0, sys.argv[1])
+from test_decode import _as_bytes, _gradient, _webp_canvas, _with_ispe
+from PIL import Image
+from matcher.decode import decode_image
+from matcher.errors import ImageTooLarge
+small = {f: _as_bytes(f, Image.fromarray(_gradient(64, 64))) for f in ("WEBP", "AVIF", "HEIF")}
+bombs = {"WEBP": _webp_canvas(30000, 30000, small["WEBP"]),
+         "AVIF": _with_ispe(small["AVIF"], 30000, 30000),
+         "HEIF": _with_ispe(small["HEIF"], 30000, 30000)}
+# From here no allocation may come near one 30,000 x 30,000 canvas (2.7 GB as RGB).
+limit = 1 << 30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for fmt, bomb in bombs.items():
+    try:
+        decode_image(bomb)
+    except ImageTooLarge:
+        print(fmt, "refused")
+"""
+
+
+def test_bomb_headers_are_refused_before_any_canvas_is_allocated(tmp_path: Path) -> None:
+    """Under a 1 GB address-space limit a decoder that sized a buffer from the header would
+    fail (libwebp allocates the canvas when it opens a file); the header check never lets
+    it run. In a child process so the limit stays there."""
+    script = tmp_path / "bombs.py"
+    script.write_text(_BOMBS_UNDER_AN_ADDRESS_SPACE_LIMIT)
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["WEBP", "refused", "AVIF", "refused", "HEIF", "refused"]
+
+
+@pytest.mark.parametrize("fmt", MODERN)
+@pytest.mark.parametrize("keep", [0.3, 0.9])
+def test_truncated_modern_formats_are_corrupt(fmt: str, keep: float) -> None:
+    noise = np.random.default_rng(4).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    data = _as_bytes(fmt, Image.fromarray(noise))
+    with pytest.raises(CorruptImage):
+        decode_image(data[: int(len(data) * keep)])
+
+
+# Re-encoded real photos: the service must see the same traveller in any of them.
+_TEMPLATE_PHOTOS = ("obama_4.jpg", "kit_harington_1.jpg", "rose_leslie_1.jpg")
+
+
+@pytest.fixture(scope="module")
+def reencoded(faces_dir: Path) -> dict[str, dict[str, bytes]]:
+    """file -> {"JPEG": original bytes, fmt: the decoded original re-encoded as fmt}."""
+    out = {}
+    for file in _TEMPLATE_PHOTOS:
+        original = (faces_dir / file).read_bytes()
+        upright = Image.fromarray(decode_image(original))
+        out[file] = {"JPEG": original, **{fmt: _as_bytes(fmt, upright) for fmt in MODERN}}
+    return out
+
+
+@pytest.mark.parametrize("fmt", MODERN)
+def test_templates_of_reencoded_photos_match_the_jpeg_original(fmt: str, reencoded,
+                                                               pipeline) -> None:
+    for file, versions in reencoded.items():
+        (original,) = pipeline.analyse_bytes(versions["JPEG"])
+        (again,) = pipeline.analyse_bytes(versions[fmt])
+        cosine = float(original.template @ again.template)
+        assert cosine >= 0.99, f"{file} as {fmt}: cosine {cosine:.4f} to the JPEG original"
+
+
 # -- fuzz: damaged bytes either decode or raise InvalidInput, nothing else --------------
 
 _FUZZ_SOURCES = {
     "jpeg": _encode(Image.fromarray(_gradient(64, 80)), "JPEG", quality=80),
     "png": _encode(Image.fromarray(_gradient(64, 80)), "PNG"),
+    "webp": _encode(Image.fromarray(_gradient(64, 80)), "WEBP", quality=80),
+    "avif": _encode(Image.fromarray(_gradient(64, 80)), "AVIF", quality=80),
+    "heic": _encode(Image.fromarray(_gradient(64, 80)), "HEIF", quality=80),
 }
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(source=st.sampled_from(sorted(_FUZZ_SOURCES)),
        flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
        cut=st.integers(1, 10_000))

@@ -22,6 +22,7 @@ far, so the extra wait is at most one fsync. Call it from a worker thread in asy
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .durable import fsync_path
-from .errors import MatcherError
+from .errors import AuditUnavailable, MatcherError
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,25 @@ _TAIL_BYTES = 64 * 1024
 
 class AuditError(MatcherError):
     """The audit log cannot be appended to (tampered tail, bad record, I/O failure)."""
+
+
+class AuditWriteError(AuditError, AuditUnavailable):
+    """The record could not be written or synced (disk full, I/O error); nothing of it
+    is left in the file. A retry may succeed once the disk has room again."""
+
+
+def _io_failure(exc: OSError) -> AuditWriteError:
+    if exc.errno == errno.ENOSPC:
+        return AuditWriteError("the audit log cannot be written: the disk is full")
+    return AuditWriteError(f"the audit log cannot be written ({exc.strerror or exc})")
+
+
+def _damaged(path: Path, problem: str) -> str:
+    """The refusal an operator reads at start-up: the file, what is wrong, the way back."""
+    return (f"audit log {path}: {problem}; matcher will not extend it. Run `matcher audit "
+            f"verify {path}` to find the first bad record, keep the file for investigation "
+            f"and move it aside (mv {path} {path}.damaged) so a new log starts; record the "
+            f"old log's last good head from that verify output in the incident report")
 
 
 @dataclass(frozen=True)
@@ -153,13 +173,13 @@ class AuditLog:
                                       "fields": clean, "prev_hash": self._head}
             record["hash"] = record_hash(record)
             line = canonical_json(record) + b"\n"
-            size_before = os.fstat(self._fd).st_size
             try:
+                size_before = os.fstat(self._fd).st_size
                 _write_all(self._fd, line)
             except OSError as exc:
                 # Leave no half line behind for the next record to be glued onto.
                 os.ftruncate(self._fd, size_before)
-                raise AuditError(f"could not write to the audit log ({exc.strerror})") from None
+                raise _io_failure(exc) from None
             self._seq, self._head = record["seq"], record["hash"]
             self._written_seq = record["seq"]
         self._sync_through(record["seq"])
@@ -180,7 +200,12 @@ class AuditLog:
                 target, fd = self._written_seq, self._fd
             if fd < 0:
                 raise AuditError("the audit log was closed before the record was synced")
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                # The record may or may not be on disk: it is not acknowledged. The chain
+                # in memory already counts it, so a later record still links correctly.
+                raise _io_failure(exc) from None
             self._synced_seq = target
 
     def _recover_tail(self) -> tuple[int, str]:
@@ -195,7 +220,7 @@ class AuditLog:
         if tail and not tail.endswith(b"\n"):
             cut = tail.rfind(b"\n") + 1
             if cut == 0 and start > 0:
-                raise AuditError(f"the end of {self.path} is not a record; investigate it")
+                raise AuditError(_damaged(self.path, "its end is not a record"))
             log.warning("audit log %s ends with a torn record (%d bytes); dropping it",
                         self.path, len(tail) - cut)
             os.ftruncate(self._fd, start + cut)
@@ -205,17 +230,29 @@ class AuditLog:
             return 0, GENESIS_HASH
         line_start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
         if line_start == 0 and start > 0:
-            raise AuditError(f"the last record of {self.path} is too long to be one of ours")
+            raise AuditError(_damaged(self.path, "its last record is too long to be one of ours"))
         try:
             record = json.loads(tail[line_start:])
             seq, digest = int(record["seq"]), str(record["hash"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise AuditError(
-                f"the last record of {self.path} is unreadable ({type(exc).__name__}); "
-                "run `matcher audit verify` and investigate before appending") from None
+            raise AuditError(_damaged(
+                self.path, f"its last record is unreadable ({type(exc).__name__})")) from None
         if record_hash(record) != digest:
-            raise AuditError(f"the last record of {self.path} (seq {seq}) fails its hash; "
-                             "the log was altered, run `matcher audit verify`")
+            raise AuditError(_damaged(self.path, f"its last record (seq {seq}) fails its "
+                                                 f"hash: the log was altered or damaged"))
+        # The record before it must link to it too, so damage to either end line is seen
+        # before the chain is extended.
+        prev_start = tail.rfind(b"\n", 0, max(line_start - 1, 0)) + 1
+        if line_start > 0 and not (prev_start == 0 and start > 0):
+            try:
+                prev = json.loads(tail[prev_start:line_start])
+                linked = (record.get("prev_hash") == prev.get("hash")
+                          and record_hash(prev) == prev.get("hash"))
+            except (ValueError, AttributeError):
+                linked = False
+            if not linked:
+                raise AuditError(_damaged(self.path, f"record {seq - 1} is damaged or does not "
+                                                     f"link to record {seq}"))
         return seq, digest
 
 

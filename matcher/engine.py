@@ -5,8 +5,9 @@ Compute layout: every model call goes through one MicroBatcher whose worker thre
 decode -> detect -> align -> embed (ONNX Runtime releases the GIL). 1:N searches go
 through a second MicroBatcher that takes every search waiting (up to 64 probes) into one
 gallery call: one pass over a million templates answers a whole batch for about the cost
-of one probe. 1:1 checks, Clear and SQLite writes run in a small thread pool. Neither a
-slow search nor an fsync ever holds a model worker; the event loop thread only moves bytes.
+of one probe. 1:1 checks and Clear run in a small thread pool, SQLite writes in a pool of
+their own with a deadline, so a write stuck behind another process's lock or a slow fsync
+holds neither a model worker nor a 1:1 check; the event loop thread only moves bytes.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 from .audit import AuditLog
 from .batching import BatchConfig, MicroBatcher
 from .decision import Decider, Decision, DecisionPolicy
-from .errors import InvalidInput, MatcherError
+from .errors import AuditUnavailable, DeadlineExpired, InvalidInput, MatcherError
 from .metrics import Metrics
 from .models import ALIGNED_SIZE, EMBEDDING_DIM
 from .pipeline import Face, Pipeline, StageTimings
@@ -32,6 +33,7 @@ from .store import NORM_TOLERANCE, EnrolResult, Traveller
 log = logging.getLogger(__name__)
 
 ALIGNED_RAW_BYTES = ALIGNED_SIZE * ALIGNED_SIZE * 3
+AUDIT_FAILURE_POLICIES = ("fail_closed", "fail_open")
 SEARCH_BATCH = 64  # probes per 1:N gallery call
 
 
@@ -125,7 +127,11 @@ class MatchEngine:
     def __init__(self, pipeline: Pipeline, gallery: ServedGallery,
                  batch: BatchConfig = BatchConfig(), policy: DecisionPolicy | None = None,
                  metrics: Metrics | None = None, audit: AuditLog | None = None,
-                 search_threads: int = 2) -> None:
+                 search_threads: int = 2, *, audit_failure: str = "fail_closed") -> None:
+        if audit_failure not in AUDIT_FAILURE_POLICIES:
+            raise ValueError(f"audit_failure must be one of {AUDIT_FAILURE_POLICIES}, "
+                             f"got: {audit_failure!r}")
+        self.audit_failure = audit_failure
         if gallery.model_id != pipeline.model_id:
             raise MatcherError(f"gallery holds model {gallery.model_id} templates, the "
                                f"pipeline runs {pipeline.model_id}")
@@ -147,6 +153,7 @@ class MatchEngine:
                                      max_queue=max(batch.max_queue, SEARCH_BATCH), workers=1),
                          name="search")
         self._search_pool = ThreadPoolExecutor(search_threads, thread_name_prefix="search")
+        self._write_pool = ThreadPoolExecutor(2, thread_name_prefix="store-write")
         self.metrics.set_model_info(pipeline.model_id)
 
     @property
@@ -162,6 +169,8 @@ class MatchEngine:
         await self.batcher.stop()
         await self.search_batcher.stop()
         self._search_pool.shutdown(wait=True)
+        # A write stuck in the store gives up within the store's bounded wait.
+        self._write_pool.shutdown(wait=True)
 
     def publish_gallery_metrics(self) -> None:
         self.metrics.set_gallery(self.gallery.templates, self.gallery.version)
@@ -259,15 +268,45 @@ class MatchEngine:
         return await self._in_search_pool(
             lambda: self.decider.claim_then_search(template, claimed, k=k))
 
+    async def _store_write(self, fn, deadline: float | None, *args):
+        """Run a gallery write in the write pool, answering by ``deadline`` at the latest.
+
+        The store waits for its lock only as long as the deadline leaves. If the write is
+        still running when the deadline passes (a stalled fsync), the caller gets
+        DeadlineExpired: the write is not acknowledged, and a retry is idempotent.
+        """
+        def run():
+            wait_s = None if deadline is None else deadline - time.monotonic()
+            if wait_s is not None and wait_s <= 0:
+                raise DeadlineExpired("the deadline passed before the store could be written; "
+                                      "nothing was written")
+            return fn(*args, wait_s=wait_s)
+
+        future = asyncio.get_running_loop().run_in_executor(self._write_pool, run)
+        try:
+            if deadline is None:
+                return await future
+            return await asyncio.wait_for(asyncio.shield(future),
+                                          max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            expired = DeadlineExpired("the store did not confirm the write before the "
+                                      "deadline; it is not acknowledged (a retry is safe)")
+            self.metrics.count_store_failure(expired)
+            raise expired from None
+        except MatcherError as exc:
+            self.metrics.count_store_failure(exc)
+            raise
+
     async def enroll(self, traveller_id: str, templates: np.ndarray, valid_from: float,
-                     valid_to: float, photo_sha256s: list[str]) -> EnrolResult:
-        result = await self._in_search_pool(self.gallery.enroll, traveller_id, templates,
-                                            valid_from, valid_to, photo_sha256s)
+                     valid_to: float, photo_sha256s: list[str],
+                     deadline: float | None = None) -> EnrolResult:
+        result = await self._store_write(self.gallery.enroll, deadline, traveller_id,
+                                         templates, valid_from, valid_to, photo_sha256s)
         self.publish_gallery_metrics()
         return result
 
-    async def remove(self, traveller_id: str) -> int:
-        version = await self._in_search_pool(self.gallery.remove, traveller_id)
+    async def remove(self, traveller_id: str, deadline: float | None = None) -> int:
+        version = await self._store_write(self.gallery.remove, deadline, traveller_id)
         self.publish_gallery_metrics()
         return version
 
@@ -275,6 +314,25 @@ class MatchEngine:
         return await self._in_search_pool(self.gallery.get, traveller_id)
 
     async def record(self, kind: str, **fields) -> None:
-        """Append one audit record (ids, decision, scores only); durable on return."""
-        if self.audit is not None:
+        """Append one audit record (ids, decision, scores only); durable on return.
+
+        If the log cannot be written (disk full, I/O error): a change (enrol, remove) is
+        refused with AuditUnavailable, it is stored but not acknowledged and a retry is
+        idempotent; a decision is refused too under ``audit_failure="fail_closed"`` (the
+        default), or answered unaudited under ``"fail_open"`` (logged and counted).
+        """
+        if self.audit is None:
+            return
+        try:
             await asyncio.to_thread(self.audit.append, kind, **fields)
+        except AuditUnavailable as exc:
+            self.metrics.count_audit_failure()
+            if kind != "decision":
+                raise AuditUnavailable(f"{exc}; the change is stored but not acknowledged: "
+                                       f"retry once the log can be written") from None
+            if self.audit_failure == "fail_open":
+                log.error("decision answered without its audit record (%s; "
+                          "audit_failure=fail_open)", exc)
+                return
+            raise AuditUnavailable(f"{exc}; decisions are refused until it can be written "
+                                   f"(audit_failure=fail_closed)") from None

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GalleryError, InvalidInput, SnapshotError
+from .errors import GalleryError, InvalidInput, SnapshotError, StoreDamaged
 from .index import Candidate, IndexConfig, SearchIndex
 from .models import EMBEDDING_DIM
 from .snapshot import Manifest, list_snapshots, prune_snapshots, read_snapshot, write_snapshot
 from .store import (NORM_TOLERANCE, EnrolResult, Store, TemplateCodec, Traveller,
-                    check_traveller_id, to_epoch)
+                    check_traveller_id, damaged_store_message, to_epoch)
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,9 @@ class GalleryConfig:
     snapshots_kept: int = 3
     # Rebuild in the background once the exact delta holds index.delta_max_templates.
     auto_rebuild: bool = True
+    # PRAGMA quick_check at open, interrupted after this many seconds (0: skip). A store
+    # that fails it is refused; one too big to check in time is served and logged.
+    quick_check_s: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Gallery:
         config = config or GalleryConfig()
         store = Store.open(data_dir / STORE_FILE, model_id, codec)
         try:
+            _check_store(store, config.quick_check_s)
             index = None
             if use_snapshots:
                 for path in list_snapshots(data_dir / SNAPSHOT_DIR):
@@ -100,9 +104,16 @@ class Gallery:
                                                  store.gallery_version)
                         break
                     except SnapshotError as e:
-                        log.error("skipping snapshot: %s", e)
+                        log.error("not serving from snapshot %s: %s. Check it with `matcher "
+                                  "gallery verify-snapshot %s`; the next good one (or the "
+                                  "store) is used, `matcher gallery export-snapshot "
+                                  "--data-dir %s` writes a fresh one", path, e, path, data_dir)
             if index is None:
-                index = _build(store, config.index, time.time())
+                index = _build(store, config.index, time.time())  # read_all checks every row
+            else:
+                # The snapshot's own copy verified; the store's rows are checked here so a
+                # rotted row is quarantined at start-up, and its traveller served without it.
+                _drop_damaged(store, index)
             gallery = cls(data_dir, store, index, config)
             gallery.refresh()
         except BaseException:
@@ -154,6 +165,7 @@ class Gallery:
 
     def stats(self) -> dict[str, object]:
         travellers, templates = self.store.counts()
+        quarantined = self.store.quarantined()
         ix = self._index
         return {"model_id": self.model_id, "store_id": self.store.store_id,
                 "schema_version": self.store.schema_version,
@@ -163,29 +175,32 @@ class Gallery:
                 "travellers": travellers, "templates": templates,
                 "index_travellers": ix.travellers, "index_templates": ix.templates,
                 "delta_templates": ix.delta_templates,
+                "quarantined": [{"template_id": d.template_id, "traveller_id": d.traveller_id,
+                                 "reason": d.reason} for d in quarantined],
                 "snapshots": [p.name for p in list_snapshots(self.snapshot_dir)]}
 
     # -- writes ---------------------------------------------------------------------
 
     def enroll(self, traveller_id: str, templates: np.ndarray,
                valid_from: datetime | float, valid_to: datetime | float,
-               photo_sha256s: Sequence[str]) -> EnrolResult:
+               photo_sha256s: Sequence[str], wait_s: float | None = None) -> EnrolResult:
         """Store templates (k, 512) float32 L2-normalised for a traveller; returns once the
-        transaction is durable and the traveller is searchable."""
+        transaction is durable and the traveller is searchable. ``wait_s`` bounds the wait
+        for the store (StoreBusy after it); searches never wait for a write."""
         with self._lock:
             self._check_open()
             result = self.store.enroll(traveller_id, templates, valid_from, valid_to,
-                                       photo_sha256s)
+                                       photo_sha256s, wait_s=wait_s)
             if result.changed:
                 self.refresh()
         self._maybe_rebuild()
         return result
 
-    def remove(self, traveller_id: str) -> int:
+    def remove(self, traveller_id: str, wait_s: float | None = None) -> int:
         """Delete a traveller; never returned by a search once this returns."""
         with self._lock:
             self._check_open()
-            version = self.store.remove(traveller_id)
+            version = self.store.remove(traveller_id, wait_s=wait_s)
             self.refresh()
         return version
 
@@ -273,6 +288,35 @@ class Gallery:
                                         self.config.index, self.store.gallery_version)
         self._swap(fresh)
         return manifest
+
+
+def _check_store(store: Store, max_s: float) -> None:
+    """PRAGMA quick_check within ``max_s``; a store that fails is refused (StoreDamaged)."""
+    if max_s <= 0:
+        return
+    started = time.monotonic()
+    result = store.quick_check(max_s)
+    if result is None:
+        log.warning("store %s: PRAGMA quick_check did not finish within %.0f s and was "
+                    "stopped; run `sqlite3 %s 'PRAGMA integrity_check'` off-line",
+                    store.path, max_s, store.path)
+    elif result != "ok":
+        raise StoreDamaged(damaged_store_message(store.path, f"PRAGMA quick_check: {result}"))
+    else:
+        log.info("store %s: quick_check ok in %.2f s", store.path.name,
+                 time.monotonic() - started)
+
+
+def _drop_damaged(store: Store, index: SearchIndex) -> None:
+    """Check every store row and take damaged ones (new or already quarantined) out of
+    ``index``: their travellers are re-read with their intact templates only."""
+    store.verify_templates()
+    for traveller_id in dict.fromkeys(d.traveller_id for d in store.quarantined()):
+        t = store.find(traveller_id)
+        if t is None or not len(t.templates):
+            index.remove(traveller_id)
+        else:
+            index.upsert(traveller_id, t.valid_from, t.valid_to, t.templates, t.template_ids)
 
 
 def _build(store: Store, config: IndexConfig, now: float) -> SearchIndex:

@@ -18,6 +18,7 @@ from prometheus_client.exposition import generate_latest, start_http_server
 STAGES: tuple[str, ...] = ("decode", "detect", "align", "embed", "search", "total")
 DECISIONS: tuple[str, ...] = ("MATCH", "NO_MATCH", "NO_FACE", "LOW_QUALITY", "ERROR")
 REJECT_REASONS: tuple[str, ...] = ("overload", "deadline", "not_ready")
+STORE_FAILURES: tuple[str, ...] = ("disk_full", "busy", "io", "deadline")
 
 # A CPU stage takes 1-250 ms; the tail buckets catch a stalled request without a +Inf cliff.
 STAGE_BUCKETS: tuple[float, ...] = (
@@ -66,6 +67,25 @@ class Metrics:
             "gallery_swap_timestamp_seconds", "Unix time the live gallery last changed",
             namespace=namespace, registry=r)
         self.model = Info("model", "The face models in use", namespace=namespace, registry=r)
+        self.store_failures = Counter(
+            "store_write_failures", "Gallery writes refused by the disk or a held lock "
+            "(nothing written)", ["reason"], namespace=namespace, registry=r)
+        self.audit_failures = Counter(
+            "audit_write_failures", "Audit records that could not be written",
+            namespace=namespace, registry=r)
+        self.snapshot_source_up = Gauge(
+            "snapshot_source_up", "1 while the snapshot folder a replica reads is reachable",
+            namespace=namespace, registry=r)
+        self.snapshot_created = Gauge(
+            "snapshot_created_timestamp_seconds", "Unix time the served snapshot was written",
+            namespace=namespace, registry=r)
+        self.snapshot_age = Gauge(
+            "snapshot_age_seconds", "Age of the served snapshot (how stale a replica is)",
+            namespace=namespace, registry=r)
+        self._snapshot_created_at: float | None = None
+        self.snapshot_age.set_function(self._snapshot_age)
+        for reason in STORE_FAILURES:
+            self.store_failures.labels(reason=reason)
         for stage in STAGES:  # expose zeroed series so dashboards see every stage at once
             self.stage_seconds.labels(stage=stage)
         for reason in REJECT_REASONS:
@@ -117,6 +137,37 @@ class Metrics:
         self.gallery_size.set(int(size))
         self.gallery_version.set(int(version))
         self.gallery_swapped.set(time.time())
+
+    def count_store_failure(self, exc: BaseException) -> None:
+        """Count a refused gallery write by its kind of failure (other errors: ignored)."""
+        from .errors import DeadlineExpired, DiskFull, StorageUnavailable, StoreBusy
+
+        if isinstance(exc, DiskFull):
+            reason = "disk_full"
+        elif isinstance(exc, StoreBusy):
+            reason = "busy"
+        elif isinstance(exc, DeadlineExpired):
+            reason = "deadline"
+        elif isinstance(exc, StorageUnavailable):
+            reason = "io"
+        else:
+            return
+        self.store_failures.labels(reason=reason).inc()
+
+    def count_audit_failure(self) -> None:
+        self.audit_failures.inc()
+
+    def set_snapshot(self, created_at: float) -> None:
+        """The served snapshot's manifest ``created_at`` (age is computed at scrape)."""
+        self._snapshot_created_at = float(created_at)
+        self.snapshot_created.set(float(created_at))
+
+    def set_snapshot_source(self, reachable: bool) -> None:
+        self.snapshot_source_up.set(1 if reachable else 0)
+
+    def _snapshot_age(self) -> float:
+        created = self._snapshot_created_at
+        return float("nan") if created is None else max(0.0, time.time() - created)
 
     def set_model_info(self, model_id: str, **details: str) -> None:
         """Model identity, e.g. ``set_model_info("buffalo_l", detector="det_10g")``."""

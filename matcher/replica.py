@@ -96,6 +96,10 @@ class ReplicaGallery:
     def snapshot_name(self) -> str:
         return self._state.manifest.path.name
 
+    @property
+    def snapshot_created_at(self) -> float:
+        return self._state.manifest.created_at
+
     # -- reads ----------------------------------------------------------------------
 
     def search(self, probes: np.ndarray, k: int = 5, now=None) -> list[list[Candidate]]:
@@ -151,14 +155,24 @@ class SnapshotWatcher:
     ``gallery`` is anything with ``load_snapshot(path) -> Manifest`` (Gallery on the
     writer, ReplicaGallery on a replica). A snapshot that fails verification is logged
     once and skipped; the gallery keeps serving what it had.
+
+    ``track_source`` (replicas): the folder is a share that can vanish (unmounted, sync
+    gone, unreadable). Then the watcher keeps the snapshot it serves, logs a warning once,
+    reports it through ``on_source(False)``, and picks up the newest snapshot when the
+    folder is back (``on_source(True)``, logged).
     """
 
     def __init__(self, gallery, folder: str | Path, interval_s: float = 2.0,
-                 on_swap: Callable[[Manifest], None] | None = None) -> None:
+                 on_swap: Callable[[Manifest], None] | None = None,
+                 track_source: bool = False,
+                 on_source: Callable[[bool], None] | None = None) -> None:
         self.gallery = gallery
         self.folder = Path(folder)
         self.interval_s = interval_s
         self.on_swap = on_swap
+        self.track_source = track_source
+        self.on_source = on_source
+        self.source_ok = True
         newest = list_snapshots(self.folder)
         self._seen: Path | None = newest[0] if newest else None
         self._lock = threading.Lock()
@@ -183,18 +197,51 @@ class SnapshotWatcher:
         if self._thread is not None:
             self._thread.join()
 
+    def _note_source(self, reachable: bool, problem: str = "") -> None:
+        if self.track_source and reachable != self.source_ok:
+            if reachable:
+                log.warning("snapshot folder %s is reachable again; picking up its newest "
+                            "snapshot", self.folder)
+            else:
+                serving = getattr(self.gallery, "snapshot_name", "?")
+                log.warning("snapshot folder %s is gone or unreadable (%s); still serving "
+                            "snapshot %s, which grows stale until the folder returns "
+                            "(metric matcher_snapshot_age_seconds)", self.folder, problem,
+                            serving)
+        self.source_ok = reachable
+        if self.on_source is not None:
+            self.on_source(reachable)
+
+    def _list(self) -> list[Path] | None:
+        """Snapshots in the folder, or None if the folder cannot be read."""
+        try:
+            if not self.folder.is_dir():
+                self._note_source(False, "no such folder")
+                return None
+            snapshots = list_snapshots(self.folder)
+        except OSError as exc:  # unreadable, stale NFS handle, I/O error
+            self._note_source(False, exc.strerror or type(exc).__name__)
+            return None
+        self._note_source(True)
+        return snapshots
+
     def check_now(self) -> Manifest | None:
         """Load the newest snapshot if it is new; returns its manifest, else None."""
         with self._lock:
-            snapshots = list_snapshots(self.folder)
+            snapshots = self._list()
             if not snapshots or snapshots[0] == self._seen:
                 return None
-            path = self._seen = snapshots[0]
+            path = snapshots[0]
             try:
                 manifest = self.gallery.load_snapshot(path)
             except SnapshotError as exc:
+                if not self.folder.is_dir():  # the share vanished mid-read: retry it later
+                    self._note_source(False, "vanished while a snapshot was read")
+                    return None
+                self._seen = path
                 log.error("not swapping to snapshot %s: %s", path.name, exc)
                 return None
+            self._seen = path
         log.info("hot-swapped to snapshot %s (gallery_version %d)", path.name,
                  manifest.gallery_version)
         if self.on_swap is not None:

@@ -31,7 +31,7 @@ from .auth import (SERVICE, AuthConfigError, TokenAuthInterceptor, TokenBook, ch
 from .batching import BatchConfig
 from .crypto import codec_from_env
 from .decision import DecisionPolicy
-from .engine import MatchEngine, sha256_hex
+from .engine import AUDIT_FAILURE_POLICIES, MatchEngine, sha256_hex
 from .errors import MatcherError, SnapshotError
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .models import ModelPack, demo_photo
@@ -87,6 +87,9 @@ class ServerConfig:
     tokens_file: Path | None = None
     metrics_listen: str | None = DEFAULT_METRICS_LISTEN
     audit_path: Path | None = None          # default: data_dir/audit.log
+    # What Identify/Verify/Clear do while the audit log cannot be written (disk full, I/O
+    # error): "fail_closed" refuses them (UNAVAILABLE), "fail_open" answers unaudited.
+    audit_failure: str = "fail_closed"
     demo: bool = False
     grace_s: float = 10.0
     max_concurrent_rpcs: int = 256
@@ -100,6 +103,9 @@ class ServerConfig:
             raise AuthConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise AuthConfigError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
+        if self.audit_failure not in AUDIT_FAILURE_POLICIES:
+            raise AuthConfigError(f"audit_failure must be one of {AUDIT_FAILURE_POLICIES}, "
+                                  f"got {self.audit_failure!r}")
 
 
 def _tolerant_deserializer(message_class):
@@ -249,8 +255,14 @@ class RunningServer:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         pipeline = pipeline or Pipeline(config.model_pack, threads=config.ort_threads)
-        gallery = self._open_gallery(pipeline)
+        # The audit log before the gallery: a damaged one refuses start-up at once, and a
+        # gallery that fails to open leaves no log file open behind it.
         audit = AuditLog(config.audit_path or config.data_dir / "audit.log")
+        try:
+            gallery = self._open_gallery(pipeline)
+        except BaseException:
+            audit.close()
+            raise
         return pipeline, gallery, audit
 
     async def _load_and_serve(self, pipeline: Pipeline | None) -> None:
@@ -258,13 +270,20 @@ class RunningServer:
         started = time.monotonic()
         pipeline, self.gallery, self.audit = await asyncio.to_thread(self._load, pipeline)
         engine = MatchEngine(pipeline, self.gallery, config.batch, config.policy,
-                             self.metrics, self.audit, config.search_threads)
+                             self.metrics, self.audit, config.search_threads,
+                             audit_failure=config.audit_failure)
         engine.start()
         self.engine = engine
         folder = (config.snapshot_source if config.role == "replica"
                   else config.data_dir / "snapshots")
+        replica = config.role == "replica"
         self.watcher = SnapshotWatcher(self.gallery, folder, config.watch_interval_s,
-                                       self._on_swap)
+                                       self._on_swap, track_source=replica,
+                                       on_source=self.metrics.set_snapshot_source
+                                       if replica else None)
+        if replica:
+            self.metrics.set_snapshot_source(True)
+            self.metrics.set_snapshot(self.gallery.snapshot_created_at)
         if config.role == "writer":
             self.servicer.publish = self._publish
         else:
@@ -280,6 +299,8 @@ class RunningServer:
     def _on_swap(self, manifest) -> None:
         """Runs in the watcher thread after a hot swap."""
         self.servicer.snapshot_name = manifest.path.name
+        if self.config.role == "replica":
+            self.metrics.set_snapshot(manifest.created_at)
         if self.engine is not None:
             self.engine.publish_gallery_metrics()
         if self.audit is not None:

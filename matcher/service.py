@@ -20,8 +20,8 @@ import numpy as np
 from .decision import Decision, Outcome, Reason
 from .engine import (AlignedJob, Analysis, ImageJob, MatchEngine, aligned_from_raw,
                      check_template, sha256_hex)
-from .errors import (DeadlineExpired, GalleryError, InvalidInput, NotReady, Overloaded,
-                     UnknownTraveller)
+from .errors import (DeadlineExpired, DiskFull, GalleryError, InvalidInput, NotReady,
+                     Overloaded, StorageUnavailable, UnknownTraveller)
 from .pipeline import Face
 from .store import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
 from .v1 import matcher_pb2 as pb
@@ -68,6 +68,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     elif isinstance(exc, Overloaded):
         code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     elif isinstance(exc, NotReady):
+        code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+    elif isinstance(exc, DiskFull):  # nothing written; the operator must free space
+        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    elif isinstance(exc, StorageUnavailable):  # store locked elsewhere, audit log unwritable
         code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
     elif isinstance(exc, UnknownTraveller):
         code, message = grpc.StatusCode.NOT_FOUND, str(exc)
@@ -420,7 +424,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         valid_to = (_epoch(request.valid_to) if request.HasField("valid_to")
                     else valid_from + DEFAULT_WINDOW_S)
         result = await engine.enroll(traveller_id, np.stack(templates), valid_from, valid_to,
-                                     shas)
+                                     shas, deadline)
         await engine.record("enrol", request_id=request_id, traveller_id=traveller_id,
                             gallery_version=result.gallery_version,
                             added_templates=result.added_templates, changed=result.changed)
@@ -470,7 +474,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         async def body(engine: MatchEngine, deadline: float | None) -> pb.RemoveResponse:
             client_id(request.request_id, "request_id")
             traveller_id = check_traveller_id(request.traveller_id)
-            version = await engine.remove(traveller_id)
+            version = await engine.remove(traveller_id, deadline)
             await engine.record("remove", request_id=rid, traveller_id=traveller_id,
                                 gallery_version=version)
             request_log.info("rpc=Remove request_id=%s gallery_version=%d", rid, version)

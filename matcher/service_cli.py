@@ -42,6 +42,7 @@ def _server_config(args: argparse.Namespace, demo: bool) -> ServerConfig:
                           max_queue=args.max_queue, workers=args.workers),
         ort_threads=args.threads, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, tokens_file=args.tokens, metrics_listen=metrics,
+        audit_failure=args.audit_failure,
         demo=demo or args.demo)
 
 
@@ -96,6 +97,11 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-listen", default=DEFAULT_METRICS_LISTEN,
                    help=f"Prometheus /metrics HOST:PORT, or 'off' (default {DEFAULT_METRICS_LISTEN})")
     defaults = BatchConfig()
+    p.add_argument("--audit-failure", choices=("fail_closed", "fail_open"),
+                   default=ServerConfig.audit_failure,
+                   help="decisions while the audit log cannot be written (disk full): "
+                        "fail_closed refuses them with UNAVAILABLE (default), fail_open "
+                        "answers them unaudited (logged, counted)")
     p.add_argument("--max-batch", type=int, default=defaults.max_batch)
     p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_s * 1e3)
     p.add_argument("--max-queue", type=int, default=defaults.max_queue)

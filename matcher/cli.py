@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Each of these modules owns one area's subcommands through add_parser(subparsers).
-_SUBCOMMAND_MODULES: tuple[str, ...] = ("audit_cli", "gallery_cli", "reindex_cli", "service_cli")
+_SUBCOMMAND_MODULES: tuple[str, ...] = ("audit_cli", "calibrate_cli", "gallery_cli", "reindex_cli",
+                                         "service_cli")
 
 
 def main(argv: list[str] | None = None) -> int:

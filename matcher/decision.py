@@ -1,20 +1,17 @@
-"""Scores -> decisions: operating points per model, thresholds, the margin rule, MATCH / NO_MATCH.
+"""Scores -> decisions: operating points, thresholds, the margin rule, MATCH / NO_MATCH.
 
-Operating points
-----------------
-A threshold is chosen from a target error rate, never typed in:
+A threshold is chosen from a target error rate and the pipeline's score model
+(matcher/scoremodel.py, made by ``matcher calibrate``), never typed in:
 
-* 1:1 (verify against the claimed traveller): the false-match rate FMR of one comparison.
-  threshold = the point where the model's impostor score distribution has FMR mass above it.
+* 1:1 (verify against the claimed traveller): the false-match rate FMR of one comparison;
+  the threshold is the score model's upper confidence bound for that FMR.
 * 1:N (identify among N travellers): the false-positive identification rate FPIR, the chance
-  that a probe of someone *not* in the gallery matches anyone. With independent impostor
-  comparisons FPIR = 1 - (1 - FMR)^N, so each comparison must meet
-  FMR = 1 - (1 - FPIR)^(1/N) (about FPIR / N): the threshold rises with gallery size.
-
-The impostor distribution is modelled per embedder as a Gaussian on cosine similarity
-(``ScoreModel``); how each model's figures were derived is written next to them below and in
-docs/operating-points.md. A floor (``DecisionPolicy.min_threshold``) stops a loose target
-from pushing the threshold into the observed impostor range.
+  that someone *not* in the gallery matches anyone. Each comparison must then meet
+  FMR = FPIR / N (the union bound: it holds however the N comparisons depend on each
+  other), so the threshold rises with gallery size. Where FPIR / N lies below what the
+  calibration data supports, the operating point says so (``supported`` False) and every
+  answer made with it carries that fact: the claim-then-search flow (``Clear``), which
+  needs 1:1 only when the claim holds, is the one that stays safe at any N.
 
 Margin rule: a 1:N MATCH also needs top-1 minus top-2 (best score of the next traveller) to
 be at least ``margin``; two travellers scoring alike is NO_MATCH (ambiguous), never a guess.
@@ -22,16 +19,16 @@ be at least ``margin``; two travellers scoring alike is NO_MATCH (ambiguous), ne
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass, field
 from datetime import datetime
-from statistics import NormalDist
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from .errors import GalleryError, InvalidInput, UnknownTraveller
 from .index import Candidate
+from .scoremodel import ScoreModel, shipped_score_model
 
 
 class Outcome(str, enum.Enum):
@@ -48,51 +45,20 @@ class Reason(str, enum.Enum):
     EMPTY_GALLERY = "empty_gallery"          # nobody valid now to compare with
 
 
-@dataclass(frozen=True)
-class ScoreModel:
-    """How one embedder's cosine scores are distributed, and where the figures come from."""
-
-    model_id: str
-    impostor_mean: float
-    impostor_std: float
-    impostor_max: float     # highest impostor score observed in the calibration set
-    genuine_min: float      # lowest genuine score observed in the calibration set
-    derivation: str
-
-    def fmr_at(self, threshold: float) -> float:
-        """Modelled false-match rate of one comparison at ``threshold``."""
-        z = (threshold - self.impostor_mean) / self.impostor_std
-        return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-    def threshold_at_fmr(self, fmr: float) -> float:
-        if not 0.0 < fmr < 1.0:
-            raise InvalidInput(f"a false-match rate must be in (0, 1), got {fmr}")
-        # -inv_cdf(fmr) rather than inv_cdf(1 - fmr): 1 - 1e-12 loses most of its digits.
-        return self.impostor_mean - NormalDist().inv_cdf(fmr) * self.impostor_std
-
-
-# SCRFD-500M + MobileFaceNet w600k (the default pack, see models.py).
-# Derived from the 22 single-face photos in shared/data/faces (6 people) run through
-# matcher.pipeline: 168 different-person pairs have cosine mean -0.006, sample std 0.077,
-# max 0.143; 63 same-person pairs have min 0.518 (mean 0.76). A Gaussian fitted to the
-# impostor pairs gives the tail used below. 168 pairs from 6 people cannot show the tail at
-# 1e-6 directly: the fit is the assumption, and it must be re-derived on a large impostor
-# set (thousands of identities) before the gate goes live. See docs/operating-points.md.
-W600K_MBF = ScoreModel(
-    model_id="scrfd500m-mbf-w600k@9cc6e4a75f0e",
-    impostor_mean=-0.006, impostor_std=0.077, impostor_max=0.143, genuine_min=0.518,
-    derivation="Gaussian fit to 168 impostor pairs of shared/data/faces via matcher.pipeline",
-)
-
-SCORE_MODELS: dict[str, ScoreModel] = {W600K_MBF.model_id: W600K_MBF}
-
-
 def score_model_for(model_id: str) -> ScoreModel:
-    try:
-        return SCORE_MODELS[model_id]
-    except KeyError:
-        raise GalleryError(f"no operating points are derived for model {model_id}; derive "
-                           f"them (docs/operating-points.md) before matching with it") from None
+    """The score model shipped for ``model_id`` (GalleryError if there is none)."""
+    return shipped_score_model(model_id)
+
+
+def load_score_model(path: Path | None = None, model_id: str | None = None) -> ScoreModel:
+    """A score model file, or the one shipped for ``model_id`` (default: the default pack)."""
+    if path is not None:
+        return ScoreModel.load(path)
+    if model_id is None:
+        from .models import default_pack
+
+        model_id = default_pack().model_id
+    return shipped_score_model(model_id)
 
 
 @dataclass(frozen=True)
@@ -102,25 +68,28 @@ class OperatingPoint:
     gallery_size: int | None   # N for 1:N
     comparison_fmr: float      # FMR each single comparison must meet
     threshold: float
+    supported: bool = True     # False: comparison_fmr lies beyond the calibration data
+    max_gallery_size: int | None = None  # 1:N: the largest N the data supports
 
 
 def per_comparison_fmr(fpir: float, gallery_size: int) -> float:
-    """FMR per comparison so that N independent comparisons give ``fpir``."""
+    """FMR per comparison so that N comparisons give at most ``fpir`` (union bound)."""
     if not 0.0 < fpir < 1.0:
         raise InvalidInput(f"a false-positive identification rate must be in (0, 1), got {fpir}")
-    n = max(1, gallery_size)
-    return -math.expm1(math.log1p(-fpir) / n)
+    return fpir / max(1, gallery_size)
 
 
 def operating_point_1to1(model: ScoreModel, fmr: float, floor: float) -> OperatingPoint:
-    return OperatingPoint("1:1", fmr, None, fmr, max(floor, model.threshold_at_fmr(fmr)))
+    return OperatingPoint("1:1", fmr, None, fmr, max(floor, model.threshold_at_fmr(fmr)),
+                          model.supports_fmr(fmr))
 
 
 def operating_point_1toN(model: ScoreModel, fpir: float, gallery_size: int, floor: float
                          ) -> OperatingPoint:
     fmr = per_comparison_fmr(fpir, gallery_size)
     return OperatingPoint("1:N", fpir, gallery_size, fmr,
-                          max(floor, model.threshold_at_fmr(fmr)))
+                          max(floor, model.threshold_at_fmr(fmr)), model.supports_fmr(fmr),
+                          model.max_gallery_size(fpir))
 
 
 @dataclass(frozen=True)
@@ -152,6 +121,8 @@ class Decision:
     claimed_traveller_id: str | None = None
     candidates: tuple[Candidate, ...] = field(default=())
     fallback_used: bool = False
+    # False when the threshold rests on an FMR beyond the calibration data (see module doc)
+    supported: bool = True
 
     @property
     def is_match(self) -> bool:
@@ -192,6 +163,9 @@ class Decider:
         self.gallery = gallery
         self.policy = policy or DecisionPolicy()
         self.score_model = score_model or score_model_for(gallery.model_id)
+        if self.score_model.model_id != gallery.model_id:
+            raise GalleryError(f"the score model is for {self.score_model.model_id}, the "
+                               f"gallery holds {gallery.model_id} templates")
         self.point_1to1 = operating_point_1to1(self.score_model, self.policy.fmr_1to1,
                                                self.policy.min_threshold)
 
@@ -222,14 +196,16 @@ class Decider:
                       now: datetime | float | None = None) -> list[Decision]:
         """1:N for each probe (n, 512); one batched gallery search."""
         k = max(k, 2)  # the margin rule needs the runner-up
-        t = self.point_1toN().threshold
+        point = self.point_1toN()
+        t = point.threshold
         decisions = []
         for cands in self.gallery.search(probes, k, now):
             outcome, reason = decide_identification(cands, t, self.policy.margin)
             decisions.append(Decision(
                 outcome, reason, "identify",
                 cands[0].traveller_id if outcome is Outcome.MATCH else None,
-                cands[0].score if cands else None, t, None, tuple(cands)))
+                cands[0].score if cands else None, t, None, tuple(cands),
+                supported=point.supported))
         return decisions
 
     def identify(self, probe: np.ndarray, k: int = 5,
@@ -254,4 +230,5 @@ class Decider:
             return Decision(first.outcome, first.reason, first.mode, None, first.score,
                             first.threshold, traveller_id, second.candidates, True)
         return Decision(second.outcome, second.reason, "identify", second.traveller_id,
-                        second.score, second.threshold, traveller_id, second.candidates, True)
+                        second.score, second.threshold, traveller_id, second.candidates, True,
+                        second.supported)

@@ -28,6 +28,7 @@ from .errors import AuditUnavailable, DeadlineExpired, InvalidInput, MatcherErro
 from .metrics import Metrics
 from .models import ALIGNED_SIZE, EMBEDDING_DIM
 from .pipeline import Face, Pipeline, StageTimings
+from .scoremodel import ScoreModel, check_settings
 from .store import NORM_TOLERANCE, EnrolResult, Traveller
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ class MatchEngine:
     def __init__(self, pipeline: Pipeline, gallery: ServedGallery,
                  batch: BatchConfig = BatchConfig(), policy: DecisionPolicy | None = None,
                  metrics: Metrics | None = None, audit: AuditLog | None = None,
-                 search_threads: int = 2, *, audit_failure: str = "fail_closed") -> None:
+                 search_threads: int = 2, score_model: ScoreModel | None = None, *,
+                 audit_failure: str = "fail_closed") -> None:
         if audit_failure not in AUDIT_FAILURE_POLICIES:
             raise ValueError(f"audit_failure must be one of {AUDIT_FAILURE_POLICIES}, "
                              f"got: {audit_failure!r}")
@@ -137,7 +139,9 @@ class MatchEngine:
                                f"pipeline runs {pipeline.model_id}")
         self.pipeline = pipeline
         self.gallery = gallery
-        self.decider = Decider(gallery, policy)
+        self.decider = Decider(gallery, policy, score_model)
+        # Thresholds only hold for the pipeline settings the score model was made with.
+        check_settings(self.decider.score_model, pipeline.settings_hash(), pipeline.model_id)
         self.metrics = metrics or Metrics()
         self.audit = audit
         self.batcher: MicroBatcher[Job, Analysis] = MicroBatcher(

@@ -6,9 +6,11 @@ the ArcFace template), so templates are interchangeable with it.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -25,6 +27,9 @@ ANCHORS_PER_CELL = 2
 # Faces per embedder run. Measured CPU ms per face (1 thread): flat ~11.7 up to 4-8, then
 # +9% at 32 (activations fall out of cache); with 2 threads batches up to 8 split better.
 EMBED_CHUNK = 8
+# Bump when code changes what templates come out (resampling, alignment, normalisation):
+# the shipped score model then no longer describes the served scores and must be re-derived.
+SCORE_REVISION = 1
 
 
 @dataclass(frozen=True)
@@ -150,6 +155,17 @@ class Pipeline:
     @property
     def model_id(self) -> str:
         return self.pack.model_id
+
+    def score_settings(self) -> dict:
+        """Everything that moves a template's score or decides which faces are searched."""
+        return {"model_id": self.model_id, "detector_sha256": self.pack.detector.sha256,
+                "embedder_sha256": self.pack.embedder.sha256, "revision": SCORE_REVISION,
+                "detector": asdict(self.detector_config),
+                "quality": asdict(self.quality_policy)}
+
+    def settings_hash(self) -> str:
+        text = json.dumps(self.score_settings(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     # -- stages -------------------------------------------------------------------
 

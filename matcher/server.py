@@ -30,13 +30,14 @@ from .auth import (SERVICE, AuthConfigError, TokenAuthInterceptor, TokenBook, ch
                    server_credentials, split_host_port)
 from .batching import BatchConfig
 from .crypto import codec_from_env
-from .decision import DecisionPolicy
+from .decision import DecisionPolicy, load_score_model
 from .engine import AUDIT_FAILURE_POLICIES, MatchEngine, sha256_hex
 from .errors import MatcherError, SnapshotError
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .models import ModelPack, demo_photo
 from .pipeline import DetectorConfig, Pipeline
 from .replica import ReplicaGallery, SnapshotWatcher
+from .scoremodel import check_settings
 from .service import MatcherServicer
 from .v1 import matcher_pb2 as pb
 
@@ -80,6 +81,7 @@ class ServerConfig:
     ort_threads: int = 1                    # per worker; see batching.BatchConfig
     search_threads: int = 2
     policy: DecisionPolicy = field(default_factory=DecisionPolicy)
+    score_model: Path | None = None         # None: the one shipped for the model pack
     model_pack: ModelPack | None = None     # None: the packaged default pack
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -197,6 +199,7 @@ class RunningServer:
         self.metrics_server = metrics_server
         self.engine: MatchEngine | None = None
         self.gallery = None
+        self.score_model = None
         self.audit: AuditLog | None = None
         self.watcher: SnapshotWatcher | None = None
         self._loader: asyncio.Task | None = None
@@ -255,6 +258,9 @@ class RunningServer:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         pipeline = pipeline or Pipeline(config.model_pack, threads=config.ort_threads)
+        # Refuse before the gallery loads: thresholds from another pipeline would not hold.
+        self.score_model = load_score_model(config.score_model, pipeline.model_id)
+        check_settings(self.score_model, pipeline.settings_hash(), pipeline.model_id)
         # The audit log before the gallery: a damaged one refuses start-up at once, and a
         # gallery that fails to open leaves no log file open behind it.
         audit = AuditLog(config.audit_path or config.data_dir / "audit.log")
@@ -270,7 +276,7 @@ class RunningServer:
         started = time.monotonic()
         pipeline, self.gallery, self.audit = await asyncio.to_thread(self._load, pipeline)
         engine = MatchEngine(pipeline, self.gallery, config.batch, config.policy,
-                             self.metrics, self.audit, config.search_threads,
+                             self.metrics, self.audit, config.search_threads, self.score_model,
                              audit_failure=config.audit_failure)
         engine.start()
         self.engine = engine
@@ -295,6 +301,14 @@ class RunningServer:
                  "ready in %.1f s", self.address, config.role, engine.model_id,
                  self.gallery.version, self.gallery.size, self.gallery.index_kind,
                  time.monotonic() - started)
+        point = engine.decider.point_1toN()
+        log.info("operating points: 1:1 FMR %g -> threshold %.4f; 1:N FPIR %g at %d "
+                 "travellers -> threshold %.4f; the calibration data supports FPIR %g up "
+                 "to %d travellers%s", config.policy.fmr_1to1,
+                 engine.decider.point_1to1.threshold, config.policy.fpir_1toN,
+                 self.gallery.size, point.threshold, config.policy.fpir_1toN,
+                 point.max_gallery_size,
+                 "" if point.supported else " (EXCEEDED: 1:N answers are flagged; use Clear)")
 
     def _on_swap(self, manifest) -> None:
         """Runs in the watcher thread after a hot swap."""

@@ -154,6 +154,7 @@ def _fill_decision(resp: pb.MatchResponse, decision: Decision) -> None:
     resp.candidates.extend(_candidates(decision))
     resp.claimed_traveller_id = decision.claimed_traveller_id or ""
     resp.fallback_used = decision.fallback_used
+    resp.beyond_calibration = decision.mode == "identify" and not decision.supported
 
 
 def _face_match(face: Face, decision: Decision | None) -> pb.FaceMatch:
@@ -167,6 +168,7 @@ def _face_match(face: Face, decision: Decision | None) -> pb.FaceMatch:
     if decision.score is not None and np.isfinite(decision.score):
         fm.score = decision.score
     fm.candidates.extend(_candidates(decision))
+    fm.beyond_calibration = decision.mode == "identify" and not decision.supported
     return fm
 
 
@@ -305,7 +307,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             claimed_traveller_id=call.traveller_id or None, score=score,
             threshold=float(resp.threshold) if decision is not None else None,
             gallery_version=int(resp.gallery_version), model_id=resp.model_id,
-            faces_found=int(resp.faces_found), fallback_used=bool(resp.fallback_used))
+            faces_found=int(resp.faces_found), fallback_used=bool(resp.fallback_used),
+            beyond_calibration=bool(resp.beyond_calibration))
         request_log.info("rpc=%s request_id=%s lane_id=%s decision=%s reason=%s score=%s "
                          "faces=%d batch_queue_ms=%.1f total_ms=%.1f", call.rpc,
                          call.request_id, call.lane_id or "-", name, resp.reason,
@@ -495,13 +498,17 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
     async def GetGalleryInfo(self, request, context) -> pb.GalleryInfo:
         async def body(engine: MatchEngine, deadline: float | None) -> pb.GalleryInfo:
-            g = engine.gallery
+            g, decider = engine.gallery, engine.decider
+            many = decider.point_1toN()
             return pb.GalleryInfo(
                 gallery_version=g.version, travellers=g.size, templates=g.templates,
                 model_id=engine.model_id, index_kind=g.index_kind, role=self.role,
                 snapshot=self.snapshot_name,
-                threshold_1to1=engine.decider.point_1to1.threshold,
-                threshold_1ton=engine.decider.point_1toN().threshold)
+                threshold_1to1=decider.point_1to1.threshold, threshold_1ton=many.threshold,
+                fmr_1to1=decider.policy.fmr_1to1, fpir_1ton=decider.policy.fpir_1toN,
+                max_supported_gallery_size=many.max_gallery_size,
+                one_to_many_supported=many.supported,
+                score_model=decider.score_model.settings_hash)
 
         return await self._unary("GetGalleryInfo", self._request_id(""), context, body)
 

@@ -43,7 +43,7 @@ def _server_config(args: argparse.Namespace, demo: bool) -> ServerConfig:
         ort_threads=args.threads, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, tokens_file=args.tokens, metrics_listen=metrics,
         audit_failure=args.audit_failure,
-        demo=demo or args.demo)
+        demo=demo or args.demo, score_model=args.score_model)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -114,6 +114,8 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector-sha256", help="pinned sha256 of --detector")
     p.add_argument("--embedder", help="ArcFace-family 112x112 ONNX embedder")
     p.add_argument("--embedder-sha256", help="pinned sha256 of --embedder")
+    p.add_argument("--score-model", type=Path,
+                   help="score model from 'matcher calibrate' (default: the shipped one)")
 
 
 # -- clients -----------------------------------------------------------------------------

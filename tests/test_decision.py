@@ -1,54 +1,92 @@
 """Operating points and decision rules (the real-face behaviour is in test_gallery_faces.py)."""
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 
-from matcher.decision import (W600K_MBF, DecisionPolicy, Outcome, Reason, ScoreModel,
-                              decide_identification, operating_point_1to1,
-                              operating_point_1toN, per_comparison_fmr, score_model_for)
+from matcher.decision import (DecisionPolicy, Outcome, Reason, decide_identification,
+                              load_score_model, operating_point_1to1, operating_point_1toN,
+                              per_comparison_fmr, score_model_for)
 from matcher.errors import GalleryError, InvalidInput
 from matcher.index import Candidate
 from matcher.models import default_pack
+from matcher.scoremodel import ScoreModel, check_settings
 
 
-def test_default_model_has_operating_points():
-    assert score_model_for(default_pack().model_id) is W600K_MBF
-    with pytest.raises(GalleryError, match="no operating points"):
+@pytest.fixture(scope="module")
+def shipped() -> ScoreModel:
+    return score_model_for(default_pack().model_id)
+
+
+def test_the_default_model_ships_a_score_model(shipped):
+    assert shipped.model_id == default_pack().model_id
+    assert shipped.document["source"]["identities"] > 1000  # made from thousands of people
+    with pytest.raises(GalleryError, match="no score model ships"):
         score_model_for("unknown@0")
 
 
-def test_threshold_inverts_the_fmr_model():
-    for fmr in (1e-2, 1e-4, 1e-6, 1e-9, 1e-12):
-        t = W600K_MBF.threshold_at_fmr(fmr)
-        assert W600K_MBF.fmr_at(t) == pytest.approx(fmr, rel=1e-6)
+def test_served_pipeline_still_matches_the_shipped_score_model(pipeline, shipped):
+    """A change that moves scores (detector, quality gate, models, SCORE_REVISION) must
+    re-derive the shipped score model: 'matcher calibrate' (docs/operating-points.md)."""
+    assert shipped.settings_hash == pipeline.settings_hash(), (
+        "the served pipeline's settings no longer match the shipped score model: run "
+        "'matcher calibrate --labels ../shared/data/lfw-dev --out matcher/score_models/"
+        "scrfd500m-mbf-w600k_9cc6e4a75f0e.json'")
+    check_settings(shipped, pipeline.settings_hash(), pipeline.model_id)
+
+
+def test_a_score_model_of_other_settings_is_refused(pipeline, shipped):
+    other = dataclasses.replace(shipped, settings_hash="0" * 16)
+    with pytest.raises(GalleryError, match="Re-calibrate"):
+        check_settings(other, pipeline.settings_hash(), pipeline.model_id)
+
+
+def test_thresholds_are_conservative_and_monotone(shipped):
+    fmrs = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
+    upper = [shipped.threshold_at_fmr(f) for f in fmrs]
+    assert upper == sorted(upper)
+    for f, t in zip(fmrs, upper):
+        assert t >= shipped.threshold_estimate(f) - 1e-12
+    # the point estimate inverts the tail model where the tail model applies
+    for f in (1e-5, 1e-6):
+        assert shipped.fmr_at(shipped.threshold_estimate(f)) == pytest.approx(f, rel=1e-3)
     with pytest.raises(InvalidInput):
-        W600K_MBF.threshold_at_fmr(0.0)
+        shipped.threshold_at_fmr(0.0)
 
 
-def test_fpir_formula_and_thresholds_rise_with_gallery_size():
-    fpir = 1e-3
-    for n in (1, 10, 10_000, 10_000_000):
-        fmr = per_comparison_fmr(fpir, n)
-        assert 1 - (1 - fmr) ** n == pytest.approx(fpir, rel=1e-6)
-        assert fmr == pytest.approx(fpir / n, rel=1e-3)
-    ts = [operating_point_1toN(W600K_MBF, fpir, n, 0.0).threshold
-          for n in (10, 1_000, 100_000, 10_000_000)]
+def test_one_to_many_uses_the_union_bound_and_flags_unsupported_sizes(shipped):
+    assert per_comparison_fmr(1e-3, 1000) == pytest.approx(1e-6)
+    assert per_comparison_fmr(1e-3, 0) == pytest.approx(1e-3)
+    n_max = shipped.max_gallery_size(1e-3)
+    assert n_max >= 1
+    inside = operating_point_1toN(shipped, 1e-3, n_max, 0.0)
+    beyond = operating_point_1toN(shipped, 1e-3, n_max * 2, 0.0)
+    assert inside.supported and not beyond.supported
+    assert inside.max_gallery_size == n_max
+    ts = [operating_point_1toN(shipped, 1e-3, n, 0.0).threshold for n in (10, 1_000, 100_000)]
     assert ts == sorted(ts) and ts[0] < ts[-1]
 
 
-def test_default_thresholds_sit_between_observed_impostors_and_genuines():
-    policy = DecisionPolicy()
-    t11 = operating_point_1to1(W600K_MBF, policy.fmr_1to1, policy.min_threshold).threshold
-    assert W600K_MBF.impostor_max < t11 < W600K_MBF.genuine_min
-    # up to a million travellers the 1:N threshold still accepts the weakest real genuine
-    t1n = operating_point_1toN(W600K_MBF, policy.fpir_1toN, 1_000_000,
-                               policy.min_threshold).threshold
-    assert W600K_MBF.impostor_max < t1n < W600K_MBF.genuine_min
+def test_floor_applies_to_loose_targets(shipped):
+    assert operating_point_1to1(shipped, 0.5, floor=0.2).threshold == 0.2
 
 
-def test_floor_applies_to_loose_targets():
-    loose = ScoreModel("m", 0.0, 0.01, 0.05, 0.6, "test")
-    assert operating_point_1to1(loose, 0.1, floor=0.2).threshold == 0.2
+def test_score_model_file_round_trips(tmp_path, shipped):
+    path = tmp_path / "model.json"
+    shipped.save(path)
+    again = load_score_model(path)
+    for f in (1e-3, 1e-5, 1e-7):
+        assert again.threshold_at_fmr(f) == pytest.approx(shipped.threshold_at_fmr(f))
+    doc = json.loads(path.read_text())
+    doc["format"] = 99
+    path.write_text(json.dumps(doc))
+    with pytest.raises(GalleryError, match="format"):
+        load_score_model(path)
+    path.write_text("{not json")
+    with pytest.raises(GalleryError, match="cannot read score model"):
+        load_score_model(path)
 
 
 def C(tid, s):

@@ -134,23 +134,25 @@ class FaceInfo(_message.Message):
     def __init__(self, x1: _Optional[float] = ..., y1: _Optional[float] = ..., x2: _Optional[float] = ..., y2: _Optional[float] = ..., det_score: _Optional[float] = ..., landmarks: _Optional[_Iterable[float]] = ..., inter_eye_px: _Optional[float] = ..., sharpness: _Optional[float] = ..., yaw_deg: _Optional[float] = ..., pitch_deg: _Optional[float] = ..., roll_deg: _Optional[float] = ..., quality_reasons: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FaceMatch(_message.Message):
-    __slots__ = ("face", "decision", "reason", "traveller_id", "score", "candidates")
+    __slots__ = ("face", "decision", "reason", "traveller_id", "score", "candidates", "beyond_calibration")
     FACE_FIELD_NUMBER: _ClassVar[int]
     DECISION_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     TRAVELLER_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    BEYOND_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     face: FaceInfo
     decision: Decision
     reason: str
     traveller_id: str
     score: float
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, face: _Optional[_Union[FaceInfo, _Mapping]] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    beyond_calibration: bool
+    def __init__(self, face: _Optional[_Union[FaceInfo, _Mapping]] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., beyond_calibration: _Optional[bool] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
-    __slots__ = ("request_id", "decision", "reason", "quality_reasons", "traveller_id", "score", "threshold", "candidates", "gallery_version", "model_id", "face", "faces_found", "faces", "timings_ms", "claimed_traveller_id", "fallback_used")
+    __slots__ = ("request_id", "decision", "reason", "quality_reasons", "traveller_id", "score", "threshold", "candidates", "gallery_version", "model_id", "face", "faces_found", "faces", "timings_ms", "claimed_traveller_id", "fallback_used", "beyond_calibration")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +176,7 @@ class MatchResponse(_message.Message):
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_TRAVELLER_ID_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_USED_FIELD_NUMBER: _ClassVar[int]
+    BEYOND_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     decision: Decision
     reason: str
@@ -190,7 +193,8 @@ class MatchResponse(_message.Message):
     timings_ms: _containers.ScalarMap[str, float]
     claimed_traveller_id: str
     fallback_used: bool
-    def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., gallery_version: _Optional[int] = ..., model_id: _Optional[str] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ..., faces_found: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[FaceMatch, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., claimed_traveller_id: _Optional[str] = ..., fallback_used: _Optional[bool] = ...) -> None: ...
+    beyond_calibration: bool
+    def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., gallery_version: _Optional[int] = ..., model_id: _Optional[str] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ..., faces_found: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[FaceMatch, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., claimed_traveller_id: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., beyond_calibration: _Optional[bool] = ...) -> None: ...
 
 class LaneRequest(_message.Message):
     __slots__ = ("identify", "verify", "clear")
@@ -293,7 +297,7 @@ class GetGalleryInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GalleryInfo(_message.Message):
-    __slots__ = ("gallery_version", "travellers", "templates", "model_id", "index_kind", "role", "snapshot", "threshold_1to1", "threshold_1ton")
+    __slots__ = ("gallery_version", "travellers", "templates", "model_id", "index_kind", "role", "snapshot", "threshold_1to1", "threshold_1ton", "fmr_1to1", "fpir_1ton", "max_supported_gallery_size", "one_to_many_supported", "score_model")
     GALLERY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAVELLERS_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +307,11 @@ class GalleryInfo(_message.Message):
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_1TO1_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_1TON_FIELD_NUMBER: _ClassVar[int]
+    FMR_1TO1_FIELD_NUMBER: _ClassVar[int]
+    FPIR_1TON_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUPPORTED_GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ONE_TO_MANY_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_MODEL_FIELD_NUMBER: _ClassVar[int]
     gallery_version: int
     travellers: int
     templates: int
@@ -312,7 +321,12 @@ class GalleryInfo(_message.Message):
     snapshot: str
     threshold_1to1: float
     threshold_1ton: float
-    def __init__(self, gallery_version: _Optional[int] = ..., travellers: _Optional[int] = ..., templates: _Optional[int] = ..., model_id: _Optional[str] = ..., index_kind: _Optional[str] = ..., role: _Optional[str] = ..., snapshot: _Optional[str] = ..., threshold_1to1: _Optional[float] = ..., threshold_1ton: _Optional[float] = ...) -> None: ...
+    fmr_1to1: float
+    fpir_1ton: float
+    max_supported_gallery_size: int
+    one_to_many_supported: bool
+    score_model: str
+    def __init__(self, gallery_version: _Optional[int] = ..., travellers: _Optional[int] = ..., templates: _Optional[int] = ..., model_id: _Optional[str] = ..., index_kind: _Optional[str] = ..., role: _Optional[str] = ..., snapshot: _Optional[str] = ..., threshold_1to1: _Optional[float] = ..., threshold_1ton: _Optional[float] = ..., fmr_1to1: _Optional[float] = ..., fpir_1ton: _Optional[float] = ..., max_supported_gallery_size: _Optional[int] = ..., one_to_many_supported: _Optional[bool] = ..., score_model: _Optional[str] = ...) -> None: ...
 
 class PublishSnapshotRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,495 @@
+"""Labelled photos -> templates -> genuine/impostor scores -> a score model file.
+
+``matcher calibrate`` runs the pipeline exactly as served over a folder with a
+``labels.csv`` (file, identity), scores every genuine and impostor pair with blocked
+matrix products and fits the score model that decision.py turns into thresholds
+(matcher/scoremodel.py says how).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InvalidInput, MatcherError
+from .models import EMBEDDING_DIM
+from .pipeline import Face, Pipeline
+from .scoremodel import gpd_fit
+
+log = logging.getLogger(__name__)
+
+# Each person contributes at most this many photos to pair statistics, so one person with
+# hundreds of photos cannot outweigh a thousand people with two (LFW has one with 530).
+MAX_PHOTOS_PER_PERSON = 10
+# Impostor pairs scoring above this are kept one by one (for the tail fit and its
+# bootstrap); the bulk below is only counted.
+TAIL_KEEP_SCORE = 0.15
+BLOCK = 2048
+
+# What became of one labelled photo.
+OK, NO_FACE, LOW_QUALITY, UNREADABLE = "ok", "no_face", "low_quality", "unreadable"
+
+
+@dataclass
+class Embedded:
+    """One labelled set run through the pipeline. Rows follow labels.csv."""
+
+    files: np.ndarray        # (n,) str
+    identities: np.ndarray   # (n,) str
+    status: np.ndarray       # (n,) str: OK / NO_FACE / LOW_QUALITY / UNREADABLE
+    reasons: np.ndarray      # (n,) str, quality reasons joined by ';'
+    templates: np.ndarray    # (n, 512) float32; the chosen face's template, NaN if none
+    settings_hash: str
+    labels_sha256: str
+
+    def usable(self, quality_gate: bool = True) -> np.ndarray:
+        """Rows whose template would be searched (bool mask)."""
+        ok = self.status == OK
+        return ok if quality_gate else ok | (self.status == LOW_QUALITY)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, files=self.files, identities=self.identities, status=self.status,
+                 reasons=self.reasons, templates=self.templates,
+                 settings_hash=self.settings_hash, labels_sha256=self.labels_sha256)
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "Embedded":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["files"], z["identities"], z["status"], z["reasons"], z["templates"],
+                       str(z["settings_hash"]), str(z["labels_sha256"]))
+
+
+def read_labels(folder: Path) -> list[tuple[str, str]]:
+    """(file, identity) rows of ``folder/labels.csv``; files relative to the folder."""
+    path = folder / "labels.csv"
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except FileNotFoundError:
+        raise InvalidInput(f"{path} not found: a calibration folder needs a labels.csv "
+                           "with the columns file,identity") from None
+    if not rows or not {"file", "identity"} <= set(rows[0]):
+        raise InvalidInput(f"{path} needs the columns file,identity")
+    return [(r["file"], r["identity"]) for r in rows]
+
+
+def central_face(faces: list[Face], shape: tuple[int, ...]) -> Face | None:
+    """The face nearest the image centre: the labelled person in LFW-style photos."""
+    if not faces:
+        return None
+    cy, cx = shape[0] / 2, shape[1] / 2
+
+    def distance(face: Face) -> float:
+        x1, y1, x2, y2 = face.bbox
+        return float(((x1 + x2) / 2 - cx) ** 2 + ((y1 + y2) / 2 - cy) ** 2)
+
+    return min(faces, key=distance)
+
+
+def _analyse_one(pipeline: Pipeline, path: Path) -> tuple[str, str, np.ndarray | None]:
+    try:
+        image = pipeline.decode(path.read_bytes())
+    except (OSError, MatcherError) as exc:
+        log.warning("%s: unreadable (%s)", path.name, type(exc).__name__)
+        return UNREADABLE, "", None
+    face = central_face(pipeline.analyse(image), image.shape)
+    if face is None:
+        return NO_FACE, "", None
+    status = OK if face.quality.accepted else LOW_QUALITY
+    return status, ";".join(face.quality.reasons), face.template
+
+
+def embed_folder(folder: Path, pipeline: Pipeline, cache_dir: Path | None = None,
+                 workers: int = 2, progress: bool = True) -> Embedded:
+    """Run every labelled photo through ``pipeline``; reuse a cached run of the same
+    labels and settings from ``cache_dir``."""
+    folder = Path(folder)
+    rows = read_labels(folder)
+    labels_sha = hashlib.sha256((folder / "labels.csv").read_bytes()).hexdigest()
+    settings = pipeline.settings_hash()
+    cache = None
+    if cache_dir is not None:
+        cache = Path(cache_dir) / f"embedded-{labels_sha[:12]}-{settings[:12]}.npz"
+        if cache.exists():
+            log.info("reusing %s", cache)
+            return Embedded.load(cache)
+    n = len(rows)
+    status = np.empty(n, dtype=object)
+    reasons = np.empty(n, dtype=object)
+    templates = np.full((n, EMBEDDING_DIM), np.nan, dtype=np.float32)
+    started = time.monotonic()
+    with ThreadPoolExecutor(workers) as pool:
+        results = pool.map(lambda r: _analyse_one(pipeline, folder / r[0]), rows)
+        for i, (st, why, template) in enumerate(results):
+            status[i], reasons[i] = st, why
+            if template is not None:
+                templates[i] = template
+            if progress and (i + 1) % 500 == 0:
+                rate = (i + 1) / (time.monotonic() - started)
+                log.info("embedded %d/%d photos (%.1f/s)", i + 1, n, rate)
+    embedded = Embedded(np.array([r[0] for r in rows]), np.array([r[1] for r in rows]),
+                        status.astype(str), reasons.astype(str), templates, settings,
+                        labels_sha)
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        embedded.save(cache)
+    return embedded
+
+
+# -- pairs ---------------------------------------------------------------------------
+
+@dataclass
+class PairScores:
+    """Genuine and impostor scores of one labelled set, by identity.
+
+    Genuine pairs are listed one by one; impostor pairs only above ``TAIL_KEEP_SCORE``
+    (with both identities, for the bootstrap), plus a histogram of all of them.
+    """
+
+    identity_names: np.ndarray     # (m,) str
+    photos_per_identity: np.ndarray  # (m,) int: photos used (after the cap)
+    genuine: np.ndarray            # (g,) float32
+    genuine_identity: np.ndarray   # (g,) int32
+    tail: np.ndarray               # (t,) float32 impostor scores > TAIL_KEEP_SCORE
+    tail_a: np.ndarray             # (t,) int32 identity of one side
+    tail_b: np.ndarray             # (t,) int32 identity of the other
+    histogram: np.ndarray          # (bins,) int64 counts of all impostor scores
+    bin_edges: np.ndarray          # (bins + 1,)
+
+    @property
+    def impostor_pairs(self) -> int:
+        return int(self.histogram.sum())
+
+    @property
+    def identity_pairs(self) -> int:
+        m = int((self.photos_per_identity > 0).sum())
+        return m * (m - 1) // 2
+
+
+def capped_rows(identities: np.ndarray, usable: np.ndarray,
+                cap: int = MAX_PHOTOS_PER_PERSON) -> np.ndarray:
+    """Indices of usable rows, at most ``cap`` per identity (first in label order)."""
+    taken: dict[str, int] = {}
+    keep = []
+    for i in np.flatnonzero(usable):
+        who = identities[i]
+        if taken.get(who, 0) < cap:
+            taken[who] = taken.get(who, 0) + 1
+            keep.append(i)
+    return np.asarray(keep, dtype=np.int64)
+
+
+def score_pairs(templates: np.ndarray, identities: np.ndarray,
+                tail_keep: float = TAIL_KEEP_SCORE, block: int = BLOCK) -> PairScores:
+    """Every pair of rows scored once, in blocks of ``block`` rows (no Python pair loop).
+
+    templates (n, 512) float32 L2-normalised; identities (n,) str.
+    """
+    xb = np.ascontiguousarray(templates, dtype=np.float32)
+    names, ident = np.unique(identities, return_inverse=True)
+    ident = ident.astype(np.int32)
+    n = len(xb)
+    edges = np.linspace(-1.0, 1.0, 4001)
+    hist = np.zeros(len(edges) - 1, dtype=np.int64)
+    gen, gen_id, tail, ta, tb = [], [], [], [], []
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        sims = xb[start:stop] @ xb[start:].T            # rows start.. vs columns start..
+        rows_id = ident[start:stop, None]
+        cols_id = ident[None, start:]
+        upper = np.triu(np.ones(sims.shape, dtype=bool), k=1)  # j > i within this band
+        same = (rows_id == cols_id) & upper
+        diff = (rows_id != cols_id) & upper
+        gen.append(sims[same])
+        gen_id.append(np.broadcast_to(rows_id, sims.shape)[same])
+        imp = sims[diff]
+        hist += np.histogram(imp, bins=edges)[0]
+        hot = diff & (sims > tail_keep)
+        tail.append(sims[hot])
+        ta.append(np.broadcast_to(rows_id, sims.shape)[hot])
+        tb.append(np.broadcast_to(cols_id, sims.shape)[hot])
+    counts = np.bincount(ident, minlength=len(names))
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts
+           else np.empty(0, dt))
+    return PairScores(names, counts, cat(gen, np.float32), cat(gen_id, np.int32),
+                      cat(tail, np.float32), cat(ta, np.int32), cat(tb, np.int32), hist, edges)
+
+
+def pair_scores_for(embedded: Embedded, quality_gate: bool = True,
+                    cap: int = MAX_PHOTOS_PER_PERSON) -> PairScores:
+    rows = capped_rows(embedded.identities, embedded.usable(quality_gate), cap)
+    return score_pairs(embedded.templates[rows], embedded.identities[rows])
+
+
+def source_summary(folder: Path, embedded: Embedded, pairs: PairScores) -> dict:
+    """Where a score model's data came from, for the file's ``source`` section."""
+    counts = {s: int((embedded.status == s).sum()) for s in (OK, LOW_QUALITY, NO_FACE,
+                                                              UNREADABLE)}
+    reasons: dict[str, int] = {}
+    for r in embedded.reasons[embedded.status == LOW_QUALITY]:
+        for code in r.split(";"):
+            reasons[code] = reasons.get(code, 0) + 1
+    return {
+        "folder": Path(folder).name,
+        "labels_sha256": embedded.labels_sha256,
+        "photos": int(len(embedded.files)),
+        "identities": int(len(np.unique(embedded.identities))),
+        "photo_outcomes": counts,
+        "quality_refusals_by_reason": dict(sorted(reasons.items())),
+        "face_choice": "the detected face nearest the image centre",
+        "max_photos_per_person": MAX_PHOTOS_PER_PERSON,
+        "identities_used": int((pairs.photos_per_identity > 0).sum()),
+        "genuine_pairs": int(len(pairs.genuine)),
+        "impostor_pairs": pairs.impostor_pairs,
+        "impostor_identity_pairs": pairs.identity_pairs,
+    }
+
+
+def write_json(path: Path, document: dict) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+# -- label noise ---------------------------------------------------------------------
+
+def _name_evidence(a: str, b: str) -> float:
+    """How alike two names are, 0..1: the same words in another order count as 1."""
+    import difflib
+
+    words = (lambda s: s.lower().replace("_", " ").replace("-", " ").split())
+    if sorted(words(a)) == sorted(words(b)):
+        return 1.0
+    return difflib.SequenceMatcher(None, " ".join(words(a)), " ".join(words(b))).ratio()
+
+
+def _thumbnail(path: Path) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            grey = np.asarray(im.convert("L").resize((32, 32)), dtype=np.float64)
+    except OSError:
+        return None
+    grey -= grey.mean()
+    return grey / max(float(np.linalg.norm(grey)), 1e-9)
+
+
+def _same_photograph(folder: Path, files_a: list[str], files_b: list[str]) -> bool:
+    """Do the two identities share one photograph (correlation of 32x32 thumbnails)?"""
+    thumbs_b = [t for t in (_thumbnail(folder / f) for f in files_b) if t is not None]
+    for fa in files_a:
+        ta = _thumbnail(folder / fa)
+        if ta is not None and any(float((ta * tb).sum()) >= SAME_PHOTO_CORRELATION
+                                  for tb in thumbs_b):
+            return True
+    return False
+
+
+NAME_EVIDENCE = 0.8           # John_Gruden / Jon_Gruden: 0.95; siblings share half a name
+SAME_PHOTO_CORRELATION = 0.95  # one photograph filed twice, not two photographs
+
+
+def label_noise(pairs: PairScores, genuine_floor: float, folder: Path | None = None,
+                files_by_identity: dict[str, list[str]] | None = None, top: int = 40) -> dict:
+    """Suspect labels, with score and name or image evidence.
+
+    * ``dropped``: identity pairs scoring in the genuine range (best cross score >= the
+      genuine 5th percentile) that are one person on other evidence too: near-identical
+      names (John_Gruden / Jon_Gruden, Choi_Sung-hong / Sung_Hong_Choi), or one photograph
+      filed under both names. Left out of the impostor counts. A high score alone never
+      drops a pair, so twins, siblings and look-alikes stay in.
+    * ``high_impostors``: the highest-scoring remaining identity pairs, kept in.
+    * ``low_genuines``: the lowest genuine pairs (wrong label, wrong face picked, or a
+      hard pair), listed and kept in.
+    """
+    names = pairs.identity_names
+    best: dict[tuple[int, int], float] = {}
+    for s, a, b in zip(pairs.tail.tolist(), pairs.tail_a.tolist(), pairs.tail_b.tolist()):
+        key = (a, b) if a < b else (b, a)
+        if s > best.get(key, -1.0):
+            best[key] = s
+    ranked = sorted(best.items(), key=lambda kv: -kv[1])
+    dropped, kept = [], []
+    for (a, b), s in ranked:
+        na, nb = str(names[a]), str(names[b])
+        row = {"a": na, "b": nb, "best_score": round(s, 4),
+               "name_similarity": round(_name_evidence(na, nb), 3)}
+        evidence = None
+        if s >= genuine_floor:
+            if row["name_similarity"] >= NAME_EVIDENCE:
+                evidence = "name"
+            elif folder is not None and files_by_identity is not None and _same_photograph(
+                    folder, files_by_identity[na], files_by_identity[nb]):
+                evidence = "same photograph"
+        if evidence:
+            dropped.append({**row, "evidence": evidence})
+        elif len(kept) < top:
+            kept.append(row)
+    low = np.argsort(pairs.genuine)[:top]
+    low_rows = [{"identity": str(names[pairs.genuine_identity[i]]),
+                 "score": round(float(pairs.genuine[i]), 4)} for i in low]
+    return {"dropped": dropped, "high_impostors": kept, "low_genuines": low_rows}
+
+
+def drop_identity_pairs(pairs: PairScores, drop: list[dict]) -> PairScores:
+    """Remove impostor pairs between the named identities (label noise, see above)."""
+    if not drop:
+        return pairs
+    index = {str(n): i for i, n in enumerate(pairs.identity_names)}
+    bad = {(min(index[d["a"]], index[d["b"]]), max(index[d["a"]], index[d["b"]])) for d in drop}
+    lo, hi = np.minimum(pairs.tail_a, pairs.tail_b), np.maximum(pairs.tail_a, pairs.tail_b)
+    mask = np.array([(a, b) not in bad for a, b in zip(lo.tolist(), hi.tolist())], dtype=bool)
+    hist = pairs.histogram.copy()
+    removed = np.histogram(pairs.tail[~mask], bins=pairs.bin_edges)[0]
+    hist -= removed
+    return PairScores(pairs.identity_names, pairs.photos_per_identity, pairs.genuine,
+                      pairs.genuine_identity, pairs.tail[mask], pairs.tail_a[mask],
+                      pairs.tail_b[mask], hist, pairs.bin_edges)
+
+
+# -- fitting -------------------------------------------------------------------------
+
+TAIL_FMR = 1e-4          # the GPD is fitted to the top 1e-4 of impostor pairs ...
+MIN_EXCEEDANCES = 200    # ... or to the top 200 pairs where the set is small
+BOOTSTRAP = 200
+CONFIDENCE = 0.95
+# The empirical tail resolves rates down to about one identity pair in all; the fitted
+# tail is trusted one decade beyond that and no further.
+EXTRAPOLATION_DECADES = 1.0
+
+
+def _impostor_total(weights: np.ndarray, photos: np.ndarray) -> float:
+    """Impostor pairs when identity i appears weights[i] times (copies never pair up)."""
+    per = weights * photos
+    return float((per.sum() ** 2 - (per ** 2).sum()) / 2.0)
+
+
+def _tail_fit(tail_desc: np.ndarray, pair_weight: np.ndarray, total: float,
+              tail_fmr: float) -> tuple[float, float, float]:
+    """(u, xi, sigma): u is where ``tail_fmr`` of ``total`` pairs lie above."""
+    cum = np.cumsum(pair_weight)
+    need = tail_fmr * total
+    if cum[-1] <= need:
+        raise InvalidInput("too few high impostor scores kept for the tail fit")
+    k = int(np.searchsorted(cum, need))
+    u = float(tail_desc[k])
+    above = tail_desc[:k]
+    xi, sigma = gpd_fit(above - u, pair_weight[:k])
+    return u, xi, sigma
+
+
+def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
+                    bootstrap: int = BOOTSTRAP, confidence: float = CONFIDENCE,
+                    seed: int = 0, document: dict | None = None):
+    """Fit a ScoreModel (see matcher/scoremodel.py) to scored pairs."""
+    from .scoremodel import ScoreModel
+
+    photos = pairs.photos_per_identity.astype(np.float64)
+    m = len(photos)
+    total = _impostor_total(np.ones(m), photos)
+    if total < MIN_EXCEEDANCES * 10 or len(pairs.genuine) < 10:
+        raise InvalidInput(f"too little data to calibrate: {total:.0f} impostor pairs, "
+                           f"{len(pairs.genuine)} genuine pairs")
+    tail_fmr = max(TAIL_FMR, MIN_EXCEEDANCES / total)
+    order = np.argsort(-pairs.tail)
+    tail_desc = pairs.tail[order].astype(np.float64)
+    ta, tb = pairs.tail_a[order], pairs.tail_b[order]
+    point = _tail_fit(tail_desc, np.ones(len(tail_desc)), total, tail_fmr)
+
+    rng = np.random.default_rng(seed)
+    g_order = np.argsort(pairs.genuine)
+    g_sorted = pairs.genuine[g_order].astype(np.float64)
+    g_id = pairs.genuine_identity[g_order]
+    grid = np.round(np.arange(-0.2, 1.0001, 0.005), 3)
+    cut = np.searchsorted(g_sorted, grid, side="left")   # genuine pairs below each score
+
+    def fnmr_curve(weights: np.ndarray) -> np.ndarray:
+        w = weights[g_id]
+        cum = np.concatenate([[0.0], np.cumsum(w)])
+        return cum[cut] / max(cum[-1], 1e-12)
+
+    replicates, curves = [], []
+    for _ in range(bootstrap):
+        w = rng.multinomial(m, np.full(m, 1.0 / m)).astype(np.float64)
+        try:
+            replicates.append(_tail_fit(tail_desc, w[ta] * w[tb],
+                                        _impostor_total(w, photos), tail_fmr))
+        except InvalidInput:
+            continue  # a resample with too few high pairs: skip rather than bias
+        curves.append(fnmr_curve(w))
+    curves = np.asarray(curves)
+    lo, hi = np.quantile(curves, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
+    genuine = np.column_stack([grid, fnmr_curve(np.ones(m)), lo, hi])
+
+    # Empirical exceedance curve: the histogram for the bulk, exact pairs in the tail.
+    edges, hist = pairs.bin_edges, pairs.histogram
+    above = hist[::-1].cumsum()[::-1]        # pairs in bins >= i
+    bulk = [(float(edges[i]), float(above[i] / total))
+            for i in range(0, len(hist), 10)
+            if above[i] > 0 and edges[i] < TAIL_KEEP_SCORE]
+    ranks = np.unique(np.geomspace(1, len(tail_desc), 300).astype(int)) - 1
+    exact = [(float(tail_desc[r]), float((r + 1) / total)) for r in ranks[::-1]]
+    empirical = np.asarray(bulk + exact)
+
+    floor = 1.0 / (pairs.identity_pairs * 10 ** EXTRAPOLATION_DECADES)
+    doc = dict(document or {})
+    doc.setdefault("method", {}).update({
+        "pairs": f"every pair of usable photos, at most {MAX_PHOTOS_PER_PERSON} per person",
+        "tail": f"GPD (Zhang-Stephens) fitted to the top {tail_fmr:.3g} of impostor pairs",
+        "bootstrap": f"{len(replicates)} resamples of identities (seed {seed})",
+        "threshold": f"the {confidence:.0%} upper bound over the resamples",
+        "fmr_floor": f"1 / (impostor identity pairs x 10^{EXTRAPOLATION_DECADES:g})",
+        "one_to_many": "per-comparison FMR = FPIR / N (union bound; holds for dependent "
+                       "comparisons)",
+    })
+    doc["impostor_summary"] = {
+        "pairs": int(total), "identity_pairs": pairs.identity_pairs,
+        "mean": float(((edges[:-1] + edges[1:]) / 2 * hist).sum() / total),
+        "max": float(tail_desc[0]) if len(tail_desc) else None}
+    doc["genuine_summary"] = {
+        "pairs": int(len(g_sorted)),
+        "identities": int(len(np.unique(pairs.genuine_identity))),
+        "quantiles": {str(q): round(float(np.quantile(g_sorted, q)), 4)
+                      for q in (0.001, 0.01, 0.05, 0.5)}}
+    return ScoreModel(model_id, settings_hash, confidence, tail_fmr, point,
+                      np.asarray(replicates), floor, empirical, genuine, doc)
+
+
+def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None,
+              bootstrap: int = BOOTSTRAP, seed: int = 0, workers: int = 2):
+    """The whole ``matcher calibrate`` run: (ScoreModel, report dict)."""
+    import datetime
+
+    folder = Path(folder)
+    embedded = embed_folder(folder, pipeline, cache_dir, workers)
+    rows = capped_rows(embedded.identities, embedded.usable())
+    pairs = score_pairs(embedded.templates[rows], embedded.identities[rows])
+    by_identity: dict[str, list[str]] = {}
+    for i in rows:
+        by_identity.setdefault(str(embedded.identities[i]), []).append(str(embedded.files[i]))
+    genuine_floor = float(np.quantile(pairs.genuine, 0.05)) if len(pairs.genuine) else 1.0
+    noise = label_noise(pairs, genuine_floor, folder, by_identity)
+    pairs = drop_identity_pairs(pairs, noise["dropped"])
+    source = source_summary(folder, embedded, pairs)
+    source["label_noise_dropped"] = noise["dropped"]
+    document = {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "settings": pipeline.score_settings(),
+        "source": source,
+    }
+    model = fit_score_model(pairs, pipeline.model_id, pipeline.settings_hash(),
+                            bootstrap=bootstrap, seed=seed, document=document)
+    report = {"source": source, "label_noise": noise,
+              "genuine_floor_for_noise": round(genuine_floor, 4)}
+    return model, report

@@ -1,0 +1,143 @@
+"""matcher calibrate: pair scoring, the tail fit, and the method on a population with a
+known heavy tail (look-alike relatives), checked on a fresh population it never saw."""
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from matcher.calibrate import (LOW_QUALITY, OK, calibrate, embed_folder, fit_score_model,
+                               score_pairs)
+from matcher.errors import InvalidInput
+from matcher.scoremodel import gpd_fit, gpd_isf
+
+
+def population(n_ids: int, photos: int, seed: int, dim: int = 512):
+    """Unit templates of ``n_ids`` people; a fifth have a look-alike relative."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_ids, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    relative = rng.random(n_ids) < 0.2
+    parent = rng.integers(0, n_ids, n_ids)
+    distance = rng.uniform(0.5, 3.0, n_ids)
+    centres[relative] = centres[parent[relative]] + distance[relative, None] * centres[relative]
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    x = np.repeat(centres, photos, axis=0) + 0.035 * rng.standard_normal((n_ids * photos, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = np.repeat(np.array([f"s{seed}-{i}" for i in range(n_ids)]), photos)
+    return x.astype(np.float32), ids
+
+
+def test_pairs_are_every_pair_exactly_once():
+    x, ids = population(40, 3, 7)
+    pairs = score_pairs(x, ids, tail_keep=0.1, block=16)  # several blocks
+    genuine, impostor = [], []
+    for i, j in itertools.combinations(range(len(x)), 2):
+        (genuine if ids[i] == ids[j] else impostor).append(float(x[i] @ x[j]))
+    assert len(pairs.genuine) == len(genuine) and pairs.impostor_pairs == len(impostor)
+    np.testing.assert_allclose(np.sort(pairs.genuine), np.sort(genuine), atol=1e-5)
+    expected_tail = np.sort([s for s in impostor if s > 0.1])
+    np.testing.assert_allclose(np.sort(pairs.tail), expected_tail, atol=1e-5)
+    assert all(pairs.identity_names[a] != pairs.identity_names[b]
+               for a, b in zip(pairs.tail_a, pairs.tail_b))
+
+
+@pytest.mark.parametrize("xi,sigma", [(0.25, 0.02), (-0.3, 0.05), (0.0, 0.03)])
+def test_tail_fit_recovers_known_parameters(xi, sigma):
+    rng = np.random.default_rng(3)
+    excess = gpd_isf(rng.random(20_000), xi, sigma)
+    got_xi, got_sigma = gpd_fit(excess)
+    assert got_xi == pytest.approx(xi, abs=0.04)
+    assert got_sigma == pytest.approx(sigma, rel=0.08)
+    with pytest.raises(InvalidInput, match="at least 10"):
+        gpd_fit(excess[:5])
+
+
+def test_thresholds_hold_on_people_the_fit_never_saw():
+    fit_x, fit_ids = population(600, 3, seed=1)
+    model = fit_score_model(score_pairs(fit_x, fit_ids), "synthetic", "settings",
+                            bootstrap=100)
+    fresh = score_pairs(*population(2500, 3, seed=2))  # 28 M impostor pairs
+
+    def measured(threshold: float) -> float:
+        return float((fresh.tail >= threshold).sum()) / fresh.impostor_pairs
+
+    mids = (fresh.bin_edges[:-1] + fresh.bin_edges[1:]) / 2
+    fit = score_pairs(fit_x, fit_ids)
+    mean = float((mids * fit.histogram).sum() / fit.impostor_pairs)
+    sd = float(np.sqrt(((mids - mean) ** 2 * fit.histogram).sum() / fit.impostor_pairs))
+    for fmr in (1e-4, 1e-5):
+        assert measured(model.threshold_at_fmr(fmr)) <= fmr
+        assert model.threshold_at_fmr(fmr) >= model.threshold_estimate(fmr)
+    # The check has teeth: a Gaussian of the bulk (the old method) misses this tail.
+    gaussian = mean - NormalDist().inv_cdf(1e-5) * sd
+    assert measured(gaussian) > 1e-5
+    assert model.max_gallery_size(1e-3) == int(1e-3 / model.fmr_floor)
+
+
+def test_calibrate_runs_the_served_pipeline_and_refuses_too_little_data(
+        pipeline, faces_dir, face_labels, tmp_path):
+    embedded = embed_folder(faces_dir, pipeline, cache_dir=tmp_path, workers=1)
+    assert list(embedded.files) == list(face_labels)
+    for file, status, template in zip(embedded.files, embedded.status, embedded.templates):
+        assert status in (OK, LOW_QUALITY), file
+        assert abs(float(np.linalg.norm(template)) - 1.0) < 1e-4
+    # the cache is reused: same labels, same settings
+    assert next(tmp_path.glob("embedded-*.npz")).exists()
+    again = embed_folder(faces_dir, pipeline, cache_dir=tmp_path, workers=1)
+    np.testing.assert_array_equal(again.templates, embedded.templates)
+    # 25 photos of 6 people cannot show an impostor tail: refused with the reason
+    with pytest.raises(InvalidInput, match="too little data"):
+        calibrate(faces_dir, pipeline, cache_dir=tmp_path, bootstrap=10)
+
+
+def test_thresholds_command_prints_what_the_service_uses():
+    out = subprocess.run([sys.executable, "-m", "matcher.cli", "thresholds", "--json",
+                          "--gallery-size", "30000"], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    doc = json.loads(out)
+    from matcher.decision import DecisionPolicy, load_score_model, operating_point_1toN
+
+    model = load_score_model()
+    policy = DecisionPolicy()
+    assert doc["model_id"] == model.model_id
+    assert doc["one_to_one"]["fmr"] == policy.fmr_1to1
+    assert doc["one_to_one"]["threshold"] == pytest.approx(
+        model.threshold_at_fmr(policy.fmr_1to1), abs=1e-6)
+    many = operating_point_1toN(model, policy.fpir_1toN, 30000, policy.min_threshold)
+    assert doc["one_to_many"] == {**doc["one_to_many"], "fpir": policy.fpir_1toN,
+                                  "gallery_size": 30000, "supported": many.supported}
+    assert doc["one_to_many"]["threshold"] == pytest.approx(many.threshold, abs=1e-6)
+    assert doc["score_model"]["settings_hash"] == model.settings_hash
+
+
+async def _wait_for(task):
+    return await task
+
+
+def test_server_refuses_a_score_model_of_other_pipeline_settings(pipeline, tmp_path):
+    import dataclasses
+
+    from service_helpers import ServerThread
+
+    from matcher.decision import load_score_model
+    from matcher.errors import GalleryError
+    from matcher.server import ServerConfig
+
+    stale = dataclasses.replace(load_score_model(), settings_hash="0123456789abcdef")
+    path = tmp_path / "stale.json"
+    stale.save(path)
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data",
+                          metrics_listen=None, score_model=path)
+    server = ServerThread(config, pipeline, wait=False).start()
+    try:
+        with pytest.raises(GalleryError, match="Re-calibrate"):
+            server.call(_wait_for(server.running._loader))
+        assert not (tmp_path / "data" / "gallery.sqlite3").exists()  # refused before loading
+    finally:
+        server.stop()

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import GalleryError, InvalidInput, SnapshotError, StoreDamaged
+from .errors import GalleryError, InvalidInput, SnapshotError
 from .index import Candidate, IndexConfig, SearchIndex
 from .models import EMBEDDING_DIM
 from .snapshot import Manifest, list_snapshots, prune_snapshots, read_snapshot, write_snapshot
 from .store import (NORM_TOLERANCE, EnrolResult, Store, TemplateCodec, Traveller,
-                    check_traveller_id, damaged_store_message, to_epoch)
+                    check_traveller_id, to_epoch)
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,9 @@ class Gallery:
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
         config = config or GalleryConfig()
-        store = Store.open(data_dir / STORE_FILE, model_id, codec)
+        store = Store.open(data_dir / STORE_FILE, model_id, codec,
+                           quick_check_s=config.quick_check_s)
         try:
-            _check_store(store, config.quick_check_s)
             index = None
             if use_snapshots:
                 for path in list_snapshots(data_dir / SNAPSHOT_DIR):
@@ -288,23 +288,6 @@ class Gallery:
                                         self.config.index, self.store.gallery_version)
         self._swap(fresh)
         return manifest
-
-
-def _check_store(store: Store, max_s: float) -> None:
-    """PRAGMA quick_check within ``max_s``; a store that fails is refused (StoreDamaged)."""
-    if max_s <= 0:
-        return
-    started = time.monotonic()
-    result = store.quick_check(max_s)
-    if result is None:
-        log.warning("store %s: PRAGMA quick_check did not finish within %.0f s and was "
-                    "stopped; run `sqlite3 %s 'PRAGMA integrity_check'` off-line",
-                    store.path, max_s, store.path)
-    elif result != "ok":
-        raise StoreDamaged(damaged_store_message(store.path, f"PRAGMA quick_check: {result}"))
-    else:
-        log.info("store %s: quick_check ok in %.2f s", store.path.name,
-                 time.monotonic() - started)
 
 
 def _drop_damaged(store: Store, index: SearchIndex) -> None:

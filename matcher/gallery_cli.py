@@ -41,6 +41,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "store_id": store.store_id, "schema_version": store.schema_version,
             "gallery_version": store.gallery_version, "travellers": travellers,
             "templates": templates, "snapshots": []}
+        # Every row's checksum (no key needed); damaged rows are quarantined as they would
+        # be at the service's next start, and listed by traveller for re-enrolment.
+        store.verify_templates()
+        out["quarantined"] = [{"template_id": d.template_id, "traveller_id": d.traveller_id,
+                               "photo_sha256": d.photo_sha256, "reason": d.reason}
+                              for d in store.quarantined()]
         for path in list_snapshots(data_dir / SNAPSHOT_DIR):
             entry: dict[str, object] = {"name": path.name}
             try:

@@ -357,7 +357,10 @@ class Store:
     """Thread-safe. Writes are serialised and return only after COMMIT has been fsynced."""
 
     def __init__(self, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
-                 write_wait_s: float = DEFAULT_WRITE_WAIT_S) -> None:
+                 write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
+                 ) -> None:
+        """``quick_check_s`` > 0: run ``PRAGMA quick_check`` first, for at most that long,
+        and refuse a store that fails it (StoreDamaged) before anything else reads it."""
         self.path = Path(path)
         self.codec: TemplateCodec = codec or PlainCodec()
         self.write_wait_s = write_wait_s
@@ -371,6 +374,8 @@ class Store:
         except sqlite3.Error as e:
             raise _typed(e, self.path) from None
         try:
+            if quick_check_s > 0:
+                self._check_file(quick_check_s)
             self._migrate()
             self._check_or_set_model(model_id)
             self.model_id = model_id
@@ -383,8 +388,22 @@ class Store:
 
     @classmethod
     def open(cls, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
-             write_wait_s: float = DEFAULT_WRITE_WAIT_S) -> "Store":
-        return cls(path, model_id, codec, write_wait_s)
+             write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
+             ) -> "Store":
+        return cls(path, model_id, codec, write_wait_s, quick_check_s)
+
+    def _check_file(self, max_s: float) -> None:
+        started = time.monotonic()
+        result = self.quick_check(max_s)
+        if result is None:
+            log.warning("store %s: PRAGMA quick_check did not finish within %.0f s and was "
+                        "stopped; run `sqlite3 %s 'PRAGMA integrity_check'` off-line",
+                        self.path, max_s, self.path)
+        elif result != "ok":
+            raise StoreDamaged(damaged_store_message(self.path, f"PRAGMA quick_check: {result}"))
+        else:
+            log.info("store %s: quick_check ok in %.2f s", self.path.name,
+                     time.monotonic() - started)
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing is left in

@@ -48,14 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - started
         docs.append(report.save(args.out, machine, elapsed))
         reports.append(report)
-        status = "FAILED" if (report.failed or name in errors) else "ok"
+        wrong = [c for c in report.failed if c.kind != "ratio_floor"]
+        status = "FAILED" if (wrong or name in errors) else "ok"
         print(f"[bench] suite {name}: {status} in {elapsed:.1f} s", flush=True)
         for c in report.failed:
-            print(f"[bench]   check failed: {c.name}: {c.detail}", flush=True)
+            what = "below its speed floor" if c.kind == "ratio_floor" else "check failed"
+            print(f"[bench]   {what}: {c.name}: {c.detail}", flush=True)
     command = "matcher bench " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = write_summary(args.out, docs, command, errors)
     print(f"[bench] summary: {summary}", flush=True)
-    failed = errors or any(r.failed for r in reports)
+    # Only a crash or a wrong answer fails the run: a ratio below its floor is reported (in
+    # the output and summary.md), since a busy machine can push any same-run ratio down.
+    failed = errors or any(c.kind != "ratio_floor" for r in reports for c in r.failed)
     return 1 if failed else 0
 
 

@@ -1,5 +1,6 @@
-"""The quick benchmark run, as CI runs it: every suite's correctness checks and same-run
-ratio floors must hold, and each suite leaves its JSON + PNG behind."""
+"""The quick benchmark run, as CI runs it: every suite runs to the end, every correctness
+check holds, and each suite leaves its JSON + PNG behind. Speed is reported, never asserted
+here: a ratio below its floor is printed, since a busy machine can push any ratio down."""
 from __future__ import annotations
 
 import json
@@ -20,13 +21,18 @@ def test_quick_benchmarks_pass_their_checks(tmp_path: Path) -> None:
     print(proc.stdout[-4000:])
     print(proc.stderr[-4000:], file=sys.stderr)
     summary = (out / "summary.md").read_text()
-    assert proc.returncode == 0, f"benchmark checks failed:\n{summary}"
+    assert proc.returncode == 0, f"a suite crashed or a correctness check failed:\n{summary}"
     reports = sorted(out.glob("*.json"))
     assert reports, "no suite ran"
     for path in reports:
         doc = json.loads(path.read_text())
         assert doc["figures"], f"{path.name} recorded no figures"
         assert (out / f"{doc['suite']}.png").exists(), f"{doc['suite']} drew no plot"
+        wrong = [c for c in doc["checks"] if not c["ok"] and c["kind"] != "ratio_floor"]
+        assert not wrong, f"{doc['suite']}: {wrong}"
+    slow = [line for line in summary.splitlines() if "| below floor |" in line]
+    if slow:
+        print("speed below floor (reported, not failed):", *slow, sep="\n")
 
 
 def test_matcher_bench_command_passes_its_options_to_the_harness(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 
@@ -23,7 +24,7 @@ def _random_template(rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         value = predicate()
@@ -95,6 +96,19 @@ def test_snapshot_swaps_during_a_lane_simulation_fail_no_request(tmp_path, pipel
     assert [s["fields"]["snapshot"] for s in swaps] == swapped[0::2]
 
 
+class _Refusals(logging.Handler):
+    """Sets ``seen`` when the snapshot watcher logs that it refused ``name``."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.ERROR)
+        self.name_refused = name
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(f"not swapping to snapshot {self.name_refused}:"):
+            self.seen.set()
+
+
 def test_a_corrupt_snapshot_is_refused_and_the_old_gallery_keeps_serving(tmp_path, pipeline,
                                                                          faces_dir):
     data_dir = tmp_path / "writer"
@@ -106,10 +120,19 @@ def test_a_corrupt_snapshot_is_refused_and_the_old_gallery_keeps_serving(tmp_pat
             biden = pipeline.analyse_bytes((faces_dir / "biden_1.jpg").read_bytes())[0]
             job.enroll("biden", biden.template[None, :], 0.0, 4e9, ["b" * 64])
             job.rebuild()
-            bad = job.export_snapshot()
+            # Written and damaged outside the watched folder, then renamed in whole: the
+            # watcher can only ever see the damaged snapshot.
+            bad = job.export_snapshot(tmp_path / "staging")
         index_file = bad / "index.faiss"
         index_file.write_bytes(index_file.read_bytes()[:-10] + b"x" * 10)
-        time.sleep(1.0)  # ten watcher rounds
+        refusals = _Refusals(bad.name)
+        watcher_log = logging.getLogger("matcher.replica")
+        watcher_log.addHandler(refusals)
+        try:
+            bad.rename(data_dir / "snapshots" / bad.name)
+            assert refusals.seen.wait(60), "the watcher never looked at the damaged snapshot"
+        finally:
+            watcher_log.removeHandler(refusals)
         info = client.gallery_info()
         assert info.snapshot == good
         resp = client.identify((faces_dir / "obama_2.jpg").read_bytes())

@@ -34,7 +34,8 @@ from _server import ServerProcess
 
 WRITERS = 4
 MAX_OPS_PER_WRITER = 5000          # bound on each writer's loop, whatever the timing
-KILL_AFTER_S = (0.3, 1.5)          # the kill lands somewhere in this window
+KILL_AFTER_S = (0.3, 1.5)          # the kill lands somewhere in this window...
+MIN_ACKED_PER_CYCLE = 10           # ...and not before this many changes were acknowledged
 
 
 def template_for(traveller_id: str) -> np.ndarray:
@@ -60,12 +61,24 @@ class Op:
 @dataclass
 class Ledger:
     ops: list[Op] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Condition = field(default_factory=threading.Condition)
+    acked: int = 0
 
     def add(self, op: Op) -> Op:
         with self.lock:
             self.ops.append(op)
         return op
+
+    def ack(self, op: Op) -> None:
+        with self.lock:
+            op.state = "acked"
+            self.acked += 1
+            self.lock.notify_all()
+
+    def wait_acked(self, n: int, timeout: float) -> bool:
+        """Until ``n`` changes in all have been acknowledged (False on timeout)."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.acked >= n, timeout)
 
 
 def _writer(server: ServerProcess, cycle: int, w: int, ledger: Ledger, killed: threading.Event,
@@ -96,7 +109,7 @@ def _writer(server: ServerProcess, cycle: int, w: int, ledger: Ledger, killed: t
                 op.state = "in_flight" if killed.is_set() or not server.alive() else "failed"
                 op.detail = f"{exc.code().name}: {exc.details()}"
                 return
-            op.state = "acked"
+            ledger.ack(op)
             if op.kind == "enrol":
                 alive_ids.append(op.traveller_id)
 
@@ -198,9 +211,14 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path, budget, tall
             writers = [threading.Thread(target=_writer, args=(
                 server, cycle, w, ledger, killed, random.Random(rng.random()), own_ids[w]))
                 for w in range(WRITERS)]
+            acked_before = ledger.acked
             for t in writers:
                 t.start()
+            # The kill lands at a random moment, but only once this cycle has acknowledged
+            # some changes: on a busy machine the writers may take longer to get going.
             time.sleep(rng.uniform(*KILL_AFTER_S))
+            assert ledger.wait_acked(acked_before + MIN_ACKED_PER_CYCLE, 120), \
+                f"fewer than {MIN_ACKED_PER_CYCLE} changes acknowledged in two minutes"
             killed.set()
             server.kill()
             for t in writers:
@@ -229,6 +247,6 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path, budget, tall
     tally.figure("crash.in_flight_at_kill", in_flight)
     tally.figure("crash.acked_changes_lost", 0)  # reached only if every check passed
     tally.figure("crash.seed", seed)
-    assert acked > cycles * 10, f"too little work happened before the kills ({acked} acked)"
+    assert acked >= cycles * MIN_ACKED_PER_CYCLE, f"only {acked} changes acknowledged"
     print(f"crash safety: {cycles} kills, {acked} acknowledged changes, {in_flight} in flight "
           f"at a kill, {checked['present']} travellers present, snapshot checked: {snap}")

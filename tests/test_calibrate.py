@@ -141,3 +141,45 @@ def test_server_refuses_a_score_model_of_other_pipeline_settings(pipeline, tmp_p
         assert not (tmp_path / "data" / "gallery.sqlite3").exists()  # refused before loading
     finally:
         server.stop()
+
+
+def test_identify_beyond_the_supported_gallery_size_says_so(pipeline, tmp_path):
+    """A gallery larger than the score model supports for the configured FPIR: every 1:N
+    answer carries beyond_calibration, GetGalleryInfo reports the limit, Clear does not."""
+    from service_helpers import ServerThread
+    from synthetic import unit
+
+    from matcher.client import MatcherClient, make_probe
+    from matcher.decision import DecisionPolicy, load_score_model
+    from matcher.server import ServerConfig
+    from matcher.v1 import matcher_pb2 as pb
+
+    model = load_score_model()
+    fpir = 40 * model.fmr_floor          # a strict target, so the limit is a few dozen
+    n_max = model.max_gallery_size(fpir)
+    templates = unit(np.random.default_rng(5).standard_normal((n_max + 1, 512)))
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data",
+                          metrics_listen=None, policy=DecisionPolicy(fpir_1toN=fpir))
+    with ServerThread(config, pipeline) as server, MatcherClient(server.address) as client:
+        def enrol(rows):
+            reqs = [client.enroll_request(f"T-{i:04d}", [make_probe(
+                template=templates[i], model_id=pipeline.model_id)]) for i in rows]
+            assert all(not r.HasField("error") for r in client.enroll_stream(reqs))
+
+        enrol(range(n_max))
+        info = client.gallery_info()
+        assert info.max_supported_gallery_size == n_max and info.one_to_many_supported
+        assert info.fpir_1ton == pytest.approx(fpir)
+        assert info.score_model == model.settings_hash
+        probe = templates[0] + 0.02 * templates[1]
+        inside = client.identify(template=probe / np.linalg.norm(probe))
+        assert not inside.beyond_calibration
+
+        enrol([n_max])
+        info = client.gallery_info()
+        assert info.travellers == n_max + 1 and not info.one_to_many_supported
+        beyond = client.identify(template=probe / np.linalg.norm(probe))
+        assert beyond.beyond_calibration
+        assert beyond.threshold > inside.threshold
+        claim = client.clear("T-0000", template=probe / np.linalg.norm(probe))
+        assert claim.decision == pb.MATCH and not claim.beyond_calibration  # 1:1 claim holds

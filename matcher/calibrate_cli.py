@@ -64,6 +64,29 @@ def thresholds_document(model, policy, gallery_size: int) -> dict:
     }
 
 
+def thresholds_table(model, policy) -> str:
+    """Markdown: thresholds and FNMR on the calibration data, 1:1 by FMR, 1:N by size."""
+    from .decision import operating_point_1to1, operating_point_1toN
+
+    def fnmr(t: float) -> str:
+        f, lo, hi = model.fnmr_at(t)
+        return f"{f:.2%} ({lo:.2%}-{hi:.2%})"
+
+    lines = ["| mode | target | N | FMR per comparison | threshold (95% bound) | estimate "
+             "| FNMR on the data (95% CI) | supported |", "|---|---|---|---|---|---|---|---|"]
+    for fmr in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
+        p = operating_point_1to1(model, fmr, policy.min_threshold)
+        lines.append(f"| 1:1 | FMR {fmr:g} | | {fmr:.2g} | {p.threshold:.4f} | "
+                     f"{model.threshold_estimate(fmr):.4f} | {fnmr(p.threshold)} | "
+                     f"{'yes' if p.supported else 'no'} |")
+    for n in (10, 100, 1_000, 10_000, 30_000, 100_000, 1_000_000):
+        p = operating_point_1toN(model, policy.fpir_1toN, n, policy.min_threshold)
+        lines.append(f"| 1:N | FPIR {policy.fpir_1toN:g} | {n:,} | {p.comparison_fmr:.2g} | "
+                     f"{p.threshold:.4f} | {model.threshold_estimate(p.comparison_fmr):.4f} | "
+                     f"{fnmr(p.threshold)} | {'yes' if p.supported else 'no'} |")
+    return "\n".join(lines)
+
+
 def cmd_thresholds(args: argparse.Namespace) -> int:
     from .decision import DecisionPolicy, load_score_model
 
@@ -71,7 +94,9 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     given = {"fmr_1to1": args.fmr, "fpir_1toN": args.fpir}
     policy = DecisionPolicy(**{k: v for k, v in given.items() if v is not None})
     doc = thresholds_document(model, policy, args.gallery_size)
-    if args.json:
+    if args.table:
+        print(thresholds_table(model, policy))
+    elif args.json:
         json.dump(doc, sys.stdout)
         print()
     else:
@@ -102,6 +127,8 @@ def add_parser(subparsers) -> None:
 
     p = subparsers.add_parser("thresholds", help="print the thresholds the service uses")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--table", action="store_true",
+                   help="a markdown table over FMR targets and gallery sizes")
     p.add_argument("--gallery-size", type=int, default=1,
                    help="travellers searched by 1:N (default 1)")
     p.add_argument("--fmr", type=float, help="1:1 target FMR (default: the service's)")

@@ -124,7 +124,7 @@ def test_mutual_tls_refuses_clients_without_a_trusted_certificate(mtls_server, p
     def health_code(channel: grpc.Channel) -> grpc.StatusCode:
         try:
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
-                                                      timeout=5)
+                                                      timeout=60)
         except grpc.RpcError as exc:
             return exc.code()
         finally:
@@ -156,7 +156,7 @@ def test_server_only_tls_with_a_lane_token(tmp_path, pipeline, pki, token_file):
             assert lane.gallery_info().role == "writer"
             assert _outcome(lane, "Enroll") == grpc.StatusCode.PERMISSION_DENIED
         with MatcherClient(srv.address, token=TOKENS["lane"], ca=pki.rogue_ca.cert_path,
-                           timeout=5) as fooled:
+                           timeout=60) as fooled:
             assert _outcome(fooled, "GetGalleryInfo") == grpc.StatusCode.UNAVAILABLE
 
 

@@ -11,7 +11,7 @@ from matcher.metrics import MAX_RPC_NAMES, OTHER_RPC, STAGES, Metrics, start_met
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
     """GET /metrics and index every sample by (name, sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=60) as resp:
         assert resp.status == 200
         text = resp.read().decode()
     samples = {}

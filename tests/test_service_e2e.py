@@ -389,7 +389,7 @@ def test_graceful_shutdown_finishes_calls_in_flight(tmp_path, pipeline, faces_di
             assert all(a.traveller_id == "obama" for a in answers)
             assert set(refused) <= {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE}
             with pytest.raises(grpc.RpcError) as info:
-                c.stub.Identify(request, timeout=5)
+                c.stub.Identify(request, timeout=60)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         srv.stop()

@@ -148,6 +148,9 @@ class SearchableGallery(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def templates(self) -> int: ...
+
     def search(self, probes: np.ndarray, k: int = 5, now: datetime | float | None = None
                ) -> list[list[Candidate]]: ...
 
@@ -166,11 +169,21 @@ class Decider:
         if self.score_model.model_id != gallery.model_id:
             raise GalleryError(f"the score model is for {self.score_model.model_id}, the "
                                f"gallery holds {gallery.model_id} templates")
-        self.point_1to1 = operating_point_1to1(self.score_model, self.policy.fmr_1to1,
-                                               self.policy.min_threshold)
+        self.point_1to1 = self.point_1to1_for(1)
+
+    def point_1to1_for(self, templates: int) -> OperatingPoint:
+        """1:1 against a traveller enrolled with ``templates`` photos: the best of m
+        comparisons, so each must meet FMR / m (the union bound again)."""
+        m = max(1, templates)
+        point = operating_point_1to1(self.score_model, self.policy.fmr_1to1 / m,
+                                     self.policy.min_threshold)
+        return OperatingPoint("1:1", self.policy.fmr_1to1, None, point.comparison_fmr,
+                              point.threshold, point.supported)
 
     def point_1toN(self, gallery_size: int | None = None) -> OperatingPoint:
-        n = self.gallery.size if gallery_size is None else gallery_size
+        """1:N over ``gallery_size`` comparisons; by default every template in the
+        gallery (a traveller with three booking photos is three chances to false-match)."""
+        n = self.gallery.templates if gallery_size is None else gallery_size
         return operating_point_1toN(self.score_model, self.policy.fpir_1toN, n,
                                     self.policy.min_threshold)
 
@@ -183,6 +196,8 @@ class Decider:
         except UnknownTraveller:
             return Decision(Outcome.NO_MATCH, Reason.UNKNOWN_TRAVELLER, "verify", None, None, t,
                             traveller_id)
+        if claim.templates > 1:
+            t = self.point_1to1_for(claim.templates).threshold
         if not claim.within_window:
             return Decision(Outcome.NO_MATCH, Reason.OUTSIDE_WINDOW, "verify", None,
                             claim.score, t, traveller_id)

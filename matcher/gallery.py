@@ -49,6 +49,7 @@ class ClaimScore:
     within_window: bool   # the booking is valid at the time asked about
     valid_from: float
     valid_to: float
+    templates: int = 1    # how many were compared: the best of m is m chances to false-match
 
 
 def check_probes(probes: np.ndarray) -> np.ndarray:
@@ -237,7 +238,7 @@ class Gallery:
         t = self.store.get(check_traveller_id(traveller_id))
         score = float((t.templates @ x[0]).max()) if len(t.templates) else float("-inf")
         return ClaimScore(t.traveller_id, score, t.valid_at(_now(now)), t.valid_from,
-                          t.valid_to)
+                          t.valid_to, len(t.templates))
 
     # -- rebuild and snapshots ------------------------------------------------------
 

@@ -117,7 +117,8 @@ class ReplicaGallery:
         score = float((vectors @ x[0]).max()) if len(vectors) else float("-inf")
         valid_from, valid_to = state.windows[traveller_id]
         t = time.time() if now is None else to_epoch(now, "now")
-        return ClaimScore(traveller_id, score, valid_from <= t < valid_to, valid_from, valid_to)
+        return ClaimScore(traveller_id, score, valid_from <= t < valid_to, valid_from, valid_to,
+                          len(vectors))
 
     def get(self, traveller_id: str) -> Traveller:
         state = self._state

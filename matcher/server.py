@@ -302,11 +302,11 @@ class RunningServer:
                  self.gallery.version, self.gallery.size, self.gallery.index_kind,
                  time.monotonic() - started)
         point = engine.decider.point_1toN()
-        log.info("operating points: 1:1 FMR %g -> threshold %.4f; 1:N FPIR %g at %d "
-                 "travellers -> threshold %.4f; the calibration data supports FPIR %g up "
-                 "to %d travellers%s", config.policy.fmr_1to1,
+        log.info("operating points: 1:1 FMR %g -> threshold %.4f; 1:N FPIR %g over %d "
+                 "templates -> threshold %.4f; the calibration data supports FPIR %g up "
+                 "to %d templates%s", config.policy.fmr_1to1,
                  engine.decider.point_1to1.threshold, config.policy.fpir_1toN,
-                 self.gallery.size, point.threshold, config.policy.fpir_1toN,
+                 self.gallery.templates, point.threshold, config.policy.fpir_1toN,
                  point.max_gallery_size,
                  "" if point.supported else " (EXCEEDED: 1:N answers are flagged; use Clear)")
 

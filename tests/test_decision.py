@@ -109,3 +109,27 @@ def test_bad_policies_are_refused():
         DecisionPolicy(fmr_1to1=0.0)
     with pytest.raises(InvalidInput):
         DecisionPolicy(margin=-0.1)
+
+
+def test_a_traveller_with_more_photos_is_held_to_a_stricter_threshold(tmp_path):
+    """The best of m templates is m chances to false-match: 1:1 meets FMR / m per
+    template, and 1:N counts templates, not travellers."""
+    import numpy as np
+    from synthetic import sha, unit
+
+    from matcher.decision import Decider
+    from matcher.gallery import Gallery
+
+    model_id = default_pack().model_id
+    rng = np.random.default_rng(0)
+    gallery = Gallery.open(tmp_path, model_id)
+    gallery.enroll("ONE", unit(rng.standard_normal((1, 512))), 0.0, 4e9, [sha("a")])
+    gallery.enroll("FOUR", unit(rng.standard_normal((4, 512))), 0.0, 4e9, [sha(c) for c in "bcde"])
+    decider = Decider(gallery)
+    probe = unit(rng.standard_normal(512))
+    one, four = decider.verify(probe, "ONE"), decider.verify(probe, "FOUR")
+    model = decider.score_model
+    assert one.threshold == pytest.approx(decider.point_1to1.threshold)
+    assert four.threshold == pytest.approx(model.threshold_at_fmr(decider.policy.fmr_1to1 / 4))
+    assert four.threshold > one.threshold
+    assert decider.point_1toN().gallery_size == 5

@@ -19,8 +19,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
+import ipaddress
 import logging
+import math
 import os
+import socket
 import sqlite3
 import sys
 import time
@@ -66,6 +69,11 @@ RAY_ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
 }
+# Ray replaces 127.0.0.1 (as a node address or a cluster address) with the address of the
+# interface that routes outwards, unless this is "0" (read once, when ray is imported; the
+# name is about Windows/macOS, on Linux "0" changes only this and `ray start` of a worker).
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_CONNECT_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,8 @@ class ReindexConfig:
         the oldest has waited this long (checked as results arrive). A hard crash
         (power cut, SIGKILL) loses at most the uncommitted batch; the next run embeds it
         again. 1 means one transaction per traveller.
+    actor_start_timeout_s: photos are sent once every actor is up (models loaded), so
+        each gets a share; a cluster that cannot place them all by then fails the run.
     """
 
     manifest: Path
@@ -105,6 +115,7 @@ class ReindexConfig:
     second_face_area_ratio: float = 0.1
     store_batch_travellers: int = 256
     store_batch_ms: float = 1000.0
+    actor_start_timeout_s: float = 600.0
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     quality: QualityPolicy = DEFAULT_POLICY
 
@@ -121,6 +132,8 @@ class ReindexConfig:
             raise InvalidInput("second_face_area_ratio must be in (0, 1]")
         if self.store_batch_travellers < 1 or not self.store_batch_ms >= 0:
             raise InvalidInput("store_batch_travellers must be >= 1 and store_batch_ms >= 0")
+        if not self.actor_start_timeout_s > 0:
+            raise InvalidInput("actor_start_timeout_s must be > 0")
 
     @property
     def outcome_key(self) -> str:
@@ -153,6 +166,7 @@ class Summary:
     rejects_file: str = ""
     photos_per_s: float = 0.0     # embedded / embedding time (embedder start-up included)
     steady_photos_per_s: float | None = None  # after the first batch; None: too few batches
+    photos_by_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> embedded
     seconds: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -166,7 +180,9 @@ class Summary:
             f"duplicates {self.duplicates}",
             f"photos: embedded {self.embedded} ({self.photos_per_s:.1f} photos/s"
             + (f", {self.steady_photos_per_s:.1f} once started"
-               if self.steady_photos_per_s is not None else "") + "), "
+               if self.steady_photos_per_s is not None else "")
+            + (f", on {len(self.photos_by_node)} Ray node(s)" if self.photos_by_node else "")
+            + "), "
             f"skipped {self.skipped} (already stored), "
             f"remembered rejects {self.remembered_rejects}",
             f"rejected rows {self.rejected}" + (f" ({reasons})" if reasons else ""),
@@ -227,6 +243,14 @@ def read_photo(path: str) -> tuple[bytes | None, str]:
         return None, unreadable_file_reason(exc)
 
 
+def ray_node_id() -> str:
+    """The id of the Ray node this process runs on; "" outside Ray (never imports it)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""
+    return ray.get_runtime_context().get_node_id()
+
+
 class PhotoEmbedder:
     """Photo paths -> one template or one reject reason each. Loads the models once.
 
@@ -234,7 +258,8 @@ class PhotoEmbedder:
     without Ray, through ``embed``. In: columns ``sha256`` (string, as hashed by the
     driver), ``path`` (binary, ``os.fsencode``). Out: ``sha256``, ``reason`` (string, ""
     when enrolable), ``template`` (binary, 512 little-endian float32, L2-normalised;
-    empty when refused).
+    empty when refused), ``node_id`` (string, the Ray node that embedded it, "" without
+    Ray).
     """
 
     def __init__(self, ort_threads: int = 1, second_face_area_ratio: float = 0.1,
@@ -245,6 +270,7 @@ class PhotoEmbedder:
         self.pipeline = Pipeline(detector=detector or DetectorConfig(),
                                  quality=quality or DEFAULT_POLICY, threads=ort_threads)
         self.second_face_area_ratio = second_face_area_ratio
+        self.node_id = ray_node_id()  # an actor never moves: ask once
 
     def embed(self, shas: list[str], paths: list[str]) -> tuple[list[str], list[bytes]]:
         """(reasons, template bytes) for each photo, in order."""
@@ -299,7 +325,8 @@ class PhotoEmbedder:
         reasons, templates = self.embed(shas, paths)
         return pa.table({"sha256": pa.array(shas, pa.string()),
                          "reason": pa.array(reasons, pa.string()),
-                         "template": pa.array(templates, pa.binary())})
+                         "template": pa.array(templates, pa.binary()),
+                         "node_id": pa.array([self.node_id] * len(shas), pa.string())})
 
 
 @dataclass(frozen=True)
@@ -307,23 +334,27 @@ class PhotoResult:
     sha256: str
     reason: str                     # "" when the photo gave a template
     template: np.ndarray | None     # (512,) float32 L2-normalised, or None
+    node_id: str = ""               # the Ray node that embedded it; "" without Ray
 
 
 def _results(table) -> list[PhotoResult]:
     """An embedder's output table -> PhotoResults."""
     return _to_results(table.column("sha256").to_pylist(), table.column("reason").to_pylist(),
-                       table.column("template").to_pylist())
+                       table.column("template").to_pylist(),
+                       table.column("node_id").to_pylist())
 
 
-def _to_results(shas: list[str], reasons: list[str], blobs: list[bytes]) -> list[PhotoResult]:
+def _to_results(shas: list[str], reasons: list[str], blobs: list[bytes],
+                nodes: list[str] | None = None) -> list[PhotoResult]:
     out = []
-    for sha, reason, blob in zip(shas, reasons, blobs, strict=True):
+    for sha, reason, blob, node in zip(shas, reasons, blobs, nodes or [""] * len(shas),
+                                       strict=True):
         template = None
         if not reason:
             if len(blob) != EMBEDDING_DIM * 4:
                 raise MatcherError(f"an embedder returned a {len(blob)}-byte template")
             template = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        out.append(PhotoResult(sha, reason, template))
+        out.append(PhotoResult(sha, reason, template, node))
     return out
 
 
@@ -352,12 +383,66 @@ def _check_ray_installed() -> None:
                            "or run with --no-ray on one machine")
 
 
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``host:port`` or ``ray://host:port`` Ray address; None for
+    ``auto`` and the other forms Ray resolves itself."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _keep_ray_on_loopback() -> None:
+    """Make Ray keep 127.0.0.1 where we give it, for a Ray wholly on this host."""
+    if os.environ.get(RAY_LOOPBACK_ENV) == "0":
+        return
+    if RAY_LOOPBACK_ENV in os.environ:
+        log.warning("%s=%s: Ray will replace 127.0.0.1 by this host's interface address",
+                    RAY_LOOPBACK_ENV, os.environ[RAY_LOOPBACK_ENV])
+        return
+    if "ray" in sys.modules:
+        log.warning("ray was imported before the re-index set %s=0: Ray will replace "
+                    "127.0.0.1 by this host's interface address", RAY_LOOPBACK_ENV)
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+
+
+def _check_reachable(address: str, host: str, port: int) -> None:
+    # ray.init retries an address nobody answers at for ever, silently; a night job must
+    # fail with the reason instead.
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise MatcherError(f"cannot reach the Ray cluster at {address} ({exc}); give the "
+                           f"head's address and port as 'ray start --head' printed them"
+                           ) from None
+
+
 def start_ray(config: ReindexConfig) -> bool:
     """Connect to ``config.ray_address`` or start a private local Ray; True if we started
-    (or connected) it here and so must shut it down, False if the caller already had."""
+    (or connected) it here and so must shut it down, False if the caller already had.
+
+    Raises MatcherError when a ``host:port`` address does not answer.
+    """
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     _check_ray_installed()
+    target = ray_host_port(config.ray_address) if config.ray_address else None
+    if not config.ray_address or (target is not None and is_loopback_host(target[0])):
+        # Ray wholly on this host (a private instance, or a cluster whose nodes were
+        # started on 127.0.0.1): everything it sends then stays on loopback.
+        _keep_ray_on_loopback()
+    if target is not None:
+        _check_reachable(config.ray_address, *target)
     import ray
 
     if ray.is_initialized():
@@ -366,11 +451,9 @@ def start_ray(config: ReindexConfig) -> bool:
         ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     else:
-        # A private single-node instance, nothing to start by hand. Its node address is
-        # loopback, so driver and workers talk over 127.0.0.1 and no route lookup leaves
-        # the box (Ray's own servers still listen on all interfaces, behind its token
-        # auth; see docs/reindex.md). address="local": never join a cluster that some
-        # earlier `ray start` left behind.
+        # A private single-node instance, nothing to start by hand, its node address
+        # 127.0.0.1 (see docs/reindex.md for what listens where). address="local": never
+        # join a cluster that some earlier `ray start` left behind.
         ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False,
                  log_to_driver=False, configure_logging=False,
                  object_store_memory=config.object_store_mb * 1024 * 1024,
@@ -401,6 +484,11 @@ def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
 
     try:
         _quiet_ray_data()
+        # Send photos only once every actor is up: otherwise the first actor ready takes
+        # whole blocks before the others exist, and an actor that cannot be placed
+        # (resources the cluster lacks) would leave the job waiting for ever.
+        ray.data.DataContext.get_current().wait_for_min_actors_s = math.ceil(
+            config.actor_start_timeout_s)
         cpus = float(ray.cluster_resources().get("CPU", 1.0))
         actors = config.actors or max(1, int(cpus // config.cpus_per_actor))
         actors = min(actors, max(1, -(-len(work) // config.batch_size)))
@@ -425,8 +513,20 @@ def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
             batch_format="pyarrow", zero_copy_batch=True)
         log.info("embedding %d photos on Ray with %d actors x %.3g CPU, %d ORT thread(s)",
                  len(work), actors, config.cpus_per_actor, config.ort_threads)
-        for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            yield _results(out)
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield _results(out)
+        except ray.exceptions.GetTimeoutError:
+            res = ray.cluster_resources()
+            raise MatcherError(
+                f"the {actors} embedder actors were not all up after "
+                f"{config.actor_start_timeout_s:g} s: each asks for "
+                f"{config.cpus_per_actor:g} CPU"
+                + (f" and {config.memory_per_actor_mb} MB" if config.memory_per_actor_mb
+                   else "")
+                + f", the cluster has {res.get('CPU', 0):g} CPUs and "
+                f"{res.get('memory', 0) / 2**20:.0f} MB in all; ask for less, or allow "
+                f"longer with --actor-start-timeout") from None
     finally:
         if owned:
             ray.shutdown()
@@ -730,10 +830,11 @@ def iter_nothing() -> Iterator[list[PhotoResult]]:
 
 def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, list[str]],
                      plans: dict[str, _Plan], writer: _Writer, cache: OutcomeCache,
-                     rejects: list[Reject], progress: Progress) -> float:
+                     rejects: list[Reject], progress: Progress,
+                     by_node: Counter[str]) -> float | None:
     """Consume the embedders' results: queue each traveller for the store once all its
     photos are back; committed in batches, the last one (also on the way out of an error)
-    before this returns.
+    before this returns. Counts the photos each Ray node embedded into ``by_node``.
 
     Returns the steady rate in photos/s: from the first batch back to the last, not
     counting the first batch (its time is start-up: processes, models, first run); None
@@ -747,6 +848,7 @@ def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, li
             if not first_size:
                 first_at, first_size = last_at, len(batch)
             progress.update(len(batch))
+            by_node.update(r.node_id for r in batch if r.node_id)
             cache.put_many([(r.sha256, r.reason) for r in batch if remember_reject(r.reason)])
             for result in batch:
                 for traveller_id in waiting.pop(result.sha256, ()):
@@ -826,12 +928,14 @@ def _run_locked(config: ReindexConfig, embed: Callable[..., Iterator[list[PhotoR
 
         t = time.perf_counter()
         progress = Progress(len(work), config.progress)
+        by_node: Counter[str] = Counter()
         # closing(): an error while writing must stop the embedders (and our Ray) now.
         with progress, closing(embed(list(work.items()), config, seconds) if work
                                else iter_nothing()) as batches:
             steady = _embed_and_enrol(batches, waiting, plans, writer, cache, rejects,
-                                      progress)
+                                      progress, by_node)
         summary.embedded = progress.done
+        summary.photos_by_node = dict(sorted(by_node.items()))
         seconds["embed"] = time.perf_counter() - t - seconds.get("embedder_start", 0.0)
         summary.steady_photos_per_s = steady
         if summary.embedded and seconds["embed"] > 0:

@@ -22,7 +22,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         cpus_per_actor=args.cpus_per_actor, memory_per_actor_mb=args.memory_per_actor_mb,
         ort_threads=args.ort_threads,
         batch_size=args.batch_size, num_cpus=args.num_cpus,
-        object_store_mb=args.object_store_mb, progress=not args.no_progress)
+        object_store_mb=args.object_store_mb, actor_start_timeout_s=args.actor_start_timeout,
+        progress=not args.no_progress)
     summary = run_reindex(config)
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
@@ -46,7 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="rejects CSV (row, traveller_id, reason); default OUT/rejects.csv")
     ray = p.add_argument_group("Ray (default: a private local Ray instance)")
     ray.add_argument("--ray-address", default=None,
-                     help="join this Ray cluster (e.g. 'auto' or 'ray://head:10001')")
+                     help="join this Ray cluster: its head's HOST:PORT as 'ray start "
+                          "--head' printed it (127.0.0.1:PORT for a cluster started on "
+                          "loopback), 'auto' on a cluster node, or 'ray://head:10001'")
     ray.add_argument("--no-ray", action="store_true",
                      help="embed in this process instead (no Ray needed)")
     ray.add_argument("--actors", type=int, default=None,
@@ -58,6 +61,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     ray.add_argument("--ort-threads", type=int, default=1,
                      help="ONNX Runtime threads per actor")
     ray.add_argument("--batch-size", type=int, default=8, help="photos per actor call")
+    ray.add_argument("--actor-start-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="fail if the actors are not all up (placed, models loaded) by then")
     ray.add_argument("--num-cpus", type=int, default=None,
                      help="CPUs the local Ray instance may use (default: all it detects)")
     ray.add_argument("--object-store-mb", type=int, default=500,

@@ -83,9 +83,19 @@ class ServerProcess:
             raise TimeoutError(f"server did not listen within {timeout:.0f} s; see {self.log_path}")
         if self.port is None:
             raise RuntimeError(f"server exited before listening; see {self.log_path}")
-        with self.client() as client:
-            client.wait_serving(timeout)
+        try:
+            with self.client() as client:
+                client.wait_serving(timeout)
+        except Exception as exc:
+            raise RuntimeError(f"server on {self.address} (exit code {self.proc.poll()}) did not "
+                               f"become SERVING: {exc}\n{self.log_tail()}") from exc
         return self
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines the server wrote (for a failure message)."""
+        with self._output:
+            recent = bytes(self._recent[-16384:])
+        return "\n".join(recent.decode(errors="replace").splitlines()[-lines:])
 
     def _tee(self, proc: subprocess.Popen) -> None:
         """Copy the child's output to the log file; note the port from the listen line."""

@@ -3,9 +3,11 @@
 tests/test_decode.py flips raw bytes; here the mutations keep the container valid (PNG chunk
 CRCs recomputed, JPEG markers kept in place, WebP chunks and HEIF/AVIF boxes walked) so the
 damage reaches the pixel decoders, and the bases are crops of the real test photos,
-encoded at test time by the real encoders. Every case must end as a (H, W, 3) uint8 array
-within the limits or as an InvalidInput; anything else (MemoryError, a raw zlib.error, a
-libheif RuntimeError, a hang) fails.
+encoded at test time by the real encoders, in every format the service accepts (JPEG, PNG,
+WebP still and animated, HEIC/HEIF, AVIF still and animated). Every case must end as a
+(H, W, 3) uint8 array within the limits or as an InvalidInput; anything else (MemoryError,
+a raw zlib.error, a libheif RuntimeError, a hang) fails. Each case is counted by the decoder
+its bytes reach (the format sniffed from them) and its outcome.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from matcher.decode import DEFAULT_LIMITS, decode_image
-from matcher.errors import ImageTooLarge, InvalidInput
+from matcher.decode import DEFAULT_LIMITS, decode_image, sniff_format
+from matcher.errors import ImageTooLarge, InvalidInput, UnsupportedImage
 
 # Refusing a bomb means reading a header, not decoding pixels (a 40+ megapixel decode takes
 # seconds). The default run reports the slowest refusal; only --soak holds it to this bound,
@@ -61,6 +63,7 @@ def bases(faces_dir: Path) -> dict[str, bytes]:
         face = im.convert("RGB")
     face.thumbnail((96, 96))
     grey16 = Image.fromarray(np.asarray(face.convert("L"), np.uint16) * 257)
+    frames = [face.rotate(angle) for angle in (8, 16)]
     return {
         "jpeg": _encode(face, "JPEG", quality=85),
         "jpeg_progressive": _encode(face, "JPEG", quality=85, progressive=True),
@@ -74,8 +77,14 @@ def bases(faces_dir: Path) -> dict[str, bytes]:
         "webp_lossy": _encode(face, "WEBP", quality=85),
         "webp_lossless": _encode(face, "WEBP", lossless=True),
         "webp_exif": _encode(face, "WEBP", quality=85, exif=_orientation_exif(6)),
+        # Animated files are refused (which frame holds the face?), but only after their
+        # header is parsed: the damage must reach that parser too.
+        "webp_animated": _encode(face, "WEBP", quality=85, save_all=True,
+                                 append_images=frames),
         "avif": _encode(face, "AVIF", quality=85),
         "avif_grey": _encode(face.convert("L"), "AVIF", quality=85),
+        "avif_animated": _encode(face, "AVIF", quality=85, save_all=True,
+                                 append_images=frames),
         "heic": _encode(face, "HEIF", quality=85),
         "heic_grey10": _encode(grey16, "HEIF", quality=-1),
         "heic_rotated": _encode(face, "HEIF", quality=85, exif=_orientation_exif(6)),
@@ -96,23 +105,46 @@ def _adam7_supported() -> bool:
         return False
 
 
-def _decode_outcome(data: bytes) -> str:
-    """'ok' or the refusal's class name; fails the test on any other exception."""
+def _decoder(data: bytes) -> str:
+    """The decoder the service hands these bytes to (sniffed as it sniffs), or "none"."""
+    try:
+        return sniff_format(data)
+    except UnsupportedImage:
+        return "none"
+
+
+def _decode_outcome(data: bytes, tally) -> str:
+    """'ok' or the refusal's class name; fails the test on any other exception. Counts the
+    case by decoder and outcome in the tally."""
+    decoder = _decoder(data)
     try:
         out = decode_image(data)
     except InvalidInput as exc:
         assert str(exc), "a refusal must say why"
+        tally.outcome("fuzz.decode", decoder, type(exc).__name__)
         return type(exc).__name__
     assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
     assert out.flags.c_contiguous
     h, w = out.shape[:2]
     assert h * w <= DEFAULT_LIMITS.max_pixels and max(h, w) <= DEFAULT_LIMITS.max_side
+    tally.outcome("fuzz.decode", decoder, "ok")
     return "ok"
 
 
-def _fuzz_settings(budget, ci: int, soak: int):
-    return settings(max_examples=budget.pick(ci, soak), deadline=None, database=None,
+def _fuzz_settings(budget, name: str):
+    return settings(max_examples=budget.fuzz(name), deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def test_bases_cover_every_decoder_the_service_accepts(bases, tally):
+    """The mutation bases reach every decoder decode_image accepts, stills decode, and the
+    animated WebP and AVIF are refused from their header."""
+    from matcher.decode import ACCEPTED_FORMATS
+
+    assert {_decoder(data) for data in bases.values()} == set(ACCEPTED_FORMATS)
+    for name, data in bases.items():
+        expected = "UnsupportedImage" if name.endswith("_animated") else "ok"
+        assert _decode_outcome(data, tally) == expected, name
 
 
 def test_png_chunk_mutations(bases, budget, tally):
@@ -120,7 +152,7 @@ def test_png_chunk_mutations(bases, budget, tally):
     pngs = sorted(k for k in bases if k.startswith("png"))
     outcomes: dict[str, int] = {}
 
-    @_fuzz_settings(budget, 600, 6000)
+    @_fuzz_settings(budget, "decode.png_chunks")
     @given(base=st.sampled_from(pngs), data=st.data())
     def run(base: str, data: st.DataObject) -> None:
         chunks = _png_chunks(bases[base])
@@ -159,7 +191,7 @@ def test_png_chunk_mutations(bases, budget, tally):
             kind = data.draw(st.sampled_from([b"tEXt", b"zTXt", b"iCCP", b"eXIf", b"acTL",
                                               b"fcTL", b"sBIT", b"gAMA", b"xYzW"]))
             chunks.insert(max(1, i), (kind, data.draw(st.binary(max_size=300))))
-        outcome = _decode_outcome(_png_build(chunks))
+        outcome = _decode_outcome(_png_build(chunks), tally)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         tally.add("fuzz.decode.png_chunks")
 
@@ -171,7 +203,7 @@ def test_jpeg_marker_mutations(bases, budget, tally):
     """Change JPEG frame dimensions and component counts, damage tables and scan data."""
     jpegs = sorted(k for k in bases if k.startswith("jpeg"))
 
-    @_fuzz_settings(budget, 600, 6000)
+    @_fuzz_settings(budget, "decode.jpeg_markers")
     @given(base=st.sampled_from(jpegs), data=st.data())
     def run(base: str, data: st.DataObject) -> None:
         raw = bytearray(bases[base])
@@ -196,7 +228,7 @@ def test_jpeg_marker_mutations(bases, budget, tally):
             markers = [j for j in range(len(raw) - 1) if raw[j] == 0xFF and raw[j + 1] not in
                        (0x00, 0xFF)]
             raw = raw[:data.draw(st.sampled_from(markers)) + data.draw(st.integers(0, 3))]
-        _decode_outcome(bytes(raw))
+        _decode_outcome(bytes(raw), tally)
         tally.add("fuzz.decode.jpeg_markers")
 
     run()
@@ -206,7 +238,7 @@ def test_header_bombs_are_refused_from_the_header(bases, budget, tally):
     """Small real files declaring more pixels than allowed: ImageTooLarge, no decode."""
     slowest = [0.0]
 
-    @_fuzz_settings(budget, 300, 3000)
+    @_fuzz_settings(budget, "decode.bombs")
     @given(fmt=st.sampled_from(["png", "jpeg", "webp", "heic", "avif"]),
            width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1))
     def run(fmt: str, width: int, height: int) -> None:
@@ -226,6 +258,7 @@ def test_header_bombs_are_refused_from_the_header(bases, budget, tally):
         with pytest.raises(ImageTooLarge):
             decode_image(data)
         slowest[0] = max(slowest[0], time.monotonic() - start)
+        tally.outcome("fuzz.decode", _decoder(data), "ImageTooLarge")
         tally.add("fuzz.decode.bombs")
 
     run()
@@ -300,7 +333,7 @@ def test_heif_and_avif_box_mutations(bases, budget, tally):
     names = sorted(k for k in bases if k.startswith(("heic", "avif")))
     outcomes: dict[str, int] = {}
 
-    @_fuzz_settings(budget, 400, 4000)
+    @_fuzz_settings(budget, "decode.isobmff_boxes")
     @given(base=st.sampled_from(names), data=st.data())
     def run(base: str, data: st.DataObject) -> None:
         raw = bytearray(bases[base])
@@ -326,7 +359,7 @@ def test_heif_and_avif_box_mutations(bases, budget, tally):
             raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
         else:
             del raw[pos:pos + size]
-        outcome = _decode_outcome(bytes(raw))
+        outcome = _decode_outcome(bytes(raw), tally)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         tally.add("fuzz.decode.isobmff_boxes")
 
@@ -339,7 +372,7 @@ def test_webp_chunk_mutations(bases, budget, tally):
     names = sorted(k for k in bases if k.startswith("webp"))
     outcomes: dict[str, int] = {}
 
-    @_fuzz_settings(budget, 400, 4000)
+    @_fuzz_settings(budget, "decode.webp_chunks")
     @given(base=st.sampled_from(names), data=st.data())
     def run(base: str, data: st.DataObject) -> None:
         raw = bytearray(bases[base])
@@ -363,7 +396,7 @@ def test_webp_chunk_mutations(bases, budget, tally):
             anim = b"ANIM" + struct.pack("<I", 6) + bytes(6)
             raw[12:12] = anim
             raw[4:8] = struct.pack("<I", len(raw) - 8)
-        outcome = _decode_outcome(bytes(raw))
+        outcome = _decode_outcome(bytes(raw), tally)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         tally.add("fuzz.decode.webp_chunks")
 
@@ -376,12 +409,14 @@ def test_random_bytes_behind_real_magic_numbers(budget, tally):
     magics = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"GIF89a",
               b"II*\x00", b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBP", b"BM", b"\x00\x00\x01\x00",
               b"RIFF\x00\x10\x00\x00WEBPVP8X", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00",
-              b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00", b"\x00\x00\x00\x18ftypmif1"]
+              b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00", b"\x00\x00\x00\x18ftypmif1",
+              b"\x00\x00\x00\x1cftypavis\x00\x00\x00\x00", b"\x00\x00\x00\x18ftypheix",
+              b"RIFF\x00\x10\x00\x00WEBPVP8X\x0a\x00\x00\x00\x02\x00\x00\x00ANIM"]
 
-    @_fuzz_settings(budget, 600, 6000)
+    @_fuzz_settings(budget, "decode.magic_random")
     @given(magic=st.sampled_from(magics), body=st.binary(max_size=2048))
     def run(magic: bytes, body: bytes) -> None:
-        _decode_outcome(magic + body)
+        _decode_outcome(magic + body, tally)
         tally.add("fuzz.decode.magic_random")
 
     run()
@@ -398,5 +433,5 @@ def test_other_containers_are_refused_as_unsupported(kind: str, tally) -> None:
                 _encode(frames[0], fmt, save_all=True, append_images=frames[1:]))
     except (OSError, KeyError, ValueError) as exc:
         pytest.skip(f"this Pillow cannot write {fmt}: {exc}")
-    assert _decode_outcome(data) in ("UnsupportedImage", "CorruptImage")
+    assert _decode_outcome(data, tally) in ("UnsupportedImage", "CorruptImage")
     tally.add("fuzz.decode.containers")

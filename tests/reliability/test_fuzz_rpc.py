@@ -1,9 +1,10 @@
 """Hostile RPC messages against a real server process on loopback.
 
 Hypothesis builds requests for every RPC with absurd field values (random and broken image
-bytes, decompression bombs, aligned faces of any size and unknown formats, templates of
-any length with NaN/inf/huge values, ids with control characters and thousands of
-characters, out-of-range top_k and timestamps, empty oneofs, streams mixing all of it).
+bytes in every accepted format: JPEG, PNG, WebP still and animated, HEIC, AVIF;
+decompression bombs, aligned faces of any size and unknown formats, templates of any length
+with NaN/inf/huge values, ids with control characters and thousands of characters,
+out-of-range top_k and timestamps, empty oneofs, streams mixing all of it).
 Every call must end with OK or a clean, documented status (never UNKNOWN or INTERNAL),
 short operator-readable details, the server still serving afterwards and its memory flat.
 """
@@ -33,6 +34,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWar
 CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED}
 CLEAN_VALUES = {c.value[0] for c in CLEAN}
+CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 # Details may quote a refused id (escaped, truncated); bounded, never the whole input.
 MAX_DETAILS_CHARS = 2048
 # Growth allowed between the warmed-up server and after the whole fuzz run. Decoding a
@@ -72,6 +74,10 @@ def images(faces_dir: Path) -> dict[str, bytes]:
         "real_png16": _encode(Image.fromarray(np.asarray(face.convert("L"), np.uint16) * 257),
                               "PNG"),
         "real_cmyk": _encode(face.convert("CMYK"), "JPEG"),
+        "real_webp": _encode(face, "WEBP", quality=85),
+        "real_heic": _encode(face, "HEIF", quality=85),
+        "real_avif": _encode(face, "AVIF", quality=85),
+        "animated_webp": _encode(face, "WEBP", save_all=True, append_images=frames[1:]),
         "animated_gif": _encode(face, "GIF", save_all=True, append_images=frames[1:]),
         "bomb_png": _png_declaring(50_000, 50_000),
         "bomb_side": _png_declaring(1, 2**31 - 1),
@@ -96,6 +102,10 @@ def server(tmp_path_factory, images):
 
 
 # -- strategies --------------------------------------------------------------------------
+
+# The real photos whose bytes are also damaged one byte at a time, one per decoder.
+REAL_IMAGES = ("real", "real_png16", "real_webp", "real_heic", "real_avif")
+
 
 def _texts() -> st.SearchStrategy[str]:
     return st.one_of(
@@ -123,7 +133,7 @@ def _floats() -> st.SearchStrategy[list[float]]:
 
 def _probes(images: dict[str, bytes]) -> st.SearchStrategy[pb.Probe]:
     image_bytes = st.one_of(st.sampled_from(sorted(images.values())), st.binary(max_size=3000),
-                            st.tuples(st.sampled_from([images["real"], images["real_png16"]]),
+                            st.tuples(st.sampled_from([images[k] for k in REAL_IMAGES]),
                                       st.integers(0, 20_000), st.integers(0, 255)).map(
                                 lambda t: t[0][:t[1] % len(t[0])] + bytes([t[2]])
                                 + t[0][t[1] % len(t[0]) + 1:]))
@@ -211,7 +221,7 @@ def _warm_up(server: ServerProcess, images: dict[str, bytes]) -> int:
     """Exercise every path once so lazily built buffers exist before the RSS baseline."""
     with server.client() as client:
         for _ in range(3):
-            for name in ("real", "real_png16", "real_cmyk", "truncated", "bomb_png"):
+            for name in (*REAL_IMAGES, "real_cmyk", "truncated", "bomb_png"):
                 _call(client, "Identify", pb.IdentifyRequest(probe=pb.Probe(image=images[name])))
             _call(client, "Verify", pb.VerifyRequest(probe=pb.Probe(image=images["real"]),
                                                      traveller_id="T-FUZZ-1"))
@@ -223,7 +233,7 @@ def test_hostile_messages_get_clean_statuses(server, images, budget, tally):
     codes: dict[str, int] = {}
     client = server.client()
 
-    @settings(max_examples=budget.pick(700, 7000), deadline=None, database=None,
+    @settings(max_examples=budget.fuzz("rpc.messages"), deadline=None, database=None,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                      HealthCheck.filter_too_much])
     @given(case=_requests(images))
@@ -234,9 +244,11 @@ def test_hostile_messages_get_clean_statuses(server, images, budget, tally):
         assert len(details) <= MAX_DETAILS_CHARS, f"{rpc} details are {len(details)} chars"
         for err in item_errors:
             codes[f"item:{err.code}"] = codes.get(f"item:{err.code}", 0) + 1
+            tally.outcome("fuzz.rpc.stream_items", rpc, CODE_NAMES.get(err.code, str(err.code)))
             assert err.code in CLEAN_VALUES, f"{rpc} item error code {err.code}: {err.message}"
             assert len(err.message) <= MAX_DETAILS_CHARS
         codes[code.name] = codes.get(code.name, 0) + 1
+        tally.outcome("fuzz.rpc", rpc, code.name)
         tally.add("fuzz.rpc.messages")
 
     try:
@@ -280,7 +292,7 @@ def test_undecodable_request_bytes_get_invalid_argument(server, budget, tally):
     methods = ["Identify", "Verify", "Clear", "Enroll", "Remove", "GetTraveller"]
     seen: dict[str, int] = {}
 
-    @settings(max_examples=budget.pick(60, 600), deadline=None, database=None)
+    @settings(max_examples=budget.fuzz("rpc.raw_bytes"), deadline=None, database=None)
     @given(method=st.sampled_from(methods), raw=st.binary(min_size=1, max_size=512))
     def run(method: str, raw: bytes) -> None:
         call = channel.unary_unary(f"/matcher.v1.Matcher/{method}")
@@ -290,6 +302,7 @@ def test_undecodable_request_bytes_get_invalid_argument(server, budget, tally):
         except grpc.RpcError as exc:
             code = exc.code()
         seen[code.name] = seen.get(code.name, 0) + 1
+        tally.outcome("fuzz.rpc.raw_bytes", method, code.name)
         tally.add("fuzz.rpc.raw_bytes")
         assert code in CLEAN, f"{method} answered {code.name} to undecodable bytes"
 

@@ -6,7 +6,9 @@ runner. Then requests arrive open-loop at 3x that rate, each with a lane's 1 s d
 The server must answer every request with a clean code (OK, RESOURCE_EXHAUSTED,
 DEADLINE_EXCEEDED), keep its memory flat, and serve again once the load drops. How much it
 sheds, how fast, and how many admitted requests run late are reported in the default run
-and held to bounds only under ``--soak`` (a loaded machine moves them).
+and held to bounds only under ``--soak`` (a loaded machine moves them). The overload lasts
+6 s in CI and ``--soak-overload-s`` (default 60 s) with ``--soak``, for each of the two queue
+configurations; the server's RSS is sampled every second through it.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ RSS_GROWTH_BOUND_KIB = 64 * 1024
 # Of the requests the server admitted (not shed), at most this share may miss the deadline.
 MAX_ADMITTED_DEADLINE_MISS = 0.05
 RECOVERY_S = 4.0
+RSS_SAMPLE_S = 1.0
 
 
 @dataclass
@@ -136,6 +139,13 @@ class Run:
     recovery: Outcomes
     rss_growth_kib: int
     max_queue: int | None
+    rss_kib: tuple[int, int, int]  # at the start of the overload, at its end, the highest
+
+
+def _sample_rss(server: ServerProcess, stop: threading.Event, samples: list[int]) -> None:
+    """The server's RSS every RSS_SAMPLE_S until ``stop`` is set."""
+    while not stop.wait(RSS_SAMPLE_S):
+        samples.append(server.rss_kib())
 
 
 def _overload_run(folder: Path, photo: bytes, seconds: float, max_queue: int | None,
@@ -154,13 +164,22 @@ def _overload_run(folder: Path, photo: bytes, seconds: float, max_queue: int | N
         capacity = capacity or measured
         assert capacity > 0, "nothing answered while measuring capacity; is the server alive?"
         rss_before = server.rss_kib()
-        load = _open_loop(server, request, OVERLOAD_FACTOR * capacity, seconds)
-        rss_growth = server.rss_kib() - rss_before
+        samples: list[int] = [rss_before]
+        stop = threading.Event()
+        sampler = threading.Thread(target=_sample_rss, args=(server, stop, samples))
+        sampler.start()
+        try:
+            load = _open_loop(server, request, OVERLOAD_FACTOR * capacity, seconds)
+        finally:
+            stop.set()
+            sampler.join(10)
+        rss_after = server.rss_kib()
+        rss_growth = rss_after - rss_before
         recovery_start = time.monotonic()
         recovery = _open_loop(server, request, 0.5 * capacity, RECOVERY_S)
     recovery.started = recovery_start
     return Run(capacity, OVERLOAD_FACTOR * capacity, seconds, base, load, recovery,
-               rss_growth, max_queue)
+               rss_growth, max_queue, (rss_before, rss_after, max(samples + [rss_after])))
 
 
 def _summary(run: Run) -> dict[str, object]:
@@ -177,6 +196,7 @@ def _summary(run: Run) -> dict[str, object]:
         "recovery_p99_ms": round(1e3 * run.recovery.p("OK", 99), 1),
         "recovery_ok_share": round(run.recovery.count("OK") / max(1, run.recovery.total()), 3),
         "rss_growth_mib": round(run.rss_growth_kib / 1024, 1),
+        "rss_start_end_max_mib": [round(k / 1024, 1) for k in run.rss_kib],
     }
 
 
@@ -215,7 +235,7 @@ def _check(run: Run, soak: bool) -> None:
 def capacity_run(tmp_path_factory, photo, budget, tally) -> Run:
     """The default configuration (max_queue 64) at 3x its measured capacity."""
     run = _overload_run(tmp_path_factory.mktemp("overload-default"), photo,
-                        budget.pick(6.0, 60.0), None)
+                        budget.overload_s(6.0), None)
     tally.figure("overload.default_queue", _summary(run))
     print("overload, default queue:", _summary(run))
     return run
@@ -228,7 +248,7 @@ def test_three_times_capacity_with_a_deadline_sized_queue(tmp_path, photo, capac
     gets a clean answer, memory stays flat, the server serves once the load drops; under
     --soak also every admitted request in time and the rest shed at once."""
     max_queue = max(4, int(capacity_run.capacity * DEADLINE_S * 0.25))
-    run = _overload_run(tmp_path, photo, budget.pick(6.0, 60.0), max_queue,
+    run = _overload_run(tmp_path, photo, budget.overload_s(6.0), max_queue,
                         capacity=capacity_run.capacity)
     tally.figure("overload.sized_queue", _summary(run))
     print("overload, queue sized to the deadline:", _summary(run))

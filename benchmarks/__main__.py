@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import time
 import traceback
@@ -20,7 +21,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="small sizes and few repeats; finishes in minutes (CI)")
     parser.add_argument("--only", default="", help=f"comma-separated subset of {SUITES}")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
+    parser.add_argument("--lfw", type=Path, default=None, metavar="DIR",
+                        help="lfw-dev folder for the accuracy suite (default: "
+                             "../shared/data/lfw-dev beside the checkout, or $MATCHER_LFW_DIR)")
     args = parser.parse_args(argv)
+    if args.lfw is not None:  # _faces.lfw_dir() reads it, as the tests' override does
+        os.environ["MATCHER_LFW_DIR"] = str(args.lfw)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     wanted = [s for s in args.only.split(",") if s] or list(SUITES)

@@ -1,10 +1,17 @@
-"""Accuracy on the shared photos: genuine/impostor score distributions, a DET curve and
-the thresholds of the operating points matcher.decision derives.
+"""Accuracy: the shared photos (is the pipeline wired right?) and, when present, lfw-dev
+(do the shipped operating points hold on thousands of people?).
 
-Every pair of single-face photos is compared (largest face, default pipeline). With 6
-people the set is small: it proves the pipeline is wired right (colour order, alignment,
-EXIF, normalisation), not where the tail of the impostor distribution lies; the FMR
-resolution here is 1 / (number of impostor pairs).
+Shared photos: every pair of single-face photos is compared (largest face, default
+pipeline). With 6 people the set proves the pipeline is wired right (colour order,
+alignment, EXIF, normalisation), not where the tail of the impostor distribution lies.
+
+lfw-dev (../shared/data/lfw-dev, $MATCHER_LFW_DIR or ``--lfw DIR``; 2,875 people): the
+served pipeline's templates (matcher.calibrate.embed_folder, cached), at most 10 photos a
+person, and every figure with a 95 % interval from resampling identities (_lfw.py):
+1:1 DET and the impostor tail against the shipped score model, LFW's 10-fold accuracy on
+its own pairs, the open-set 1:N protocol (_openset.py) at the service's thresholds as the
+gallery grows, and the design choices of issue 10 item 4, each measured on the same data.
+``--quick`` uses 600 people drawn with a fixed seed.
 """
 from __future__ import annotations
 
@@ -14,7 +21,7 @@ import numpy as np
 
 from matcher.pipeline import Pipeline, largest_face
 
-from ._faces import load_photos, pair_scores
+from ._faces import load_photos, lfw_dir, pair_scores
 from .harness import Report
 
 GENUINE_FLOOR = 0.50
@@ -23,6 +30,18 @@ GALLERY_SIZES = (100, 1_000, 10_000)   # 1:N operating points: travellers booked
 
 
 def run(report: Report, quick: bool) -> None:
+    shared = _shared_photos(report)
+    folder = lfw_dir()
+    if folder is None:
+        report.param(lfw="absent: shared-photo figures only")
+        _plot(report, shared, None)
+        return
+    from ._accuracy_lfw import lfw_accuracy  # only when there is data to run it on
+
+    _plot(report, shared, lfw_accuracy(report, folder, quick))
+
+
+def _shared_photos(report: Report) -> tuple:
     photos = load_photos()
     pipe = Pipeline(threads=2)
     faces = {p.file: pipe.analyse_bytes(p.data) for p in photos}
@@ -63,7 +82,7 @@ def run(report: Report, quick: bool) -> None:
                  f"threshold {one_to_one:.3f}, genuine min {genuine.min():.3f}, "
                  f"impostor max {impostor.max():.3f}")
     _group_identification(report, photos, faces, templates, identity, one_to_one)
-    _plot(report, genuine, impostor, points)
+    return genuine, impostor, points
 
 
 def _eer(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
@@ -124,10 +143,22 @@ def _group_identification(report: Report, photos, faces, templates: dict[str, np
     report.check("group_photos_identified", not wrong, "; ".join(wrong) or "all correct")
 
 
-def _plot(report: Report, genuine: np.ndarray, impostor: np.ndarray,
-          points: list[tuple[str, float, str]]) -> None:
-    fig, axes = report.plot(1, 2, figsize=(13, 5))
-    ax_hist, ax_det = axes.ravel()
+def _plot(report: Report, shared: tuple, lfw: dict | None) -> None:
+    """The shared-photo panels; with lfw-dev, its seven panels below them."""
+    if lfw is None:
+        _, axes = report.plot(1, 2, figsize=(13, 5))
+        _plot_shared(*axes.ravel(), *shared)
+        return
+    from ._accuracy_plot import plot_lfw
+
+    _, axes = report.plot(3, 3, figsize=(20, 16))
+    axes = axes.ravel()
+    _plot_shared(axes[0], axes[1], *shared)
+    plot_lfw(axes[2:], lfw)
+
+
+def _plot_shared(ax_hist, ax_det, genuine: np.ndarray, impostor: np.ndarray,
+                 points: list[tuple[str, float, str]]) -> None:
     bins = np.linspace(-0.3, 1.0, 53)
     ax_hist.hist(impostor, bins=bins, alpha=0.6, label=f"impostor ({len(impostor)} pairs)",
                  color="tab:red")

@@ -15,8 +15,8 @@ from matcher.scoremodel import ScoreModel
 
 from . import _openset as ops
 from ._lfw import (Verification, det_band, embedded_lfw, genuine_rows, identity_weights,
-                   merge_label_noise, pair_templates_scores, read_pairs, ten_fold_accuracy,
-                   with_ci)
+                   merge_label_noise, pair_templates_scores, read_pairs, rows_of,
+                   ten_fold_accuracy, with_ci)
 from .harness import Report
 
 FPIRS = (0.01, 0.003, 0.001)
@@ -51,9 +51,9 @@ class Lfw:
 def lfw_accuracy(report: Report, folder: Path, quick: bool) -> dict:
     """Record every lfw-dev figure and check; returns what the plot needs."""
     lfw = _load(report, folder, quick)
-    out = {"model": lfw.model, "one_to_one": _one_to_one(report, lfw), "pairs": _lfw_pairs(report, lfw)}
-    out["open_set"] = _open_set(report, lfw)
-    o = out["open_set"]
+    out = {"model": lfw.model, "one_to_one": _one_to_one(report, lfw),
+           "pairs": _lfw_pairs(report, lfw)}
+    out["open_set"] = o = _open_set(report, lfw)
     out["design"] = [*_margin(report, lfw, o), *_multi_enrolment(report, lfw, o),
                      *_probe_frames(report, lfw, o), *_znorm(report, lfw, o),
                      *_quality_gate(report, lfw)]
@@ -99,19 +99,18 @@ def _record(report: Report, key: str, values: np.ndarray, unit: str, note: str =
 
 def _recommend(report: Report, item: str, options: dict[str, np.ndarray], default: str,
                what: str) -> str:
-    """Which option the data supports: the lowest error rate, if its advantage over the
-    default holds across the bootstrap (paired: the same resample scores both); else the
+    """Which option the data supports: the best alternative if its advantage over the
+    default holds across the bootstrap (paired: one resample scores both), else the
     default, since a difference inside the interval is not evidence."""
-    best = min(options, key=lambda k: options[k][0])
-    diff = with_ci(options[default] - options[best])
-    if best != default and diff["lo"] > 0:
-        line = (f"{best}: {what} {options[best][0]:.4f} vs {options[default][0]:.4f} "
-                f"({default}), lower by {diff['point']:.4f} (95% CI {diff['lo']:.4f}.."
-                f"{diff['hi']:.4f})")
+    rival = min((k for k in options if k != default), key=lambda k: options[k][0])
+    gain = with_ci(options[default] - options[rival])
+    ci = f"{gain['point']:+.4f} (95% CI {gain['lo']:+.4f}..{gain['hi']:+.4f})"
+    if gain["lo"] > 0:
+        line = (f"{rival}: {what} {options[rival][0]:.4f} vs {options[default][0]:.4f} "
+                f"({default}), lower by {ci}")
     else:
-        line = (f"{default}: no option lowers {what} beyond the interval (best {best} "
-                f"{options[best][0]:.4f} vs {options[default][0]:.4f}, difference 95% CI "
-                f"{diff['lo']:.4f}..{diff['hi']:.4f})")
+        line = (f"{default}: {what} {options[default][0]:.4f}; the best alternative, "
+                f"{rival}, lowers it by {ci}, not beyond the interval")
     report.params.setdefault("recommendations", {})[item] = line
     return line
 
@@ -159,8 +158,7 @@ def _lfw_pairs(report: Report, lfw: Lfw) -> dict:
     scores, failed = pair_templates_scores(lfw.embedded, a, b)
     acc, thr = ten_fold_accuracy(scores, same, fold)
     # the bootstrap weighs each pair by its first person; fold thresholds stay fixed
-    row = {f: i for i, f in enumerate(lfw.embedded.files.tolist())}
-    w = lfw.W[:, lfw.person[[row[f] for f in a]]]
+    w = lfw.W[:, lfw.person[rows_of(lfw.embedded, a)]]
     test_thr = thr[np.searchsorted(np.unique(fold), fold)]
     correct = (scores > test_thr) == same
     sizes = np.bincount(fold)
@@ -318,15 +316,15 @@ def _design_row(item: str, label: str, fnir: np.ndarray) -> dict:
 def _margin(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
     """(a) The margin rule at the service threshold for the whole gallery."""
     g = len(o.people)
+    # the margin bites only where a runner-up can come close to a low threshold: small
+    # galleries, whose service threshold is the 1:1 one (N <= FPIR / FMR_1:1 = 100)
+    t11 = operating_point_1to1(lfw.model, lfw.policy.fmr_1to1, lfw.policy.min_threshold)
     fnirs, rows = {}, []
     for m in MARGINS:
         point, fnir, fpir = _service_rates(lfw, o.ranked, g, margin=m)
         _record(report, f"lfw_margin_{m:g}_fnir", fnir, "rate",
                 note=f"N={g}, service threshold {point.threshold:.4f}")
         _record(report, f"lfw_margin_{m:g}_fpir", fpir, "rate", note=f"N={g}")
-        # the margin only matters near the threshold: also at the 1:1 threshold, where
-        # the runner-up is likelier to be close
-        t11 = operating_point_1to1(lfw.model, lfw.policy.fmr_1to1, lfw.policy.min_threshold)
         fnir11, fpir11 = ops.rates(o.ranked, t11.threshold, m, lfw.W)
         _record(report, f"lfw_margin_{m:g}_fnir_at_1to1_threshold", fnir11, "rate",
                 note=f"N={g}, threshold {t11.threshold:.4f}")

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+# _tail_fit is calibrate's own peaks-over-threshold fit: refitting it per resample here
+# is the same method, not a second copy of it
 from matcher.calibrate import (MAX_PHOTOS_PER_PERSON, MIN_EXCEEDANCES, TAIL_FMR,
-                               TAIL_KEEP_SCORE, Embedded, PairScores, _impostor_total,
-                               _tail_fit, embed_folder, read_labels)
+                               TAIL_KEEP_SCORE, Embedded, PairScores, _tail_fit,
+                               embed_folder, read_labels)
 from matcher.pipeline import Pipeline
 from matcher.scoremodel import ScoreModel, gpd_isf
 
@@ -116,7 +118,9 @@ class Verification:
         self.photos[to_global] = pairs.photos_per_identity
 
     def impostor_total(self, W: np.ndarray) -> np.ndarray:
-        return np.array([_impostor_total(w, self.photos) for w in W])
+        """(R,) impostor pairs when identity i counts W[r, i] times (copies never pair)."""
+        per = W * self.photos
+        return (per.sum(1) ** 2 - (per ** 2).sum(1)) / 2.0
 
     def fmr(self, threshold: float, W: np.ndarray) -> np.ndarray:
         """(R,) fraction of impostor pairs scoring >= threshold."""
@@ -127,14 +131,13 @@ class Verification:
         return above / self.impostor_total(W)
 
     def fnmr(self, thresholds: np.ndarray | float, W: np.ndarray) -> np.ndarray:
-        """FNMR at per-replicate thresholds: (R,) or (R, k) like ``thresholds``."""
-        t = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(W),)
-                            if np.ndim(thresholds) < 2 else np.shape(thresholds))
+        """FNMR at one threshold, or at per-replicate thresholds (R,) or (R, k)."""
+        t = np.asarray(thresholds, dtype=np.float64)
+        shape = t.shape if t.ndim else (len(W),)
+        t = np.broadcast_to(t, shape).reshape(len(W), -1)
         cum = np.concatenate([np.zeros((len(W), 1)), np.cumsum(W[:, self.genuine_id], 1)], 1)
-        cut = np.searchsorted(self.genuine, t.ravel(), side="left").reshape(t.shape)
-        below = np.take_along_axis(cum, cut.reshape(len(W), -1), 1).reshape(t.shape)
-        total = cum[:, -1].reshape((-1,) + (1,) * (t.ndim - 1))
-        return below / total
+        below = np.take_along_axis(cum, np.searchsorted(self.genuine, t, side="left"), 1)
+        return (below / cum[:, -1:]).reshape(shape)
 
     def thresholds_at_fmr(self, fmrs: np.ndarray, W: np.ndarray) -> np.ndarray:
         """(R, k) empirical thresholds: the lowest score with FMR <= each of ``fmrs``.
@@ -209,13 +212,20 @@ def read_pairs(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     return np.array(a), np.array(b), same, fold
 
 
+def rows_of(embedded: Embedded, files: np.ndarray) -> np.ndarray:
+    """Row index of each file (every file must be one of ``embedded.files``)."""
+    order = np.argsort(embedded.files)
+    pos = np.searchsorted(embedded.files[order], files)
+    rows = order[np.minimum(pos, len(order) - 1)]
+    if not np.array_equal(embedded.files[rows], files):
+        raise ValueError("a pair names a photo that is not in the embedded set")
+    return rows
+
+
 def pair_templates_scores(embedded: Embedded, file_a: np.ndarray, file_b: np.ndarray,
                           quality_gate: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, failed): cosine of each pair; -1 where a photo has no usable template.
-    Every file must be one of ``embedded.files``."""
-    index = {f: i for i, f in enumerate(embedded.files.tolist())}
-    ia = np.array([index[f] for f in file_a])
-    ib = np.array([index[f] for f in file_b])
+    """(scores, failed): cosine of each pair; -1 where a photo has no usable template."""
+    ia, ib = rows_of(embedded, file_a), rows_of(embedded, file_b)
     usable = embedded.usable(quality_gate)
     failed = ~(usable[ia] & usable[ib])
     scores = np.full(len(ia), -1.0)
@@ -226,17 +236,15 @@ def pair_templates_scores(embedded: Embedded, file_a: np.ndarray, file_b: np.nda
 
 
 def best_threshold(scores: np.ndarray, same: np.ndarray) -> float:
-    """The threshold maximising accuracy on (scores, same), midway between two scores."""
+    """The threshold t maximising the accuracy of "same iff score > t" on these pairs."""
     order = np.argsort(scores, kind="stable")
     s, y = scores[order], same[order]
-    # accuracy of "same iff score > s[i]": matched above i plus mismatched at or below i
-    correct = np.cumsum(~y) + (y.sum() - np.cumsum(y))
-    candidates = np.concatenate([[-np.inf], s])
-    correct = np.concatenate([[y.sum()], correct])
-    best = int(np.argmax(correct))
-    if best == 0:
-        return float(s[0] - 1e-6)
-    return float((candidates[best] + (s[best] if best < len(s) else candidates[best])) / 2)
+    # with t between s[i-1] and s[i]: pairs 0..i-1 called different, i.. called same
+    correct = np.r_[0, np.cumsum(~y)] + np.r_[y.sum(), y.sum() - np.cumsum(y)]
+    i = int(np.argmax(correct))
+    lower = s[i - 1] if i > 0 else s[0] - 1e-6
+    upper = s[i] if i < len(s) else s[-1] + 1e-6
+    return float((lower + upper) / 2)
 
 
 def ten_fold_accuracy(scores: np.ndarray, same: np.ndarray, fold: np.ndarray

@@ -97,7 +97,7 @@ def central_face(faces: list[Face], shape: tuple[int, ...]) -> Face | None:
 
 def _analyse_one(pipeline: Pipeline, path: Path) -> tuple[str, str, np.ndarray | None]:
     try:
-        image = pipeline.decode(path.read_bytes())
+        image = pipeline.decode_scaled(path.read_bytes())  # as the service decodes it
     except (OSError, MatcherError) as exc:
         log.warning("%s: unreadable (%s)", path.name, type(exc).__name__)
         return UNREADABLE, "", None

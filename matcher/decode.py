@@ -5,6 +5,10 @@ named ``.jpg`` is a WebP). The header is read first: byte and pixel limits are c
 there, so a 30,000 x 30,000 "decompression bomb" costs a few hundred bytes of parsing and
 no allocation. EXIF orientation (and HEIF/AVIF irot/imir) is applied, so a phone photo
 stored sideways is matched upright.
+
+``decode_reduced`` decodes a large JPEG at 1/2, 1/4 or 1/8 of its size instead (libjpeg's
+DCT scaling: the reduction is done inside the IDCT, so the full-size pixels are never
+made) and says how its pixels map back to the full-size image's.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
 from .errors import CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage
@@ -54,12 +58,58 @@ DEFAULT_LIMITS = DecodeLimits()
 Image.MAX_IMAGE_PIXELS = DEFAULT_LIMITS.max_pixels
 
 
+# JPEG DCT scaling factors libjpeg offers (and Pillow's ``draft`` picks from), largest first.
+JPEG_REDUCTIONS = (8, 4, 2)
+
+# Output axes that EXIF orientation reverses relative to the stored pixels (x, y); values
+# 2-8 are the tag's, transposed as ImageOps.exif_transpose does.
+_REVERSED_AXES = {1: (False, False), 2: (True, False), 3: (True, True), 4: (False, True),
+                  5: (False, False), 6: (True, False), 7: (True, True), 8: (False, True)}
+
+
+@dataclass(frozen=True)
+class ReducedImage:
+    """A photo decoded at 1/``reduction`` of its size per side.
+
+    pixels:    (h, w, 3) uint8 RGB, C-contiguous, orientation applied.
+    reduction: 1 (every format but JPEG, or a JPEG too small to reduce), 2, 4 or 8.
+    full_size: (width, height) the full-size decode has, orientation applied.
+    offset:    (x, y) in full-size pixels: pixel centre ``p`` of ``pixels`` is the full-size
+               point ``reduction * p + (reduction - 1) / 2 + offset``. libjpeg averages
+               each ``reduction``-square block into one pixel; an axis that the
+               orientation reverses starts with the last, partial block, hence the offset.
+    """
+
+    pixels: np.ndarray
+    reduction: int
+    full_size: tuple[int, int]
+    offset: tuple[float, float] = (0.0, 0.0)
+
+
 def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
     """Decode JPEG, PNG, WebP, HEIC/HEIF or AVIF bytes to a C-contiguous (H, W, 3) uint8 RGB
     array.
 
     Raises EmptyImage, ImageTooLarge, UnsupportedImage or CorruptImage (all InvalidInput).
     """
+    return _decode(data, limits, 1, 0).pixels
+
+
+def decode_reduced(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, *,
+                   max_reduction: int = 8, min_long_side: int = 0) -> ReducedImage:
+    """Like ``decode_image``, but a JPEG is decoded at the largest DCT reduction (2, 4 or 8,
+    at most ``max_reduction``) that leaves its long side >= ``min_long_side`` pixels.
+
+    Limits are checked on the full size the header declares, exactly as decode_image does.
+    Other formats, and JPEGs no reduction fits, decode at full size (reduction 1).
+    """
+    if max_reduction < 1:
+        raise ValueError(f"max_reduction must be >= 1, got: {max_reduction}")
+    return _decode(data, limits, max_reduction, min_long_side)
+
+
+def _decode(data: bytes, limits: DecodeLimits, max_reduction: int,
+            min_long_side: int) -> ReducedImage:
     if not data:
         raise EmptyImage("the image is empty (0 bytes)")
     if len(data) > limits.max_bytes:
@@ -77,10 +127,15 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            stored = image.size
+            reduction = _draft(image, max_reduction, min_long_side) if fmt == "JPEG" else 1
+            # The header's EXIF (exif_transpose reads the same cached copy below).
+            orientation = image.getexif().get(ExifTags.Base.Orientation, 1) \
+                if reduction > 1 else 1
             image.load()
             # In place: no full-image copy when the orientation is already upright.
             ImageOps.exif_transpose(image, in_place=True)
-        return _to_rgb(image)
+        pixels = _to_rgb(image)
     except (ImageTooLarge, UnsupportedImage):
         raise
     except Image.DecompressionBombWarning:
@@ -89,6 +144,28 @@ def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarr
         raise CorruptImage(
             f"the {fmt} image could not be decoded ({type(exc).__name__}); "
             "it is truncated or damaged, please capture it again") from None
+    if reduction == 1:
+        return ReducedImage(pixels, 1, (pixels.shape[1], pixels.shape[0]))
+    swap = orientation in (5, 6, 7, 8)
+    full_w, full_h = (stored[1], stored[0]) if swap else stored
+    reversed_x, reversed_y = _REVERSED_AXES.get(orientation, (False, False))
+    offset = (float(full_w - reduction * pixels.shape[1]) if reversed_x else 0.0,
+              float(full_h - reduction * pixels.shape[0]) if reversed_y else 0.0)
+    return ReducedImage(pixels, reduction, (full_w, full_h), offset)
+
+
+def _draft(image: Image.Image, max_reduction: int, min_long_side: int) -> int:
+    """Ask libjpeg for DCT scaling before any pixel is decoded; returns the reduction."""
+    long_side = max(image.size)
+    for reduction in JPEG_REDUCTIONS:
+        if reduction <= max_reduction and -(-long_side // reduction) >= min_long_side:
+            width, height = image.size
+            # draft() picks the largest factor with size // factor >= the size asked for.
+            result = image.draft(None, (width // reduction, height // reduction))
+            if result is None:  # a JPEG Pillow cannot scale (e.g. more than one tile)
+                return 1
+            return round(width / result[1][2])
+    return 1
 
 
 def sniff_format(data: bytes) -> str:

@@ -197,7 +197,7 @@ class MatchEngine:
                 continue
             t = time.perf_counter()
             try:
-                images.append(self.pipeline.decode(job.data))
+                images.append(self.pipeline.decode_scaled(job.data))
             except MatcherError as exc:  # one bad image fails only its own request
                 results[i] = exc
                 continue
@@ -206,12 +206,15 @@ class MatchEngine:
         if images:
             timings = StageTimings()
             per_image = self.pipeline.analyse_many(images, timings)
+            # the batch's finer decodes (DecodeScaling), if any, are shared like its other stages
+            finer_decode_ms = timings.ms.get("decode", 0.0)
             for slot, faces, decode_ms in zip(image_slots, per_image, image_decode_ms):
                 faces = sorted(faces, key=lambda f: f.area, reverse=True)
                 templates = (np.stack([f.template for f in faces]) if faces
                              else np.empty((0, EMBEDDING_DIM), np.float32))
                 results[slot] = Analysis(faces, templates, True,
-                                         {"decode": decode_ms, **timings.ms}, len(jobs))
+                                         {**timings.ms, "decode": decode_ms + finer_decode_ms},
+                                         len(jobs))
         if crops:
             t = time.perf_counter()
             templates = self.pipeline.embed_aligned(np.stack(crops))

@@ -10,13 +10,14 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from . import _native
 from .alignment import alignment_transforms
-from .decode import DEFAULT_LIMITS, DecodeLimits, decode_image
+from .decode import DEFAULT_LIMITS, DecodeLimits, ReducedImage, decode_image, decode_reduced
 from .models import ALIGNED_SIZE, EMBEDDING_DIM, ModelPack, Sessions, default_pack, load_sessions
 from .quality import DEFAULT_POLICY, Quality, QualityPolicy, assess
 
@@ -80,6 +81,63 @@ class DetectorConfig:
 
 
 @dataclass(frozen=True)
+class DecodeScaling:
+    """How large JPEGs are decoded: at 1/2, 1/4 or 1/8 of their size (libjpeg DCT scaling).
+
+    The detector gets the largest reduction that keeps the photo at least as large as its
+    biggest pass needs (the long side of ``fallback_max_side``, or of a fixed
+    ``input_size``), so it sees what it would have seen, minus the full-size decode. Each
+    face is then warped to 112x112 from a decode with at least ``min_crop_resolution``
+    source pixels per template pixel along each side: from the same reduced pixels when the
+    face is large enough there, else from a second, finer decode of that photo (full size
+    only where the face needs it). Formats other than JPEG always decode at full size, and
+    so does any JPEG whose long side is under twice the detector's biggest pass (1280 px by
+    default; LFW's 250x250 photos never are).
+
+    Off by default, from ``python -m benchmarks --only pipeline`` (decode_scaling_*): on
+    phone-sized photos with large faces (lfw-dev enlarged to 1500x1500) it halves decode CPU
+    (9.2 -> 4.2 ms) with every template within cosine 0.999 of the full decode's; but on the
+    shared photos 6 of the 8 large JPEGs hold a face of under 4 full-size pixels per
+    template pixel (under 2 at half size), which needs the second decode, so decoding costs
+    more (9.3 -> 11.6 ms: DCT scaling saves the IDCT and colour conversion, not the entropy
+    decoding), and templates move down to cosine 0.956 (median 0.988): within the full
+    decode's own movement when the photo is shifted by one pixel (0.932), not within 0.995
+    (the detector's letterbox samples a large photo without a low-pass filter, so its
+    landmarks move with any change of the pixels). Turn it on for booking photos from
+    phones (overnight enrolment), with a score model made with it: it is part of
+    ``Pipeline.score_settings`` when on.
+    """
+
+    enabled: bool = False
+    min_crop_resolution: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.min_crop_resolution < 1.0:
+            raise ValueError(f"min_crop_resolution must be >= 1 (source pixels per template "
+                             f"pixel), got: {self.min_crop_resolution}")
+
+
+@dataclass(frozen=True)
+class DecodedPhoto:
+    """A photo as the pipeline analyses it: pixels at 1/``reduced.reduction`` of full size,
+    and its bytes, to decode a face too small at that reduction again, finer."""
+
+    reduced: ReducedImage
+    data: bytes = b""
+
+    @classmethod
+    def full(cls, image: np.ndarray) -> "DecodedPhoto":
+        """An already decoded (H, W, 3) uint8 RGB image at full size."""
+        return cls(ReducedImage(image, 1, (image.shape[1], image.shape[0])))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(H, W, 3) of the full-size image: what face boxes and landmarks refer to."""
+        width, height = self.reduced.full_size
+        return height, width, 3
+
+
+@dataclass(frozen=True)
 class Detections:
     """Faces found in one image, highest score first; pixel coordinates of that image.
 
@@ -93,6 +151,15 @@ class Detections:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+    def to_full_size(self, reduced: ReducedImage) -> "Detections":
+        """These detections, made on ``reduced.pixels``, in full-size image pixels."""
+        if reduced.reduction == 1:
+            return self
+        r = float(reduced.reduction)
+        shift = np.array(reduced.offset, dtype=np.float32) + np.float32((r - 1) / 2)
+        return Detections(self.boxes * np.float32(r) + np.tile(shift, 2), self.scores,
+                          self.kps * np.float32(r) + shift)
 
 
 @dataclass(frozen=True)
@@ -110,12 +177,19 @@ class Face:
 
 @dataclass
 class StageTimings:
-    """Milliseconds spent per stage, for responses and metrics."""
+    """Milliseconds spent per stage, for responses and metrics.
+
+    ``clock`` is wall time by default; ``time.thread_time`` gives the calling thread's CPU
+    time instead (what the benchmarks add up as the stage sum: immune to other processes,
+    exact for single-threaded ONNX Runtime sessions).
+    """
 
     ms: dict[str, float] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
 
     def add(self, stage: str, started: float) -> None:
-        self.ms[stage] = self.ms.get(stage, 0.0) + (time.perf_counter() - started) * 1e3
+        """Add the time since ``started`` (a value of ``self.clock()``) to ``stage``."""
+        self.ms[stage] = self.ms.get(stage, 0.0) + (self.clock() - started) * 1e3
 
 
 def letterbox_geometry(height: int, width: int, config: DetectorConfig
@@ -144,11 +218,13 @@ class Pipeline:
                  detector: DetectorConfig = DetectorConfig(),
                  quality: QualityPolicy = DEFAULT_POLICY,
                  limits: DecodeLimits = DEFAULT_LIMITS, threads: int = 1,
-                 sessions: Sessions | None = None) -> None:
+                 sessions: Sessions | None = None,
+                 scaling: DecodeScaling = DecodeScaling()) -> None:
         self.pack = pack or default_pack()
         self.detector_config = detector
         self.quality_policy = quality
         self.limits = limits
+        self.scaling = scaling
         self.sessions = sessions or load_sessions(self.pack, threads)
         self._det_outputs = [o.name for o in self.sessions.detector.get_outputs()]
 
@@ -161,7 +237,8 @@ class Pipeline:
         return {"model_id": self.model_id, "detector_sha256": self.pack.detector.sha256,
                 "embedder_sha256": self.pack.embedder.sha256, "revision": SCORE_REVISION,
                 "detector": asdict(self.detector_config),
-                "quality": asdict(self.quality_policy)}
+                "quality": asdict(self.quality_policy),
+                **({"decode_scaling": asdict(self.scaling)} if self.scaling.enabled else {})}
 
     def settings_hash(self) -> str:
         text = json.dumps(self.score_settings(), sort_keys=True)
@@ -170,7 +247,23 @@ class Pipeline:
     # -- stages -------------------------------------------------------------------
 
     def decode(self, data: bytes) -> np.ndarray:
+        """Full-size (H, W, 3) uint8 RGB pixels."""
         return decode_image(data, self.limits)
+
+    def decode_scaled(self, data: bytes) -> DecodedPhoto:
+        """The photo as ``analyse`` wants it: a large JPEG at the largest DCT reduction that
+        still holds the detector's biggest input (see DecodeScaling); else full size."""
+        if not self.scaling.enabled:
+            return DecodedPhoto.full(self.decode(data))
+        return DecodedPhoto(decode_reduced(data, self.limits,
+                                           min_long_side=self._detector_long_side()), data)
+
+    def _detector_long_side(self) -> int:
+        config = self.detector_config
+        if config.input_size is not None:
+            return max(config.input_size)
+        second = config.fallback()
+        return second.max_side if second is not None else config.max_side
 
     def detect(self, image: np.ndarray) -> Detections:
         return self.detect_many([image])[0]
@@ -227,11 +320,36 @@ class Pipeline:
 
     def align(self, image: np.ndarray, kps: np.ndarray) -> np.ndarray:
         """(n, 5, 2) landmarks -> (n, 3, 112, 112) float32 embedder input."""
-        blob = np.empty((len(kps), 3, ALIGNED_SIZE, ALIGNED_SIZE), dtype=np.float32)
-        if len(kps):
-            _native.warp_faces_to_batch(image, alignment_transforms(kps), blob,
+        return self._warp(ReducedImage(image, 1, (image.shape[1], image.shape[0])),
+                          alignment_transforms(kps))
+
+    def _warp(self, source: ReducedImage, transforms: np.ndarray) -> np.ndarray:
+        """Faces warped from ``source``; transforms (n, 2, 3) map template pixels to
+        full-size image pixels."""
+        blob = np.empty((len(transforms), 3, ALIGNED_SIZE, ALIGNED_SIZE), dtype=np.float32)
+        if len(transforms):
+            if source.reduction != 1:
+                # full-size point q is reduced-image point (q - (r - 1) / 2 - offset) / r
+                r = source.reduction
+                transforms = transforms / r
+                transforms[:, :, 2] -= (np.asarray(source.offset) + (r - 1) / 2) / r
+            _native.warp_faces_to_batch(source.pixels, np.ascontiguousarray(transforms), blob,
                                         EMB_MEAN, EMB_INV_STD)
         return blob
+
+    def _crop_source(self, photo: DecodedPhoto, transforms: np.ndarray) -> ReducedImage:
+        """Where one photo's faces are warped from: its reduced decode when every face there
+        keeps ``min_crop_resolution`` source pixels per template pixel, else a finer decode
+        (full size only if a face needs it). transforms: (n, 2, 3), template -> full size."""
+        source = photo.reduced
+        if source.reduction == 1 or not len(transforms):
+            return source
+        # full-size pixels per template pixel of each face: its transform's scale
+        per_template_px = np.sqrt(np.abs(np.linalg.det(transforms[:, :, :2])))
+        affordable = float(per_template_px.min()) / self.scaling.min_crop_resolution
+        if affordable >= source.reduction:
+            return source
+        return decode_reduced(photo.data, self.limits, max_reduction=max(1, int(affordable)))
 
     def embed(self, blob: np.ndarray) -> np.ndarray:
         """(n, 3, 112, 112) float32 -> (n, 512) float32 L2-normalised templates."""
@@ -255,27 +373,42 @@ class Pipeline:
 
     # -- whole pipeline -----------------------------------------------------------
 
-    def analyse(self, image: np.ndarray, timings: StageTimings | None = None) -> list[Face]:
+    def analyse(self, image: np.ndarray | DecodedPhoto,
+                timings: StageTimings | None = None) -> list[Face]:
         return self.analyse_many([image], timings)[0]
 
-    def analyse_many(self, images: list[np.ndarray],
+    def analyse_many(self, images: list[np.ndarray | DecodedPhoto],
                      timings: StageTimings | None = None) -> list[list[Face]]:
-        """Every face of every image with quality and template; one embedder batch for all."""
+        """Every face of every image with quality and template; one embedder batch for all.
+
+        images: full-size (H, W, 3) uint8 RGB arrays, or photos from ``decode_scaled``.
+        Boxes and landmarks are in full-size pixels either way.
+        """
         timings = timings if timings is not None else StageTimings()
-        t = time.perf_counter()
-        detections = self.detect_many(images)
+        photos = [im if isinstance(im, DecodedPhoto) else DecodedPhoto.full(im)
+                  for im in images]
+        t = timings.clock()
+        detections = [d.to_full_size(p.reduced) for p, d in
+                      zip(photos, self.detect_many([p.reduced.pixels for p in photos]))]
         timings.add("detect", t)
-        t = time.perf_counter()
-        blobs = [self.align(im, d.kps) for im, d in zip(images, detections)]
+        t = timings.clock()
+        transforms = [alignment_transforms(d.kps) for d in detections]
+        timings.add("align", t)
+        t = timings.clock()
+        sources = [self._crop_source(p, m) for p, m in zip(photos, transforms)]
+        if any(src is not p.reduced for src, p in zip(sources, photos)):
+            timings.add("decode", t)  # finer decodes for faces too small in the reduced one
+        t = timings.clock()
+        blobs = [self._warp(src, m) for src, m in zip(sources, transforms)]
         blob = np.concatenate(blobs) if blobs else np.empty((0, 3, 112, 112), np.float32)
         timings.add("align", t)
-        t = time.perf_counter()
+        t = timings.clock()
         templates = self.embed(blob)
         timings.add("embed", t)
-        t = time.perf_counter()
+        t = timings.clock()
         grey = blob.mean(axis=1) * (1.0 / EMB_INV_STD) + EMB_MEAN
         results, row = [], 0
-        for im, d in zip(images, detections):
+        for im, d in zip(photos, detections):
             faces = []
             for j in range(len(d)):
                 q = assess(float(d.scores[j]), d.boxes[j], d.kps[j], im.shape, grey[row],
@@ -288,10 +421,10 @@ class Pipeline:
 
     def analyse_bytes(self, data: bytes, timings: StageTimings | None = None) -> list[Face]:
         timings = timings if timings is not None else StageTimings()
-        t = time.perf_counter()
-        image = self.decode(data)
+        t = timings.clock()
+        photo = self.decode_scaled(data)
         timings.add("decode", t)
-        return self.analyse(image, timings)
+        return self.analyse(photo, timings)
 
 
 def _best_score(detections: Detections) -> float:

@@ -42,7 +42,7 @@ from .gallery import STORE_FILE, Gallery, GalleryConfig
 from .manifest import (LOW_QUALITY, MISSING_FILE, MULTIPLE_FACES, NO_FACE, UNREADABLE_IMAGE,
                        Booking, Manifest, Reject, load_manifest)
 from .models import EMBEDDING_DIM, default_pack
-from .pipeline import DetectorConfig, Face, largest_face
+from .pipeline import DecodedPhoto, DetectorConfig, Face, largest_face
 from .quality import DEFAULT_POLICY, QualityPolicy
 from .snapshot import Manifest as SnapshotManifest
 from .snapshot import verify_snapshot
@@ -288,7 +288,7 @@ class PhotoEmbedder:
                 reasons[i] = f"{UNREADABLE_IMAGE}:changed_during_run"
                 continue
             try:
-                images.append(self.pipeline.decode(data))
+                images.append(self.pipeline.decode_scaled(data))
                 slots.append(i)
             except InvalidInput as exc:
                 reasons[i] = _decode_reason(exc)
@@ -301,7 +301,8 @@ class PhotoEmbedder:
                 templates[i] = np.ascontiguousarray(face.template, "<f4").tobytes()
         return reasons, templates
 
-    def _analyse(self, images: list[np.ndarray], paths: list[str]) -> list[list[Face] | None]:
+    def _analyse(self, images: list[DecodedPhoto], paths: list[str]
+                 ) -> list[list[Face] | None]:
         """Faces per image, one batched run; if the batch fails, image by image so one
         pathological photo is refused instead of failing its neighbours (and the job)."""
         try:

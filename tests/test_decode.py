@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from matcher.decode import DEFAULT_LIMITS, DecodeLimits, decode_image, sniff_format
+from matcher.decode import (DEFAULT_LIMITS, DecodeLimits, decode_image, decode_reduced,
+                            sniff_format)
 from matcher.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, UnsupportedImage
 
 
@@ -448,3 +449,65 @@ def test_damaged_bytes_never_escape_as_other_errors(source: str, flips, cut: int
     except InvalidInput:
         return
     assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+
+
+# -- DCT-scaled JPEG decoding -----------------------------------------------------------
+
+def _jpeg_with_orientation(pixels: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return _encode(Image.fromarray(pixels), "JPEG", quality=95, exif=exif.tobytes())
+
+
+def _bright_centroid(pixels: np.ndarray) -> tuple[float, float]:
+    weight = pixels[..., 0].astype(np.float64) - 20
+    weight[weight < 60] = 0
+    ys, xs = np.mgrid[:weight.shape[0], :weight.shape[1]]
+    return float((xs * weight).sum() / weight.sum()), float((ys * weight).sum() / weight.sum())
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_reduced_decode_maps_back_onto_the_full_decode(orientation: int) -> None:
+    """A bright square lands where the full decode has it, for every EXIF orientation and
+    reduction, on an image whose sides are not multiples of 8 (partial DCT blocks)."""
+    pixels = np.full((803, 997, 3), 20, np.uint8)
+    pixels[300:312, 600:612] = 240
+    data = _jpeg_with_orientation(pixels, orientation)
+    full = decode_image(data)
+    fx, fy = _bright_centroid(full)
+    for reduction in (2, 4, 8):
+        reduced = decode_reduced(data, max_reduction=reduction)
+        assert reduced.reduction == reduction
+        assert reduced.full_size == (full.shape[1], full.shape[0])
+        assert reduced.pixels.shape[:2] == (-(-full.shape[0] // reduction),
+                                            -(-full.shape[1] // reduction))
+        x, y = _bright_centroid(reduced.pixels)
+        half = (reduction - 1) / 2
+        assert reduction * x + half + reduced.offset[0] == pytest.approx(fx, abs=0.05)
+        assert reduction * y + half + reduced.offset[1] == pytest.approx(fy, abs=0.05)
+
+
+def test_reduction_keeps_the_long_side_asked_for() -> None:
+    data = _encode(Image.fromarray(_gradient(1500, 2600)), "JPEG", quality=90)
+    assert decode_reduced(data, min_long_side=640).reduction == 4      # 650 px >= 640
+    assert decode_reduced(data, min_long_side=700).reduction == 2
+    assert decode_reduced(data, min_long_side=3000).reduction == 1
+    assert decode_reduced(data, max_reduction=1).pixels.shape == (1500, 2600, 3)
+    assert decode_reduced(data, max_reduction=3).reduction == 2
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP"])
+def test_only_jpegs_are_reduced(fmt: str) -> None:
+    data = _encode(Image.fromarray(_gradient(900, 1300)), fmt)
+    reduced = decode_reduced(data, max_reduction=8)
+    assert reduced.reduction == 1 and reduced.pixels.shape == (900, 1300, 3)
+
+
+def test_reduced_decode_checks_limits_on_the_full_size() -> None:
+    """The header's full size is what the limits see, not the reduced one."""
+    data = _encode(Image.fromarray(_gradient(600, 1300)), "JPEG", quality=80)
+    limits = DecodeLimits(max_side=1000)
+    with pytest.raises(ImageTooLarge):
+        decode_reduced(data, limits, max_reduction=8)
+    with pytest.raises(CorruptImage):
+        decode_reduced(data[: len(data) // 2], max_reduction=2)

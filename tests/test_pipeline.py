@@ -2,14 +2,16 @@
 RGBA, group photos, and the detector size policy."""
 from __future__ import annotations
 
+import io
 import itertools
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageOps
 
-from matcher.pipeline import (DetectorConfig, Face, Pipeline, StageTimings, largest_face,
-                              letterbox_geometry)
+from matcher.pipeline import (DecodeScaling, DetectorConfig, Face, Pipeline, StageTimings,
+                              largest_face, letterbox_geometry)
 
 GENUINE_FLOOR = 0.50
 IMPOSTOR_CEILING = 0.20
@@ -259,3 +261,89 @@ def test_concurrent_callers_get_the_same_faces_as_one_caller(pipeline: Pipeline,
         for fa, fb in zip(a, b):
             np.testing.assert_array_equal(fa.bbox, fb.bbox)
             np.testing.assert_array_equal(fa.template, fb.template)
+
+
+# -- DCT-scaled decoding (DecodeScaling) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def scaled_pipeline(pipeline: Pipeline) -> Pipeline:
+    return Pipeline(sessions=pipeline.sessions, scaling=DecodeScaling(enabled=True))
+
+
+def _upscaled_jpeg(data: bytes, long_side: int) -> bytes:
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im).convert("RGB")
+        factor = -(-long_side // max(im.size))
+        big = im.resize((im.width * factor, im.height * factor), Image.BICUBIC)
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _twin(face: Face, faces: list[Face]) -> Face:
+    return min(faces, key=lambda f: float(np.abs(f.bbox - face.bbox).sum()))
+
+
+def test_scaled_decode_keeps_faces_and_verdicts_on_the_shared_photos(
+        pipeline: Pipeline, scaled_pipeline: Pipeline, analysed, faces_dir: Path) -> None:
+    """Same faces, same quality verdicts, boxes in full-size pixels, templates close.
+
+    The floor is the full decode's own noise here: dropping one row and column of these
+    photos moves its templates down to cosine 0.93 (the detector's letterbox samples a
+    2000-px photo without a low-pass filter); the scaled decode stays above 0.95.
+    """
+    reduced, cosines = 0, []
+    for file, full_faces in analysed.items():
+        data = (faces_dir / file).read_bytes()
+        photo = scaled_pipeline.decode_scaled(data)
+        assert photo.shape == pipeline.decode(data).shape
+        if photo.reduced.reduction == 1:
+            continue
+        reduced += 1
+        faces = scaled_pipeline.analyse(photo)
+        assert len(faces) == len(full_faces), file
+        for face in full_faces:
+            twin = _twin(face, faces)
+            assert np.abs(twin.bbox - face.bbox).max() < 0.1 * (face.bbox[2] - face.bbox[0])
+            assert twin.quality.reasons == face.quality.reasons, file
+            assert twin.quality.inter_eye_px == pytest.approx(face.quality.inter_eye_px,
+                                                              rel=0.05)
+            cosines.append(float(twin.template @ face.template))
+    assert reduced >= 6  # the shared photos with a long side >= 1280
+    assert min(cosines) >= 0.95 and np.median(cosines) >= 0.98, cosines
+
+
+@pytest.mark.parametrize("file", ["obama_small.jpg", "kit_harington_1.jpg", "biden_2.jpg",
+                                  "group_two_people.jpg"])
+def test_scaled_decode_matches_the_full_decode_on_large_photos(
+        pipeline: Pipeline, scaled_pipeline: Pipeline, faces_dir: Path, file: str) -> None:
+    """Real photos enlarged to phone-camera size, where DCT scaling is meant to act."""
+    data = _upscaled_jpeg((faces_dir / file).read_bytes(), 2400)
+    photo = scaled_pipeline.decode_scaled(data)
+    assert photo.reduced.reduction >= 2
+    full_faces = pipeline.analyse_bytes(data)
+    faces = scaled_pipeline.analyse(photo)
+    assert len(faces) == len(full_faces) >= 1
+    for face in full_faces:
+        assert float(_twin(face, faces).template @ face.template) >= 0.99
+
+
+def test_small_faces_get_a_finer_decode(scaled_pipeline: Pipeline, faces_dir: Path) -> None:
+    """group_obama_biden.jpg's faces have < 2 full-size pixels per template pixel: they are
+    warped from a full-size decode, made after detection on the half-size one."""
+    data = (faces_dir / "group_obama_biden.jpg").read_bytes()
+    photo = scaled_pipeline.decode_scaled(data)
+    assert photo.reduced.reduction == 2
+    timings = StageTimings()
+    assert len(scaled_pipeline.analyse(photo, timings)) == 3
+    assert "decode" in timings.ms
+
+
+def test_decode_scaling_is_part_of_the_score_settings(pipeline: Pipeline,
+                                                      scaled_pipeline: Pipeline) -> None:
+    off = Pipeline(sessions=pipeline.sessions, scaling=DecodeScaling(enabled=False))
+    assert off.settings_hash() == pipeline.settings_hash()  # the default: full decodes
+    assert scaled_pipeline.settings_hash() != pipeline.settings_hash()
+    assert scaled_pipeline.score_settings()["decode_scaling"]["min_crop_resolution"] == 2.0
+    with pytest.raises(ValueError):
+        DecodeScaling(min_crop_resolution=0.5)

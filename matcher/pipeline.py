@@ -95,12 +95,13 @@ class DecodeScaling:
     default; LFW's 250x250 photos never are).
 
     Off by default, from ``python -m benchmarks --only pipeline`` (decode_scaling_*): on
-    phone-sized photos with large faces (lfw-dev enlarged to 1500x1500) it halves decode CPU
-    (9.2 -> 4.2 ms) with every template within cosine 0.999 of the full decode's; but on the
-    shared photos 6 of the 8 large JPEGs hold a face of under 4 full-size pixels per
-    template pixel (under 2 at half size), which needs the second decode, so decoding costs
-    more (9.3 -> 11.6 ms: DCT scaling saves the IDCT and colour conversion, not the entropy
-    decoding), and templates move down to cosine 0.956 (median 0.988): within the full
+    phone-sized photos with large faces (60 lfw-dev photos enlarged to 1500x1500) it halves
+    decode CPU (9.7 -> 4.5 ms), templates at median cosine 0.999 to the full decode's, min
+    0.992 (2 of 75 faces under 0.995; a 1-px shift of the full decode alone gives 0.985);
+    but on the shared photos 6 of the 8 large JPEGs hold a face of under 4 full-size pixels
+    per template pixel (under 2 at half size), which needs the second decode, so decoding
+    costs more (9.5 -> 11.5 ms: DCT scaling saves the IDCT and colour conversion, not the
+    entropy decoding), and templates move down to cosine 0.956 (median 0.988): within the full
     decode's own movement when the photo is shifted by one pixel (0.932), not within 0.995
     (the detector's letterbox samples a large photo without a low-pass filter, so its
     landmarks move with any change of the pixels). Turn it on for booking photos from

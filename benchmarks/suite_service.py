@@ -29,6 +29,7 @@ Environment: MATCHER_BENCH_SERVICE_SECONDS (seconds per point), MATCHER_BENCH_SE
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -193,10 +194,17 @@ def _start_large_gallery(stack: contextlib.ExitStack, report: Report, root: Path
         info = client.gallery_info()
         report.param(large_gallery_templates=int(info.templates),
                      large_gallery_index=info.index_kind)
-        correct = sum(client.identify(p).traveller_id == who
-                      for p, who in zip(probes, identities))
-    report.check(f"large gallery ({n} templates): every probe identified",
+        answers = [client.identify(p) for p in probes]
+    # Rank-1 is what the index must get right; whether top-1 clears the 1:N threshold at
+    # this size is the operating point's business (docs/operating-points.md).
+    correct = sum(bool(a.candidates) and a.candidates[0].traveller_id == who
+                  for a, who in zip(answers, identities))
+    report.check(f"large gallery ({n} templates): every probe ranked first",
                  correct == len(probes), f"{correct}/{len(probes)}")
+    report.figure("large_gallery_match_share",
+                  sum(a.traveller_id == who for a, who in zip(answers, identities))
+                  / len(probes), "share",
+                  note="MATCH decisions at the service's 1:N threshold for this size")
     return functools.partial(_lanes_over_grpc, address, probes), vectors, ids
 
 
@@ -272,9 +280,18 @@ def _paced(report: Report, contenders: dict[str, Callable], default: str, lanes:
         for q in (50, 95, 99):
             report.figure(f"{prefix}_lanes{lanes}_p{q}_ms", r.percentile(q), "ms",
                           summary=q != 95)
-        report.check(f"paced {name} lanes={lanes}: no failed request", r.failed == 0,
-                     str(dict(r.errors)))
+        report.check(f"paced {name} lanes={lanes}: no request failed but by shedding",
+                     _unshed(r.errors) == 0, str(dict(r.errors)))
     return out
+
+
+# A busy machine may make the service shed load or miss a deadline; that is the designed
+# answer (benchmarks report it), not a failure. Anything else is.
+SHEDDING = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED")
+
+
+def _unshed(errors) -> int:
+    return sum(v for k, v in errors.items() if k not in SHEDDING)
 
 
 def _plot(report: Report, runs: dict[str, dict[int, list]], lane_counts,
@@ -358,11 +375,16 @@ def run(report: Report, quick: bool) -> None:
             failed = sum(r.failed for r in rs)
             answered = sum(r.answered for r in rs)
             matched = sum(r.decisions.get("MATCH", 0) for r in rs)
-            report.check(f"{name} lanes={lanes}: no failed request", failed == 0,
-                         f"{failed} failed of {answered + failed}")
-            if name != "FaceAnalysis+FAISS":  # checked once, above, outside the timed runs
+            errors = functools.reduce(lambda a, b: a + b.errors, rs, collections.Counter())
+            report.check(f"{name} lanes={lanes}: no request failed but by shedding",
+                         _unshed(errors) == 0, f"{failed} failed of {answered + failed}: "
+                         f"{dict(errors)}")
+            if name == default.name:  # the small gallery: every probe is a MATCH there
                 report.check(f"{name} lanes={lanes}: every probe matched",
                              matched == answered > 0, f"{matched}/{answered}")
+            else:
+                report.figure(f"{prefix}_lanes{lanes}_match_share",
+                              matched / max(answered, 1), "share")
     top = max(lane_counts)
     for lanes in lane_counts:
         # Like for like: the same templates, the same probes, the same rounds.

@@ -65,12 +65,14 @@ def test_tiny_downscaled_face_is_rejected_as_too_small(pipeline: Pipeline, faces
     assert not tiny.quality.accepted
 
 
-def test_half_profile_stranger_is_rejected_as_head_turned(pipeline: Pipeline,
-                                                          faces_dir: Path) -> None:
+def test_half_profile_stranger_reads_turned_but_is_searched(pipeline: Pipeline,
+                                                             faces_dir: Path) -> None:
+    """Turned 40..60 degrees: matched as well as frontal faces on lfw-dev, so accepted."""
     faces = pipeline.analyse_bytes((faces_dir / "group_obama_biden.jpg").read_bytes())
-    turned = [f for f in faces if "head_turned" in f.quality.reasons]
-    assert len(turned) == 1 and abs(turned[0].quality.yaw_deg) > DEFAULT_POLICY.max_abs_yaw_deg
-    assert sum(f.quality.accepted for f in faces) == 2
+    yaws = sorted(abs(f.quality.yaw_deg) for f in faces)
+    assert len(faces) == 3 and yaws[0] < 20 and yaws[1] < 20
+    assert 40 < yaws[2] < DEFAULT_POLICY.max_abs_yaw_deg
+    assert all(f.quality.accepted for f in faces)
 
 
 # -- the measures themselves, on constructed landmarks and crops ------------------------
@@ -133,6 +135,9 @@ def test_each_failure_has_its_reason() -> None:
     assert "low_detector_score" in _assess(det_score=0.55).reasons
     assert "blurred" in _assess(crop_grey=np.full((112, 112), 90.0)).reasons
     assert "head_tilted_sideways" in _assess(kps=_rotate(ARCFACE_TEMPLATE * 2 + 100, 50)).reasons
+    profile = ARCFACE_TEMPLATE * 2 + 100
+    profile[2, 0] = profile[1, 0]  # nose tip under the far eye: a profile
+    assert "head_turned" in _assess(kps=profile).reasons
     kps = ARCFACE_TEMPLATE * 2 + 100
     kps[3:, 1] = 479.5 + 10  # mouth below the bottom edge
     q = _assess(kps=kps, bbox=np.array([90.0, 110.0, 260.0, 500.0]))

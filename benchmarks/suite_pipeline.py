@@ -28,6 +28,7 @@ from matcher.models import session_options
 from matcher.pipeline import (DecodeScaling, DetectorConfig, Pipeline, StageTimings,
                               largest_face)
 
+from . import _int8
 from ._faces import FaceAnalysisPeer, Photo, lfw_dir, load_photos, pair_scores
 from .harness import Report
 
@@ -68,6 +69,7 @@ def run(report: Report, quick: bool) -> None:
                                  rounds)
         stages = _stages(report, photos, ours, ours_640, peer, 1 if quick else 3)
         _decode_scaling(report, photos, workers_pipe, lfw_photos=20 if quick else 60)
+        _int8.run(report, [p.data for p in photos], rounds)  # the int8 embedder variant
     finally:
         peer.close()
         peer_tuned.close()

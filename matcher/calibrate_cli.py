@@ -123,6 +123,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--detector-sha256")
     p.add_argument("--embedder")
     p.add_argument("--embedder-sha256")
+    from .service_cli import add_precision_option
+
+    add_precision_option(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = subparsers.add_parser("thresholds", help="print the thresholds the service uses")

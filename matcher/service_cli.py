@@ -18,16 +18,28 @@ log = logging.getLogger(__name__)
 # -- serving -----------------------------------------------------------------------------
 
 def _model_pack(args: argparse.Namespace):
-    from .models import ModelPack
+    from .models import ModelPack, default_pack
 
     given = [args.detector, args.detector_sha256, args.embedder, args.embedder_sha256]
+    precision = getattr(args, "embedder_precision", None)
     if not any(given):
-        return None
+        return default_pack(precision) if precision else None
+    if precision:
+        raise SystemExit("--embedder-precision chooses a packaged embedder; a custom "
+                         "--embedder is used as given")
     if not all(given):
         raise SystemExit("a custom model pack needs --detector, --detector-sha256, "
                          "--embedder and --embedder-sha256")
     return ModelPack.from_paths(args.detector, args.detector_sha256, args.embedder,
                                 args.embedder_sha256)
+
+
+def add_precision_option(p: argparse.ArgumentParser) -> None:
+    from .models import PRECISIONS
+
+    p.add_argument("--embedder-precision", choices=sorted(PRECISIONS), default=None,
+                   help="packaged embedder: fp32 (default) or its int8 variant, which has "
+                        "a model id and score model of its own (docs/operating-points.md)")
 
 
 def _server_config(args: argparse.Namespace, demo: bool) -> ServerConfig:
@@ -114,6 +126,7 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--detector-sha256", help="pinned sha256 of --detector")
     p.add_argument("--embedder", help="ArcFace-family 112x112 ONNX embedder")
     p.add_argument("--embedder-sha256", help="pinned sha256 of --embedder")
+    add_precision_option(p)
     p.add_argument("--score-model", type=Path,
                    help="score model from 'matcher calibrate' (default: the shipped one)")
 

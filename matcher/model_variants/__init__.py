@@ -1,0 +1,1 @@
+"""Embedder variants derived from the packaged models (see README.md here)."""

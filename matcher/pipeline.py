@@ -100,8 +100,9 @@ class DecodeScaling:
     0.992 (2 of 75 faces under 0.995; a 1-px shift of the full decode alone gives 0.985),
     and ``calibrate`` over all 6373 of them enlarged so finds the same operating points
     (FMR 1e-5: threshold 0.3462 vs 0.3455, FNMR 1.50% vs 1.50%; 1e-6: 8.97% vs 8.90%) in
-    309 s instead of 525 s; but on the shared photos 6 of the 8 large JPEGs hold a face of under 4 full-size pixels
-    per template pixel (under 2 at half size), which needs the second decode, so decoding
+    309 s instead of 525 s; but on the shared photos 6 of the 8 large JPEGs hold a face of
+    under 4 full-size pixels per template pixel (under 2 at half size), which needs the
+    second decode, so decoding
     costs more (9.5 -> 11.5 ms: DCT scaling saves the IDCT and colour conversion, not the
     entropy decoding), and templates move down to cosine 0.956 (median 0.988): within the full
     decode's own movement when the photo is shifted by one pixel (0.932), not within 0.995

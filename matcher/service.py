@@ -244,7 +244,9 @@ class MatcherServicer(pb_grpc.MatcherServicer):
     async def _match(self, engine: MatchEngine, call: _Call, deadline: float | None
                      ) -> pb.MatchResponse:
         started = time.perf_counter()
-        if call.rpc == "Verify":
+        if call.rpc == "Verify" or (call.rpc == "Clear" and call.traveller_id):
+            # Before any work, and whatever the photo holds: the id goes into the audit
+            # record even when no decision is made (no face, low quality).
             check_traveller_id(call.traveller_id)
         analysis, _ = await self._analysis(engine, call.probe, deadline)
         resp = pb.MatchResponse(request_id=call.request_id, model_id=engine.model_id,

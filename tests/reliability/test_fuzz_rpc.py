@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import matcher.decode  # noqa: F401  (registers pillow-heif: the HEIC images are made here)
 from matcher.v1 import matcher_pb2 as pb
 
 from _server import ServerProcess
@@ -368,3 +369,18 @@ def test_f5_refused_large_images_do_not_accumulate(server, images):
     growth = server.rss_kib() - before
     # Before the fix each call kept ~60 MB: 12 calls would add ~700 MB.
     assert growth < 128 * 1024, f"RSS grew {growth / 1024:.0f} MiB over 12 refused images"
+
+
+@pytest.mark.parametrize("claimed", ["c" * 300, "T-FUZZ-1\nforged"])
+def test_f8_long_or_unprintable_claimed_id_in_clear_is_refused_not_internal(server, claimed):
+    """Finding F8 (fixed): Clear did not check claimed_traveller_id as Verify checks
+    traveller_id. With a photo holding no usable face (no decision is made, so nothing
+    looked the claim up), a claim longer than the audit log takes (256 characters) reached
+    the audit write and was answered INTERNAL. Found by the 100,000-case soak."""
+    no_face = _encode(Image.new("RGB", (160, 160), (128, 128, 128)), "PNG")
+    with server.client() as client:
+        for probe in (pb.Probe(image=no_face), _unit_template_probe()):
+            code, details, _ = _call(client, "Clear", pb.ClearRequest(
+                probe=probe, claimed_traveller_id=claimed))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details[:200])
+            assert len(details) <= MAX_DETAILS_CHARS

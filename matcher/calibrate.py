@@ -363,6 +363,7 @@ def drop_identity_pairs(pairs: PairScores, drop: list[dict]) -> PairScores:
 TAIL_FMR = 1e-4          # the GPD is fitted to the top 1e-4 of impostor pairs ...
 MIN_EXCEEDANCES = 200    # ... or to the top 200 pairs where the set is small
 BOOTSTRAP = 200
+MIN_RESOLVED_PAIRS = 3   # the empirical bound is used down to 3 expected pairs above it
 CONFIDENCE = 0.95
 # The empirical tail resolves rates down to about one identity pair in all; the fitted
 # tail is trusted one decade beyond that and no further.
@@ -419,16 +420,26 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
         cum = np.concatenate([[0.0], np.cumsum(w)])
         return cum[cut] / max(cum[-1], 1e-12)
 
-    replicates, curves = [], []
+    # Rates the data resolves on its own: down to a few expected pairs above the threshold.
+    resolved = np.geomspace(tail_fmr, MIN_RESOLVED_PAIRS / total, 40)
+    replicates, curves, empirical_thresholds = [], [], []
     for _ in range(bootstrap):
         w = rng.multinomial(m, np.full(m, 1.0 / m)).astype(np.float64)
+        pair_weight = w[ta] * w[tb]
+        total_b = _impostor_total(w, photos)
         try:
-            replicates.append(_tail_fit(tail_desc, w[ta] * w[tb],
-                                        _impostor_total(w, photos), tail_fmr))
+            replicates.append(_tail_fit(tail_desc, pair_weight, total_b, tail_fmr))
         except InvalidInput:
             continue  # a resample with too few high pairs: skip rather than bias
         curves.append(fnmr_curve(w))
+        cum = np.cumsum(pair_weight)
+        at = np.minimum(np.searchsorted(cum, resolved * total_b), len(tail_desc) - 1)
+        empirical_thresholds.append(tail_desc[at])
     curves = np.asarray(curves)
+    # A few look-alike people with many photos each make clusters of high pairs that a
+    # smooth tail can miss; where the data resolves a rate, its own bound counts too.
+    empirical_upper = np.column_stack(
+        [resolved, np.quantile(np.asarray(empirical_thresholds), confidence, axis=0)])
     lo, hi = np.quantile(curves, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     genuine = np.column_stack([grid, fnmr_curve(np.ones(m)), lo, hi])
 
@@ -448,7 +459,9 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
         "pairs": f"every pair of usable photos, at most {MAX_PHOTOS_PER_PERSON} per person",
         "tail": f"GPD (Zhang-Stephens) fitted to the top {tail_fmr:.3g} of impostor pairs",
         "bootstrap": f"{len(replicates)} resamples of identities (seed {seed})",
-        "threshold": f"the {confidence:.0%} upper bound over the resamples",
+        "threshold": f"the {confidence:.0%} upper bound over the resamples, of the "
+                     "fitted tail and, where the data resolves the rate (>= "
+                     f"{MIN_RESOLVED_PAIRS} pairs), of the empirical tail: the larger",
         "fmr_floor": f"1 / (impostor identity pairs x 10^{EXTRAPOLATION_DECADES:g})",
         "one_to_many": "per-comparison FMR = FPIR / N (union bound; holds for dependent "
                        "comparisons)",
@@ -463,7 +476,7 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
         "quantiles": {str(q): round(float(np.quantile(g_sorted, q)), 4)
                       for q in (0.001, 0.01, 0.05, 0.5)}}
     return ScoreModel(model_id, settings_hash, confidence, tail_fmr, point,
-                      np.asarray(replicates), floor, empirical, genuine, doc)
+                      np.asarray(replicates), floor, empirical, genuine, doc, empirical_upper)
 
 
 def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None,

@@ -98,6 +98,10 @@ class ScoreModel:
     empirical: np.ndarray           # (k, 2) (score, FMR): exceedance curve, ascending score
     genuine: np.ndarray             # (g, 4) (score, FNMR, FNMR lo, FNMR hi)
     document: dict = field(repr=False, compare=False, default_factory=dict)
+    # (r, 2) (FMR, threshold): the empirical tail's upper bound where the data resolves
+    # the rate, FMR descending
+    empirical_upper: np.ndarray = field(repr=False, compare=False,
+                                        default_factory=lambda: np.empty((0, 2)))
 
     # -- thresholds ----------------------------------------------------------------
 
@@ -122,7 +126,15 @@ class ScoreModel:
             return float(min(1.0, u + gpd_isf(q, xi, sigma)))
         u, xi, sigma = self.replicates.T
         t = np.minimum(1.0, u + gpd_isf(q, xi, sigma))
-        return float(np.quantile(t, self.confidence))
+        return max(float(np.quantile(t, self.confidence)), self._empirical_upper(fmr))
+
+    def _empirical_upper(self, fmr: float) -> float:
+        """The empirical bound at ``fmr``; below the resolved range, its last value (a
+        stricter rate never gets a lower threshold than a looser one)."""
+        if not len(self.empirical_upper):
+            return -1.0
+        f, t = self.empirical_upper[::-1, 0], self.empirical_upper[::-1, 1]  # FMR ascending
+        return float(np.interp(math.log(fmr), np.log(f), t))
 
     def fmr_at(self, threshold: float) -> float:
         """Point estimate of one comparison's FMR at ``threshold``."""
@@ -137,7 +149,12 @@ class ScoreModel:
         u, xi, sigma = self.replicates.T
         rates = [self.tail_fmr * float(gpd_sf(threshold - a, b, c)) if threshold >= a
                  else self.tail_fmr for a, b, c in zip(u, xi, sigma)]
-        return float(max(self.fmr_at(threshold), np.quantile(rates, self.confidence)))
+        bound = float(np.quantile(rates, self.confidence))
+        if len(self.empirical_upper):
+            f, t = self.empirical_upper[:, 0], self.empirical_upper[:, 1]  # t ascending
+            if threshold <= t[-1]:
+                bound = max(bound, float(np.exp(np.interp(threshold, t, np.log(f)))))
+        return float(max(self.fmr_at(threshold), bound))
 
     def fnmr_at(self, threshold: float) -> tuple[float, float, float]:
         """(FNMR, low, high) of one genuine comparison at ``threshold`` on the data."""
@@ -164,6 +181,7 @@ class ScoreModel:
                               "u": self.tail[0], "xi": self.tail[1], "sigma": self.tail[2],
                               "replicates": np.round(self.replicates, 7).tolist()},
             "impostor_empirical": np.round(self.empirical, 9).tolist(),
+            "impostor_empirical_upper": np.round(self.empirical_upper, 12).tolist(),
             "genuine_fnmr": np.round(self.genuine, 6).tolist(),
         })
         return doc
@@ -179,7 +197,8 @@ class ScoreModel:
                    np.asarray(tail["replicates"], dtype=np.float64),
                    float(doc["fmr_floor"]),
                    np.asarray(doc["impostor_empirical"], dtype=np.float64),
-                   np.asarray(doc["genuine_fnmr"], dtype=np.float64), doc)
+                   np.asarray(doc["genuine_fnmr"], dtype=np.float64), doc,
+                   np.asarray(doc["impostor_empirical_upper"], dtype=np.float64).reshape(-1, 2))
 
     def save(self, path: Path) -> None:
         path = Path(path)

@@ -84,32 +84,15 @@ class DetectorConfig:
 class DecodeScaling:
     """How large JPEGs are decoded: at 1/2, 1/4 or 1/8 of their size (libjpeg DCT scaling).
 
-    The detector gets the largest reduction that keeps the photo at least as large as its
-    biggest pass needs (the long side of ``fallback_max_side``, or of a fixed
-    ``input_size``), so it sees what it would have seen, minus the full-size decode. Each
-    face is then warped to 112x112 from a decode with at least ``min_crop_resolution``
-    source pixels per template pixel along each side: from the same reduced pixels when the
-    face is large enough there, else from a second, finer decode of that photo (full size
-    only where the face needs it). Formats other than JPEG always decode at full size, and
-    so does any JPEG whose long side is under twice the detector's biggest pass (1280 px by
-    default; LFW's 250x250 photos never are).
+    The detector gets the largest reduction that still covers its biggest pass; each face
+    is warped from pixels with at least ``min_crop_resolution`` source pixels per template
+    pixel, decoding that photo again, finer, only where a face is too small. Other formats
+    and JPEGs under twice the detector's biggest pass always decode at full size.
 
-    Off by default, from ``python -m benchmarks --only pipeline`` (decode_scaling_*): on
-    phone-sized photos with large faces (60 lfw-dev photos enlarged to 1500x1500) it halves
-    decode CPU (9.7 -> 4.5 ms), templates at median cosine 0.999 to the full decode's, min
-    0.992 (2 of 75 faces under 0.995; a 1-px shift of the full decode alone gives 0.985),
-    and ``calibrate`` over all 6373 of them enlarged so finds the same operating points
-    (FMR 1e-5: threshold 0.3462 vs 0.3455, FNMR 1.50% vs 1.50%; 1e-6: 8.97% vs 8.90%) in
-    309 s instead of 525 s; but on the shared photos 6 of the 8 large JPEGs hold a face of
-    under 4 full-size pixels per template pixel (under 2 at half size), which needs the
-    second decode, so decoding
-    costs more (9.5 -> 11.5 ms: DCT scaling saves the IDCT and colour conversion, not the
-    entropy decoding), and templates move down to cosine 0.956 (median 0.988): within the full
-    decode's own movement when the photo is shifted by one pixel (0.932), not within 0.995
-    (the detector's letterbox samples a large photo without a low-pass filter, so its
-    landmarks move with any change of the pixels). Turn it on for booking photos from
-    phones (overnight enrolment), with a score model made with it: it is part of
-    ``Pipeline.score_settings`` when on.
+    Off by default: it halves decode CPU on phone photos with large faces, but costs more
+    on photos with small faces and moves templates (docs/perf/overhead.md, the pipeline
+    suite's decode_scaling_* figures). When on it is part of ``score_settings``, so it
+    needs a score model made with it.
     """
 
     enabled: bool = False

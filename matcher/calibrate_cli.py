@@ -119,13 +119,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache", type=Path, help="reuse/keep the embedded photos in this folder")
     p.add_argument("--workers", type=int, default=2, help="photos analysed at once")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per call")
-    p.add_argument("--detector")
-    p.add_argument("--detector-sha256")
-    p.add_argument("--embedder")
-    p.add_argument("--embedder-sha256")
-    from .service_cli import add_precision_option
+    from .service_cli import add_model_pack_options
 
-    add_precision_option(p)
+    add_model_pack_options(p)  # the pack to calibrate, as 'matcher serve' takes it
     p.set_defaults(func=cmd_calibrate)
 
     p = subparsers.add_parser("thresholds", help="print the thresholds the service uses")

@@ -34,6 +34,16 @@ def _model_pack(args: argparse.Namespace):
                                 args.embedder_sha256)
 
 
+def add_model_pack_options(p: argparse.ArgumentParser) -> None:
+    """The model pack: the packaged one (fp32 or int8 embedder) or one given by path."""
+    p.add_argument("--detector", help="SCRFD-family ONNX file (5 keypoints) instead of the "
+                                      "packaged one")
+    p.add_argument("--detector-sha256", help="pinned sha256 of --detector")
+    p.add_argument("--embedder", help="ArcFace-family 112x112 ONNX embedder")
+    p.add_argument("--embedder-sha256", help="pinned sha256 of --embedder")
+    add_precision_option(p)
+
+
 def add_precision_option(p: argparse.ArgumentParser) -> None:
     from .models import PRECISIONS
 
@@ -121,12 +131,7 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="model batches in flight at once (threads)")
     p.add_argument("--threads", type=int, default=ServerConfig.ort_threads,
                    help="ONNX Runtime intra-op threads per model call")
-    p.add_argument("--detector", help="SCRFD-family ONNX file (5 keypoints) instead of the "
-                                      "packaged one")
-    p.add_argument("--detector-sha256", help="pinned sha256 of --detector")
-    p.add_argument("--embedder", help="ArcFace-family 112x112 ONNX embedder")
-    p.add_argument("--embedder-sha256", help="pinned sha256 of --embedder")
-    add_precision_option(p)
+    add_model_pack_options(p)
     p.add_argument("--score-model", type=Path,
                    help="score model from 'matcher calibrate' (default: the shipped one)")
 

@@ -69,7 +69,7 @@ def run(report: Report, quick: bool) -> None:
                                  rounds)
         stages = _stages(report, photos, ours, ours_640, peer, 1 if quick else 3)
         _decode_scaling(report, photos, workers_pipe, lfw_photos=20 if quick else 60)
-        _int8.run(report, [p.data for p in photos], rounds)  # the int8 embedder variant
+        _int8.run(report, [p.data for p in photos], rounds)  # the int8 embedder, if built
     finally:
         peer.close()
         peer_tuned.close()

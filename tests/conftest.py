@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 FACES_DIR = REPO / "tests" / "data" / "faces"
 
 
-def shared_faces_dir() -> Path:
+def faces_dir_path() -> Path:
     """tests/data/faces, or $MATCHER_FACES_DIR to run the same tests on another copy."""
     override = os.environ.get("MATCHER_FACES_DIR")
     return Path(override) if override else FACES_DIR
@@ -22,7 +22,7 @@ def shared_faces_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def faces_dir() -> Path:
-    path = shared_faces_dir()
+    path = faces_dir_path()
     if not (path / "labels.csv").exists():
         pytest.fail(f"face photos not found at {path} (labels.csv missing); "
                     "unset MATCHER_FACES_DIR to use tests/data/faces")

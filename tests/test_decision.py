@@ -32,7 +32,7 @@ def test_served_pipeline_still_matches_the_shipped_score_model(pipeline, shipped
     re-derive the shipped score model: 'matcher calibrate' (docs/operating-points.md)."""
     assert shipped.settings_hash == pipeline.settings_hash(), (
         "the served pipeline's settings no longer match the shipped score model: run "
-        "'matcher calibrate --labels ../shared/data/lfw-dev --out matcher/score_models/"
+        "'matcher calibrate --labels LFW_DEV_DIR --out matcher/score_models/"
         "scrfd500m-mbf-w600k_9cc6e4a75f0e.json'")
     check_settings(shipped, pipeline.settings_hash(), pipeline.model_id)
 

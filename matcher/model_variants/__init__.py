@@ -1,1 +1,0 @@
-"""Embedder variants derived from the packaged models (see README.md here)."""

@@ -129,7 +129,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--table", action="store_true",
                    help="a markdown table over FMR targets and gallery sizes")
     p.add_argument("--gallery-size", type=int, default=1,
-                   help="travellers searched by 1:N (default 1)")
+                   help="comparisons of one 1:N search: templates in the gallery (default 1)")
     p.add_argument("--fmr", type=float, help="1:1 target FMR (default: the service's)")
     p.add_argument("--fpir", type=float, help="1:N target FPIR (default: the service's)")
     p.add_argument("--score-model", type=Path,

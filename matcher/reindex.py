@@ -19,7 +19,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import importlib.util
-import ipaddress
 import logging
 import math
 import os
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .auth import is_loopback
 from .errors import (CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError,
                      UnknownTraveller)
 from .gallery import STORE_FILE, Gallery, GalleryConfig
@@ -394,15 +394,6 @@ def ray_host_port(address: str) -> tuple[str, int] | None:
     return host.strip("[]"), int(port)
 
 
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _keep_ray_on_loopback() -> None:
     """Make Ray keep 127.0.0.1 where we give it, for a Ray wholly on this host."""
     if os.environ.get(RAY_LOOPBACK_ENV) == "0":
@@ -438,7 +429,7 @@ def start_ray(config: ReindexConfig) -> bool:
         os.environ.setdefault(key, value)
     _check_ray_installed()
     target = ray_host_port(config.ray_address) if config.ray_address else None
-    if not config.ray_address or (target is not None and is_loopback_host(target[0])):
+    if not config.ray_address or (target is not None and is_loopback(target[0])):
         # Ray wholly on this host (a private instance, or a cluster whose nodes were
         # started on 127.0.0.1): everything it sends then stays on loopback.
         _keep_ray_on_loopback()

@@ -7,16 +7,17 @@ from pathlib import Path
 import numpy as np
 
 from matcher.calibrate import LOW_QUALITY, Embedded, capped_rows, pair_scores_for, score_pairs
-from matcher.decision import (DecisionPolicy, decide_identification, load_score_model,
-                              operating_point_1to1, operating_point_1toN)
-from matcher.index import Candidate
-from matcher.pipeline import DetectorConfig, Pipeline
-from matcher.scoremodel import ScoreModel
+from matcher.face.models import default_pack
+from matcher.face.pipeline import DetectorConfig, Pipeline
+from matcher.gallery.decision import (DecisionPolicy, decide_identification, operating_point_1to1,
+                                      operating_point_1toN)
+from matcher.gallery.scoremodel import ScoreModel, load_score_model
+from matcher.templates import Candidate
 
 from . import _openset as ops
 from ._lfw import (Verification, det_band, embedded_lfw, genuine_rows, identity_weights,
-                   merge_label_noise, pair_templates_scores, read_pairs, rows_of,
-                   ten_fold_accuracy, with_ci)
+                   merge_label_noise, pair_templates_scores, read_pairs, rows_of, ten_fold_accuracy,
+                   with_ci)
 from .harness import Report
 
 FPIRS = (0.01, 0.003, 0.001)
@@ -62,7 +63,7 @@ def lfw_accuracy(report: Report, folder: Path, quick: bool) -> dict:
 
 
 def _load(report: Report, folder: Path, quick: bool) -> Lfw:
-    model = load_score_model()
+    model = load_score_model(default_pack().model_id)
     pipeline = Pipeline(threads=1)
     # the shipped thresholds describe the templates of one pipeline setting; measured on
     # another they prove nothing (the service would refuse to start with them)
@@ -248,7 +249,7 @@ def _open_set(report: Report, lfw: Lfw) -> OpenSet:
 
 
 def _check_margin_rule(report: Report, r: ops.Ranked, n: int = 300) -> None:
-    """The vectorised rule must decide as matcher.decision.decide_identification does."""
+    """The vectorised rule must decide as matcher.gallery.decision.decide_identification does."""
     t, margin = float(np.median(r.top1[:n])), 0.05
     ours = ops.matches(r, t, margin)[:n]
     theirs = np.array([decide_identification(

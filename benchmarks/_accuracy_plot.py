@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from matcher.scoremodel import gpd_sf
+from matcher.gallery.scoremodel import gpd_sf
 
 
 def plot_lfw(axes, lfw: dict) -> None:

@@ -77,7 +77,7 @@ class FaceAnalysisPeer:
     def __init__(self, det_size: tuple[int, int] = (640, 640), sess_options=None) -> None:
         from insightface.app import FaceAnalysis
 
-        from matcher.models import DETECTOR_FILE, EMBEDDER_FILE, vectron_model_dir
+        from matcher.face.models import DETECTOR_FILE, EMBEDDER_FILE, vectron_model_dir
 
         self._tmp = tempfile.TemporaryDirectory(prefix="insightface_root_")
         pack = Path(self._tmp.name) / "models" / "buffalo_s"

@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from matcher.models import default_pack
-from matcher.pipeline import Pipeline
+from matcher.face.models import default_pack
+from matcher.face.pipeline import Pipeline
 
 from .harness import Report
 
@@ -65,7 +65,7 @@ def measure(datas: list[bytes], rounds: int) -> dict:
 
 def run(report: Report, datas: list[bytes], rounds: int) -> dict:
     """Record the int8 row of the pipeline suite (one line and nothing else if unbuilt)."""
-    from matcher.models import EMBEDDER_INT8_FILE, VARIANT_DIR
+    from matcher.face.models import EMBEDDER_INT8_FILE, VARIANT_DIR
 
     if not (VARIANT_DIR / EMBEDDER_INT8_FILE).exists():
         print(f"int8 embedder not built at {VARIANT_DIR}: skipping the int8 row "

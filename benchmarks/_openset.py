@@ -106,7 +106,7 @@ def rank(scores: np.ndarray, people: np.ndarray, probe_person: np.ndarray) -> Ra
 
 
 def matches(r: Ranked, threshold: float, margin: float) -> np.ndarray:
-    """matcher.decision.decide_identification for every probe: MATCH or not (bool)."""
+    """matcher.gallery.decision.decide_identification for every probe: MATCH or not (bool)."""
     return (r.top1 >= threshold) & (r.top1 - r.top2 >= margin)
 
 

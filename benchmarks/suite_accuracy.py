@@ -19,9 +19,9 @@ from statistics import NormalDist
 
 import numpy as np
 
-from matcher.pipeline import Pipeline, largest_face
+from matcher.face.pipeline import Pipeline, largest_face
 
-from ._faces import load_photos, lfw_dir, pair_scores
+from ._faces import lfw_dir, load_photos, pair_scores
 from .harness import Report
 
 GENUINE_FLOOR = 0.50
@@ -98,20 +98,21 @@ def _eer(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
 def _operating_points(model_id: str, impostor: np.ndarray) -> list[tuple[str, float, str]]:
     """(name, threshold, where it comes from) for 1:1 and 1:N at several gallery sizes."""
     try:
-        from matcher.decision import (DecisionPolicy, operating_point_1to1,
-                                      operating_point_1toN, score_model_for)
+        from matcher.gallery.decision import (DecisionPolicy, operating_point_1to1,
+                                              operating_point_1toN)
+        from matcher.gallery.scoremodel import load_score_model
     except ImportError:  # the decision module is not there: report the empirical points
         return [("empirical_fmr_0", float(impostor.max()) + 1e-6,
                  "just above the highest impostor score (no decision.py)")]
     policy = DecisionPolicy()
-    model = score_model_for(model_id)
+    model = load_score_model(model_id)
     point = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold)
     points = [(f"1:1_fmr_{policy.fmr_1to1:g}", point.threshold,
-               f"matcher.decision, FMR {policy.fmr_1to1:g}, floor {policy.min_threshold}")]
+               f"matcher.gallery.decision, FMR {policy.fmr_1to1:g}, floor {policy.min_threshold}")]
     for n in GALLERY_SIZES:
         p = operating_point_1toN(model, policy.fpir_1toN, n, policy.min_threshold)
         points.append((f"1:N_fpir_{policy.fpir_1toN:g}_n{n}", p.threshold,
-                       f"matcher.decision, FPIR {policy.fpir_1toN:g} over {n} travellers "
+                       f"matcher.gallery.decision, FPIR {policy.fpir_1toN:g} over {n} travellers "
                        f"(FMR {p.comparison_fmr:.2g} per comparison)"))
     return points
 

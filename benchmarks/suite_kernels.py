@@ -14,9 +14,9 @@ import numpy as np
 
 from matcher import _native, _reference
 from matcher import pipeline as pipeline_module
-from matcher.alignment import alignment_transforms
-from matcher.pipeline import (ANCHORS_PER_CELL, DET_INV_STD, DET_MEAN, EMB_INV_STD, EMB_MEAN,
-                              STRIDES, DetectorConfig, Pipeline, letterbox_geometry)
+from matcher.face.alignment import alignment_transforms
+from matcher.face.pipeline import (ANCHORS_PER_CELL, DET_INV_STD, DET_MEAN, EMB_INV_STD, EMB_MEAN,
+                                   STRIDES, DetectorConfig, Pipeline, letterbox_geometry)
 
 from ._faces import faces_dir
 from .harness import Report, measure

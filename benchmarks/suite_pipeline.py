@@ -22,11 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from matcher.batching import BatchConfig, MicroBatcher
-from matcher.decode import decode_image
-from matcher.models import session_options
-from matcher.pipeline import (DecodeScaling, DetectorConfig, Pipeline, StageTimings,
-                              largest_face)
+from matcher.face.decode import decode_image
+from matcher.face.models import session_options
+from matcher.face.pipeline import (DecodeScaling, DetectorConfig, Pipeline, StageTimings,
+                                   largest_face)
+from matcher.service.batching import BatchConfig, MicroBatcher
 
 from . import _int8
 from ._faces import FaceAnalysisPeer, Photo, lfw_dir, load_photos, pair_scores
@@ -37,7 +37,7 @@ SWEEP_SIDES = (256, 320, 416, 512, 640)
 PARITY_FLOOR = 0.999
 MICRO_BATCH = 4   # images per analyse_many call, as the service's micro-batcher hands them
 WORKERS = 2       # the two-worker layout: one per core, single-threaded ORT in each
-# The headline mode is the service's layout (matcher.server defaults): an asyncio event loop
+# The headline mode is the service's layout (matcher.service.server defaults): an asyncio event loop
 # submitting every photo at once to a MicroBatcher of BatchConfig() (2 workers, batches of
 # up to 4, taken greedily), each worker decoding its batch and running analyse_many on
 # single-threaded ORT sessions, exactly as MatchEngine._run_batch does. The others are for

@@ -33,12 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
-from matcher.gallery import STORE_FILE
-from matcher.models import default_pack
-from matcher.pipeline import Pipeline
-from matcher.reindex import (ReindexConfig, embed_on_ray, face_verdict, hash_photos,
-                             run_reindex, start_ray)
-from matcher.store import Enrolment, Store
+from matcher.face.models import default_pack
+from matcher.face.pipeline import Pipeline
+from matcher.gallery.store import Enrolment, Store
+from matcher.reindex.job import (ReindexConfig, embed_on_ray, face_verdict, hash_photos,
+                                 run_reindex, start_ray)
 
 from ._faces import faces_dir
 from .harness import Report

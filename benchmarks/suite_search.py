@@ -4,7 +4,7 @@ The gallery is synthetic but shaped like real face templates: identity centres a
 unit vectors in 512-d (so impostor cosine is ~N(0, 0.044)), and each template is
 normalise(centre + s * u) with u a random unit vector and s^2 ~ U[0.1, 1.0], which puts
 genuine cosine between about 0.5 and 0.9 (the real model: genuine >= 0.52, impostor <= 0.14).
-Two templates per identity; every search goes through matcher.index.SearchIndex, the code
+Two templates per identity; every search goes through matcher.gallery.index.SearchIndex, the code
 the service runs (filtering and per-traveller merge included).
 
 quick: 20k templates. full: 100k and 1M (MATCHER_BENCH_SEARCH_SIZES=100000,1000000 to
@@ -21,7 +21,7 @@ import time
 import faiss
 import numpy as np
 
-from matcher.index import BuiltIndex, IndexConfig, SearchIndex, rescore
+from matcher.gallery.index import BuiltIndex, IndexConfig, SearchIndex, rescore
 
 from .harness import Report, measure
 

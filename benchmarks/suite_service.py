@@ -165,9 +165,9 @@ def _start_large_gallery(stack: contextlib.ExitStack, report: Report, root: Path
     """``size`` synthetic templates + the 6 real people, built through the index API,
     published as a snapshot and served by a read replica with ``layout``."""
     from matcher.client import MatcherClient
-    from matcher.index import IndexConfig, SearchIndex
-    from matcher.pipeline import Pipeline, largest_face
-    from matcher.snapshot import write_snapshot
+    from matcher.face.pipeline import Pipeline, largest_face
+    from matcher.gallery.index import IndexConfig, SearchIndex
+    from matcher.gallery.snapshot import write_snapshot
 
     pipeline = Pipeline(threads=2)
     real = np.stack([largest_face(pipeline.analyse_bytes(enrol[i])).template for i in enrol])
@@ -213,7 +213,7 @@ def _start_baseline(stack: contextlib.ExitStack, report: Report, vectors: np.nda
     """FaceAnalysis + FAISS flat search, called from ``lanes`` threads with no RPC."""
     import faiss
 
-    from matcher.decode import decode_image
+    from matcher.face.decode import decode_image
 
     peer = FaceAnalysisPeer()
     stack.callback(peer.close)
@@ -324,8 +324,8 @@ def _plot(report: Report, runs: dict[str, dict[int, list]], lane_counts,
 
 
 def run(report: Report, quick: bool) -> None:
-    from matcher.batching import BatchConfig
-    from matcher.server import ServerConfig
+    from matcher.service.batching import BatchConfig
+    from matcher.service.server import ServerConfig
 
     seconds = float(os.environ.get("MATCHER_BENCH_SERVICE_SECONDS", 1.5 if quick else 6.0))
     size = int(os.environ.get("MATCHER_BENCH_SERVICE_SIZE", 20_000 if quick else 1_000_000))

@@ -3,7 +3,7 @@
 ``matcher calibrate`` runs the pipeline exactly as served over a folder with a
 ``labels.csv`` (file, identity), scores every genuine and impostor pair with blocked
 matrix products and fits the score model that decision.py turns into thresholds
-(matcher/scoremodel.py says how).
+(matcher/gallery/scoremodel.py says how).
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InvalidInput, MatcherError
-from .models import EMBEDDING_DIM
-from .pipeline import Face, Pipeline
-from .scoremodel import gpd_fit
+from .face.pipeline import Face, Pipeline
+from .gallery.scoremodel import gpd_fit
+from .templates import EMBEDDING_DIM
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +393,8 @@ def _tail_fit(tail_desc: np.ndarray, pair_weight: np.ndarray, total: float,
 def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
                     bootstrap: int = BOOTSTRAP, confidence: float = CONFIDENCE,
                     seed: int = 0, document: dict | None = None):
-    """Fit a ScoreModel (see matcher/scoremodel.py) to scored pairs."""
-    from .scoremodel import ScoreModel
+    """Fit a ScoreModel (see matcher/gallery/scoremodel.py) to scored pairs."""
+    from .gallery.scoremodel import ScoreModel
 
     photos = pairs.photos_per_identity.astype(np.float64)
     m = len(photos)

@@ -23,12 +23,11 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .auth import channel_credentials
+from .transport import SERVICE, channel_credentials
 from .v1 import matcher_pb2 as pb
 from .v1 import matcher_pb2_grpc as pb_grpc
 
 DEFAULT_TIMEOUT_S = 5.0
-SERVICE = "matcher.v1.Matcher"
 _READS = ("Identify", "Verify", "Clear", "GetTraveller", "GetGalleryInfo")
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
@@ -40,7 +39,7 @@ SERVICE_CONFIG = {
         },
     }],
 }
-# Matches the server's keepalive enforcement (matcher.server): pings every 20 s are
+# Matches the server's keepalive enforcement (matcher.service.server): pings every 20 s are
 # welcome, also on an idle LaneStream; a dead server is noticed within ~30 s.
 CHANNEL_OPTIONS: tuple[tuple[str, object], ...] = (
     ("grpc.service_config", json.dumps(SERVICE_CONFIG)),

@@ -49,6 +49,10 @@ class StoreDamaged(GalleryError):
     message names the file and how to recover. Raised at start-up: never served from."""
 
 
+class AuthConfigError(MatcherError):
+    """The token file, certificates or listen address do not make a safe configuration."""
+
+
 class StorageUnavailable(MatcherError):
     """A file the service must write cannot be written now (I/O error, a lock held by
     another process); nothing was written, a retry later may succeed."""

@@ -20,8 +20,8 @@ GENERATED = ("matcher_pb2.py", "matcher_pb2.pyi", "matcher_pb2_grpc.py")
 
 def generate(out: Path) -> list[Path]:
     """Run protoc (from grpcio-tools) on PROTOS into ``out``; returns the files written."""
-    from grpc_tools import protoc  # build-time only: not a runtime dependency
     import grpc_tools
+    from grpc_tools import protoc  # build-time only: not a runtime dependency
 
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     out.mkdir(parents=True, exist_ok=True)

@@ -28,15 +28,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from quantize_embedder import calibration_identities  # noqa: E402
+
 from benchmarks import _int8  # noqa: E402
 from benchmarks._faces import load_photos  # noqa: E402
 from benchmarks._lfw import (identity_weights, pair_templates_scores, read_pairs,  # noqa: E402
                              rows_of, ten_fold_accuracy, with_ci)
 from matcher.calibrate import Embedded, embed_folder, read_labels  # noqa: E402
-from matcher.models import default_pack  # noqa: E402
-from matcher.pipeline import Pipeline  # noqa: E402
-from matcher.scoremodel import ScoreModel  # noqa: E402
-from quantize_embedder import calibration_identities  # noqa: E402
+from matcher.face.models import default_pack  # noqa: E402
+from matcher.face.pipeline import Pipeline  # noqa: E402
+from matcher.gallery.scoremodel import ScoreModel  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "matcher"
 FMR = 1e-5

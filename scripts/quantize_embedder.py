@@ -1,18 +1,18 @@
-"""Make the static int8 embedder (into matcher.models.VARIANT_DIR) from the packaged fp32 one.
+"""Make the static int8 embedder (into matcher.face.models.VARIANT_DIR) from the packaged fp32 one.
 
     python scripts/quantize_embedder.py --lfw ../shared/data/lfw-dev \
         [--out ~/.cache/matcher/models/w600k_mbf_int8.onnx]
 
 Steps, each chosen by measurement (the report of issue 13 has the figures):
 
-1. The fp32 graph as matcher.models finds it (sha256-checked), batch made symbolic.
+1. The fp32 graph as matcher.face.models finds it (sha256-checked), batch made symbolic.
 2. PRelu rewritten as ``Relu(x) + slope * Min(x, 0)``: the same function, but ONNX
    Runtime's PRelu kernel broadcasts a (C, 1, 1) slope element by element and took ~45 %
    of the fp32 run time; Relu/Min/Mul/Add take the vectorised paths and Relu fuses into
    QLinearConv.
 3. Activation ranges calibrated on aligned 112x112 crops of lfw-dev people who have one
    photo and appear in no pair of pairs.txt (``calibration_identities``); the accuracy
-   comparison leaves those people out. The crops are made by matcher.pipeline (the served
+   comparison leaves those people out. The crops are made by matcher.face.pipeline (the served
    detector and alignment) and kept in memory only.
 4. Static quantisation, QOperator format, per-channel int8 weights and uint8 activations
    (U8S8, the operand types of VNNI's vpdpbusd), min/max ranges as a moving average over
@@ -40,13 +40,13 @@ from onnx import helper, numpy_helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from matcher.models import (EMBEDDER_INT8_FILE, VARIANT_DIR, _with_dynamic_batch,  # noqa: E402
-                            default_pack)
-from matcher.pipeline import Pipeline  # noqa: E402
+from matcher.face.models import (EMBEDDER_INT8_FILE, VARIANT_DIR, _with_dynamic_batch,  # noqa: E402
+                                 default_pack)
+from matcher.face.pipeline import Pipeline  # noqa: E402
 
 log = logging.getLogger("quantize_embedder")
 
-DEFAULT_OUT = VARIANT_DIR / EMBEDDER_INT8_FILE  # where matcher.models looks for it
+DEFAULT_OUT = VARIANT_DIR / EMBEDDER_INT8_FILE  # where matcher.face.models looks for it
 CALIBRATION_PEOPLE = 400
 SEED = 0
 
@@ -186,8 +186,7 @@ class Crops:
 
 def quantize(model: onnx.ModelProto, blobs: np.ndarray, out: Path, *, fmt: str,
              exclude: list[str], method: str) -> None:
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     with tempfile.TemporaryDirectory() as tmp:

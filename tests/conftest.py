@@ -43,6 +43,6 @@ def single_face_files(face_labels) -> list[str]:
 
 @pytest.fixture(scope="session")
 def pipeline():
-    from matcher.pipeline import Pipeline
+    from matcher.face.pipeline import Pipeline
 
     return Pipeline()

@@ -7,7 +7,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from matcher.server import RunningServer, ServerConfig, start_server
+from matcher.service.server import RunningServer, ServerConfig, start_server
 from matcher.v1 import matcher_pb2 as pb
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from matcher.audit import GENESIS_HASH, AuditError, AuditLog, read_records, verify_chain
 from matcher.cli import main as cli_main
+from matcher.service.audit import GENESIS_HASH, AuditError, AuditLog, read_records, verify_chain
 
 
 def _decision(log: AuditLog, i: int) -> dict:
@@ -80,7 +80,7 @@ def test_tampering_with_one_field_is_detected(tmp_path):
 
 
 def test_tampering_with_rehash_breaks_the_next_link(tmp_path):
-    from matcher.audit import record_hash
+    from matcher.service.audit import record_hash
 
     path = tmp_path / "audit.jsonl"
     _write_log(path, 6)

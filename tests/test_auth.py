@@ -10,13 +10,13 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from matcher.auth import ROLES, AuthConfigError, TokenBook, check_exposure
-from matcher.client import MatcherClient
-from matcher.server import ServerConfig
-from matcher.v1 import matcher_pb2 as pb
-
 from service_helpers import CALLS, ServerThread, server_config
+
+from matcher.client import MatcherClient
+from matcher.errors import AuthConfigError
+from matcher.service.auth import ROLES, TokenBook, check_exposure
+from matcher.service.server import ServerConfig
+from matcher.v1 import matcher_pb2 as pb
 
 TOKENS = {"lane": "lane-token-0123456789abcdef", "enroller": "enroller-token-0123456789ab",
           "admin": "admin-token-0123456789abcdef"}
@@ -187,7 +187,7 @@ def test_exposure_rules(caplog):
     with pytest.raises(AuthConfigError, match="without tokens"):
         check_exposure("10.1.2.3:50051", tls=True, tokens=None)
     check_exposure("10.1.2.3:50051", tls=True, tokens=book)
-    with caplog.at_level(logging.WARNING, logger="matcher.auth"):
+    with caplog.at_level(logging.WARNING, logger="matcher.service.auth"):
         check_exposure("127.0.0.1:50051", tls=False, tokens=None)
     assert "INSECURE" in caplog.text and "loopback" in caplog.text
     with pytest.raises(AuthConfigError):

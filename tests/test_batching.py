@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from matcher.batching import BatchConfig, BatchContractError, MicroBatcher
 from matcher.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
+from matcher.service.batching import BatchConfig, BatchContractError, MicroBatcher
 
 
 class Recorder:
@@ -224,8 +224,8 @@ def test_config_rejects_nonsense():
 def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeline,
                                                                            faces_dir, tmp_path):
     """The real batch function: templates from a batch equal the unbatched pipeline's."""
-    from matcher.engine import ImageJob, MatchEngine
-    from matcher.gallery import Gallery
+    from matcher.gallery.primary import Gallery
+    from matcher.service.engine import ImageJob, MatchEngine
 
     files = ["obama_1.jpg", "biden_2.jpg", "kit_harington_1.jpg", "rose_leslie_1.jpg",
              "alex_lacamoire_1.jpg", "group_two_people.jpg"]
@@ -259,8 +259,8 @@ def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeli
 def test_concurrent_searches_share_one_gallery_call_and_keep_their_own_k(pipeline,
                                                                         faces_dir, tmp_path):
     """The search batcher: one identify_many per batch, each answer cut to its own k."""
-    from matcher.engine import MatchEngine
-    from matcher.gallery import Gallery
+    from matcher.gallery.primary import Gallery
+    from matcher.service.engine import MatchEngine
 
     gallery = Gallery.open(tmp_path, pipeline.model_id)
     files = ["obama_1.jpg", "biden_2.jpg", "kit_harington_1.jpg", "rose_leslie_1.jpg"]

@@ -11,10 +11,9 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from matcher.calibrate import (LOW_QUALITY, OK, calibrate, embed_folder, fit_score_model,
-                               score_pairs)
+from matcher.calibrate import LOW_QUALITY, OK, calibrate, embed_folder, fit_score_model, score_pairs
 from matcher.errors import InvalidInput
-from matcher.scoremodel import gpd_fit, gpd_isf
+from matcher.gallery.scoremodel import gpd_fit, gpd_isf
 
 
 def population(n_ids: int, photos: int, seed: int, dim: int = 512):
@@ -101,9 +100,11 @@ def test_thresholds_command_prints_what_the_service_uses():
                           "--gallery-size", "30000"], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     doc = json.loads(out)
-    from matcher.decision import DecisionPolicy, load_score_model, operating_point_1toN
+    from matcher.face.models import default_pack
+    from matcher.gallery.decision import DecisionPolicy, operating_point_1toN
+    from matcher.gallery.scoremodel import load_score_model
 
-    model = load_score_model()
+    model = load_score_model(default_pack().model_id)
     policy = DecisionPolicy()
     assert doc["model_id"] == model.model_id
     assert doc["one_to_one"]["fmr"] == policy.fmr_1to1
@@ -125,11 +126,13 @@ def test_server_refuses_a_score_model_of_other_pipeline_settings(pipeline, tmp_p
 
     from service_helpers import ServerThread
 
-    from matcher.decision import load_score_model
     from matcher.errors import GalleryError
-    from matcher.server import ServerConfig
+    from matcher.face.models import default_pack
+    from matcher.gallery.scoremodel import load_score_model
+    from matcher.service.server import ServerConfig
 
-    stale = dataclasses.replace(load_score_model(), settings_hash="0123456789abcdef")
+    stale = dataclasses.replace(load_score_model(default_pack().model_id),
+                                settings_hash="0123456789abcdef")
     path = tmp_path / "stale.json"
     stale.save(path)
     config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data",
@@ -150,11 +153,13 @@ def test_identify_beyond_the_supported_gallery_size_says_so(pipeline, tmp_path):
     from synthetic import unit
 
     from matcher.client import MatcherClient, make_probe
-    from matcher.decision import DecisionPolicy, load_score_model
-    from matcher.server import ServerConfig
+    from matcher.face.models import default_pack
+    from matcher.gallery.decision import DecisionPolicy
+    from matcher.gallery.scoremodel import load_score_model
+    from matcher.service.server import ServerConfig
     from matcher.v1 import matcher_pb2 as pb
 
-    model = load_score_model()
+    model = load_score_model(default_pack().model_id)
     fpir = 40 * model.fmr_floor          # a strict target, so the limit is a few dozen
     n_max = model.max_gallery_size(fpir)
     templates = unit(np.random.default_rng(5).standard_normal((n_max + 1, 512)))

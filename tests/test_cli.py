@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matcher.pipeline import Pipeline, largest_face
+from matcher.face.pipeline import Pipeline, largest_face
 
 REPO = Path(__file__).resolve().parents[1]
 

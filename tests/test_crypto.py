@@ -9,8 +9,8 @@ import sqlite3
 import numpy as np
 import pytest
 
-from matcher.crypto import (ENV_KEY, ENV_KEY_FILE, KeyConfigError, Keyring, TemplateCipher,
-                            TemplateDecryptError, codec_from_env, generate_key, parse_key)
+from matcher.gallery.codecs import (ENV_KEY, ENV_KEY_FILE, KeyConfigError, Keyring, TemplateCipher,
+                                    TemplateDecryptError, codec_from_env, generate_key, parse_key)
 
 CTX_A = b"T-0001\x00" + b"a" * 64
 CTX_B = b"T-0002\x00" + b"b" * 64
@@ -147,7 +147,7 @@ def test_env_single_key_and_ambiguous_config(tmp_path):
 
 
 def test_store_with_cipher_keeps_templates_encrypted_and_bound_to_their_row(tmp_path):
-    from matcher.store import Store
+    from matcher.gallery.store import Store
 
     cipher, _ = _cipher("k1")
     db = tmp_path / "gallery.sqlite"

@@ -6,25 +6,25 @@ import json
 
 import pytest
 
-from matcher.decision import (DecisionPolicy, Outcome, Reason, decide_identification,
-                              load_score_model, operating_point_1to1, operating_point_1toN,
-                              per_comparison_fmr, score_model_for)
 from matcher.errors import GalleryError, InvalidInput
-from matcher.index import Candidate
-from matcher.models import default_pack
-from matcher.scoremodel import ScoreModel, check_settings
+from matcher.face.models import default_pack
+from matcher.gallery.decision import (DecisionPolicy, Outcome, Reason, decide_identification,
+                                      operating_point_1to1, operating_point_1toN,
+                                      per_comparison_fmr)
+from matcher.gallery.scoremodel import ScoreModel, check_settings, load_score_model
+from matcher.templates import Candidate
 
 
 @pytest.fixture(scope="module")
 def shipped() -> ScoreModel:
-    return score_model_for(default_pack().model_id)
+    return load_score_model(default_pack().model_id)
 
 
 def test_the_default_model_ships_a_score_model(shipped):
     assert shipped.model_id == default_pack().model_id
     assert shipped.document["source"]["identities"] > 1000  # made from thousands of people
     with pytest.raises(GalleryError, match="no score model ships"):
-        score_model_for("unknown@0")
+        load_score_model("unknown@0")
 
 
 def test_served_pipeline_still_matches_the_shipped_score_model(pipeline, shipped):
@@ -76,17 +76,17 @@ def test_floor_applies_to_loose_targets(shipped):
 def test_score_model_file_round_trips(tmp_path, shipped):
     path = tmp_path / "model.json"
     shipped.save(path)
-    again = load_score_model(path)
+    again = ScoreModel.load(path)
     for f in (1e-3, 1e-5, 1e-7):
         assert again.threshold_at_fmr(f) == pytest.approx(shipped.threshold_at_fmr(f))
     doc = json.loads(path.read_text())
     doc["format"] = 99
     path.write_text(json.dumps(doc))
     with pytest.raises(GalleryError, match="format"):
-        load_score_model(path)
+        ScoreModel.load(path)
     path.write_text("{not json")
     with pytest.raises(GalleryError, match="cannot read score model"):
-        load_score_model(path)
+        ScoreModel.load(path)
 
 
 def C(tid, s):
@@ -117,8 +117,8 @@ def test_a_traveller_with_more_photos_is_held_to_a_stricter_threshold(tmp_path):
     import numpy as np
     from synthetic import sha, unit
 
-    from matcher.decision import Decider
-    from matcher.gallery import Gallery
+    from matcher.gallery.decision import Decider
+    from matcher.gallery.primary import Gallery
 
     model_id = default_pack().model_id
     rng = np.random.default_rng(0)

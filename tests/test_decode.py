@@ -21,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from matcher.decode import (DEFAULT_LIMITS, DecodeLimits, decode_image, decode_reduced,
-                            sniff_format)
 from matcher.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, UnsupportedImage
+from matcher.face.decode import (DEFAULT_LIMITS, DecodeLimits, decode_image, decode_reduced,
+                                 sniff_format)
 
 
 def _gradient(h: int = 96, w: int = 128) -> np.ndarray:
@@ -360,7 +360,7 @@ import io, resource, struct, sys
 sys.path.insert(0, sys.argv[1])
 from test_decode import _as_bytes, _gradient, _webp_canvas, _with_ispe
 from PIL import Image
-from matcher.decode import decode_image
+from matcher.face.decode import decode_image
 from matcher.errors import ImageTooLarge
 small = {f: _as_bytes(f, Image.fromarray(_gradient(64, 64))) for f in ("WEBP", "AVIF", "HEIF")}
 bombs = {"WEBP": _webp_canvas(30000, 30000, small["WEBP"]),

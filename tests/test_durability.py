@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matcher.gallery import Gallery
+from matcher.gallery.primary import Gallery
 
 MODEL = "test-model@000000000000"
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = textwrap.dedent("""
     import hashlib, sys
     import numpy as np
-    from matcher.gallery import Gallery
+    from matcher.gallery.primary import Gallery
     data_dir, prefix = sys.argv[1], sys.argv[2]
     g = Gallery.open(data_dir, "%s")
     rng = np.random.default_rng(abs(hash(prefix)) %% 2**32)

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from matcher.errors import StoreDamaged
-from matcher.gallery import SNAPSHOT_DIR, STORE_FILE, Gallery
-from matcher.gallery_cli import add_parser
-from matcher.store import MIGRATIONS, SCHEMA_VERSION, Store
 from synthetic import MODEL, NOW, WINDOW, sha, unit
+
+from matcher.cli.gallery import add_parser
+from matcher.errors import StoreDamaged
+from matcher.gallery.primary import STORE_FILE, Gallery
+from matcher.gallery.schema import MIGRATIONS, SCHEMA_VERSION
+from matcher.gallery.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def test_a_damaged_snapshot_is_not_served_and_the_log_names_it(tmp_path, caplog)
     raw = bytearray(positions.read_bytes())
     raw[-1] ^= 1
     positions.write_bytes(bytes(raw))
-    with caplog.at_level(logging.ERROR, logger="matcher.gallery"):
+    with caplog.at_level(logging.ERROR, logger="matcher.gallery.primary"):
         with Gallery.open(data, MODEL) as g:
             assert _top(g, x[1][None]) == "T1"  # built from the store instead
     text = caplog.text
@@ -178,7 +179,7 @@ def test_matcher_serve_refuses_a_damaged_store_or_audit_log_in_one_clear_line(tm
     data = tmp_path / "g"
     _gallery(data, _templates(30, seed=6))
     audit = data / "audit.log"
-    from matcher.audit import AuditLog
+    from matcher.service.audit import AuditLog
 
     with AuditLog(audit) as log:
         for i in range(3):

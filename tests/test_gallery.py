@@ -5,12 +5,11 @@ import threading
 
 import numpy as np
 import pytest
+from synthetic import MODEL, NOW, WINDOW, sha, unit
 
 from matcher.errors import GalleryError, InvalidInput, UnknownTraveller
-from matcher.gallery import Gallery, GalleryConfig
-from matcher.index import IndexConfig
-
-from synthetic import MODEL, NOW, WINDOW, sha, unit
+from matcher.gallery.index import IndexConfig
+from matcher.gallery.primary import Gallery, GalleryConfig
 
 
 def test_background_rebuild_folds_the_delta_into_the_index(tmp_path):

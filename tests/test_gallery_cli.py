@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from matcher.gallery import Gallery
-from matcher.gallery_cli import add_parser
+from matcher.cli.gallery import add_parser
+from matcher.gallery.primary import Gallery
 
 MODEL = "test-model@000000000000"
 

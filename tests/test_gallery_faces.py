@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matcher.decision import Decider, Outcome, Reason
-from matcher.gallery import Gallery
+from matcher.gallery.decision import Decider, Outcome, Reason
+from matcher.gallery.primary import Gallery
 
 NOW = 1_800_000_000.0
 WINDOW = (NOW - 3600, NOW + 8 * 3600)

@@ -8,13 +8,12 @@ import time
 
 import numpy as np
 import pytest
-
-from matcher.audit import read_records
-from matcher.client import MatcherClient
-from matcher.gallery import Gallery
-from matcher.lane import run_lanes
-
 from service_helpers import ServerThread, enrolment_plan, server_config
+
+from matcher.client import MatcherClient
+from matcher.gallery.primary import Gallery
+from matcher.lane import run_lanes
+from matcher.service.audit import read_records
 
 pytestmark = pytest.mark.slow
 
@@ -126,7 +125,7 @@ def test_a_corrupt_snapshot_is_refused_and_the_old_gallery_keeps_serving(tmp_pat
         index_file = bad / "index.faiss"
         index_file.write_bytes(index_file.read_bytes()[:-10] + b"x" * 10)
         refusals = _Refusals(bad.name)
-        watcher_log = logging.getLogger("matcher.replica")
+        watcher_log = logging.getLogger("matcher.gallery.replica")
         watcher_log.addHandler(refusals)
         try:
             bad.rename(data_dir / "snapshots" / bad.name)

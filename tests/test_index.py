@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from synthetic import NOW, unit
 
 from matcher.errors import InvalidInput
-from matcher.index import BuiltIndex, IndexConfig, SearchIndex, rescore
-
-from synthetic import NOW, unit
+from matcher.gallery.index import BuiltIndex, IndexConfig, SearchIndex, rescore
 
 
 def clusters(n_ids: int, per_id: int, seed: int, noise: float = 1.0):
@@ -141,7 +140,7 @@ def test_built_index_keeps_its_vectors_alive():
 
 
 def test_binary_codes_shard_the_scan_without_changing_results():
-    from matcher.index import BinaryCodes
+    from matcher.gallery.index import BinaryCodes
 
     rng = np.random.default_rng(4)
     proj = BinaryCodes.projection_for(512, 1)
@@ -156,7 +155,7 @@ def test_binary_codes_shard_the_scan_without_changing_results():
 
 
 def test_hamming_distance_tracks_the_angle():
-    from matcher.index import BinaryCodes
+    from matcher.gallery.index import BinaryCodes
 
     rng = np.random.default_rng(5)
     proj = BinaryCodes.projection_for(512, 1)

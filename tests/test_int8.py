@@ -8,16 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matcher.decision import score_model_for
 from matcher.errors import ModelIntegrityError
-from matcher.models import (EMBEDDER_INT8_FILE, EMBEDDER_INT8_SHA256, EMBEDDER_SHA256,
-                            VARIANT_DIR, ModelFile, ModelPack, default_pack, load_sessions)
-from matcher.pipeline import Pipeline
-from matcher.scoremodel import check_settings
+from matcher.face.models import (EMBEDDER_INT8_FILE, EMBEDDER_INT8_SHA256, EMBEDDER_SHA256,
+                                 VARIANT_DIR, ModelFile, ModelPack, default_pack, load_sessions)
+from matcher.face.pipeline import Pipeline
+from matcher.gallery.scoremodel import check_settings, load_score_model
 
 
 def test_an_unbuilt_int8_embedder_is_refused_with_the_build_step(monkeypatch, tmp_path):
-    monkeypatch.setattr("matcher.models.VARIANT_DIR", tmp_path)
+    monkeypatch.setattr("matcher.face.models.VARIANT_DIR", tmp_path)
     with pytest.raises(ModelIntegrityError, match="quantize_embedder"):
         default_pack("int8")
 
@@ -81,7 +80,7 @@ def test_templates_agree_with_fp32_on_the_shared_photos(int8, pipeline, faces_di
 def test_served_int8_pipeline_matches_its_shipped_score_model(int8):
     """Re-derive with 'matcher calibrate --embedder-precision int8 --labels
     LFW_DEV_DIR --out matcher/score_models/<model_id with _ for @>.json'."""
-    shipped = score_model_for(int8.model_id)
+    shipped = load_score_model(int8.model_id)
     assert shipped.model_id == int8.model_id
     assert shipped.settings_hash == int8.settings_hash(), (
         "the int8 pipeline's settings no longer match its shipped score model")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from matcher.manifest import (ManifestError, load_manifest, parse_instant, photo_path,
-                              read_rows)
-from matcher.store import MAX_TEMPLATES_PER_TRAVELLER
+from matcher.reindex.manifest import (ManifestError, load_manifest, parse_instant, photo_path,
+                                      read_rows)
+from matcher.templates import MAX_TEMPLATES_PER_TRAVELLER
 
 NOW = datetime(2026, 11, 25, 22, 0, tzinfo=timezone.utc).timestamp()
 
@@ -93,9 +93,10 @@ def test_too_many_photos_and_expired_bookings(tmp_path: Path) -> None:
 
 
 def test_parquet_manifest_with_typed_columns(tmp_path: Path) -> None:
+    from datetime import date
+
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from datetime import date
 
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({

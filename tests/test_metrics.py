@@ -6,7 +6,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from matcher.metrics import MAX_RPC_NAMES, OTHER_RPC, STAGES, Metrics, start_metrics_server
+from matcher.service.metrics import MAX_RPC_NAMES, OTHER_RPC, STAGES, Metrics, start_metrics_server
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matcher.models import DETECTOR_FILE, EMBEDDER_FILE, vectron_model_dir
-from matcher.pipeline import DetectorConfig, Pipeline
+from matcher.face.models import DETECTOR_FILE, EMBEDDER_FILE, vectron_model_dir
+from matcher.face.pipeline import DetectorConfig, Pipeline
 
 PARITY_FLOOR = 0.999
 REFERENCE_SIZE = (640, 640)

@@ -26,12 +26,11 @@ from PIL import Image, ImageFilter
 from service_helpers import ServerThread, server_config
 
 from matcher.client import MatcherClient
-
-from matcher.gallery import SNAPSHOT_DIR, STORE_FILE, Gallery
-from matcher.models import default_pack
-from matcher.reindex import (OUTCOMES_FILE, SUMMARY_FILE, PhotoEmbedder, ReindexConfig,
-                             embed_inline, run_reindex)
-from matcher.snapshot import list_snapshots, verify_snapshot
+from matcher.face.models import default_pack
+from matcher.gallery.primary import SNAPSHOT_DIR, STORE_FILE, Gallery
+from matcher.gallery.snapshot import list_snapshots, verify_snapshot
+from matcher.reindex.job import (OUTCOMES_FILE, SUMMARY_FILE, PhotoEmbedder, ReindexConfig,
+                                 embed_inline, run_reindex)
 from matcher.v1 import matcher_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -368,7 +367,7 @@ def test_photo_embedder_refuses_bad_photos_with_reasons(faces_dir: Path, tmp_pat
 def test_a_job_that_cannot_run_fails_before_writing_anything(faces_dir: Path, tmp_path: Path,
                                                              monkeypatch) -> None:
     from matcher.errors import MatcherError
-    from matcher.manifest import ManifestError
+    from matcher.reindex.manifest import ManifestError
 
     good = _write_manifest(tmp_path / "ok.csv", _good_rows(
         faces_dir, (time.time(), time.time() + DAY), {"KZ-KIT": GOOD["KZ-KIT"]}))
@@ -384,7 +383,7 @@ def test_a_job_that_cannot_run_fails_before_writing_anything(faces_dir: Path, tm
 
 def test_two_runs_on_one_data_dir_do_not_overlap(faces_dir: Path, tmp_path: Path) -> None:
     from matcher.errors import MatcherError
-    from matcher.reindex import JobLock
+    from matcher.reindex.job import JobLock
 
     manifest = _write_manifest(tmp_path / "ok.csv", _good_rows(
         faces_dir, (time.time(), time.time() + DAY), {"KZ-KIT": GOOD["KZ-KIT"]}))
@@ -401,7 +400,7 @@ def test_two_runs_on_one_data_dir_do_not_overlap(faces_dir: Path, tmp_path: Path
 POWER_CUT = """
 import os, sys
 from pathlib import Path
-from matcher.reindex import ReindexConfig, embed_inline, run_reindex
+from matcher.reindex.job import ReindexConfig, embed_inline, run_reindex
 
 config = ReindexConfig(Path(sys.argv[1]), Path(sys.argv[2]), use_ray=False, progress=False,
                        batch_size=1, store_batch_travellers=2, store_batch_ms=1e9)

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from matcher.gallery import STORE_FILE
-from matcher.models import default_pack
-from matcher.reindex import SUMMARY_FILE, PhotoEmbedder
-from matcher.snapshot import verify_snapshot
-from matcher.store import Store
+from matcher.face.models import default_pack
+from matcher.gallery.primary import STORE_FILE
+from matcher.gallery.snapshot import verify_snapshot
+from matcher.gallery.store import Store
+from matcher.reindex.job import SUMMARY_FILE, PhotoEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).with_name("loopback_ray_cluster.py")
@@ -292,7 +292,7 @@ def test_an_address_nobody_answers_at_fails_at_once(tmp_path: Path, faces_dir: P
 LOCAL_RAY = """
 import json, sys
 from pathlib import Path
-from matcher.reindex import ReindexConfig, start_ray
+from matcher.reindex.job import ReindexConfig, start_ray
 start_ray(ReindexConfig(Path("unused.csv"), Path("unused"), num_cpus=1))
 import ray
 ray.get(ray.remote(lambda: None).remote())  # a worker process up as well

@@ -6,14 +6,13 @@ import threading
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-
-from matcher.client import MatcherClient
-from matcher.lane import run_lanes
-from matcher.models import demo_photo
-from matcher.v1 import matcher_pb2 as pb
-
 from service_helpers import ServerThread, enrolment_plan, server_config
 from test_hot_swap import wait_for
+
+from matcher.client import MatcherClient
+from matcher.face.models import demo_photo
+from matcher.lane import run_lanes
+from matcher.v1 import matcher_pb2 as pb
 
 pytestmark = pytest.mark.slow
 

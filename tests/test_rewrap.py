@@ -11,13 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from matcher.crypto import ENV_KEY, ENV_KEY_FILE, Keyring, TemplateCipher, TemplateDecryptError
-from matcher.errors import GalleryError
-from matcher.gallery import STORE_FILE, Gallery
-from matcher.store import Enrolment, PlainCodec, Store
-
 from synthetic import MODEL, sha
+
+from matcher.errors import GalleryError
+from matcher.gallery.codecs import (ENV_KEY, ENV_KEY_FILE, Keyring, PlainCodec, TemplateCipher,
+                                    TemplateDecryptError)
+from matcher.gallery.primary import STORE_FILE, Gallery
+from matcher.gallery.store import Enrolment, Store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,13 +12,12 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image, ImageFilter
-
-from matcher.audit import read_records, verify_chain
-from matcher.client import MatcherClient, make_probe
-from matcher.models import demo_photo
-from matcher.v1 import matcher_pb2 as pb
-
 from service_helpers import ServerThread, enrolment_plan, read_labels, server_config
+
+from matcher.client import MatcherClient, make_probe
+from matcher.face.models import demo_photo
+from matcher.service.audit import read_records, verify_chain
+from matcher.v1 import matcher_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
@@ -338,7 +337,7 @@ def _identify_request(faces_dir: Path, file: str = "obama_3.jpg") -> pb.Identify
 
 
 def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path, pipeline, faces_dir):
-    from matcher.batching import BatchConfig
+    from matcher.service.batching import BatchConfig
 
     config = server_config(tmp_path, batch=BatchConfig(max_batch=1, max_wait_s=0,
                                                        max_queue=1, workers=1))
@@ -361,8 +360,9 @@ def test_a_full_queue_answers_resource_exhausted_at_once(tmp_path, pipeline, fac
 
 
 def test_graceful_shutdown_finishes_calls_in_flight(tmp_path, pipeline, faces_dir):
-    from matcher.batching import BatchConfig
     from test_hot_swap import wait_for
+
+    from matcher.service.batching import BatchConfig
 
     config = server_config(tmp_path, batch=BatchConfig(max_batch=1, max_wait_s=0,
                                                        max_queue=32, workers=1))

@@ -6,13 +6,12 @@ import threading
 
 import numpy as np
 import pytest
+from synthetic import MODEL, NOW, WINDOW, sha, unit
 
 from matcher.errors import SnapshotError
-from matcher.gallery import Gallery, GalleryConfig
-from matcher.index import IndexConfig
-from matcher.snapshot import list_snapshots, verify_snapshot
-
-from synthetic import MODEL, NOW, WINDOW, sha, unit
+from matcher.gallery.index import IndexConfig
+from matcher.gallery.primary import Gallery, GalleryConfig
+from matcher.gallery.snapshot import list_snapshots, verify_snapshot
 
 
 def filled(path, n=200, kind="flat", seed=0, sq8=False):
@@ -146,8 +145,8 @@ def test_snapshot_newer_than_its_store_is_refused(tmp_path):
         (tmp_path / "g" / f"gallery.sqlite3{suffix}").unlink(missing_ok=True)
     shutil.copy(tmp_path / "backup.sqlite3", tmp_path / "g" / "gallery.sqlite3")
     with pytest.raises(SnapshotError, match="newer than the store"):
-        from matcher.snapshot import read_snapshot
-        from matcher.store import Store
+        from matcher.gallery.snapshot import read_snapshot
+        from matcher.gallery.store import Store
 
         with Store.open(tmp_path / "g" / "gallery.sqlite3", MODEL) as store:
             read_snapshot(newer, MODEL, store.store_id, IndexConfig(), store.gallery_version)

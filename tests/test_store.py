@@ -7,11 +7,12 @@ from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
+from synthetic import MODEL, sha, unit
 
 from matcher.errors import GalleryError, InvalidInput, UnknownTraveller
-from matcher.store import SCHEMA_VERSION, Enrolment, PlainCodec, Store
-
-from synthetic import MODEL, sha, unit
+from matcher.gallery.codecs import PlainCodec
+from matcher.gallery.schema import SCHEMA_VERSION
+from matcher.gallery.store import Enrolment, Store
 
 
 @pytest.fixture

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-
-from matcher.audit import read_records, verify_chain
-from matcher.snapshot import list_snapshots, verify_snapshot
-from matcher.store import Store
-from matcher.v1 import matcher_pb2 as pb
-
 from _server import ServerProcess
+
+from matcher.gallery.snapshot import list_snapshots, verify_snapshot
+from matcher.gallery.store import Store
+from matcher.service.audit import read_records, verify_chain
+from matcher.v1 import matcher_pb2 as pb
 
 WRITERS = 4
 MAX_OPS_PER_WRITER = 5000          # bound on each writer's loop, whatever the timing

@@ -17,14 +17,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from matcher.audit import verify_chain
-from matcher.client import make_probe
-from matcher.gallery import Gallery
-from matcher.models import default_pack
-from matcher.v1 import matcher_pb2 as pb
-
 from _server import ServerProcess, free_port
+
+from matcher.client import make_probe
+from matcher.face.models import default_pack
+from matcher.gallery.primary import Gallery
+from matcher.service.audit import verify_chain
+from matcher.v1 import matcher_pb2 as pb
 
 FAR_FUTURE = 4_102_444_800.0
 

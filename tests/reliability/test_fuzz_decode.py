@@ -1,4 +1,4 @@
-"""Hostile images against matcher.decode.decode_image, structure-aware.
+"""Hostile images against matcher.face.decode.decode_image, structure-aware.
 
 tests/test_decode.py flips raw bytes; here the mutations keep the container valid (PNG chunk
 CRCs recomputed, JPEG markers kept in place, WebP chunks and HEIF/AVIF boxes walked) so the
@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from matcher.decode import DEFAULT_LIMITS, decode_image, sniff_format
 from matcher.errors import ImageTooLarge, InvalidInput, UnsupportedImage
+from matcher.face.decode import DEFAULT_LIMITS, decode_image, sniff_format
 
 # Refusing a bomb means reading a header, not decoding pixels (a 40+ megapixel decode takes
 # seconds). The default run reports the slowest refusal; only --soak holds it to this bound,
@@ -140,7 +140,7 @@ def _fuzz_settings(budget, name: str):
 def test_bases_cover_every_decoder_the_service_accepts(bases, tally):
     """The mutation bases reach every decoder decode_image accepts, stills decode, and the
     animated WebP and AVIF are refused from their header."""
-    from matcher.decode import ACCEPTED_FORMATS
+    from matcher.face.decode import ACCEPTED_FORMATS
 
     assert {_decoder(data) for data in bases.values()} == set(ACCEPTED_FORMATS)
     for name, data in bases.items():

@@ -18,14 +18,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from _server import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import matcher.decode  # noqa: F401  (registers pillow-heif: the HEIC images are made here)
+import matcher.face.decode  # noqa: F401  (registers pillow-heif: the HEIC images are made here)
 from matcher.v1 import matcher_pb2 as pb
-
-from _server import ServerProcess
 
 # RESOURCE_EXHAUSTED is clean too: one EnrollStream of many 16-photo items can fill the
 # model queue by itself (8 items in flight x 16 photos > 64 queue slots), and the contract
@@ -268,8 +267,8 @@ def test_hostile_messages_get_clean_statuses(server, images, budget, tally):
 def test_message_size_limits(server, images, tally):
     """A real photo padded to just under the decoder's byte limit (accepted), just over it
     (refused by the decoder), and over gRPC's message limit (refused before buffering)."""
-    from matcher.decode import DEFAULT_LIMITS
-    from matcher.server import MAX_RECEIVE_BYTES
+    from matcher.face.decode import DEFAULT_LIMITS
+    from matcher.service.server import MAX_RECEIVE_BYTES
 
     cases = {
         DEFAULT_LIMITS.max_bytes - 1024: grpc.StatusCode.OK,   # a real JPEG, zero-padded
@@ -336,7 +335,7 @@ def test_f2_request_id_cannot_forge_log_lines(server):
     with server.client() as client:
         _call(client, "Identify", pb.IdentifyRequest(
             probe=_unit_template_probe(),
-            request_id=f"x\n{marker} INFO matcher.server all travellers cleared"))
+            request_id=f"x\n{marker} INFO matcher.service.server all travellers cleared"))
     assert server.wait_for_output(b"all travellers cleared"), "the request was not logged"
     lines = server.log_path.read_text(errors="replace").splitlines()
     assert not [line for line in lines if line.startswith(marker)]
@@ -353,7 +352,7 @@ def test_f3_error_details_do_not_echo_long_client_strings(server):
 def test_f5_refused_large_images_do_not_accumulate(server, images):
     """A refused image must not stay alive in a reference cycle until a full GC (it did:
     ~60 MB per refused 20 MB call, over 1 GB after ~25 calls)."""
-    from matcher.decode import DEFAULT_LIMITS
+    from matcher.face.decode import DEFAULT_LIMITS
 
     body = images["real"] + b"\x00" * (DEFAULT_LIMITS.max_bytes + 1 - len(images["real"]))
     request = pb.IdentifyRequest(probe=pb.Probe(image=body))

@@ -21,11 +21,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from _server import ServerProcess
 from PIL import Image
 
 from matcher.v1 import matcher_pb2 as pb
-
-from _server import ServerProcess
 
 LANES = 8
 DEADLINE_S = 1.0

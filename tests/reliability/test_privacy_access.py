@@ -23,17 +23,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from matcher.audit import read_records, verify_chain
-from matcher.auth import ROLES
-from matcher.client import MatcherClient
-from matcher.snapshot import list_snapshots
-from matcher.v1 import matcher_pb2 as pb
-
 from _leaks import byte_forms, find_leaks, template_forms
 from _pki import make_pki
 from _server import ServerProcess, free_port
 from service_helpers import CALLS  # one minimal call per RPC, shared with tests/test_auth.py
+
+from matcher.client import MatcherClient
+from matcher.gallery.snapshot import list_snapshots
+from matcher.service.audit import read_records, verify_chain
+from matcher.service.auth import ROLES
+from matcher.v1 import matcher_pb2 as pb
 
 TOKENS = {"lane": "lane-privacy-token-5b1f0c", "enroller": "enroller-privacy-token-9e2d",
           "admin": "admin-privacy-token-41aa07"}
@@ -255,7 +254,7 @@ def test_the_search_finds_each_form_when_it_is_there(run):
 
 def test_f7_server_encrypts_templates_when_a_key_is_configured(tmp_path):
     """Finding F7 (fixed): `matcher serve` stored templates in plain even with a key set."""
-    from matcher.crypto import generate_key
+    from matcher.gallery.codecs import generate_key
 
     server = ServerProcess(tmp_path / "data", tmp_path / "server.log",
                            ["--metrics-listen", "off"], verbose=False,

@@ -1,0 +1,78 @@
+"""``matcher reindex``: the overnight job from the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from ..reindex.job import ReindexConfig, run_reindex
+
+    if not getattr(args, "verbose", False):
+        # One INFO line per enrolled traveller is right for the service, but a night of
+        # millions would bury the progress lines and the summary.
+        for name in ("matcher.gallery.store", "matcher.gallery.primary"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    config = ReindexConfig(
+        manifest=args.manifest, data_dir=args.out, rejects_path=args.rejects,
+        use_ray=not args.no_ray, ray_address=args.ray_address, actors=args.actors,
+        cpus_per_actor=args.cpus_per_actor, memory_per_actor_mb=args.memory_per_actor_mb,
+        ort_threads=args.ort_threads,
+        batch_size=args.batch_size, num_cpus=args.num_cpus,
+        object_store_mb=args.object_store_mb, actor_start_timeout_s=args.actor_start_timeout,
+        progress=not args.no_progress)
+    summary = run_reindex(config)
+    if args.json:
+        print(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
+    else:
+        print("\n".join(summary.lines()))
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "reindex", help="embed a bookings manifest and publish a fresh gallery snapshot",
+        description="Embed every booking photo of a manifest (CSV or Parquet with columns "
+                    "traveller_id, photo, valid_from, valid_to), refuse bad rows into a "
+                    "rejects file, delete travellers no longer booked, and publish a "
+                    "snapshot a running 'matcher serve' on the same data dir swaps in. "
+                    "Reruns skip photos already in the store.")
+    p.add_argument("--manifest", type=Path, required=True, help="bookings .csv or .parquet")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the gallery data dir (store + snapshots), shared with 'matcher serve'")
+    p.add_argument("--rejects", type=Path, default=None,
+                   help="rejects CSV (row, traveller_id, reason); default OUT/rejects.csv")
+    ray = p.add_argument_group("Ray (default: a private local Ray instance)")
+    ray.add_argument("--ray-address", default=None,
+                     help="join this Ray cluster: its head's HOST:PORT as 'ray start "
+                          "--head' printed it (127.0.0.1:PORT for a cluster started on "
+                          "loopback), 'auto' on a cluster node, or 'ray://head:10001'")
+    ray.add_argument("--no-ray", action="store_true",
+                     help="embed in this process instead (no Ray needed)")
+    ray.add_argument("--actors", type=int, default=None,
+                     help="embedder actors (default: cluster CPUs / --cpus-per-actor)")
+    ray.add_argument("--cpus-per-actor", type=float, default=1.0,
+                     help="CPUs Ray reserves per actor")
+    ray.add_argument("--memory-per-actor-mb", type=int, default=None,
+                     help="memory Ray reserves per actor when placing it (default: none)")
+    ray.add_argument("--ort-threads", type=int, default=1,
+                     help="ONNX Runtime threads per actor")
+    ray.add_argument("--batch-size", type=int, default=8, help="photos per actor call")
+    ray.add_argument("--actor-start-timeout", type=float, default=600.0, metavar="SECONDS",
+                     help="fail if the actors are not all up (placed, models loaded) by then")
+    ray.add_argument("--num-cpus", type=int, default=None,
+                     help="CPUs the local Ray instance may use (default: all it detects)")
+    ray.add_argument("--object-store-mb", type=int, default=500,
+                     help="object store size of the local Ray instance")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_reindex)
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience for `python -m`
+    from ..cli import main
+
+    sys.exit(main(["reindex", *sys.argv[1:]]))

@@ -1,0 +1,216 @@
+"""Scores -> decisions: operating points, thresholds, the margin rule, MATCH / NO_MATCH.
+
+A threshold is chosen from a target error rate and the pipeline's score model
+(matcher/gallery/scoremodel.py, made by ``matcher calibrate``), never typed in:
+
+* 1:1 (verify against the claimed traveller): the false-match rate FMR of one comparison;
+  the threshold is the score model's upper confidence bound for that FMR.
+* 1:N (identify among N travellers): the false-positive identification rate FPIR, the chance
+  that someone *not* in the gallery matches anyone. Each comparison must then meet
+  FMR = FPIR / N (the union bound: it holds however the N comparisons depend on each
+  other), so the threshold rises with gallery size. Where FPIR / N lies below what the
+  calibration data supports, the operating point says so (``supported`` False) and every
+  answer made with it carries that fact: the claim-then-search flow (``Clear``), which
+  needs 1:1 only when the claim holds, is the one that stays safe at any N.
+
+Margin rule: a 1:N MATCH also needs top-1 minus top-2 (best score of the next traveller) to
+be at least ``margin``; two travellers scoring alike is NO_MATCH (ambiguous), never a guess.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from ..errors import GalleryError, InvalidInput, UnknownTraveller
+from ..templates import Candidate
+from .scoremodel import ScoreModel, load_score_model
+from .served import ServedGallery
+
+
+class Outcome(str, enum.Enum):
+    MATCH = "MATCH"
+    NO_MATCH = "NO_MATCH"
+
+
+class Reason(str, enum.Enum):
+    ABOVE_THRESHOLD = "above_threshold"
+    BELOW_THRESHOLD = "below_threshold"
+    AMBIGUOUS = "ambiguous"                  # top-1 and top-2 closer than the margin
+    UNKNOWN_TRAVELLER = "unknown_traveller"  # claimed id is not in the gallery
+    OUTSIDE_WINDOW = "outside_window"        # claimed booking not valid now
+    EMPTY_GALLERY = "empty_gallery"          # nobody valid now to compare with
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    mode: str                  # "1:1" or "1:N"
+    target: float              # FMR (1:1) or FPIR (1:N)
+    gallery_size: int | None   # N for 1:N
+    comparison_fmr: float      # FMR each single comparison must meet
+    threshold: float
+    supported: bool = True     # False: comparison_fmr lies beyond the calibration data
+    max_gallery_size: int | None = None  # 1:N: the largest N the data supports
+
+
+def per_comparison_fmr(fpir: float, gallery_size: int) -> float:
+    """FMR per comparison so that N comparisons give at most ``fpir`` (union bound)."""
+    if not 0.0 < fpir < 1.0:
+        raise InvalidInput(f"a false-positive identification rate must be in (0, 1), got {fpir}")
+    return fpir / max(1, gallery_size)
+
+
+def operating_point_1to1(model: ScoreModel, fmr: float, floor: float) -> OperatingPoint:
+    return OperatingPoint("1:1", fmr, None, fmr, max(floor, model.threshold_at_fmr(fmr)),
+                          model.supports_fmr(fmr))
+
+
+def operating_point_1toN(model: ScoreModel, fpir: float, gallery_size: int, floor: float
+                         ) -> OperatingPoint:
+    fmr = per_comparison_fmr(fpir, gallery_size)
+    return OperatingPoint("1:N", fpir, gallery_size, fmr,
+                          max(floor, model.threshold_at_fmr(fmr)), model.supports_fmr(fmr),
+                          model.max_gallery_size(fpir))
+
+
+@dataclass(frozen=True)
+class DecisionPolicy:
+    """Targets, not thresholds: thresholds follow from them, the model and gallery size."""
+
+    fmr_1to1: float = 1e-5
+    fpir_1toN: float = 1e-3
+    margin: float = 0.10
+    min_threshold: float = 0.20
+    fallback_to_search: bool = True  # claim-then-search: try 1:N when the claim fails
+
+    def __post_init__(self) -> None:
+        for name in ("fmr_1to1", "fpir_1toN"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise InvalidInput(f"{name} must be in (0, 1)")
+        if not 0.0 <= self.margin < 1.0:
+            raise InvalidInput("margin must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    reason: Reason
+    mode: str                       # "verify" or "identify": how this answer was reached
+    traveller_id: str | None        # the matched traveller (None for NO_MATCH)
+    score: float | None             # the deciding score (top-1 for identify)
+    threshold: float
+    claimed_traveller_id: str | None = None
+    candidates: tuple[Candidate, ...] = field(default=())
+    fallback_used: bool = False
+    # False when the threshold rests on an FMR beyond the calibration data (see module doc)
+    supported: bool = True
+
+    @property
+    def is_match(self) -> bool:
+        return self.outcome is Outcome.MATCH
+
+
+def decide_identification(candidates: list[Candidate], threshold: float, margin: float
+                          ) -> tuple[Outcome, Reason]:
+    """Top-1 must clear the threshold and lead top-2 by ``margin``."""
+    if not candidates:
+        return Outcome.NO_MATCH, Reason.EMPTY_GALLERY
+    top1 = candidates[0].score
+    if top1 < threshold:
+        return Outcome.NO_MATCH, Reason.BELOW_THRESHOLD
+    if len(candidates) > 1 and top1 - candidates[1].score < margin:
+        return Outcome.NO_MATCH, Reason.AMBIGUOUS
+    return Outcome.MATCH, Reason.ABOVE_THRESHOLD
+
+
+class Decider:
+    """Turns gallery scores into decisions under one policy, for one model."""
+
+    def __init__(self, gallery: ServedGallery, policy: DecisionPolicy | None = None,
+                 score_model: ScoreModel | None = None) -> None:
+        self.gallery = gallery
+        self.policy = policy or DecisionPolicy()
+        self.score_model = score_model or load_score_model(gallery.model_id)
+        if self.score_model.model_id != gallery.model_id:
+            raise GalleryError(f"the score model is for {self.score_model.model_id}, the "
+                               f"gallery holds {gallery.model_id} templates")
+        self.point_1to1 = self.point_1to1_for(1)
+
+    def point_1to1_for(self, templates: int) -> OperatingPoint:
+        """1:1 against a traveller enrolled with ``templates`` photos: the best of m
+        comparisons, so each must meet FMR / m (the union bound again)."""
+        m = max(1, templates)
+        point = operating_point_1to1(self.score_model, self.policy.fmr_1to1 / m,
+                                     self.policy.min_threshold)
+        return OperatingPoint("1:1", self.policy.fmr_1to1, None, point.comparison_fmr,
+                              point.threshold, point.supported)
+
+    def point_1toN(self, gallery_size: int | None = None) -> OperatingPoint:
+        """1:N over ``gallery_size`` comparisons; by default every template in the
+        gallery (a traveller with three booking photos is three chances to false-match)."""
+        n = self.gallery.templates if gallery_size is None else gallery_size
+        return operating_point_1toN(self.score_model, self.policy.fpir_1toN, n,
+                                    self.policy.min_threshold)
+
+    def verify(self, probe: np.ndarray, traveller_id: str,
+               now: datetime | float | None = None) -> Decision:
+        """1:1 against the claimed traveller. probe (512,) float32 L2-normalised."""
+        t = self.point_1to1.threshold
+        try:
+            claim = self.gallery.score_traveller(traveller_id, probe, now)
+        except UnknownTraveller:
+            return Decision(Outcome.NO_MATCH, Reason.UNKNOWN_TRAVELLER, "verify", None, None, t,
+                            traveller_id)
+        if claim.templates > 1:
+            t = self.point_1to1_for(claim.templates).threshold
+        if not claim.within_window:
+            return Decision(Outcome.NO_MATCH, Reason.OUTSIDE_WINDOW, "verify", None,
+                            claim.score, t, traveller_id)
+        if claim.score >= t:
+            return Decision(Outcome.MATCH, Reason.ABOVE_THRESHOLD, "verify", traveller_id,
+                            claim.score, t, traveller_id)
+        return Decision(Outcome.NO_MATCH, Reason.BELOW_THRESHOLD, "verify", None, claim.score,
+                        t, traveller_id)
+
+    def identify_many(self, probes: np.ndarray, k: int = 5,
+                      now: datetime | float | None = None) -> list[Decision]:
+        """1:N for each probe (n, 512); one batched gallery search."""
+        k = max(k, 2)  # the margin rule needs the runner-up
+        point = self.point_1toN()
+        t = point.threshold
+        decisions = []
+        for cands in self.gallery.search(probes, k, now):
+            outcome, reason = decide_identification(cands, t, self.policy.margin)
+            decisions.append(Decision(
+                outcome, reason, "identify",
+                cands[0].traveller_id if outcome is Outcome.MATCH else None,
+                cands[0].score if cands else None, t, None, tuple(cands),
+                supported=point.supported))
+        return decisions
+
+    def identify(self, probe: np.ndarray, k: int = 5,
+                 now: datetime | float | None = None) -> Decision:
+        return self.identify_many(np.asarray(probe)[None, :] if np.ndim(probe) == 1 else probe,
+                                  k, now)[0]
+
+    def claim_then_search(self, probe: np.ndarray, traveller_id: str,
+                          now: datetime | float | None = None, k: int = 5,
+                          fallback: bool | None = None) -> Decision:
+        """Verify the claim; if it fails and fallback is on, identify 1:N instead.
+
+        A fallback MATCH names whoever the probe matched (maybe not the claimed traveller:
+        the caller decides what a different identity means at the gate).
+        """
+        first = self.verify(probe, traveller_id, now)
+        use_fallback = self.policy.fallback_to_search if fallback is None else fallback
+        if first.is_match or not use_fallback:
+            return first
+        second = self.identify(probe, k, now)
+        if not second.is_match:
+            return Decision(first.outcome, first.reason, first.mode, None, first.score,
+                            first.threshold, traveller_id, second.candidates, True)
+        return Decision(second.outcome, second.reason, "identify", second.traveller_id,
+                        second.score, second.threshold, traveller_id, second.candidates, True,
+                        second.supported)

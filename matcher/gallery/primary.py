@@ -1,0 +1,289 @@
+"""The gallery the service searches: durable store + in-memory index + snapshots, one facade.
+
+Thread-safe. Writes (enrol, remove, replay, swap) are serialised by one lock and reach the
+index only after the store has committed them; searches take the current index reference
+once and never lock, so a rebuild or a snapshot hot swap never fails an in-flight search.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GalleryError, InvalidInput, SnapshotError
+from ..templates import Candidate, check_templates, check_traveller_id
+from .codecs import TemplateCodec
+from .index import IndexConfig, SearchIndex
+from .served import ClaimScore, epoch_now, score_claim
+from .snapshot import (SnapshotManifest, list_snapshots, prune_snapshots, read_snapshot,
+                       write_snapshot)
+from .store import EnrolResult, Store, Traveller
+
+log = logging.getLogger(__name__)
+
+STORE_FILE = "gallery.sqlite3"
+SNAPSHOT_DIR = "snapshots"
+
+
+@dataclass(frozen=True)
+class GalleryConfig:
+    index: IndexConfig = field(default_factory=IndexConfig)
+    snapshots_kept: int = 3
+    # Rebuild in the background once the exact delta holds index.delta_max_templates.
+    auto_rebuild: bool = True
+    # PRAGMA quick_check at open, interrupted after this many seconds (0: skip). A store
+    # that fails it is refused; one too big to check in time is served and logged.
+    quick_check_s: float = 30.0
+
+
+class Gallery:
+    def __init__(self, data_dir: Path, store: Store, index: SearchIndex,
+                 config: GalleryConfig) -> None:
+        self.data_dir = data_dir
+        self.store = store
+        self.config = config
+        self._index = index
+        self._lock = threading.RLock()
+        self._rebuilding: threading.Thread | None = None
+        self._closed = False
+
+    @classmethod
+    def open(cls, data_dir: str | Path, model_id: str, config: GalleryConfig | None = None,
+             codec: TemplateCodec | None = None, use_snapshots: bool = True) -> "Gallery":
+        """Open (or create) the gallery in ``data_dir``.
+
+        Loads the newest snapshot that verifies (a corrupt or mismatched one is logged and
+        skipped), or builds the index from the store, then replays newer store changes.
+        """
+        data_dir = Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        config = config or GalleryConfig()
+        store = Store.open(data_dir / STORE_FILE, model_id, codec,
+                           quick_check_s=config.quick_check_s)
+        try:
+            index = None
+            if use_snapshots:
+                for path in list_snapshots(data_dir / SNAPSHOT_DIR):
+                    try:
+                        _, index = read_snapshot(path, model_id, store.store_id, config.index,
+                                                 store.gallery_version)
+                        break
+                    except SnapshotError as e:
+                        log.error("not serving from snapshot %s: %s. Check it with `matcher "
+                                  "gallery verify-snapshot %s`; the next good one (or the "
+                                  "store) is used, `matcher gallery export-snapshot "
+                                  "--data-dir %s` writes a fresh one", path, e, path, data_dir)
+            if index is None:
+                index = _build(store, config.index, time.time())  # read_all checks every row
+            else:
+                # The snapshot's own copy verified; the store's rows are checked here so a
+                # rotted row is quarantined at start-up, and its traveller served without it.
+                _drop_damaged(store, index)
+            gallery = cls(data_dir, store, index, config)
+            gallery.refresh()
+        except BaseException:
+            store.close()
+            raise
+        return gallery
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            worker = self._rebuilding
+        if worker is not None:
+            worker.join()
+        self.store.close()
+
+    def __enter__(self) -> "Gallery":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- facts ----------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str:
+        return self.store.model_id
+
+    @property
+    def version(self) -> int:
+        """The gallery_version the in-memory index reflects."""
+        return self._index.applied_version
+
+    @property
+    def size(self) -> int:
+        """Travellers in the index (whatever their booking window)."""
+        return self._index.travellers
+
+    @property
+    def templates(self) -> int:
+        return self._index.templates
+
+    @property
+    def index_kind(self) -> str:
+        return self._index.kind
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.data_dir / SNAPSHOT_DIR
+
+    def stats(self) -> dict[str, object]:
+        travellers, templates = self.store.counts()
+        quarantined = self.store.quarantined()
+        ix = self._index
+        return {"model_id": self.model_id, "store_id": self.store.store_id,
+                "schema_version": self.store.schema_version,
+                "gallery_version": self.store.gallery_version,
+                "index_version": ix.applied_version, "index_built_version": ix.built_version,
+                "index_kind": ix.kind, "index_params": ix.built.params,
+                "travellers": travellers, "templates": templates,
+                "index_travellers": ix.travellers, "index_templates": ix.templates,
+                "delta_templates": ix.delta_templates,
+                "quarantined": [{"template_id": d.template_id, "traveller_id": d.traveller_id,
+                                 "reason": d.reason} for d in quarantined],
+                "snapshots": [p.name for p in list_snapshots(self.snapshot_dir)]}
+
+    # -- writes ---------------------------------------------------------------------
+
+    def enroll(self, traveller_id: str, templates: np.ndarray,
+               valid_from: datetime | float, valid_to: datetime | float,
+               photo_sha256s: Sequence[str], wait_s: float | None = None) -> EnrolResult:
+        """Store templates (k, 512) float32 L2-normalised for a traveller; returns once the
+        transaction is durable and the traveller is searchable. ``wait_s`` bounds the wait
+        for the store (StoreBusy after it); searches never wait for a write."""
+        with self._lock:
+            self._check_open()
+            result = self.store.enroll(traveller_id, templates, valid_from, valid_to,
+                                       photo_sha256s, wait_s=wait_s)
+            if result.changed:
+                self.refresh()
+        self._maybe_rebuild()
+        return result
+
+    def remove(self, traveller_id: str, wait_s: float | None = None) -> int:
+        """Delete a traveller; never returned by a search once this returns."""
+        with self._lock:
+            self._check_open()
+            version = self.store.remove(traveller_id, wait_s=wait_s)
+            self.refresh()
+        return version
+
+    def refresh(self) -> int:
+        """Apply store changes newer than the index (ours, or another process's)."""
+        with self._lock:
+            _replay(self.store, self._index)
+            return self._index.applied_version
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise GalleryError("the gallery is closed")
+
+    # -- reads ----------------------------------------------------------------------
+
+    def get(self, traveller_id: str) -> Traveller:
+        return self.store.get(traveller_id)
+
+    def search(self, probes: np.ndarray, k: int = 5, now: datetime | float | None = None
+               ) -> list[list[Candidate]]:
+        """1:N. probes (n, 512) float32 L2-normalised -> per probe up to k Candidates
+        (traveller_id, best score), best first, among travellers valid at ``now``."""
+        if not isinstance(k, int) or k < 1:
+            raise InvalidInput("k must be a positive integer")
+        x = check_templates(probes, what="probe templates", allow_empty=True)
+        return self._index.search(x, k, epoch_now(now))
+
+    def score_traveller(self, traveller_id: str, probe: np.ndarray,
+                        now: datetime | float | None = None) -> ClaimScore:
+        """1:1 against the durable store. probe (512,) float32; raises UnknownTraveller."""
+        t = self.store.get(check_traveller_id(traveller_id))
+        return score_claim(t.traveller_id, t.templates, probe, t.valid_from, t.valid_to, now)
+
+    # -- rebuild and snapshots ------------------------------------------------------
+
+    def rebuild(self, now: datetime | float | None = None) -> None:
+        """Build a fresh index from the store (dropping bookings ended by ``now``) without
+        blocking searches or writes, then catch up and swap it in."""
+        fresh = _build(self.store, self.config.index, epoch_now(now))
+        self._swap(fresh)
+
+    def _swap(self, fresh: SearchIndex) -> None:
+        with self._lock:
+            _replay(self.store, fresh)
+            old, self._index = self._index, fresh
+        log.info("index swapped: %s at gallery_version %d (was %s at %d)", fresh.kind,
+                 fresh.applied_version, old.kind, old.applied_version)
+
+    def _maybe_rebuild(self) -> None:
+        if not (self.config.auto_rebuild and self._index.needs_rebuild):
+            return
+        with self._lock:
+            if self._closed or (self._rebuilding is not None and self._rebuilding.is_alive()):
+                return
+            self._rebuilding = threading.Thread(target=self._rebuild_worker,
+                                                name="gallery-rebuild", daemon=True)
+            self._rebuilding.start()
+
+    def _rebuild_worker(self) -> None:
+        try:
+            self.rebuild()
+        except Exception:  # a failed background rebuild leaves the current index serving
+            log.exception("background gallery rebuild failed; the current index stays")
+
+    def export_snapshot(self, root: str | Path | None = None) -> Path:
+        """Write the built index to ``root`` (default data_dir/snapshots) atomically.
+
+        The snapshot holds the state at the index's build version; changes since are in
+        the store and are replayed on load. Call rebuild() first for a compact snapshot.
+        """
+        root = Path(root) if root is not None else self.snapshot_dir
+        path = write_snapshot(root, self._index, self.model_id, self.store.store_id)
+        if root == self.snapshot_dir:
+            prune_snapshots(root, self.config.snapshots_kept)
+        return path
+
+    def load_snapshot(self, path: str | Path) -> SnapshotManifest:
+        """Hot swap to a snapshot; on any problem raise SnapshotError and keep serving."""
+        manifest, fresh = read_snapshot(path, self.model_id, self.store.store_id,
+                                        self.config.index, self.store.gallery_version)
+        self._swap(fresh)
+        return manifest
+
+
+def _drop_damaged(store: Store, index: SearchIndex) -> None:
+    """Check every store row and take damaged ones (new or already quarantined) out of
+    ``index``: their travellers are re-read with their intact templates only."""
+    store.verify_templates()
+    for traveller_id in dict.fromkeys(d.traveller_id for d in store.quarantined()):
+        t = store.find(traveller_id)
+        if t is None or not len(t.templates):
+            index.remove(traveller_id)
+        else:
+            index.upsert(traveller_id, t.valid_from, t.valid_to, t.templates, t.template_ids)
+
+
+def _build(store: Store, config: IndexConfig, now: float) -> SearchIndex:
+    rows = store.read_all(valid_after=now)
+    return SearchIndex.build(rows.vectors, rows.owner, rows.template_ids, rows.traveller_ids,
+                             rows.valid_from, rows.valid_to, rows.gallery_version, config)
+
+
+def _replay(store: Store, index: SearchIndex) -> None:
+    """Bring ``index`` up to the store: re-read every traveller changed since it was built
+    or last refreshed (caller holds the gallery lock)."""
+    changes = store.changes_since(index.applied_version)
+    if not changes:
+        return
+    for traveller_id in dict.fromkeys(c.traveller_id for c in changes):
+        t = store.find(traveller_id)
+        if t is None:
+            index.remove(traveller_id)
+        else:
+            index.upsert(traveller_id, t.valid_from, t.valid_to, t.templates, t.template_ids)
+    index.applied_version = changes[-1].gallery_version

@@ -1,0 +1,243 @@
+"""How one pipeline's scores are distributed: the file decision.py derives thresholds from.
+
+A score model is made by ``matcher calibrate`` from labelled photos and shipped as JSON
+(matcher/score_models/). It holds:
+
+* the impostor tail: the empirical exceedance curve down to the data's resolution and,
+  beyond it, a generalised Pareto distribution (GPD) fitted to the top impostor scores
+  (peaks over threshold). The bulk of the distribution never sets a threshold.
+* bootstrap replicates of that fit, drawn by resampling *identities*, so a threshold can
+  be taken at the upper confidence bound: a promised FMR holds with ``confidence``.
+* the genuine distribution (FNMR by threshold, with its confidence band).
+* ``fmr_floor``: the lowest per-comparison FMR the data supports. Below it any threshold
+  is an extrapolation, and decision.py says so instead of guessing silently.
+* the pipeline settings hash it was made with: a server whose pipeline hashes otherwise
+  refuses to start, because these scores no longer describe its templates.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import GalleryError, InvalidInput
+
+FORMAT = 1
+SHIPPED_PACKAGE = "matcher.score_models"
+
+
+# -- the generalised Pareto tail ------------------------------------------------------
+
+def gpd_fit(excess: np.ndarray, weights: np.ndarray | None = None) -> tuple[float, float]:
+    """(xi, sigma) of a GPD fitted to ``excess`` > 0 (scores minus the tail threshold).
+
+    Zhang & Stephens (2009), "A new and efficient estimation method for the generalized
+    Pareto distribution" (Technometrics 51:316): an empirical-Bayes average over a grid of
+    the profile likelihood. No optimiser, no starting point, defined for any shape sign
+    (cosine scores are bounded, so the true tail may well be short, xi < 0). Integer
+    ``weights`` count how often each excess occurs (a bootstrap resample).
+    """
+    x = np.asarray(excess, dtype=np.float64)
+    w = np.ones_like(x) if weights is None else np.asarray(weights, dtype=np.float64)
+    keep = (x > 0) & (w > 0)
+    x, w = x[keep], w[keep]
+    if w.sum() < 10:
+        raise InvalidInput(f"a tail fit needs at least 10 exceedances, got {w.sum():.0f}")
+    order = np.argsort(x)
+    x, w = x[order], w[order]
+    n = w.sum()
+    cum = np.cumsum(w)
+    x_quartile = x[np.searchsorted(cum, 0.25 * n)]
+    m = 30 + int(math.sqrt(n))
+    j = np.arange(1, m + 1)
+    theta = 1.0 / x[-1] + (1.0 - np.sqrt(m / (j - 0.5))) / (3.0 * x_quartile)
+    k = (np.log1p(-theta[:, None] * x[None, :]) * w).sum(axis=1) / n
+    profile = n * (np.log(-theta / k) - k - 1.0)
+    weights_theta = np.exp(profile - profile.max())  # the posterior weights, a softmax
+    weights_theta /= weights_theta.sum()
+    theta_hat = float((theta * weights_theta).sum())
+    k_hat = float((np.log1p(-theta_hat * x) * w).sum() / n)
+    return k_hat, -k_hat / theta_hat  # k_hat is the usual shape xi; sigma = -xi / theta
+
+
+def gpd_isf(q: np.ndarray | float, xi: np.ndarray | float, sigma: np.ndarray | float
+            ) -> np.ndarray:
+    """Excess above the tail threshold exceeded with conditional probability ``q``."""
+    q, xi, sigma = np.asarray(q, float), np.asarray(xi, float), np.asarray(sigma, float)
+    small = np.abs(xi) < 1e-9
+    safe = np.where(small, 1.0, xi)
+    return np.where(small, -sigma * np.log(q), sigma / safe * (q ** -safe - 1.0))
+
+
+def gpd_sf(y: np.ndarray | float, xi: float, sigma: float) -> np.ndarray:
+    """P(excess > y) for y >= 0 (0 beyond the endpoint of a short tail)."""
+    y = np.maximum(np.asarray(y, float), 0.0)
+    if abs(xi) < 1e-9:
+        return np.exp(-y / sigma)
+    base = 1.0 + xi * y / sigma
+    return np.where(base > 0, np.maximum(base, 1e-300) ** (-1.0 / xi), 0.0)
+
+
+# -- the model ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ScoreModel:
+    """One pipeline's score distributions; see the module docstring."""
+
+    model_id: str
+    settings_hash: str
+    confidence: float
+    tail_fmr: float                 # p_u: fraction of impostor pairs above the tail threshold
+    tail: tuple[float, float, float]  # (u, xi, sigma) fitted to all the data
+    replicates: np.ndarray          # (B, 3) (u, xi, sigma), identities resampled
+    fmr_floor: float                # lowest per-comparison FMR the data supports
+    empirical: np.ndarray           # (k, 2) (score, FMR): exceedance curve, ascending score
+    genuine: np.ndarray             # (g, 4) (score, FNMR, FNMR lo, FNMR hi)
+    document: dict = field(repr=False, compare=False, default_factory=dict)
+    # (r, 2) (FMR, threshold): the empirical tail's upper bound where the data resolves
+    # the rate, FMR descending
+    empirical_upper: np.ndarray = field(repr=False, compare=False,
+                                        default_factory=lambda: np.empty((0, 2)))
+
+    # -- thresholds ----------------------------------------------------------------
+
+    def threshold_at_fmr(self, fmr: float) -> float:
+        """The threshold that keeps one comparison's FMR <= ``fmr`` with ``confidence``."""
+        return self._threshold(fmr, upper=True)
+
+    def threshold_estimate(self, fmr: float) -> float:
+        """The point estimate of that threshold (reporting only: not conservative)."""
+        return self._threshold(fmr, upper=False)
+
+    def _threshold(self, fmr: float, upper: bool) -> float:
+        if not 0.0 < fmr < 1.0:
+            raise InvalidInput(f"a false-match rate must be in (0, 1), got {fmr}")
+        if fmr >= self.tail_fmr:
+            # Above the tail threshold the data is dense: the empirical curve is the answer.
+            s, f = self.empirical[:, 0], self.empirical[:, 1]
+            return float(np.interp(-math.log(fmr), -np.log(np.maximum(f, 1e-300)), s))
+        q = fmr / self.tail_fmr
+        if not upper:
+            u, xi, sigma = self.tail
+            return float(min(1.0, u + gpd_isf(q, xi, sigma)))
+        u, xi, sigma = self.replicates.T
+        t = np.minimum(1.0, u + gpd_isf(q, xi, sigma))
+        return max(float(np.quantile(t, self.confidence)), self._empirical_upper(fmr))
+
+    def _empirical_upper(self, fmr: float) -> float:
+        """The empirical bound at ``fmr``; below the resolved range, its last value (a
+        stricter rate never gets a lower threshold than a looser one)."""
+        if not len(self.empirical_upper):
+            return -1.0
+        f, t = self.empirical_upper[::-1, 0], self.empirical_upper[::-1, 1]  # FMR ascending
+        return float(np.interp(math.log(fmr), np.log(f), t))
+
+    def fmr_at(self, threshold: float) -> float:
+        """Point estimate of one comparison's FMR at ``threshold``."""
+        u, xi, sigma = self.tail
+        if threshold < u:
+            s, f = self.empirical[:, 0], self.empirical[:, 1]
+            return float(np.interp(threshold, s, f))
+        return float(self.tail_fmr * gpd_sf(threshold - u, xi, sigma))
+
+    def fmr_upper_at(self, threshold: float) -> float:
+        """Upper confidence bound of that FMR (from the replicates' tails)."""
+        u, xi, sigma = self.replicates.T
+        rates = [self.tail_fmr * float(gpd_sf(threshold - a, b, c)) if threshold >= a
+                 else self.tail_fmr for a, b, c in zip(u, xi, sigma)]
+        bound = float(np.quantile(rates, self.confidence))
+        if len(self.empirical_upper):
+            f, t = self.empirical_upper[:, 0], self.empirical_upper[:, 1]  # t ascending
+            if threshold <= t[-1]:
+                bound = max(bound, float(np.exp(np.interp(threshold, t, np.log(f)))))
+        return float(max(self.fmr_at(threshold), bound))
+
+    def fnmr_at(self, threshold: float) -> tuple[float, float, float]:
+        """(FNMR, low, high) of one genuine comparison at ``threshold`` on the data."""
+        s = self.genuine[:, 0]
+        return tuple(float(np.interp(threshold, s, self.genuine[:, i])) for i in (1, 2, 3))
+
+    # -- what the data supports ----------------------------------------------------
+
+    def supports_fmr(self, fmr: float) -> bool:
+        return fmr >= self.fmr_floor
+
+    def max_gallery_size(self, fpir: float) -> int:
+        """Largest N for which FPIR needs no per-comparison FMR below the floor."""
+        return int(math.floor(fpir / self.fmr_floor))
+
+    # -- files ---------------------------------------------------------------------
+
+    def to_document(self) -> dict:
+        doc = dict(self.document)
+        doc.update({
+            "format": FORMAT, "model_id": self.model_id, "settings_hash": self.settings_hash,
+            "confidence": self.confidence, "fmr_floor": self.fmr_floor,
+            "impostor_tail": {"tail_fmr": self.tail_fmr,
+                              "u": self.tail[0], "xi": self.tail[1], "sigma": self.tail[2],
+                              "replicates": np.round(self.replicates, 7).tolist()},
+            "impostor_empirical": np.round(self.empirical, 9).tolist(),
+            "impostor_empirical_upper": np.round(self.empirical_upper, 12).tolist(),
+            "genuine_fnmr": np.round(self.genuine, 6).tolist(),
+        })
+        return doc
+
+    @classmethod
+    def from_document(cls, doc: dict) -> "ScoreModel":
+        if doc.get("format") != FORMAT:
+            raise GalleryError(f"score model format {doc.get('format')} is not {FORMAT}; "
+                               "re-run matcher calibrate with this version")
+        tail = doc["impostor_tail"]
+        return cls(doc["model_id"], doc["settings_hash"], float(doc["confidence"]),
+                   float(tail["tail_fmr"]), (tail["u"], tail["xi"], tail["sigma"]),
+                   np.asarray(tail["replicates"], dtype=np.float64),
+                   float(doc["fmr_floor"]),
+                   np.asarray(doc["impostor_empirical"], dtype=np.float64),
+                   np.asarray(doc["genuine_fnmr"], dtype=np.float64), doc,
+                   np.asarray(doc["impostor_empirical_upper"], dtype=np.float64).reshape(-1, 2))
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_document(), indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> "ScoreModel":
+        try:
+            return cls.from_document(json.loads(Path(path).read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise GalleryError(f"cannot read score model {path}: {exc}") from None
+
+
+def shipped_file(model_id: str) -> str:
+    """File name of a shipped score model: the model id made filesystem-safe."""
+    return model_id.replace("@", "_") + ".json"
+
+
+def load_score_model(model_id: str, path: str | Path | None = None) -> ScoreModel:
+    """The score model in ``path``, or else the one the package ships for ``model_id``."""
+    if path is not None:
+        return ScoreModel.load(path)
+    ref = resources.files(SHIPPED_PACKAGE) / shipped_file(model_id)
+    if not ref.is_file():
+        raise GalleryError(f"no score model ships for model {model_id}; derive one with "
+                           "'matcher calibrate' and pass it with --score-model")
+    return ScoreModel.from_document(json.loads(ref.read_text()))
+
+
+def check_settings(model: ScoreModel, settings_hash: str, model_id: str) -> None:
+    """Refuse a score model made for another pipeline (see the module docstring)."""
+    if model.model_id != model_id:
+        raise GalleryError(f"the score model was made for model {model.model_id}, the "
+                           f"pipeline runs {model_id}; run 'matcher calibrate' for it")
+    if model.settings_hash != settings_hash:
+        raise GalleryError(
+            f"the score model was calibrated with pipeline settings {model.settings_hash}, "
+            f"the served pipeline has {settings_hash}: its thresholds would not hold. "
+            "Re-calibrate with 'matcher calibrate --labels DIR --out FILE' and serve with "
+            "--score-model FILE (or restore the calibrated settings)")

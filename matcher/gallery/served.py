@@ -1,0 +1,73 @@
+"""What serving needs from a gallery, whichever serves it: the primary or a replica."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+import numpy as np
+
+from ..errors import InvalidInput
+from ..templates import Candidate, check_templates, to_epoch
+from .store import EnrolResult, Traveller
+
+
+@dataclass(frozen=True)
+class ClaimScore:
+    """A probe scored against one claimed traveller (1:1)."""
+
+    traveller_id: str
+    score: float          # best cosine over the traveller's templates
+    within_window: bool   # the booking is valid at the time asked about
+    valid_from: float
+    valid_to: float
+    templates: int = 1    # how many were compared: the best of m is m chances to false-match
+
+
+class ServedGallery(Protocol):
+    """Implemented by gallery.primary.Gallery and gallery.replica.ReplicaGallery."""
+
+    model_id: str
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def templates(self) -> int: ...
+
+    @property
+    def index_kind(self) -> str: ...
+
+    def search(self, probes: np.ndarray, k: int = 5, now: datetime | float | None = None
+               ) -> list[list[Candidate]]: ...
+
+    def score_traveller(self, traveller_id: str, probe: np.ndarray,
+                        now: datetime | float | None = None) -> ClaimScore: ...
+
+    def get(self, traveller_id: str) -> Traveller: ...
+
+    def enroll(self, traveller_id: str, templates: np.ndarray, valid_from, valid_to,
+               photo_sha256s) -> EnrolResult: ...
+
+    def remove(self, traveller_id: str) -> int: ...
+
+
+def epoch_now(now: datetime | float | None) -> float:
+    return time.time() if now is None else to_epoch(now, "now")
+
+
+def score_claim(traveller_id: str, templates: np.ndarray, probe: np.ndarray,
+                valid_from: float, valid_to: float, now: datetime | float | None
+                ) -> ClaimScore:
+    """Best cosine of one probe over a traveller's templates, and whether the booking holds."""
+    x = check_templates(probe, what="the probe template")
+    if len(x) != 1:
+        raise InvalidInput("a 1:1 check takes exactly one probe template")
+    score = float((templates @ x[0]).max()) if len(templates) else float("-inf")
+    t = epoch_now(now)
+    return ClaimScore(traveller_id, score, valid_from <= t < valid_to, valid_from, valid_to,
+                      len(templates))

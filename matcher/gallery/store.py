@@ -1,0 +1,906 @@
+"""The durable traveller store: one SQLite file (WAL, synchronous=FULL), versioned schema.
+
+Holds travellers (booking window in UTC epoch seconds), their templates (float32 512-d,
+through a ``TemplateCodec`` so they can be encrypted at rest), and a ``changes`` log with
+one monotonic ``gallery_version`` per change, which snapshots replay. Never a photo: only
+the sha256 of the photo a template came from.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import (GalleryError, InvalidInput, StorageUnavailable, StoreBusy, StoreDamaged,
+                      UnknownTraveller)
+from ..templates import (EMBEDDING_DIM, MAX_TEMPLATES_PER_TRAVELLER, check_templates,
+                         check_traveller_id, to_epoch)
+from .codecs import PlainCodec, TemplateCodec, row_context
+from .integrity import (DamagedRow, damaged_store_message, plausible_plain, row_problem,
+                        storage_error, template_checksum)
+from .schema import MIGRATIONS, SCHEMA_VERSION
+
+log = logging.getLogger(__name__)
+
+# How long a write may wait for the store's write lock (ours or another process's) when the
+# caller gives no deadline; a write never hangs a request or a shutdown for longer.
+DEFAULT_WRITE_WAIT_S = 10.0
+# Quarantining a damaged row found by a read must not stall that read (a Verify) behind a
+# stuck writer; the row is skipped either way, only its record waits for a later read.
+QUARANTINE_WAIT_S = 1.0
+
+
+@dataclass(frozen=True)
+class Traveller:
+    """One booked traveller; ``templates`` is (k, 512) float32, one row per photo."""
+
+    traveller_id: str
+    valid_from: float  # UTC epoch seconds, inclusive
+    valid_to: float    # UTC epoch seconds, exclusive
+    created_at: float
+    updated_at: float
+    templates: np.ndarray
+    template_ids: tuple[int, ...]
+    photo_sha256s: tuple[str, ...]
+    model_id: str
+
+    def valid_at(self, now: float) -> bool:
+        return self.valid_from <= now < self.valid_to
+
+
+@dataclass(frozen=True)
+class EnrolResult:
+    traveller_id: str
+    gallery_version: int
+    added_templates: int
+    changed: bool  # False when the same photos and window were already stored
+
+
+@dataclass(frozen=True)
+class Enrolment:
+    """One traveller's enrolment for ``Store.enroll_many``: templates (k, 512) float32
+    L2-normalised, one photo sha256 per row, booking window [valid_from, valid_to)."""
+
+    traveller_id: str
+    templates: np.ndarray
+    valid_from: datetime | float
+    valid_to: datetime | float
+    photo_sha256s: Sequence[str]
+    model_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """An Enrolment after validation: epoch seconds, contiguous (k, 512) float32."""
+
+    traveller_id: str
+    templates: np.ndarray
+    valid_from: float
+    valid_to: float
+    photo_sha256s: list[str]
+
+
+@dataclass(frozen=True)
+class Change:
+    gallery_version: int
+    traveller_id: str
+    kind: str  # "enrol" | "remove"
+
+
+@dataclass(frozen=True)
+class GalleryRows:
+    """Every stored template at one ``gallery_version``, ready for an index build.
+
+    vectors (n, 512) float32; owner (n,) int32 index into ``traveller_ids``;
+    template_ids (n,) int64; valid_from / valid_to (t,) float64 per traveller.
+    """
+
+    gallery_version: int
+    traveller_ids: list[str]
+    valid_from: np.ndarray
+    valid_to: np.ndarray
+    owner: np.ndarray
+    template_ids: np.ndarray
+    vectors: np.ndarray
+
+
+# -- input checks ------------------------------------------------------------------
+
+def _check_sha256(s: object) -> str:
+    if (not isinstance(s, str) or len(s) != 64
+            or any(c not in "0123456789abcdef" for c in s)):
+        raise InvalidInput("photo_sha256 must be 64 lowercase hex characters")
+    return s
+
+
+def stored_model_id(path: str | Path) -> str | None:
+    """The model_id a store file was created for, read without opening it for writing."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT value FROM meta WHERE key='model_id'").fetchone()
+    except sqlite3.DatabaseError as e:
+        raise GalleryError(f"{path.name} is not a readable gallery store ({e})") from None
+    finally:
+        conn.close()
+    return row[0] if row else None
+
+
+@dataclass(frozen=True)
+class TravellerSummary:
+    """A traveller without its templates: what a re-index run compares against."""
+
+    traveller_id: str
+    valid_from: float
+    valid_to: float
+    photo_sha256s: frozenset[str]
+
+
+# -- the store --------------------------------------------------------------------------
+
+class Store:
+    """Thread-safe. Writes are serialised and return only after COMMIT has been fsynced."""
+
+    def __init__(self, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
+                 write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
+                 ) -> None:
+        """``quick_check_s`` > 0: run ``PRAGMA quick_check`` first, for at most that long,
+        and refuse a store that fails it (StoreDamaged) before anything else reads it."""
+        self.path = Path(path)
+        self.codec: TemplateCodec = codec or PlainCodec()
+        self.write_wait_s = write_wait_s
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
+        try:
+            self._conn = self._connect()
+        except sqlite3.Error as e:
+            raise storage_error(e, self.path) from None
+        try:
+            if quick_check_s > 0:
+                self._check_file(quick_check_s)
+            self._migrate()
+            self._check_or_set_model(model_id)
+            self.model_id = model_id
+            self.store_id = self._meta("store_id")
+        except BaseException as e:
+            self.close()
+            if isinstance(e, sqlite3.Error):
+                raise storage_error(e, self.path) from None
+            raise
+
+    @classmethod
+    def open(cls, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
+             write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
+             ) -> "Store":
+        return cls(path, model_id, codec, write_wait_s, quick_check_s)
+
+    def _check_file(self, max_s: float) -> None:
+        started = time.monotonic()
+        result = self.quick_check(max_s)
+        if result is None:
+            log.warning("store %s: PRAGMA quick_check did not finish within %.0f s and was "
+                        "stopped; run `sqlite3 %s 'PRAGMA integrity_check'` off-line",
+                        self.path, max_s, self.path)
+        elif result != "ok":
+            raise StoreDamaged(damaged_store_message(self.path, f"PRAGMA quick_check: {result}"))
+        else:
+            log.info("store %s: quick_check ok in %.2f s", self.path.name,
+                     time.monotonic() - started)
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing is left in
+        # an implicit transaction and every acknowledged write is really committed.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                               timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # FULL: the WAL is fsynced at every commit, so an acknowledged enrolment survives
+        # a power cut, not only a process crash.
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        # Deleted template bytes are overwritten, not left in free pages.
+        conn.execute("PRAGMA secure_delete=ON")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        """A per-thread read connection: WAL readers never wait for the writer's fsync."""
+        if self._closed:
+            raise GalleryError("the gallery store is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            with self._readers_lock:
+                for conn in self._readers:
+                    conn.close()
+                self._readers.clear()
+            if hasattr(self, "_conn"):
+                self._conn.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------
+
+    def _migrate(self) -> None:
+        with self._write_lock:
+            c = self._conn
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                c.execute("CREATE TABLE IF NOT EXISTS schema_version ("
+                          "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
+                current = c.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+                if current > SCHEMA_VERSION:
+                    raise GalleryError(
+                        f"store {self.path} has schema version {current}, newer than this "
+                        f"build understands ({SCHEMA_VERSION}); upgrade matcher")
+                for version, statements in MIGRATIONS:
+                    if version <= current:
+                        continue
+                    for sql in statements:
+                        c.execute(sql)
+                    if version == 1:
+                        c.execute("INSERT INTO meta VALUES ('gallery_version', '0')")
+                        c.execute("INSERT INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
+                    if version == 2:
+                        self._backfill_checksums(c)
+                    c.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time()))
+                    log.info("store %s migrated to schema version %d", self.path, version)
+                c.execute("COMMIT")
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+
+    def _backfill_checksums(self, c: sqlite3.Connection) -> None:
+        """Give every existing row its checksum, inside the migration's transaction.
+
+        Computed now rather than when a row is next rewritten: rows are rarely rewritten,
+        and a row without a checksum would be searched unchecked for its whole life. A
+        digest taken now cannot vouch for bytes that rotted before the migration, so plain
+        rows must first look like a template (512 finite float32 of unit norm); one that
+        does not keeps a NULL checksum and is quarantined by the first read. Encrypted
+        rows are vouched for by their AES-GCM tag when they are decrypted.
+        """
+        updates, implausible = [], 0
+        for tid, trav, sha, codec, blob in c.execute(
+                "SELECT template_id, traveller_id, photo_sha256, codec, template FROM templates"
+        ).fetchall():
+            if codec == PlainCodec.name and not plausible_plain(blob):
+                implausible += 1
+                continue
+            updates.append((template_checksum(trav, sha, codec, blob), tid))
+        c.executemany("UPDATE templates SET checksum=? WHERE template_id=?", updates)
+        if implausible:
+            log.error("store %s: %d template rows do not look like templates and get no "
+                      "checksum; they will be quarantined", self.path.name, implausible)
+
+    def _meta(self, key: str) -> str | None:
+        row = self._reader().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _check_or_set_model(self, model_id: str) -> None:
+        with self._write_lock:
+            row = self._conn.execute("SELECT value FROM meta WHERE key='model_id'").fetchone()
+            if row is None:
+                self._conn.execute("INSERT INTO meta VALUES ('model_id', ?)", (model_id,))
+            elif row[0] != model_id:
+                raise GalleryError(
+                    f"store {self.path.name} holds templates of model {row[0]}, but this "
+                    f"service runs {model_id}; templates of different models are not "
+                    f"comparable, re-enrol into a new store")
+
+    @property
+    def schema_version(self) -> int:
+        return self._reader().execute("SELECT MAX(version) FROM schema_version").fetchone()[0]
+
+    @property
+    def gallery_version(self) -> int:
+        return int(self._meta("gallery_version") or 0)
+
+    # -- writes ---------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self, wait_s: float | None = None) -> Iterator[sqlite3.Connection]:
+        """One write transaction, committed (durable) when the block ends.
+
+        Waits at most ``wait_s`` (capped by ``write_wait_s``) for this process's earlier
+        writes and for another process's write lock, then raises StoreBusy; a full disk
+        raises DiskFull. Either way the transaction is rolled back and nothing was written.
+        """
+        wait = self.write_wait_s if wait_s is None else max(0.0, min(wait_s, self.write_wait_s))
+        deadline = time.monotonic() + wait
+        if not self._write_lock.acquire(timeout=wait):
+            raise StoreBusy(f"an earlier write to the gallery store {self.path.name} is still "
+                            f"waiting (its write lock is held by another process, or the disk "
+                            f"is stalled); nothing was written, retry later")
+        try:
+            if self._closed:
+                raise GalleryError("the gallery store is closed")
+            c = self._conn
+            try:
+                remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
+                c.execute(f"PRAGMA busy_timeout={remaining_ms}")
+                c.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as e:
+                raise storage_error(e, self.path) from None
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException as e:
+                if c.in_transaction:
+                    try:
+                        c.execute("ROLLBACK")
+                    except sqlite3.Error:  # SQLite has already rolled back, e.g. SQLITE_FULL
+                        log.warning("rollback of a failed write to %s failed", self.path.name)
+                if isinstance(e, sqlite3.Error):
+                    raise storage_error(e, self.path) from None
+                raise
+        finally:
+            self._write_lock.release()
+
+    @staticmethod
+    def _bump(c: sqlite3.Connection, traveller_id: str, kind: str, now: float) -> int:
+        version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
+                                ).fetchone()[0]) + 1
+        c.execute("UPDATE meta SET value=? WHERE key='gallery_version'", (str(version),))
+        c.execute("INSERT INTO changes VALUES (?, ?, ?, ?)", (version, traveller_id, kind, now))
+        return version
+
+    def _check_enrolment(self, e: Enrolment) -> _Checked:
+        """Validate one enrolment (no store access); raises InvalidInput / GalleryError."""
+        traveller_id = check_traveller_id(e.traveller_id)
+        x = check_templates(e.templates)
+        vf, vt = to_epoch(e.valid_from, "valid_from"), to_epoch(e.valid_to, "valid_to")
+        if not vf < vt:
+            raise InvalidInput("valid_from must be before valid_to")
+        shas = [_check_sha256(s) for s in e.photo_sha256s]
+        if len(shas) != len(x):
+            raise InvalidInput(f"got {len(x)} templates but {len(shas)} photo_sha256 values")
+        if e.model_id is not None and e.model_id != self.model_id:
+            raise GalleryError(f"templates made by model {e.model_id} cannot join a gallery "
+                               f"of model {self.model_id}")
+        return _Checked(traveller_id, x, vf, vt, shas)
+
+    def _apply_enrolment(self, c: sqlite3.Connection, e: _Checked, now: float
+                         ) -> EnrolResult:
+        """Write one checked enrolment inside the caller's transaction."""
+        healed = self._drop_quarantined(c, e.traveller_id, e.photo_sha256s)
+        row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
+                        (e.traveller_id,)).fetchone()
+        stored = {r[0] for r in c.execute(
+            "SELECT photo_sha256 FROM templates WHERE traveller_id=?", (e.traveller_id,))}
+        new: dict[str, int] = {}
+        for i, sha in enumerate(e.photo_sha256s):
+            if sha not in stored and sha not in new:
+                new[sha] = i
+        if len(stored) + len(new) > MAX_TEMPLATES_PER_TRAVELLER:
+            raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
+                               f" templates; {e.traveller_id!r} would have "
+                               f"{len(stored) + len(new)}")
+        window_changed = row is None or (row[0], row[1]) != (e.valid_from, e.valid_to)
+        if not new and not window_changed and not healed:
+            return EnrolResult(e.traveller_id, self._version(c), 0, False)
+        self._set_window(c, e.traveller_id, e.valid_from, e.valid_to, row is None, now)
+        self._insert_templates(c, e.traveller_id, e.templates, new, now)
+        version = self._bump(c, e.traveller_id, "enrol", now)
+        return EnrolResult(e.traveller_id, version, len(new), True)
+
+    @staticmethod
+    def _version(c: sqlite3.Connection) -> int:
+        return int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
+                             ).fetchone()[0])
+
+    @staticmethod
+    def _set_window(c: sqlite3.Connection, traveller_id: str, vf: float, vt: float,
+                    insert: bool, now: float) -> None:
+        if insert:
+            c.execute("INSERT INTO travellers VALUES (?, ?, ?, ?, ?)",
+                      (traveller_id, vf, vt, now, now))
+        else:
+            c.execute("UPDATE travellers SET valid_from=?, valid_to=?, updated_at=? "
+                      "WHERE traveller_id=?", (vf, vt, now, traveller_id))
+
+    def _insert_templates(self, c: sqlite3.Connection, traveller_id: str, x: np.ndarray,
+                          rows: dict[str, int], now: float) -> None:
+        """Insert ``x[i]`` for each photo sha256 -> row i of ``rows``, with its checksum."""
+        values = []
+        for sha, i in rows.items():
+            blob = self.codec.encode(x[i], row_context(traveller_id, sha))
+            values.append((traveller_id, self.model_id, sha, self.codec.name, blob,
+                           template_checksum(traveller_id, sha, self.codec.name, blob), now))
+        c.executemany(
+            "INSERT INTO templates (traveller_id, model_id, photo_sha256, codec, template,"
+            " checksum, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+
+    @staticmethod
+    def _drop_quarantined(c: sqlite3.Connection, traveller_id: str,
+                          photo_sha256s: Sequence[str] | None = None) -> int:
+        """Delete the traveller's quarantined rows (those of ``photo_sha256s``, or all):
+        re-enrolling a photo is how a damaged row is healed. Returns how many."""
+        rows = c.execute("SELECT q.template_id, q.photo_sha256 FROM quarantine q "
+                         "WHERE q.traveller_id=?", (traveller_id,)).fetchall()
+        wanted = None if photo_sha256s is None else set(photo_sha256s)
+        drop = [(tid,) for tid, sha in rows if wanted is None or sha in wanted]
+        c.executemany("DELETE FROM templates WHERE template_id=?", drop)
+        c.executemany("DELETE FROM quarantine WHERE template_id=?", drop)
+        return len(drop)
+
+    def enroll(self, traveller_id: str, templates: np.ndarray,
+               valid_from: datetime | float, valid_to: datetime | float,
+               photo_sha256s: Sequence[str], model_id: str | None = None,
+               wait_s: float | None = None) -> EnrolResult:
+        """Add templates (k, 512) float32 and set the booking window; durable on return.
+
+        Idempotent: photos already stored for this traveller are skipped, and if nothing
+        changes the gallery_version does not move. ``wait_s`` bounds the wait for the write
+        lock (StoreBusy after it); a full disk raises DiskFull. Neither writes anything.
+        """
+        checked = self._check_enrolment(Enrolment(traveller_id, templates, valid_from,
+                                                  valid_to, photo_sha256s, model_id))
+        with self._write(wait_s) as c:
+            result = self._apply_enrolment(c, checked, time.time())
+        if result.changed:
+            log.info("enrolled traveller (%d new templates) at gallery_version %d",
+                     result.added_templates, result.gallery_version)
+        return result
+
+    def enroll_many(self, enrolments: Sequence[Enrolment]) -> list[EnrolResult]:
+        """Enrol many travellers in ONE transaction; durable (fsynced) on return.
+
+        Each enrolment behaves exactly as ``enroll`` would, in order: photos already
+        stored are skipped, and each traveller that changes gets its own change-log entry
+        and gallery_version (so snapshots replay it like single enrolments). Returns one
+        EnrolResult per enrolment, in order, only after COMMIT.
+
+        All or nothing: every enrolment is validated before anything is written, and a
+        failure (InvalidInput naming the enrolment's position, a traveller over the
+        template limit, a disk error) rolls the whole batch back. Nothing of a failed
+        batch is acknowledged; the caller retries or reports it whole.
+        """
+        checked = []
+        for n, e in enumerate(enrolments):
+            try:
+                checked.append(self._check_enrolment(e))
+            except InvalidInput as exc:
+                raise InvalidInput(f"enrolment {n} of {len(enrolments)} is refused, nothing "
+                                   f"was written: {exc}") from None
+        if not checked:
+            return []
+        now = time.time()
+        with self._write() as c:
+            results = [self._apply_enrolment(c, e, now) for e in checked]
+        changed = [r for r in results if r.changed]
+        log.info("enrolled %d travellers in one transaction (%d changed, %d new templates)"
+                 " at gallery_version %d", len(results), len(changed),
+                 sum(r.added_templates for r in changed), results[-1].gallery_version)
+        return results
+
+    def replace_templates(self, traveller_id: str, keep_sha256s: Sequence[str],
+                          new_templates: np.ndarray, new_sha256s: Sequence[str],
+                          valid_from: datetime | float, valid_to: datetime | float
+                          ) -> EnrolResult:
+        """Make a stored traveller's templates exactly ``keep`` + new, atomically.
+
+        One transaction: stored templates whose photo is neither in ``keep_sha256s`` nor
+        in ``new_sha256s`` are deleted (bytes overwritten, ``secure_delete``), the new
+        templates (k, 512) float32 are added (k may be 0; a new photo already stored is
+        kept, not stored twice) and the window is set. A concurrent reader sees the old
+        templates or the new ones, never neither; a failure leaves the old ones.
+        One change-log entry (kind ``enrol``: a snapshot replays a traveller by re-reading
+        it whole) unless nothing changed. Durable on return.
+
+        Raises UnknownTraveller if the traveller is not stored, InvalidInput if a kept
+        photo is not stored for them, if nothing would be left (use ``remove``), or over
+        the template limit.
+        """
+        traveller_id = check_traveller_id(traveller_id)
+        keep = {_check_sha256(s) for s in keep_sha256s}
+        x = np.asarray(new_templates)
+        if x.size == 0 and not len(new_sha256s):
+            x = np.empty((0, EMBEDDING_DIM), np.float32)
+            new_shas: list[str] = []
+        else:
+            checked = self._check_enrolment(Enrolment(traveller_id, x, valid_from, valid_to,
+                                                      new_sha256s))
+            x, new_shas = checked.templates, checked.photo_sha256s
+        vf, vt = to_epoch(valid_from, "valid_from"), to_epoch(valid_to, "valid_to")
+        if not vf < vt:
+            raise InvalidInput("valid_from must be before valid_to")
+        wanted = keep | set(new_shas)
+        if not wanted:
+            raise InvalidInput(f"replacing {traveller_id!r} would leave no template; "
+                               f"remove the traveller instead")
+        if len(wanted) > MAX_TEMPLATES_PER_TRAVELLER:
+            raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
+                               f" templates; {traveller_id!r} would have {len(wanted)}")
+        now = time.time()
+        with self._write() as c:
+            row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
+                            (traveller_id,)).fetchone()
+            if row is None:
+                raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
+            stored = {r[0] for r in c.execute(
+                "SELECT photo_sha256 FROM templates WHERE traveller_id=?", (traveller_id,))}
+            missing = keep - stored
+            if missing:
+                raise InvalidInput(f"{len(missing)} of the photos to keep for "
+                                   f"{traveller_id!r} are not stored for them")
+            stale = stored - wanted
+            new: dict[str, int] = {}
+            for i, sha in enumerate(new_shas):
+                if sha not in stored and sha not in new:
+                    new[sha] = i
+            if not stale and not new and (row[0], row[1]) == (vf, vt):
+                return EnrolResult(traveller_id, self._version(c), 0, False)
+            c.executemany("DELETE FROM templates WHERE traveller_id=? AND photo_sha256=?",
+                          [(traveller_id, sha) for sha in stale])
+            self._drop_quarantined(c, traveller_id)
+            self._set_window(c, traveller_id, vf, vt, False, now)
+            self._insert_templates(c, traveller_id, x, new, now)
+            version = self._bump(c, traveller_id, "enrol", now)
+        log.info("replaced templates of a traveller (%d deleted, %d new) at gallery_version "
+                 "%d", len(stale), len(new), version)
+        return EnrolResult(traveller_id, version, len(new), True)
+
+    def remove(self, traveller_id: str, wait_s: float | None = None) -> int:
+        """Delete the traveller and its template rows; returns the new gallery_version."""
+        traveller_id = check_traveller_id(traveller_id)
+        with self._write(wait_s) as c:
+            if c.execute("DELETE FROM travellers WHERE traveller_id=?",
+                         (traveller_id,)).rowcount == 0:
+                raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
+            # ON DELETE CASCADE removes the templates; say it explicitly anyway so a
+            # store opened without foreign_keys can never keep orphan biometric rows.
+            c.execute("DELETE FROM templates WHERE traveller_id=?", (traveller_id,))
+            c.execute("DELETE FROM quarantine WHERE traveller_id=?", (traveller_id,))
+            version = self._bump(c, traveller_id, "remove", time.time())
+        log.info("removed a traveller at gallery_version %d", version)
+        return version
+
+    # -- re-encryption ----------------------------------------------------------------
+
+    def _is_current(self, codec: str, blob: bytes) -> bool:
+        """True if a row is already written by this store's codec (and, for a keyed
+        codec such as TemplateCipher, under its current key)."""
+        if codec != self.codec.name:
+            return False
+        key_id_of = getattr(self.codec, "key_id_of", None)
+        return key_id_of is None or key_id_of(blob) == self.codec.key_id  # type: ignore[attr-defined]
+
+    def rewrap_templates(self, old_codec: TemplateCodec | None = None, batch: int = 500
+                         ) -> int:
+        """Re-encode every template row not yet written by the current codec / current key.
+
+        A row is decoded with ``old_codec`` when its ``codec`` column carries that codec's
+        name (``plain`` rows, when encryption is turned on for an existing store), else
+        with the current codec (``aesgcm-v1`` rows under an older key of the keyring: the
+        current keyring decrypts them). Each is re-encoded with the current codec under
+        the same row context (traveller id + photo sha256), checked to decode back to the
+        same float32 values, and written with its ``codec`` column in write transactions of
+        at most ``batch`` rows, each durable (WAL, synchronous=FULL) on COMMIT.
+
+        Idempotent and resumable: a row is either still in its old form or fully in the
+        new one, so after a crash a rerun finishes the job (and returns 0 once there is
+        nothing left). The template values do not change, so neither does
+        ``gallery_version``, and no change-log entry is written: built indexes and
+        snapshots stay valid. After rows were rewritten the WAL is checkpointed and
+        truncated so the old blobs do not linger in the ``-wal`` file.
+
+        Returns the number of rows rewritten. Raises GalleryError (nothing written) if a
+        row's codec can be decoded by neither codec, or (its batch rolled back, earlier
+        batches kept) if a row does not decode, e.g. its key is not in the keyring.
+        """
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got: batch={batch!r}")
+        decoders: dict[str, TemplateCodec] = {self.codec.name: self.codec}
+        if old_codec is not None:
+            decoders[old_codec.name] = old_codec
+        pending, unknown = self._rows_to_rewrap(decoders)
+        if unknown:
+            names = ", ".join(f"{n} with codec {c!r}" for c, n in sorted(unknown.items()))
+            raise GalleryError(
+                f"cannot re-encode the store, nothing was written: templates stored as "
+                f"{names}; pass the codec they were written with as old_codec (a store "
+                f"written without a key: `matcher gallery rewrap --from-plain`)")
+        done = 0
+        for start in range(0, len(pending), batch):
+            ids = pending[start:start + batch]
+            with self._write() as c:
+                done += self._rewrap_rows(c, ids, decoders)
+            log.info("re-encoded %d of %d template rows", done, len(pending))
+        if done:
+            with self._write_lock:
+                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                # Only cosmetic for the data: every row is rewritten; the old blobs stay in
+                # the -wal file until a later checkpoint overwrites them.
+                log.warning("store %s: WAL checkpoint after re-encoding was blocked by a "
+                            "reader; the old template blobs leave the -wal file at the next "
+                            "checkpoint", self.path.name)
+        log.info("re-encoded %d template rows to codec %s", done, self.codec.name)
+        return done
+
+    def _rows_to_rewrap(self, decoders: dict[str, TemplateCodec]
+                        ) -> tuple[list[int], dict[str, int]]:
+        """(template_ids not yet current, {undecodable codec name: row count}), read in
+        one read transaction."""
+        pending: list[int] = []
+        unknown: dict[str, int] = {}
+        c = self._reader()
+        c.execute("BEGIN")
+        try:
+            for tid, codec, blob in c.execute(
+                    "SELECT template_id, codec, template FROM templates ORDER BY template_id"):
+                if self._is_current(codec, blob):
+                    continue
+                if codec in decoders:
+                    pending.append(tid)
+                else:
+                    unknown[codec] = unknown.get(codec, 0) + 1
+        finally:
+            c.execute("COMMIT")
+        return pending, unknown
+
+    def _rewrap_rows(self, c: sqlite3.Connection, template_ids: Sequence[int],
+                     decoders: dict[str, TemplateCodec]) -> int:
+        """Re-encode the given rows inside the caller's write transaction; rows deleted or
+        already current since they were listed are skipped (template ids are never
+        reused). Returns how many were rewritten."""
+        updates: list[tuple[str, bytes, int]] = []
+        for tid in template_ids:
+            row = c.execute("SELECT traveller_id, photo_sha256, codec, template, checksum "
+                            "FROM templates WHERE template_id=?", (tid,)).fetchone()
+            if row is None or self._is_current(row[2], row[3]):
+                continue
+            traveller_id, sha, codec, blob, checksum = row
+            if codec == PlainCodec.name and row_problem(traveller_id, sha, codec, blob,
+                                                          checksum):
+                # Sealing a damaged plain blob would give it a valid tag and checksum; an
+                # encrypted one is refused by its own tag below.
+                raise GalleryError(f"template row {tid} fails its checksum (damaged); "
+                                   f"re-enrol that traveller's photo or remove the row, "
+                                   f"then rerun; nothing of this batch was written")
+            decoder = decoders.get(codec)
+            if decoder is None:
+                raise GalleryError(f"template row {tid} is stored with codec {codec!r}, "
+                                   f"which neither the store's nor the old codec decodes")
+            context = row_context(traveller_id, sha)
+            try:
+                template = decoder.decode(blob, context)
+            except GalleryError as exc:
+                # Same error type (e.g. TemplateDecryptError), plus the row an operator has
+                # to restore or remove; the traveller id stays out of logs and messages.
+                raise type(exc)(f"template row {tid}: {exc}") from None
+            sealed = self.codec.encode(template, context)
+            # A codec bug must not cost a traveller's template: check before replacing it.
+            if not np.array_equal(self.codec.decode(sealed, context), template):
+                raise GalleryError(f"re-encoding template row {tid} does not round-trip; "
+                                   f"nothing of this batch was written")
+            updates.append((self.codec.name, sealed,
+                            template_checksum(traveller_id, sha, self.codec.name, sealed), tid))
+        c.executemany("UPDATE templates SET codec=?, template=?, checksum=? "
+                      "WHERE template_id=?", updates)
+        return len(updates)
+
+    # -- reads ----------------------------------------------------------------------
+
+    def _decode(self, traveller_id: str, sha: str, codec: str, blob: bytes) -> np.ndarray:
+        if codec != self.codec.name:
+            raise GalleryError(f"a template is stored with codec {codec!r} but the store was "
+                               f"opened with {self.codec.name!r}")
+        return self.codec.decode(blob, row_context(traveller_id, sha))
+
+    @staticmethod
+    def _quarantined_ids(c: sqlite3.Connection, traveller_id: str | None = None) -> set[int]:
+        if traveller_id is None:
+            return {r[0] for r in c.execute("SELECT template_id FROM quarantine")}
+        return {r[0] for r in c.execute("SELECT template_id FROM quarantine WHERE "
+                                        "traveller_id=?", (traveller_id,))}
+
+    def _quarantine(self, damaged: Sequence[DamagedRow], wait_s: float | None = None) -> None:
+        """Record damaged rows (outside any read transaction). They are skipped by every
+        read whether or not this record could be written (their checksum fails each time),
+        so a full disk or a held lock only delays the record."""
+        if not damaged:
+            return
+        for d in damaged:
+            # The row id is enough for the log; traveller ids stay out of logs and are
+            # listed by `matcher gallery stats` from the quarantine table.
+            log.error("store %s: template row %d is damaged (%s); quarantined, never "
+                      "searched. `matcher gallery stats` names its traveller; re-enrol that "
+                      "photo to heal it", self.path.name, d.template_id, d.reason)
+        try:
+            with self._write(QUARANTINE_WAIT_S if wait_s is None else wait_s) as c:
+                c.executemany(
+                    "INSERT OR IGNORE INTO quarantine SELECT ?, ?, ?, ?, ? WHERE EXISTS "
+                    "(SELECT 1 FROM templates WHERE template_id=?)",
+                    [(d.template_id, d.traveller_id, d.photo_sha256, d.reason, time.time(),
+                      d.template_id) for d in damaged])
+        except (StorageUnavailable, GalleryError) as exc:
+            log.warning("store %s: could not record %d damaged rows yet (%s); they stay "
+                        "unsearched", self.path.name, len(damaged), type(exc).__name__)
+
+    def get(self, traveller_id: str) -> Traveller:
+        """One traveller with its intact templates (damaged ones quarantined, left out)."""
+        traveller_id = check_traveller_id(traveller_id)
+        c = self._reader()
+        c.execute("BEGIN")  # one consistent read of the traveller and its templates
+        try:
+            row = c.execute("SELECT valid_from, valid_to, created_at, updated_at FROM travellers"
+                            " WHERE traveller_id=?", (traveller_id,)).fetchone()
+            rows = c.execute("SELECT template_id, photo_sha256, codec, template, model_id, "
+                             "checksum FROM templates WHERE traveller_id=? ORDER BY "
+                             "template_id", (traveller_id,)).fetchall()
+            skip = self._quarantined_ids(c, traveller_id) if rows else set()
+        finally:
+            c.execute("COMMIT")
+        if row is None:
+            raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
+        good, damaged = [], []
+        for r in rows:
+            if r[0] in skip:
+                continue
+            problem = row_problem(traveller_id, r[1], r[2], r[3], r[5])
+            if problem:
+                damaged.append(DamagedRow(r[0], traveller_id, r[1], problem))
+            else:
+                good.append(r)
+        self._quarantine(damaged)
+        templates = np.stack([self._decode(traveller_id, r[1], r[2], r[3]) for r in good]) \
+            if good else np.empty((0, EMBEDDING_DIM), np.float32)
+        return Traveller(traveller_id, row[0], row[1], row[2], row[3], templates,
+                         tuple(r[0] for r in good), tuple(r[1] for r in good), self.model_id)
+
+    def find(self, traveller_id: str) -> Traveller | None:
+        try:
+            return self.get(traveller_id)
+        except UnknownTraveller:
+            return None
+
+    def list_travellers(self) -> list[TravellerSummary]:
+        """Every traveller with window and photo digests, in one read; decodes no template.
+
+        Photos of quarantined rows are left out, so a re-index run re-embeds them."""
+        c = self._reader()
+        c.execute("BEGIN")
+        try:
+            photos: dict[str, set[str]] = {}
+            for tid, sha in c.execute("SELECT traveller_id, photo_sha256 FROM templates WHERE "
+                                      "template_id NOT IN (SELECT template_id FROM quarantine)"):
+                photos.setdefault(tid, set()).add(sha)
+            rows = c.execute("SELECT traveller_id, valid_from, valid_to FROM travellers "
+                             "ORDER BY traveller_id").fetchall()
+        finally:
+            c.execute("COMMIT")
+        return [TravellerSummary(tid, vf, vt, frozenset(photos.get(tid, ())))
+                for tid, vf, vt in rows]
+
+    def counts(self) -> tuple[int, int]:
+        """(travellers, templates)."""
+        c = self._reader()
+        return (c.execute("SELECT COUNT(*) FROM travellers").fetchone()[0],
+                c.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
+
+    def changes_since(self, gallery_version: int) -> list[Change]:
+        return [Change(*r) for r in self._reader().execute(
+            "SELECT gallery_version, traveller_id, kind FROM changes WHERE gallery_version > ? "
+            "ORDER BY gallery_version", (gallery_version,))]
+
+    def read_all(self, valid_after: float | None = None) -> GalleryRows:
+        """Every intact template (of travellers whose booking ends after ``valid_after``, if
+        given), read in one transaction so the rows match the gallery_version returned with
+        them. Rows failing their checksum are quarantined and left out."""
+        c = self._reader()
+        c.execute("BEGIN")
+        damaged: list[DamagedRow] = []
+        try:
+            version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
+                                    ).fetchone()[0])
+            cutoff = -math.inf if valid_after is None else valid_after
+            travellers = c.execute("SELECT traveller_id, valid_from, valid_to FROM travellers "
+                                   "WHERE valid_to > ? ORDER BY traveller_id",
+                                   (cutoff,)).fetchall()
+            slot = {t[0]: i for i, t in enumerate(travellers)}
+            skip = self._quarantined_ids(c)
+            n = c.execute("SELECT COUNT(*) FROM templates").fetchone()[0]
+            vectors = np.empty((n, EMBEDDING_DIM), np.float32)
+            owner = np.empty(n, np.int32)
+            template_ids = np.empty(n, np.int64)
+            m = 0
+            for tid, trav, sha, codec, blob, checksum in c.execute(
+                    "SELECT template_id, traveller_id, photo_sha256, codec, template, checksum "
+                    "FROM templates ORDER BY template_id"):
+                s = slot.get(trav)
+                if s is None or tid in skip:
+                    continue
+                problem = row_problem(trav, sha, codec, blob, checksum)
+                if problem:
+                    damaged.append(DamagedRow(tid, trav, sha, problem))
+                    continue
+                vectors[m] = self._decode(trav, sha, codec, blob)
+                owner[m] = s
+                template_ids[m] = tid
+                m += 1
+        finally:
+            c.execute("COMMIT")
+        self._quarantine(damaged, wait_s=self.write_wait_s)
+        return GalleryRows(version, [t[0] for t in travellers],
+                           np.array([t[1] for t in travellers], np.float64),
+                           np.array([t[2] for t in travellers], np.float64),
+                           owner[:m], template_ids[:m], vectors[:m])
+
+    def verify_templates(self) -> list[DamagedRow]:
+        """Check every template row's checksum (no decryption, no key needed); quarantine
+        the rows that fail and return them (newly found ones only)."""
+        c = self._reader()
+        c.execute("BEGIN")
+        damaged: list[DamagedRow] = []
+        try:
+            skip = self._quarantined_ids(c)
+            for tid, trav, sha, codec, blob, checksum in c.execute(
+                    "SELECT template_id, traveller_id, photo_sha256, codec, template, checksum "
+                    "FROM templates"):
+                if tid in skip:
+                    continue
+                problem = row_problem(trav, sha, codec, blob, checksum)
+                if problem:
+                    damaged.append(DamagedRow(tid, trav, sha, problem))
+        finally:
+            c.execute("COMMIT")
+        self._quarantine(damaged, wait_s=self.write_wait_s)
+        return damaged
+
+    def quarantined(self) -> list[DamagedRow]:
+        """Rows in quarantine, oldest first (what `matcher gallery stats` lists)."""
+        return [DamagedRow(*r) for r in self._reader().execute(
+            "SELECT template_id, traveller_id, photo_sha256, reason FROM quarantine "
+            "ORDER BY found_at, template_id")]
+
+    def quick_check(self, max_s: float) -> str | None:
+        """SQLite's ``PRAGMA quick_check``: "ok", or its first problems joined by "; ".
+
+        None if it did not finish within ``max_s`` seconds (interrupted, so a huge store
+        never holds start-up hostage; the caller logs it)."""
+        conn = self._connect()
+        deadline = time.monotonic() + max_s
+        conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            rows = conn.execute("PRAGMA quick_check(10)").fetchall()
+        except sqlite3.OperationalError as e:
+            if "interrupt" in str(e):
+                return None
+            return str(e)
+        except sqlite3.DatabaseError as e:
+            return str(e)
+        finally:
+            conn.close()
+        return "; ".join(str(r[0]) for r in rows)
+
+    def integrity_check(self) -> str:
+        return self._reader().execute("PRAGMA integrity_check").fetchone()[0]

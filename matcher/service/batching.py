@@ -1,0 +1,297 @@
+"""A deadline-aware micro-batcher: many concurrent requests -> one model call per batch.
+
+Requests wait in a bounded asyncio queue. A worker takes the first waiting request, then
+gathers more until the batch holds ``max_batch`` items or ``max_wait_s`` has passed since
+it started gathering, drops the requests whose deadline has already passed (nobody is
+waiting for their answer), and runs the batch function in a worker thread: ONNX Runtime
+and the native kernels release the GIL, so the event loop keeps accepting calls meanwhile.
+
+The batch function gets a list of inputs and must return a list of the same length; an
+item may be an exception instance, which fails only that request (a corrupt image in a
+batch of eight must not fail the other seven). If the function raises, or returns the
+wrong number of results, every request of the batch fails with that error.
+
+When the queue is full, ``submit`` raises ``Overloaded`` at once: memory stays bounded and
+the lane can retry on another replica instead of waiting behind a backlog. So it does when
+the queue holds more work than the request's deadline leaves time for (the batcher keeps a
+moving average of what one item costs a worker): such a request would only wait, expire
+and be dropped, having pushed the requests behind it towards their own deadlines.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ..errors import DeadlineExpired, MatcherError, NotReady, Overloaded
+
+log = logging.getLogger(__name__)
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+
+BatchFn = Callable[[list[In]], Sequence[Out | BaseException]]
+
+
+class BatchContractError(MatcherError):
+    """The batch function broke its contract (wrong number of results)."""
+
+
+def detached(exc: BaseException) -> BaseException:
+    """``exc`` without its traceback and chained exceptions.
+
+    A stored exception's traceback holds the frames that made it, and their locals hold
+    the inputs (a 20 MB image) and the results list holding the exception itself: a
+    reference cycle that keeps all of it alive until a full garbage collection. Requests
+    get the message and type; the batcher logs a failed batch's traceback itself.
+    """
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """max_batch: items per call; max_wait_s: how long the first item waits for company;
+    max_queue: waiting requests before RESOURCE_EXHAUSTED; workers: batches in flight
+    at once (each in its own thread).
+
+    The defaults come from ``python -m benchmarks --only service`` on 2 cores with the
+    default SCRFD-500M + MobileFaceNet pack (docs/service.md has the table): two workers
+    with one ONNX Runtime thread each beat one worker with two threads by 1.2-1.6x at 8 and
+    32 lanes (one batch decodes and runs the native kernels while the other is in ORT, and
+    single-threaded ORT runs have no intra-op synchronisation); batches of up to 4, taken
+    greedily (no waiting), edged out 1 and 8 there. Waiting for company only added latency:
+    under load the queue fills while both workers are busy anyway. At one lane this layout
+    answers a single request with one ORT thread, ~5 ms slower than two threads would.
+    """
+
+    max_batch: int = 4
+    max_wait_s: float = 0.0
+    max_queue: int = 64
+    workers: int = 2
+    # Admit a request with a deadline only if the work ahead of it is expected to take at
+    # most this share of its remaining time; the rest is for the stages after the models
+    # (search, audit fsync, the answer's trip) and for the estimate's own error.
+    admit_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_queue < 1 or self.workers < 1:
+            raise ValueError(f"max_batch, max_queue and workers must be >= 1, got: {self}")
+        if not 0.0 < self.admit_fraction <= 1.0:
+            raise ValueError(f"admit_fraction must be in (0, 1], got: {self.admit_fraction}")
+        if not 0.0 <= self.max_wait_s < 10.0:
+            raise ValueError(f"max_wait_s must be in [0, 10) seconds, got: {self.max_wait_s}")
+
+
+@dataclass
+class _Request(Generic[In, Out]):
+    item: In
+    future: asyncio.Future
+    deadline: float | None   # time.monotonic() seconds; None: no deadline
+    enqueued: float
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """What one request's batch looked like, for timings in the response."""
+
+    queue_ms: float
+    batch_size: int
+
+
+class MicroBatcher(Generic[In, Out]):
+    """``await batcher.submit(item, deadline)`` -> (result, BatchStats).
+
+    Use from one event loop. ``start()`` before the first submit, ``stop()`` at shutdown
+    (it lets already queued requests finish first).
+    """
+
+    def __init__(self, fn: BatchFn, config: BatchConfig = BatchConfig(), name: str = "batch",
+                 on_batch: Callable[[int], None] | None = None,
+                 on_queue_depth: Callable[[int], None] | None = None,
+                 on_expired: Callable[[], None] | None = None) -> None:
+        self.fn = fn
+        self.config = config
+        self.name = name
+        self._on_batch = on_batch
+        self._on_queue_depth = on_queue_depth
+        self._on_expired = on_expired
+        self._queue: asyncio.Queue[_Request] | None = None
+        self._arrived: asyncio.Event | None = None
+        self._workers: list[asyncio.Task] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._accepting = False
+        self._item_cost_s: float | None = None  # moving average of worker time per item
+        self._computing = 0                     # items inside a running batch
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def start(self) -> None:
+        if self._workers:
+            raise RuntimeError(f"batcher {self.name} is already started")
+        self._queue = asyncio.Queue(maxsize=self.config.max_queue)
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(self.config.workers,
+                                            thread_name_prefix=f"{self.name}-worker")
+        self._workers = [asyncio.create_task(self._work(), name=f"{self.name}-{i}")
+                         for i in range(self.config.workers)]
+        self._accepting = True
+
+    async def stop(self) -> None:
+        """Refuse new requests, finish the queued ones, then end the workers."""
+        self._accepting = False
+        if self._queue is not None:
+            await self._queue.join()
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers = []
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def submit(self, item: In, deadline: float | None = None) -> tuple[Out, BatchStats]:
+        """Queue ``item``; ``deadline`` is a time.monotonic() instant or None.
+
+        Raises Overloaded (queue full), DeadlineExpired (deadline passed before compute),
+        NotReady (not started or stopping), or whatever the batch function produced.
+        """
+        if not self._accepting or self._queue is None:
+            raise NotReady("the service is starting or shutting down; retry shortly")
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExpired("the request's deadline had passed when it arrived")
+        if deadline is not None and self._item_cost_s is not None:
+            remaining = deadline - now
+            if remaining < self._item_cost_s:  # the caller's deadline, not our queue
+                raise DeadlineExpired(f"the call's deadline ({remaining * 1e3:.0f} ms) is "
+                                      f"shorter than one probe's compute "
+                                      f"(~{self._item_cost_s * 1e3:.0f} ms)")
+            expected = self.expected_wait_s()
+            if expected > self.config.admit_fraction * remaining:
+                raise Overloaded(f"{self.name} queue holds about {expected * 1e3:.0f} ms of "
+                                 f"work, more than the call's remaining "
+                                 f"{remaining * 1e3:.0f} ms allow; retry later or elsewhere")
+        future = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Request(item, future, deadline, now))
+        except asyncio.QueueFull:
+            raise Overloaded(f"{self.name} queue is full ({self.config.max_queue} waiting); "
+                             "retry later or on another server") from None
+        self._arrived.set()
+        self._report_depth()
+        try:
+            return await future
+        finally:
+            # The raised exception's traceback holds this frame: drop the references
+            # that lead back to it (future -> exception) and to the input.
+            del future, item
+
+    def expected_wait_s(self) -> float:
+        """Roughly how long a request queued now waits before and during its compute."""
+        if self._item_cost_s is None or self._queue is None:
+            return 0.0
+        ahead = self._queue.qsize() + self._computing + 1
+        return ahead * self._item_cost_s / self.config.workers
+
+    # -- worker side ----------------------------------------------------------------
+
+    async def _next_batch(self) -> list[_Request]:
+        """At least one request; more until max_batch or max_wait_s after the first."""
+        batch = [await self._queue.get()]
+        started = time.monotonic()
+        while len(batch) < self.config.max_batch:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            remaining = self.config.max_wait_s - (time.monotonic() - started)
+            if remaining <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        self._report_depth()
+        return batch
+
+    def _live(self, batch: list[_Request]) -> list[_Request]:
+        """Drop requests nobody waits for: deadline passed, or the caller went away."""
+        now = time.monotonic()
+        live = []
+        for req in batch:
+            if req.future.done():  # cancelled by the caller (RPC cancelled)
+                continue
+            if req.deadline is not None and req.deadline <= now:
+                req.future.set_exception(
+                    DeadlineExpired("the deadline passed while the request was queued"))
+                if self._on_expired is not None:
+                    self._on_expired()
+                continue
+            live.append(req)
+        return live
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            try:
+                live = self._live(batch)
+                if live:
+                    await self._run(loop, live)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, live: list[_Request]) -> None:
+        started = time.monotonic()
+        if self._on_batch is not None:
+            self._on_batch(len(live))
+        self._computing += len(live)
+        try:
+            results = await loop.run_in_executor(self._executor, self.fn,
+                                                 [r.item for r in live])
+            if len(results) != len(live):
+                raise BatchContractError(
+                    f"{self.name}: batch function returned {len(results)} results "
+                    f"for {len(live)} inputs")
+        except asyncio.CancelledError:
+            for req in live:
+                if not req.future.done():
+                    req.future.set_exception(NotReady("the server is shutting down"))
+            raise
+        except Exception as exc:  # every request of a failed batch fails with its error
+            log.error("%s: batch of %d failed: %s", self.name, len(live), type(exc).__name__,
+                      exc_info=exc)
+            error = detached(exc)
+            for req in live:
+                if not req.future.done():
+                    req.future.set_exception(error)
+            return
+        finally:
+            self._computing -= len(live)
+        cost = (time.monotonic() - started) / len(live)
+        self._item_cost_s = cost if self._item_cost_s is None else \
+            0.8 * self._item_cost_s + 0.2 * cost
+        for req, result in zip(live, results):
+            if req.future.done():
+                continue
+            stats = BatchStats((started - req.enqueued) * 1e3, len(live))
+            if isinstance(result, BaseException):
+                req.future.set_exception(detached(result))
+            else:
+                req.future.set_result((result, stats))
+
+    def _report_depth(self) -> None:
+        if self._on_queue_depth is not None and self._queue is not None:
+            self._on_queue_depth(self._queue.qsize())

@@ -1,0 +1,303 @@
+"""What the service does with a probe, in numpy terms: batched face analysis, gallery
+decisions, enrolment, audit. service.py turns protos into calls on this and back.
+
+Compute layout: every model call goes through one MicroBatcher whose worker threads run
+decode -> detect -> align -> embed (ONNX Runtime releases the GIL). 1:N searches go
+through a second MicroBatcher that takes every search waiting (up to 64 probes) into one
+gallery call: one pass over a million templates answers a whole batch for about the cost
+of one probe. 1:1 checks and Clear run in a small thread pool, SQLite writes in a pool of
+their own with a deadline, so a write stuck behind another process's lock or a slow fsync
+holds neither a model worker nor a 1:1 check; the event loop thread only moves bytes.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Union
+
+import numpy as np
+
+from ..errors import AuditUnavailable, DeadlineExpired, InvalidInput, MatcherError
+from ..face.pipeline import Face, Pipeline, StageTimings
+from ..gallery.decision import Decider, Decision, DecisionPolicy
+from ..gallery.scoremodel import ScoreModel, check_settings
+from ..gallery.served import ServedGallery
+from ..gallery.store import EnrolResult, Traveller
+from ..templates import ALIGNED_SIZE, EMBEDDING_DIM
+from .audit import AuditLog
+from .batching import BatchConfig, MicroBatcher
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+ALIGNED_RAW_BYTES = ALIGNED_SIZE * ALIGNED_SIZE * 3
+AUDIT_FAILURE_POLICIES = ("fail_closed", "fail_open")
+SEARCH_BATCH = 64  # probes per 1:N gallery call
+
+
+# -- jobs for the model batcher ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageJob:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class AlignedJob:
+    """An aligned face: ``crop`` (112, 112, 3) uint8 RGB, or ``data`` an encoded 112x112."""
+
+    crop: np.ndarray | None
+    data: bytes = b""
+
+
+Job = Union[ImageJob, AlignedJob]
+
+
+@dataclass
+class Analysis:
+    """Faces of one probe, largest first; for a template or aligned probe, one pseudo face
+    with only a template. timings_ms per stage (the batch's time for shared stages)."""
+
+    faces: list[Face]
+    templates: np.ndarray              # (n, 512) float32, rows match ``faces`` (or 1 row)
+    from_image: bool
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1
+
+
+def aligned_from_raw(data: bytes) -> np.ndarray:
+    if len(data) != ALIGNED_RAW_BYTES:
+        raise InvalidInput(f"a raw aligned face is {ALIGNED_SIZE}x{ALIGNED_SIZE}x3 = "
+                           f"{ALIGNED_RAW_BYTES} bytes, got {len(data)}")
+    return np.frombuffer(data, np.uint8).reshape(ALIGNED_SIZE, ALIGNED_SIZE, 3)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class MatchEngine:
+    """Pipeline + batcher + gallery + decider + audit, for one running server."""
+
+    def __init__(self, pipeline: Pipeline, gallery: ServedGallery,
+                 batch: BatchConfig = BatchConfig(), policy: DecisionPolicy | None = None,
+                 metrics: Metrics | None = None, audit: AuditLog | None = None,
+                 search_threads: int = 2, score_model: ScoreModel | None = None, *,
+                 audit_failure: str = "fail_closed") -> None:
+        if audit_failure not in AUDIT_FAILURE_POLICIES:
+            raise ValueError(f"audit_failure must be one of {AUDIT_FAILURE_POLICIES}, "
+                             f"got: {audit_failure!r}")
+        self.audit_failure = audit_failure
+        if gallery.model_id != pipeline.model_id:
+            raise MatcherError(f"gallery holds model {gallery.model_id} templates, the "
+                               f"pipeline runs {pipeline.model_id}")
+        self.pipeline = pipeline
+        self.gallery = gallery
+        self.decider = Decider(gallery, policy, score_model)
+        # Thresholds only hold for the pipeline settings the score model was made with.
+        check_settings(self.decider.score_model, pipeline.settings_hash(), pipeline.model_id)
+        self.metrics = metrics or Metrics()
+        self.audit = audit
+        self.batcher: MicroBatcher[Job, Analysis] = MicroBatcher(
+            self._run_batch, batch, name="models",
+            on_batch=self.metrics.observe_batch,
+            on_queue_depth=self.metrics.set_queue_depth,
+            on_expired=lambda: self.metrics.count_rejected("deadline"))
+        # Greedy: no waiting, every search queued while the previous batch ran joins the
+        # next one. One worker: FAISS parallelises a batch over the cores itself.
+        self.search_batcher: MicroBatcher[tuple[np.ndarray, int], list[Decision]] = \
+            MicroBatcher(self._search_batch,
+                         BatchConfig(max_batch=SEARCH_BATCH, max_wait_s=0.0,
+                                     max_queue=max(batch.max_queue, SEARCH_BATCH), workers=1),
+                         name="search")
+        self._search_pool = ThreadPoolExecutor(search_threads, thread_name_prefix="search")
+        self._write_pool = ThreadPoolExecutor(2, thread_name_prefix="store-write")
+        self.metrics.set_model_info(pipeline.model_id)
+
+    @property
+    def model_id(self) -> str:
+        return self.pipeline.model_id
+
+    def start(self) -> None:
+        self.batcher.start()
+        self.search_batcher.start()
+        self.publish_gallery_metrics()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        await self.search_batcher.stop()
+        self._search_pool.shutdown(wait=True)
+        # A write stuck in the store gives up within the store's bounded wait.
+        self._write_pool.shutdown(wait=True)
+
+    def publish_gallery_metrics(self) -> None:
+        self.metrics.set_gallery(self.gallery.templates, self.gallery.version)
+
+    # -- the batch function (runs in a worker thread) ---------------------------------
+
+    def _run_batch(self, jobs: list[Job]) -> list[Analysis | BaseException]:
+        results: list[Analysis | BaseException | None] = [None] * len(jobs)
+        images, image_slots, image_decode_ms = [], [], []
+        crops, crop_slots = [], []
+        for i, job in enumerate(jobs):
+            if isinstance(job, AlignedJob):
+                try:
+                    crops.append(job.crop if job.crop is not None
+                                 else self._decode_aligned(job.data))
+                except MatcherError as exc:
+                    results[i] = exc
+                    continue
+                crop_slots.append(i)
+                continue
+            t = time.perf_counter()
+            try:
+                images.append(self.pipeline.decode_scaled(job.data))
+            except MatcherError as exc:  # one bad image fails only its own request
+                results[i] = exc
+                continue
+            image_slots.append(i)
+            image_decode_ms.append((time.perf_counter() - t) * 1e3)
+        if images:
+            timings = StageTimings()
+            per_image = self.pipeline.analyse_many(images, timings)
+            # the batch's finer decodes (DecodeScaling), if any, are shared like its other stages
+            finer_decode_ms = timings.ms.get("decode", 0.0)
+            for slot, faces, decode_ms in zip(image_slots, per_image, image_decode_ms):
+                faces = sorted(faces, key=lambda f: f.area, reverse=True)
+                templates = (np.stack([f.template for f in faces]) if faces
+                             else np.empty((0, EMBEDDING_DIM), np.float32))
+                results[slot] = Analysis(faces, templates, True,
+                                         {**timings.ms, "decode": decode_ms + finer_decode_ms},
+                                         len(jobs))
+        if crops:
+            t = time.perf_counter()
+            templates = self.pipeline.embed_aligned(np.stack(crops))
+            embed_ms = (time.perf_counter() - t) * 1e3
+            for row, slot in enumerate(crop_slots):
+                results[slot] = Analysis([], templates[row:row + 1], False,
+                                         {"embed": embed_ms}, len(jobs))
+        return results  # type: ignore[return-value]
+
+    def _decode_aligned(self, data: bytes) -> np.ndarray:
+        crop = self.pipeline.decode(data)
+        if crop.shape != (ALIGNED_SIZE, ALIGNED_SIZE, 3):
+            raise InvalidInput(f"an aligned face must be {ALIGNED_SIZE}x{ALIGNED_SIZE} pixels, "
+                               f"got {crop.shape[1]}x{crop.shape[0]}")
+        return crop
+
+    def _search_batch(self, items: list[tuple[np.ndarray, int]]) -> list[list[Decision]]:
+        """Items of (templates (m, 512), k) -> per item m decisions, from one gallery call.
+
+        The batch asks for the largest k; each item's candidates are cut to its own k. A
+        larger k cannot change a decision (it rests on the top two).
+        """
+        k = max(k for _, k in items)
+        decisions = self.decider.identify_many(np.concatenate([t for t, _ in items]), k)
+        out, row = [], 0
+        for templates, own_k in items:
+            mine = decisions[row:row + len(templates)]
+            out.append([replace(d, candidates=d.candidates[:own_k]) for d in mine])
+            row += len(templates)
+        return out
+
+    # -- async entry points -------------------------------------------------------------
+
+    async def analyse(self, job: Job, deadline: float | None) -> Analysis:
+        analysis, stats = await self.batcher.submit(job, deadline)
+        analysis.timings_ms["queue"] = stats.queue_ms
+        for stage in ("decode", "detect", "align", "embed"):
+            if stage in analysis.timings_ms:
+                self.metrics.observe_stage(stage, analysis.timings_ms[stage] / 1e3)
+        return analysis
+
+    async def _in_search_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._search_pool, fn, *args)
+
+    async def identify(self, templates: np.ndarray, k: int, deadline: float | None = None
+                       ) -> list[Decision]:
+        """One decision per row of templates (n, 512), batched with other searches."""
+        decisions, _ = await self.search_batcher.submit((templates, k), deadline)
+        return decisions
+
+    async def verify(self, template: np.ndarray, traveller_id: str) -> Decision:
+        return await self._in_search_pool(self.decider.verify, template, traveller_id)
+
+    async def clear(self, template: np.ndarray, claimed: str, k: int) -> Decision:
+        if not claimed:
+            decisions = await self.identify(template[None, :], k)
+            return decisions[0]
+        return await self._in_search_pool(
+            lambda: self.decider.claim_then_search(template, claimed, k=k))
+
+    async def _store_write(self, fn, deadline: float | None, *args):
+        """Run a gallery write in the write pool, answering by ``deadline`` at the latest.
+
+        The store waits for its lock only as long as the deadline leaves. If the write is
+        still running when the deadline passes (a stalled fsync), the caller gets
+        DeadlineExpired: the write is not acknowledged, and a retry is idempotent.
+        """
+        def run():
+            wait_s = None if deadline is None else deadline - time.monotonic()
+            if wait_s is not None and wait_s <= 0:
+                raise DeadlineExpired("the deadline passed before the store could be written; "
+                                      "nothing was written")
+            return fn(*args, wait_s=wait_s)
+
+        future = asyncio.get_running_loop().run_in_executor(self._write_pool, run)
+        try:
+            if deadline is None:
+                return await future
+            return await asyncio.wait_for(asyncio.shield(future),
+                                          max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            expired = DeadlineExpired("the store did not confirm the write before the "
+                                      "deadline; it is not acknowledged (a retry is safe)")
+            self.metrics.count_store_failure(expired)
+            raise expired from None
+        except MatcherError as exc:
+            self.metrics.count_store_failure(exc)
+            raise
+
+    async def enroll(self, traveller_id: str, templates: np.ndarray, valid_from: float,
+                     valid_to: float, photo_sha256s: list[str],
+                     deadline: float | None = None) -> EnrolResult:
+        result = await self._store_write(self.gallery.enroll, deadline, traveller_id,
+                                         templates, valid_from, valid_to, photo_sha256s)
+        self.publish_gallery_metrics()
+        return result
+
+    async def remove(self, traveller_id: str, deadline: float | None = None) -> int:
+        version = await self._store_write(self.gallery.remove, deadline, traveller_id)
+        self.publish_gallery_metrics()
+        return version
+
+    async def get_traveller(self, traveller_id: str) -> Traveller:
+        return await self._in_search_pool(self.gallery.get, traveller_id)
+
+    async def record(self, kind: str, **fields) -> None:
+        """Append one audit record (ids, decision, scores only); durable on return.
+
+        If the log cannot be written (disk full, I/O error): a change (enrol, remove) is
+        refused with AuditUnavailable, it is stored but not acknowledged and a retry is
+        idempotent; a decision is refused too under ``audit_failure="fail_closed"`` (the
+        default), or answered unaudited under ``"fail_open"`` (logged and counted).
+        """
+        if self.audit is None:
+            return
+        try:
+            await asyncio.to_thread(self.audit.append, kind, **fields)
+        except AuditUnavailable as exc:
+            self.metrics.count_audit_failure()
+            if kind != "decision":
+                raise AuditUnavailable(f"{exc}; the change is stored but not acknowledged: "
+                                       f"retry once the log can be written") from None
+            if self.audit_failure == "fail_open":
+                log.error("decision answered without its audit record (%s; "
+                          "audit_failure=fail_open)", exc)
+                return
+            raise AuditUnavailable(f"{exc}; decisions are refused until it can be written "
+                                   f"(audit_failure=fail_closed)") from None

@@ -1,0 +1,216 @@
+"""Prometheus metrics of the matching service, on a registry of its own.
+
+Every label value comes from a small closed set (stage, decision kind, RPC name, rejection
+reason, model id), so cardinality stays bounded: traveller ids, request ids, scores and
+anything derived from a face never become labels.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import generate_latest, start_http_server
+
+STAGES: tuple[str, ...] = ("decode", "detect", "align", "embed", "search", "total")
+DECISIONS: tuple[str, ...] = ("MATCH", "NO_MATCH", "NO_FACE", "LOW_QUALITY", "ERROR")
+REJECT_REASONS: tuple[str, ...] = ("overload", "deadline", "not_ready")
+STORE_FAILURES: tuple[str, ...] = ("disk_full", "busy", "io", "deadline")
+
+# A CPU stage takes 1-250 ms; the tail buckets catch a stalled request without a +Inf cliff.
+STAGE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.030, 0.040, 0.050,
+    0.075, 0.100, 0.150, 0.200, 0.250, 0.400, 0.750, 1.5)
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+# RPC names come from the service, not from callers; still cap them so a bug cannot
+# grow the series set without bound.
+_RPC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
+MAX_RPC_NAMES = 32
+OTHER_RPC = "other"
+
+
+class Metrics:
+    """All of the service's metrics, registered on ``self.registry`` (never the global one).
+
+    Several instances can live in one process (one per test server) without clashing.
+    """
+
+    def __init__(self, namespace: str = "matcher") -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._rpcs: set[str] = set()
+        self._rpc_lock = threading.Lock()
+        r = self.registry
+        self.stage_seconds = Histogram(
+            "stage_seconds", "Wall time of one pipeline stage for one request",
+            ["stage"], namespace=namespace, buckets=STAGE_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "batch_size", "Probes per micro-batch sent to the models",
+            namespace=namespace, buckets=BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge(
+            "queue_depth", "Requests waiting for a micro-batch", namespace=namespace, registry=r)
+        self.decisions = Counter(
+            "decisions", "Answers given, by RPC and decision kind",
+            ["rpc", "decision"], namespace=namespace, registry=r)
+        self.rejected = Counter(
+            "requests_rejected", "Requests refused before any work (overload, deadline)",
+            ["reason"], namespace=namespace, registry=r)
+        self.gallery_size = Gauge(
+            "gallery_size", "Templates in the live gallery", namespace=namespace, registry=r)
+        self.gallery_version = Gauge(
+            "gallery_version", "Version number of the live gallery snapshot",
+            namespace=namespace, registry=r)
+        self.gallery_swapped = Gauge(
+            "gallery_swap_timestamp_seconds", "Unix time the live gallery last changed",
+            namespace=namespace, registry=r)
+        self.model = Info("model", "The face models in use", namespace=namespace, registry=r)
+        self.store_failures = Counter(
+            "store_write_failures", "Gallery writes refused by the disk or a held lock "
+            "(nothing written)", ["reason"], namespace=namespace, registry=r)
+        self.audit_failures = Counter(
+            "audit_write_failures", "Audit records that could not be written",
+            namespace=namespace, registry=r)
+        self.snapshot_source_up = Gauge(
+            "snapshot_source_up", "1 while the snapshot folder a replica reads is reachable",
+            namespace=namespace, registry=r)
+        self.snapshot_created = Gauge(
+            "snapshot_created_timestamp_seconds", "Unix time the served snapshot was written",
+            namespace=namespace, registry=r)
+        self.snapshot_age = Gauge(
+            "snapshot_age_seconds", "Age of the served snapshot (how stale a replica is)",
+            namespace=namespace, registry=r)
+        self._snapshot_created_at: float | None = None
+        self.snapshot_age.set_function(self._snapshot_age)
+        for reason in STORE_FAILURES:
+            self.store_failures.labels(reason=reason)
+        for stage in STAGES:  # expose zeroed series so dashboards see every stage at once
+            self.stage_seconds.labels(stage=stage)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason=reason)
+
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        """Record one stage's wall time in seconds; ``stage`` is one of STAGES."""
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+        self.stage_seconds.labels(stage=stage).observe(max(0.0, float(seconds)))
+
+    @contextmanager
+    def time_stage(self, stage: str) -> Iterator[None]:
+        """``with metrics.time_stage("embed"): ...`` records the block's wall time."""
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.observe_stage(stage, time.monotonic() - start)
+
+    def observe_batch(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"a batch holds at least one probe, got: size={size}")
+        self.batch_size.observe(size)
+
+    def set_queue_depth(self, n: int) -> None:
+        self.queue_depth.set(max(0, int(n)))
+
+    def count_decision(self, rpc: str, decision: str) -> None:
+        """Count one answer; ``decision`` is one of DECISIONS, ``rpc`` the method name."""
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; expected one of {DECISIONS}")
+        self.decisions.labels(rpc=self._rpc_label(rpc), decision=decision).inc()
+
+    def count_rejected(self, reason: str) -> None:
+        if reason not in REJECT_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}; "
+                             f"expected one of {REJECT_REASONS}")
+        self.rejected.labels(reason=reason).inc()
+
+    def set_gallery(self, size: int, version: int | str) -> None:
+        """Publish the live gallery's template count and snapshot version.
+
+        ``version`` is an integer (or a string of digits); anything else is refused so a
+        free-form string can never end up in the exposition.
+        """
+        if isinstance(version, str) and not version.isdigit():
+            raise ValueError(f"gallery version must be an integer, got: {version!r}")
+        self.gallery_size.set(int(size))
+        self.gallery_version.set(int(version))
+        self.gallery_swapped.set(time.time())
+
+    def count_store_failure(self, exc: BaseException) -> None:
+        """Count a refused gallery write by its kind of failure (other errors: ignored)."""
+        from ..errors import DeadlineExpired, DiskFull, StorageUnavailable, StoreBusy
+
+        if isinstance(exc, DiskFull):
+            reason = "disk_full"
+        elif isinstance(exc, StoreBusy):
+            reason = "busy"
+        elif isinstance(exc, DeadlineExpired):
+            reason = "deadline"
+        elif isinstance(exc, StorageUnavailable):
+            reason = "io"
+        else:
+            return
+        self.store_failures.labels(reason=reason).inc()
+
+    def count_audit_failure(self) -> None:
+        self.audit_failures.inc()
+
+    def set_snapshot(self, created_at: float) -> None:
+        """The served snapshot's manifest ``created_at`` (age is computed at scrape)."""
+        self._snapshot_created_at = float(created_at)
+        self.snapshot_created.set(float(created_at))
+
+    def set_snapshot_source(self, reachable: bool) -> None:
+        self.snapshot_source_up.set(1 if reachable else 0)
+
+    def _snapshot_age(self) -> float:
+        created = self._snapshot_created_at
+        return float("nan") if created is None else max(0.0, time.time() - created)
+
+    def set_model_info(self, model_id: str, **details: str) -> None:
+        """Model identity, e.g. ``set_model_info("buffalo_l", detector="det_10g")``."""
+        self.model.info({"model_id": str(model_id), **{k: str(v) for k, v in details.items()}})
+
+    def render(self) -> bytes:
+        """The text exposition of this registry (what /metrics serves)."""
+        return generate_latest(self.registry)
+
+    def _rpc_label(self, rpc: str) -> str:
+        if not _RPC_NAME.match(rpc):
+            return OTHER_RPC
+        with self._rpc_lock:
+            if rpc in self._rpcs:
+                return rpc
+            if len(self._rpcs) >= MAX_RPC_NAMES:
+                return OTHER_RPC
+            self._rpcs.add(rpc)
+            return rpc
+
+
+class MetricsServer:
+    """A running /metrics endpoint; ``close()`` stops it and frees the port."""
+
+    def __init__(self, httpd, thread: threading.Thread) -> None:
+        self._httpd = httpd
+        self._thread = thread
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+
+def start_metrics_server(metrics: Metrics, host: str = "127.0.0.1", port: int = 0) -> MetricsServer:
+    """Serve ``metrics`` at http://host:port/metrics from a daemon thread.
+
+    The port is separate from gRPC so scraping never competes with lane traffic; port 0
+    picks a free one (read it back from ``.port``).
+    """
+    httpd, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsServer(httpd, thread)

@@ -1,0 +1,398 @@
+"""One ``serve()``: the gRPC server with health, reflection, auth, metrics, audit, hot swap.
+
+The server listens at once with health NOT_SERVING (calls get UNAVAILABLE) while models
+and the gallery load in the background, then flips to SERVING. On SIGTERM/SIGINT health
+goes NOT_SERVING, new calls are refused and in-flight calls get ``grace_s`` to finish.
+
+Keepalive (clients should match, see matcher.client.CHANNEL_OPTIONS): the server pings an
+idle connection every 30 s and drops it if no answer comes within 10 s; it accepts client
+pings no more often than every 10 s, also without calls in flight, so a lane that keeps a
+LaneStream open with a 20 s keepalive is never cut off as abusive.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ..errors import AuthConfigError, MatcherError, SnapshotError
+from ..face.models import ModelPack, demo_photo
+from ..face.pipeline import DetectorConfig, Pipeline
+from ..gallery.codecs import codec_from_env
+from ..gallery.decision import DecisionPolicy
+from ..gallery.replica import ReplicaGallery, SnapshotWatcher
+from ..gallery.scoremodel import check_settings, load_score_model
+from ..transport import SERVICE, server_credentials, split_host_port
+from ..v1 import matcher_pb2 as pb
+from .audit import AuditLog
+from .auth import TokenAuthInterceptor, TokenBook, check_exposure
+from .batching import BatchConfig
+from .engine import AUDIT_FAILURE_POLICIES, MatchEngine, sha256_hex
+from .metrics import Metrics, MetricsServer, start_metrics_server
+from .servicer import MatcherServicer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LISTEN = "127.0.0.1:50051"
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+# A 20 MB photo (decode.DecodeLimits.max_bytes) plus protobuf framing; anything bigger is
+# refused by gRPC before it is buffered.
+MAX_RECEIVE_BYTES = 21 * 1024 * 1024
+MAX_SEND_BYTES = 4 * 1024 * 1024
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+    ("grpc.max_send_message_length", MAX_SEND_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    # Two servers on one port would split traffic silently; fail the bind instead.
+    ("grpc.so_reuseport", 0),
+)
+DEMO_PREFIX = "demo-player-"
+DEMO_VALID_TO = 4_102_444_800.0  # 2100-01-01: the demo gallery never expires
+
+
+def default_data_dir() -> Path:
+    """$MATCHER_DATA, else ~/.matcher."""
+    env = os.environ.get("MATCHER_DATA")
+    return Path(env) if env else Path.home() / ".matcher"
+
+
+@dataclass
+class ServerConfig:
+    listen: str = DEFAULT_LISTEN
+    data_dir: Path = field(default_factory=default_data_dir)
+    role: str = "writer"                    # "writer" owns the store; "replica" serves snapshots
+    snapshot_source: Path | None = None     # replica: the writer's snapshots/ folder
+    watch_interval_s: float = 2.0
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    ort_threads: int = 1                    # per worker; see batching.BatchConfig
+    search_threads: int = 2
+    policy: DecisionPolicy = field(default_factory=DecisionPolicy)
+    score_model: Path | None = None         # None: the one shipped for the model pack
+    model_pack: ModelPack | None = None     # None: the packaged default pack
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None       # set: mutual TLS, clients need a cert from this CA
+    tokens_file: Path | None = None
+    metrics_listen: str | None = DEFAULT_METRICS_LISTEN
+    audit_path: Path | None = None          # default: data_dir/audit.log
+    # What Identify/Verify/Clear do while the audit log cannot be written (disk full, I/O
+    # error): "fail_closed" refuses them (UNAVAILABLE), "fail_open" answers unaudited.
+    audit_failure: str = "fail_closed"
+    demo: bool = False
+    grace_s: float = 10.0
+    max_concurrent_rpcs: int = 256
+
+    def __post_init__(self) -> None:
+        if self.role not in ("writer", "replica"):
+            raise AuthConfigError(f"role must be writer or replica, got {self.role!r}")
+        if self.role == "replica" and self.snapshot_source is None:
+            raise AuthConfigError("a replica needs --snapshots DIR (the writer's snapshots)")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise AuthConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise AuthConfigError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
+        if self.audit_failure not in AUDIT_FAILURE_POLICIES:
+            raise AuthConfigError(f"audit_failure must be one of {AUDIT_FAILURE_POLICIES}, "
+                                  f"got {self.audit_failure!r}")
+
+
+def _tolerant_deserializer(message_class):
+    """FromString that returns None for bytes that are not a message of this type, so the
+    servicer can answer INVALID_ARGUMENT (grpc's own default would be UNKNOWN)."""
+    def deserialize(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return None
+    return deserialize
+
+
+def _refusing_undecodable(behaviour, type_name: str):
+    async def unary(request, context):
+        if request is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid {type_name} message")
+        return await behaviour(request, context)
+    return unary
+
+
+def _add_servicer(servicer: MatcherServicer, server: grpc.aio.Server) -> None:
+    """Register every Matcher method, as the generated add_MatcherServicer_to_server does,
+    but with deserializers that turn undecodable bytes into INVALID_ARGUMENT. Streaming
+    methods get None items, which the servicer answers with a per-item error."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Matcher"].methods:
+        request_class = getattr(pb, method.input_type.name)
+        response_class = getattr(pb, method.output_type.name)
+        behaviour = getattr(servicer, method.name)
+        kw = {"request_deserializer": _tolerant_deserializer(request_class),
+              "response_serializer": response_class.SerializeToString}
+        if method.client_streaming and method.server_streaming:
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(behaviour, **kw)
+        elif method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.name}: half-streaming methods are not wired here")
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _refusing_undecodable(behaviour, method.input_type.full_name), **kw)
+    name = pb.DESCRIPTOR.services_by_name["Matcher"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+def _setup_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
+    servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
+
+
+async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
+    for name in ("", SERVICE):
+        await servicer.set(name, status)
+
+
+def enrol_demo_gallery(pipeline: Pipeline, gallery) -> int:
+    """Enrol every face of the packaged players.jpg as demo-player-01.. (left to right).
+
+    Idempotent: a restart finds the same photo and window and changes nothing. The group
+    photo is detected at the reference's 640x640: its 22 faces are small, and the serving
+    default (long side 320) finds only the larger ones.
+    """
+    group = Pipeline(pipeline.pack, detector=DetectorConfig(input_size=(640, 640)),
+                     quality=pipeline.quality_policy, limits=pipeline.limits,
+                     sessions=pipeline.sessions)
+    data = demo_photo("players.jpg").read_bytes()
+    faces = sorted(group.analyse_bytes(data), key=lambda f: float(f.bbox[0]))
+    sha = sha256_hex(data)
+    for number, face in enumerate(faces, 1):
+        gallery.enroll(f"{DEMO_PREFIX}{number:02d}", face.template[None, :], 0.0,
+                       DEMO_VALID_TO, [sha])
+    log.info("demo gallery: %d travellers from players.jpg", len(faces))
+    return len(faces)
+
+
+class RunningServer:
+    """A started server; ``await wait_ready()`` then use ``port``; ``await stop()``."""
+
+    def __init__(self, config: ServerConfig, server: grpc.aio.Server, port: int,
+                 servicer: MatcherServicer, health_servicer: health.aio.HealthServicer,
+                 metrics: Metrics, metrics_server: MetricsServer | None) -> None:
+        self.config = config
+        self.server = server
+        self.port = port
+        self.servicer = servicer
+        self.health = health_servicer
+        self.metrics = metrics
+        self.metrics_server = metrics_server
+        self.engine: MatchEngine | None = None
+        self.gallery = None
+        self.score_model = None
+        self.audit: AuditLog | None = None
+        self.watcher: SnapshotWatcher | None = None
+        self._loader: asyncio.Task | None = None
+        self._cancel_load = threading.Event()
+
+    @property
+    def address(self) -> str:
+        host, _ = split_host_port(self.config.listen)
+        return f"{host}:{self.port}"
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Return once SERVING; re-raise the loading error if loading failed."""
+        await asyncio.wait_for(asyncio.shield(self._loader), timeout)
+
+    async def stop(self, grace: float | None = None) -> None:
+        grace = self.config.grace_s if grace is None else grace
+        self._cancel_load.set()
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)   # refuses new calls, lets in-flight ones finish
+        if self._loader is not None and not self._loader.done():
+            self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop)
+        if self.engine is not None:
+            await self.engine.stop()
+        if self.gallery is not None and hasattr(self.gallery, "close"):
+            await asyncio.to_thread(self.gallery.close)
+        if self.audit is not None:
+            self.audit.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        log.info("server on %s stopped", self.address)
+
+    # -- loading --------------------------------------------------------------------
+
+    def _open_gallery(self, pipeline: Pipeline):
+        config = self.config
+        if config.role == "replica":
+            while True:
+                try:
+                    return ReplicaGallery.open(config.snapshot_source, pipeline.model_id)
+                except SnapshotError as exc:
+                    log.info("replica waiting for a snapshot: %s", exc)
+                if self._cancel_load.wait(config.watch_interval_s):
+                    raise MatcherError("stopped while waiting for a first snapshot")
+        from ..gallery.primary import Gallery
+
+        # Encrypted at rest when MATCHER_TEMPLATE_KEY(_FILE) is set, as the overnight job.
+        gallery = Gallery.open(config.data_dir, pipeline.model_id, codec=codec_from_env())
+        if config.demo:
+            enrol_demo_gallery(pipeline, gallery)
+        return gallery
+
+    def _load(self, pipeline: Pipeline | None) -> tuple[Pipeline, object, AuditLog]:
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        pipeline = pipeline or Pipeline(config.model_pack, threads=config.ort_threads)
+        # Refuse before the gallery loads: thresholds from another pipeline would not hold.
+        self.score_model = load_score_model(pipeline.model_id, config.score_model)
+        check_settings(self.score_model, pipeline.settings_hash(), pipeline.model_id)
+        # The audit log before the gallery: a damaged one refuses start-up at once, and a
+        # gallery that fails to open leaves no log file open behind it.
+        audit = AuditLog(config.audit_path or config.data_dir / "audit.log")
+        try:
+            gallery = self._open_gallery(pipeline)
+        except BaseException:
+            audit.close()
+            raise
+        return pipeline, gallery, audit
+
+    async def _load_and_serve(self, pipeline: Pipeline | None) -> None:
+        config = self.config
+        started = time.monotonic()
+        pipeline, self.gallery, self.audit = await asyncio.to_thread(self._load, pipeline)
+        engine = MatchEngine(pipeline, self.gallery, config.batch, config.policy,
+                             self.metrics, self.audit, config.search_threads, self.score_model,
+                             audit_failure=config.audit_failure)
+        engine.start()
+        self.engine = engine
+        folder = (config.snapshot_source if config.role == "replica"
+                  else config.data_dir / "snapshots")
+        replica = config.role == "replica"
+        self.watcher = SnapshotWatcher(self.gallery, folder, config.watch_interval_s,
+                                       self._on_swap, track_source=replica,
+                                       on_source=self.metrics.set_snapshot_source
+                                       if replica else None)
+        if replica:
+            self.metrics.set_snapshot_source(True)
+            self.metrics.set_snapshot(self.gallery.snapshot_created_at)
+        if config.role == "writer":
+            self.servicer.publish = self._publish
+        else:
+            self.servicer.snapshot_name = self.gallery.snapshot_name
+        self.watcher.start()
+        self.servicer.engine = engine
+        await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s as %s: model %s, gallery_version %d, %d travellers (%s), "
+                 "ready in %.1f s", self.address, config.role, engine.model_id,
+                 self.gallery.version, self.gallery.size, self.gallery.index_kind,
+                 time.monotonic() - started)
+        point = engine.decider.point_1toN()
+        log.info("operating points: 1:1 FMR %g -> threshold %.4f; 1:N FPIR %g over %d "
+                 "templates -> threshold %.4f; the calibration data supports FPIR %g up "
+                 "to %d templates%s", config.policy.fmr_1to1,
+                 engine.decider.point_1to1.threshold, config.policy.fpir_1toN,
+                 self.gallery.templates, point.threshold, config.policy.fpir_1toN,
+                 point.max_gallery_size,
+                 "" if point.supported else " (EXCEEDED: 1:N answers are flagged; use Clear)")
+
+    def _on_swap(self, manifest) -> None:
+        """Runs in the watcher thread after a hot swap."""
+        self.servicer.snapshot_name = manifest.path.name
+        if self.config.role == "replica":
+            self.metrics.set_snapshot(manifest.created_at)
+        if self.engine is not None:
+            self.engine.publish_gallery_metrics()
+        if self.audit is not None:
+            self.audit.append("snapshot_swap", snapshot=manifest.path.name,
+                              gallery_version=manifest.gallery_version,
+                              model_id=manifest.model_id)
+
+    async def _publish(self) -> tuple[str, int]:
+        def publish() -> tuple[str, int]:
+            self.gallery.rebuild()
+            path = self.watcher.publish(self.gallery.export_snapshot)
+            return path.name, self.gallery.version
+
+        name, version = await asyncio.to_thread(publish)
+        self.servicer.snapshot_name = name
+        log.info("published snapshot %s (gallery_version %d)", name, version)
+        return name, version
+
+
+async def start_server(config: ServerConfig, pipeline: Pipeline | None = None
+                       ) -> RunningServer:
+    """Bind and start serving (UNAVAILABLE until loaded); returns at once.
+
+    ``pipeline``: reuse already-loaded models (tests); None loads the packaged ones.
+    """
+    tokens = TokenBook.from_file(config.tokens_file) if config.tokens_file else None
+    tls = config.tls_cert is not None
+    check_exposure(config.listen, tls, tokens)
+    servicer = MatcherServicer(config.role)
+    interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
+    server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS),
+                             maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    _add_servicer(servicer, server)
+    health_servicer = _setup_health(server)
+    await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["Matcher"].full_name,
+         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    if tls:
+        port = server.add_secure_port(config.listen, server_credentials(
+            config.tls_cert, config.tls_key, config.tls_client_ca))
+    else:
+        port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise AuthConfigError(f"could not listen on {config.listen}")
+    metrics = Metrics()
+    metrics_server = None
+    if config.metrics_listen:
+        host, mport = split_host_port(config.metrics_listen)
+        metrics_server = start_metrics_server(metrics, host, mport)
+    await server.start()
+    running = RunningServer(config, server, port, servicer, health_servicer, metrics,
+                            metrics_server)
+    log.info("listening on %s (%s, tls=%s, mtls=%s, auth=%s); loading models and gallery",
+             running.address, config.role, tls, config.tls_client_ca is not None,
+             tokens is not None)
+    running._loader = asyncio.create_task(running._load_and_serve(pipeline))
+    return running
+
+
+async def serve(config: ServerConfig, on_ready=None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully. ``on_ready(running)`` is
+    awaited once the server is SERVING (the demo uses it to make its first call)."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        waiter = asyncio.create_task(stop.wait())
+        loader = running._loader
+        done, _ = await asyncio.wait({waiter, loader}, return_when=asyncio.FIRST_COMPLETED)
+        if loader in done:
+            loader.result()  # a loading failure ends serve() with its error
+            if on_ready is not None:
+                await on_ready(running)
+            await waiter
+    finally:
+        log.info("shutting down: finishing in-flight calls (grace %.0f s)", config.grace_s)
+        await running.stop()

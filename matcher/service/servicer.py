@@ -1,0 +1,527 @@
+"""The grpc.aio servicer of matcher.v1.Matcher: protos <-> numpy, errors -> status codes.
+
+No maths here: faces come from the engine's batched pipeline, decisions from
+matcher.gallery.decision. Every failure becomes one gRPC status in ``status_for``; nothing else
+in the package chooses a status code.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from ..errors import (DeadlineExpired, DiskFull, GalleryError, InvalidInput, NotReady, Overloaded,
+                      StorageUnavailable, UnknownTraveller)
+from ..face.pipeline import Face
+from ..gallery.decision import Decision, Outcome, Reason
+from ..templates import (EMBEDDING_DIM, MAX_TEMPLATES_PER_TRAVELLER, check_templates,
+                         check_traveller_id)
+from ..v1 import matcher_pb2 as pb
+from ..v1 import matcher_pb2_grpc as pb_grpc
+from .engine import AlignedJob, Analysis, ImageJob, MatchEngine, aligned_from_raw, sha256_hex
+
+log = logging.getLogger(__name__)
+# One line per answered request: ids, decision, scores and timings, never a face.
+request_log = logging.getLogger("matcher.requests")
+
+DEFAULT_TOP_K = 5
+MAX_TOP_K = 50
+MAX_CLIENT_ID_CHARS = 128        # request_id, lane_id: stored in the audit log and logged
+MAX_DETAILS_CHARS = 400          # status details never echo a long client string
+DEFAULT_WINDOW_S = 24 * 3600.0
+LANE_STREAM_IN_FLIGHT = 16   # requests one lane stream may have in the pipeline at once
+ENROLL_STREAM_IN_FLIGHT = 8
+
+
+class ModelMismatch(GalleryError):
+    """A template made by another model than the server's."""
+
+
+def client_id(value: str, name: str) -> str:
+    """A request_id or lane_id as sent: at most 128 printable characters (it goes into
+    logs and the audit log, so a newline could forge a log line)."""
+    if len(value) > MAX_CLIENT_ID_CHARS or not value.isprintable():
+        raise InvalidInput(f"{name} must be at most {MAX_CLIENT_ID_CHARS} printable characters")
+    return value
+
+
+def loggable(value: str) -> str:
+    """``value`` if it is a well-formed id, else a bounded escaped form of it."""
+    if len(value) <= MAX_CLIENT_ID_CHARS and value.isprintable():
+        return value
+    return repr(value[:MAX_CLIENT_ID_CHARS]) + ("..." if len(value) > MAX_CLIENT_ID_CHARS else "")
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The one mapping from an error to the gRPC status a caller sees."""
+    code = grpc.StatusCode.INTERNAL
+    message = "internal error; the request id is in the server log"
+    if isinstance(exc, DeadlineExpired):
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    elif isinstance(exc, Overloaded):
+        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    elif isinstance(exc, NotReady):
+        code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+    elif isinstance(exc, DiskFull):  # nothing written; the operator must free space
+        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    elif isinstance(exc, StorageUnavailable):  # store locked elsewhere, audit log unwritable
+        code, message = grpc.StatusCode.UNAVAILABLE, str(exc)
+    elif isinstance(exc, UnknownTraveller):
+        code, message = grpc.StatusCode.NOT_FOUND, str(exc)
+    elif isinstance(exc, InvalidInput):
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    elif isinstance(exc, GalleryError):  # wrong model, write on a replica, bad snapshot
+        code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    # Anything else (a broken batch contract, an audit write failure, a bug) is INTERNAL
+    # with a generic message: its text could name internals the caller has no use for.
+    if len(message) > MAX_DETAILS_CHARS:
+        message = message[:MAX_DETAILS_CHARS - 3] + "..."
+    return code, message
+
+
+_REJECT_REASON = {grpc.StatusCode.RESOURCE_EXHAUSTED: "overload",
+                  grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+                  grpc.StatusCode.UNAVAILABLE: "not_ready"}
+
+
+# -- protos -> numpy ------------------------------------------------------------------
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+def _top_k(value: int) -> int:
+    if value == 0:
+        return DEFAULT_TOP_K
+    if not 1 <= value <= MAX_TOP_K:
+        raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {value}")
+    return value
+
+
+def probe_job(probe: pb.Probe, model_id: str) -> tuple[ImageJob | AlignedJob | None,
+                                                       np.ndarray | None, bytes]:
+    """(job for the model batcher, or a ready template; the bytes that identify the photo)."""
+    kind = probe.WhichOneof("kind")
+    if kind == "image":
+        return ImageJob(probe.image), None, probe.image
+    if kind == "aligned":
+        data = probe.aligned.data
+        if probe.aligned.format == pb.AlignedFace.RAW_RGB:
+            return AlignedJob(aligned_from_raw(data)), None, data
+        return AlignedJob(None, data), None, data
+    if kind == "template":
+        if probe.template.model_id and probe.template.model_id != model_id:
+            raise ModelMismatch(f"the template was made by another model "
+                                f"({loggable(probe.template.model_id[:64])}); this server "
+                                f"runs {model_id} and cannot compare them")
+        values = np.asarray(probe.template.values, np.float32)
+        if values.shape != (EMBEDDING_DIM,):
+            raise InvalidInput(f"a template has {EMBEDDING_DIM} values, got {values.size}")
+        template = check_templates(values, what="the template")[0]
+        return None, template, template.tobytes()
+    raise InvalidInput("the request has no probe: set image, aligned or template")
+
+
+# -- numpy -> protos ------------------------------------------------------------------
+
+def face_info(face: Face) -> pb.FaceInfo:
+    q = face.quality
+    return pb.FaceInfo(x1=float(face.bbox[0]), y1=float(face.bbox[1]), x2=float(face.bbox[2]),
+                       y2=float(face.bbox[3]), det_score=face.det_score,
+                       landmarks=[float(v) for v in face.kps.reshape(-1)],
+                       inter_eye_px=q.inter_eye_px, sharpness=q.sharpness, yaw_deg=q.yaw_deg,
+                       pitch_deg=q.pitch_deg, roll_deg=q.roll_deg,
+                       quality_reasons=list(q.reasons))
+
+
+def _candidates(decision: Decision) -> list[pb.Candidate]:
+    return [pb.Candidate(traveller_id=c.traveller_id, score=c.score)
+            for c in decision.candidates]
+
+
+def _fill_decision(resp: pb.MatchResponse, decision: Decision) -> None:
+    resp.decision = pb.MATCH if decision.outcome is Outcome.MATCH else pb.NO_MATCH
+    resp.reason = decision.reason.value
+    resp.traveller_id = decision.traveller_id or ""
+    if decision.score is not None and np.isfinite(decision.score):
+        resp.score = decision.score
+    resp.threshold = decision.threshold
+    resp.candidates.extend(_candidates(decision))
+    resp.claimed_traveller_id = decision.claimed_traveller_id or ""
+    resp.fallback_used = decision.fallback_used
+    resp.beyond_calibration = decision.mode == "identify" and not decision.supported
+
+
+def _face_match(face: Face, decision: Decision | None) -> pb.FaceMatch:
+    fm = pb.FaceMatch(face=face_info(face))
+    if decision is None:
+        fm.decision, fm.reason = pb.LOW_QUALITY, "low_quality"
+        return fm
+    fm.decision = pb.MATCH if decision.is_match else pb.NO_MATCH
+    fm.reason = decision.reason.value
+    fm.traveller_id = decision.traveller_id or ""
+    if decision.score is not None and np.isfinite(decision.score):
+        fm.score = decision.score
+    fm.candidates.extend(_candidates(decision))
+    fm.beyond_calibration = decision.mode == "identify" and not decision.supported
+    return fm
+
+
+def _epoch(ts) -> float:
+    return ts.seconds + ts.nanos * 1e-9
+
+
+@dataclass
+class _Call:
+    """What one matching request asks."""
+
+    rpc: str            # Identify, Verify or Clear
+    probe: pb.Probe
+    request_id: str
+    lane_id: str
+    traveller_id: str = ""
+    top_k: int = DEFAULT_TOP_K
+    all_faces: bool = False
+
+
+class MatcherServicer(pb_grpc.MatcherServicer):
+    """Thin: parse, hand to the engine, build the response, map errors."""
+
+    def __init__(self, role: str = "writer") -> None:
+        self.role = role
+        self.engine: MatchEngine | None = None   # set once models and gallery are loaded
+        self.snapshot_name = ""
+        self.publish: Callable[[], Awaitable[tuple[str, int]]] | None = None
+
+    def _engine(self) -> MatchEngine:
+        if self.engine is None:
+            raise NotReady("models and gallery are still loading; retry shortly")
+        return self.engine
+
+    def _failed(self, rpc: str, request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+        code, message = status_for(exc)
+        request_id = loggable(request_id)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("rpc=%s request_id=%s failed: %s", rpc, request_id, type(exc).__name__,
+                      exc_info=exc)
+        else:
+            request_log.info("rpc=%s request_id=%s status=%s", rpc, request_id, code.name)
+        engine = self.engine
+        if engine is not None:
+            reason = _REJECT_REASON.get(code)
+            if reason is not None:
+                engine.metrics.count_rejected(reason)
+            if rpc in ("Identify", "Verify", "Clear"):
+                engine.metrics.count_decision(rpc, "ERROR")
+        return code, f"{message} (request_id={request_id})"
+
+    async def _unary(self, rpc: str, request_id: str, context: grpc.aio.ServicerContext,
+                     body: Callable[[MatchEngine, float | None], Awaitable[object]]):
+        try:
+            return await body(self._engine(), _deadline(context))
+        except Exception as exc:  # noqa: BLE001 - status_for decides
+            code, message = self._failed(rpc, request_id, exc)
+        # Not context.abort(): the AbortError it raises would carry this frame's traceback,
+        # and with it the request (a 20 MB photo), into grpc's keeping.
+        context.set_code(code)
+        context.set_details(message)
+        return None
+
+    # -- matching -----------------------------------------------------------------------
+
+    async def _analysis(self, engine: MatchEngine, probe: pb.Probe, deadline: float | None
+                        ) -> tuple[Analysis, bytes]:
+        job, template, identity = probe_job(probe, engine.model_id)
+        if job is None:
+            return Analysis([], template[None, :], False), identity
+        return await engine.analyse(job, deadline), identity
+
+    async def _match(self, engine: MatchEngine, call: _Call, deadline: float | None
+                     ) -> pb.MatchResponse:
+        started = time.perf_counter()
+        if call.rpc == "Verify" or (call.rpc == "Clear" and call.traveller_id):
+            # Before any work, and whatever the photo holds: the id goes into the audit
+            # record even when no decision is made (no face, low quality).
+            check_traveller_id(call.traveller_id)
+        analysis, _ = await self._analysis(engine, call.probe, deadline)
+        resp = pb.MatchResponse(request_id=call.request_id, model_id=engine.model_id,
+                                gallery_version=engine.gallery.version,
+                                faces_found=len(analysis.faces))
+        template = analysis.templates[0] if len(analysis.templates) else None
+        decision: Decision | None = None
+        t = time.perf_counter()
+        if analysis.from_image and not analysis.faces:
+            resp.decision, resp.reason = pb.NO_FACE, "no_face"
+        elif analysis.from_image and analysis.faces[0].quality.reasons:
+            resp.face.CopyFrom(face_info(analysis.faces[0]))
+            resp.decision, resp.reason = pb.LOW_QUALITY, "low_quality"
+            resp.quality_reasons.extend(analysis.faces[0].quality.reasons)
+        else:
+            if analysis.from_image:
+                resp.face.CopyFrom(face_info(analysis.faces[0]))
+            decision = await self._decide(engine, call, template, deadline)
+            _fill_decision(resp, decision)
+        if call.all_faces and analysis.from_image and analysis.faces:
+            resp.faces.extend(await self._all_faces(engine, analysis, call.top_k, deadline))
+        search_ms = (time.perf_counter() - t) * 1e3
+        resp.timings_ms.update({k: float(v) for k, v in analysis.timings_ms.items()})
+        resp.timings_ms["search"] = search_ms
+        total_ms = (time.perf_counter() - started) * 1e3
+        resp.timings_ms["total"] = total_ms
+        await self._account(engine, call, resp, decision)
+        return resp
+
+    async def _decide(self, engine: MatchEngine, call: _Call, template: np.ndarray,
+                      deadline: float | None) -> Decision:
+        if call.rpc == "Identify":
+            return (await engine.identify(template[None, :], call.top_k, deadline))[0]
+        if call.rpc == "Verify":
+            decision = await engine.verify(template, call.traveller_id)
+            if decision.reason is Reason.UNKNOWN_TRAVELLER:
+                raise UnknownTraveller(f"traveller {call.traveller_id!r} is not enrolled")
+            return decision
+        return await engine.clear(template, call.traveller_id, call.top_k)
+
+    async def _all_faces(self, engine: MatchEngine, analysis: Analysis, k: int,
+                         deadline: float | None) -> list[pb.FaceMatch]:
+        usable = [i for i, f in enumerate(analysis.faces) if not f.quality.reasons]
+        decisions = (await engine.identify(analysis.templates[usable], k, deadline)
+                     if usable else [])
+        by_face = dict(zip(usable, decisions))
+        return [_face_match(f, by_face.get(i)) for i, f in enumerate(analysis.faces)]
+
+    async def _account(self, engine: MatchEngine, call: _Call, resp: pb.MatchResponse,
+                       decision: Decision | None) -> None:
+        """Metrics, the audit record (durable before the answer leaves), one log line."""
+        name = pb.Decision.Name(resp.decision)
+        engine.metrics.count_decision(call.rpc, name)
+        engine.metrics.observe_stage("search", resp.timings_ms["search"] / 1e3)
+        engine.metrics.observe_stage("total", resp.timings_ms["total"] / 1e3)
+        score = float(resp.score) if resp.HasField("score") else None
+        await engine.record(
+            "decision", rpc=call.rpc, request_id=call.request_id, lane_id=call.lane_id,
+            decision=name, reason=resp.reason, traveller_id=resp.traveller_id or None,
+            claimed_traveller_id=call.traveller_id or None, score=score,
+            threshold=float(resp.threshold) if decision is not None else None,
+            gallery_version=int(resp.gallery_version), model_id=resp.model_id,
+            faces_found=int(resp.faces_found), fallback_used=bool(resp.fallback_used),
+            beyond_calibration=bool(resp.beyond_calibration))
+        request_log.info("rpc=%s request_id=%s lane_id=%s decision=%s reason=%s score=%s "
+                         "faces=%d batch_queue_ms=%.1f total_ms=%.1f", call.rpc,
+                         call.request_id, call.lane_id or "-", name, resp.reason,
+                         "-" if score is None else f"{score:.3f}", resp.faces_found,
+                         resp.timings_ms.get("queue", 0.0), resp.timings_ms["total"])
+
+    @staticmethod
+    def _request_id(given: str) -> str:
+        return given or uuid.uuid4().hex
+
+    def _call(self, kind: str, request) -> _Call:
+        rid = self._request_id(request.request_id)
+        if kind == "identify":
+            return _Call("Identify", request.probe, rid, request.lane_id,
+                         top_k=request.top_k, all_faces=request.all_faces)
+        if kind == "verify":
+            return _Call("Verify", request.probe, rid, request.lane_id,
+                         traveller_id=request.traveller_id)
+        return _Call("Clear", request.probe, rid, request.lane_id,
+                     traveller_id=request.claimed_traveller_id, top_k=request.top_k)
+
+    async def _run_call(self, engine: MatchEngine, call: _Call, deadline: float | None
+                        ) -> pb.MatchResponse:
+        client_id(call.request_id, "request_id")
+        client_id(call.lane_id, "lane_id")
+        call.top_k = _top_k(call.top_k)
+        return await self._match(engine, call, deadline)
+
+    async def Identify(self, request: pb.IdentifyRequest, context) -> pb.MatchResponse:
+        call = self._call("identify", request)
+        return await self._unary(call.rpc, call.request_id, context,
+                                 lambda engine, dl: self._run_call(engine, call, dl))
+
+    async def Verify(self, request: pb.VerifyRequest, context) -> pb.MatchResponse:
+        call = self._call("verify", request)
+        return await self._unary(call.rpc, call.request_id, context,
+                                 lambda engine, dl: self._run_call(engine, call, dl))
+
+    async def Clear(self, request: pb.ClearRequest, context) -> pb.MatchResponse:
+        call = self._call("clear", request)
+        return await self._unary(call.rpc, call.request_id, context,
+                                 lambda engine, dl: self._run_call(engine, call, dl))
+
+    async def LaneStream(self, request_iterator: AsyncIterator[pb.LaneRequest], context
+                         ) -> AsyncIterator[pb.LaneResponse]:
+        """Answer each request as soon as it is done; at most LANE_STREAM_IN_FLIGHT at once."""
+        out: asyncio.Queue[pb.LaneResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(LANE_STREAM_IN_FLIGHT)
+
+        async def answer(request: pb.LaneRequest) -> None:
+            try:
+                # None: bytes that are not a LaneRequest (see server._tolerant_handlers).
+                kind = request.WhichOneof("call") if request is not None else None
+                call = self._call(kind, getattr(request, kind)) if kind else None
+                rid = call.request_id if call else self._request_id("")
+                try:
+                    if call is None:
+                        raise InvalidInput("a LaneRequest must be a valid message that sets "
+                                           "identify, verify or clear")
+                    result = await self._run_call(self._engine(), call, _deadline(context))
+                    await out.put(pb.LaneResponse(request_id=rid, result=result))
+                except Exception as exc:  # noqa: BLE001 - one bad request, stream goes on
+                    code, message = self._failed(call.rpc if call else "LaneStream", rid, exc)
+                    await out.put(pb.LaneResponse(
+                        request_id=rid, error=pb.Error(code=code.value[0], message=message)))
+            finally:
+                slots.release()
+
+        async def read() -> None:
+            tasks: set[asyncio.Task] = set()
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*tasks)
+            finally:
+                await out.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (response := await out.get()) is not None:
+                yield response
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+
+    # -- gallery --------------------------------------------------------------------------
+
+    async def _enroll(self, engine: MatchEngine, request: pb.EnrollRequest | None,
+                      request_id: str, deadline: float | None) -> pb.EnrollResponse:
+        if request is None:  # bytes that are not an EnrollRequest, on a stream
+            raise InvalidInput("the item is not a valid EnrollRequest message")
+        client_id(request.request_id, "request_id")
+        traveller_id = check_traveller_id(request.traveller_id)
+        photos = list(request.photos)
+        if not photos or len(photos) > MAX_TEMPLATES_PER_TRAVELLER:
+            raise InvalidInput(f"send 1 to {MAX_TEMPLATES_PER_TRAVELLER} photos, "
+                               f"got {len(photos)}")
+        analyses = await asyncio.gather(*(self._analysis(engine, p, deadline) for p in photos))
+        templates, shas = [], []
+        for number, (analysis, identity) in enumerate(analyses, 1):
+            if analysis.from_image:
+                if not analysis.faces:
+                    raise InvalidInput(f"photo {number} has no face")
+                reasons = analysis.faces[0].quality.reasons
+                if reasons and not request.accept_low_quality:
+                    raise InvalidInput(f"photo {number}: the face fails the quality gate "
+                                       f"({', '.join(reasons)}); retake it or set "
+                                       f"accept_low_quality")
+            templates.append(analysis.templates[0])
+            shas.append(sha256_hex(identity))
+        now = time.time()
+        valid_from = _epoch(request.valid_from) if request.HasField("valid_from") else now
+        valid_to = (_epoch(request.valid_to) if request.HasField("valid_to")
+                    else valid_from + DEFAULT_WINDOW_S)
+        result = await engine.enroll(traveller_id, np.stack(templates), valid_from, valid_to,
+                                     shas, deadline)
+        await engine.record("enrol", request_id=request_id, traveller_id=traveller_id,
+                            gallery_version=result.gallery_version,
+                            added_templates=result.added_templates, changed=result.changed)
+        request_log.info("rpc=Enroll request_id=%s photos=%d added=%d gallery_version=%d",
+                         request_id, len(photos), result.added_templates,
+                         result.gallery_version)
+        return pb.EnrollResponse(request_id=request_id, traveller_id=traveller_id,
+                                 gallery_version=result.gallery_version,
+                                 added_templates=result.added_templates,
+                                 changed=result.changed)
+
+    async def Enroll(self, request: pb.EnrollRequest, context) -> pb.EnrollResponse:
+        rid = self._request_id(request.request_id)
+        return await self._unary("Enroll", rid, context,
+                                 lambda engine, dl: self._enroll(engine, request, rid, dl))
+
+    async def EnrollStream(self, request_iterator: AsyncIterator[pb.EnrollRequest], context
+                           ) -> AsyncIterator[pb.EnrollResponse]:
+        """Up to ENROLL_STREAM_IN_FLIGHT enrolments run at once; answers keep request order."""
+        window: collections.deque[tuple[str, asyncio.Task]] = collections.deque()
+
+        async def one(request: pb.EnrollRequest, rid: str) -> pb.EnrollResponse:
+            try:
+                return await self._enroll(self._engine(), request, rid, _deadline(context))
+            except Exception as exc:  # noqa: BLE001 - one bad item, bulk goes on
+                code, message = self._failed("EnrollStream", rid, exc)
+                return pb.EnrollResponse(
+                    request_id=loggable(rid),
+                    traveller_id=request.traveller_id if request is not None else "",
+                    error=pb.Error(code=code.value[0], message=message))
+
+        try:
+            async for request in request_iterator:
+                rid = self._request_id(request.request_id if request is not None else "")
+                window.append((rid, asyncio.create_task(one(request, rid))))
+                if len(window) >= ENROLL_STREAM_IN_FLIGHT:
+                    yield await window.popleft()[1]
+            while window:
+                yield await window.popleft()[1]
+        finally:
+            for _, task in window:
+                task.cancel()
+
+    async def Remove(self, request: pb.RemoveRequest, context) -> pb.RemoveResponse:
+        rid = self._request_id(request.request_id)
+
+        async def body(engine: MatchEngine, deadline: float | None) -> pb.RemoveResponse:
+            client_id(request.request_id, "request_id")
+            traveller_id = check_traveller_id(request.traveller_id)
+            version = await engine.remove(traveller_id, deadline)
+            await engine.record("remove", request_id=rid, traveller_id=traveller_id,
+                                gallery_version=version)
+            request_log.info("rpc=Remove request_id=%s gallery_version=%d", rid, version)
+            return pb.RemoveResponse(gallery_version=version)
+
+        return await self._unary("Remove", rid, context, body)
+
+    async def GetTraveller(self, request: pb.GetTravellerRequest, context) -> pb.TravellerInfo:
+        async def body(engine: MatchEngine, deadline: float | None) -> pb.TravellerInfo:
+            t = await engine.get_traveller(check_traveller_id(request.traveller_id))
+            info = pb.TravellerInfo(traveller_id=t.traveller_id, templates=len(t.templates),
+                                    photo_sha256=list(t.photo_sha256s), model_id=t.model_id)
+            info.valid_from.FromNanoseconds(int(t.valid_from * 1e9))
+            info.valid_to.FromNanoseconds(int(t.valid_to * 1e9))
+            return info
+
+        return await self._unary("GetTraveller", self._request_id(""), context, body)
+
+    async def GetGalleryInfo(self, request, context) -> pb.GalleryInfo:
+        async def body(engine: MatchEngine, deadline: float | None) -> pb.GalleryInfo:
+            g, decider = engine.gallery, engine.decider
+            many = decider.point_1toN()
+            return pb.GalleryInfo(
+                gallery_version=g.version, travellers=g.size, templates=g.templates,
+                model_id=engine.model_id, index_kind=g.index_kind, role=self.role,
+                snapshot=self.snapshot_name,
+                threshold_1to1=decider.point_1to1.threshold, threshold_1ton=many.threshold,
+                fmr_1to1=decider.policy.fmr_1to1, fpir_1ton=decider.policy.fpir_1toN,
+                max_supported_gallery_size=many.max_gallery_size,
+                one_to_many_supported=many.supported,
+                score_model=decider.score_model.settings_hash)
+
+        return await self._unary("GetGalleryInfo", self._request_id(""), context, body)
+
+    async def PublishSnapshot(self, request, context) -> pb.PublishSnapshotResponse:
+        async def body(engine: MatchEngine, deadline: float | None):
+            if self.publish is None:
+                raise GalleryError("this server cannot publish snapshots (it is a replica)")
+            name, version = await self.publish()
+            return pb.PublishSnapshotResponse(snapshot=name, gallery_version=version)
+
+        return await self._unary("PublishSnapshot", self._request_id(""), context, body)

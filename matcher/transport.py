@@ -1,0 +1,58 @@
+"""How client and server reach each other: the service name, addresses, TLS credentials.
+
+Shared by the client and the server side, so the client never imports the server.
+"""
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import grpc
+
+from .errors import AuthConfigError
+
+SERVICE = "matcher.v1.Matcher"
+
+
+def is_loopback(host: str) -> bool:
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise AuthConfigError(f"listen address must be HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+def server_credentials(cert: str | Path, key: str | Path, client_ca: str | Path | None = None
+                       ) -> grpc.ServerCredentials:
+    """TLS from PEM files; with ``client_ca``, mutual TLS: clients must present a
+    certificate signed by that CA."""
+    try:
+        pair = (Path(key).read_bytes(), Path(cert).read_bytes())
+        ca = Path(client_ca).read_bytes() if client_ca else None
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read TLS file: {exc}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def channel_credentials(ca: str | Path | None = None, cert: str | Path | None = None,
+                        key: str | Path | None = None) -> grpc.ChannelCredentials:
+    """Client side: trust ``ca`` (system roots if None); ``cert`` + ``key`` for mTLS."""
+    if (cert is None) != (key is None):
+        raise AuthConfigError("a client certificate needs its key, and a key its certificate")
+    try:
+        return grpc.ssl_channel_credentials(
+            Path(ca).read_bytes() if ca else None,
+            Path(key).read_bytes() if key else None,
+            Path(cert).read_bytes() if cert else None)
+    except OSError as exc:
+        raise AuthConfigError(f"cannot read TLS file: {exc}") from None

@@ -3,9 +3,9 @@
 Compiler directives are set once here. MATCHER_DEBUG_NATIVE=1 turns bounds and
 wraparound checks back on (and drops optimisation) for a debugging build.
 
-No OpenMP: the kernels run serially with the GIL released. On the 2-core shared boxes
-we target, a prange team was up to 200x slower whenever another process held a core
-(see native/imaging.pyx, warp_faces_to_batch); parallelism comes from concurrent requests.
+No OpenMP: the kernels run serially with the GIL released and parallelism comes from
+concurrent requests; an OpenMP team stalls whenever another process holds a core
+(docs/pipeline.md#native-kernels).
 """
 import os
 

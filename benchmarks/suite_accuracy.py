@@ -103,7 +103,7 @@ def _operating_points(model_id: str, impostor: np.ndarray) -> list[tuple[str, fl
         from matcher.gallery.scoremodel import load_score_model
     except ImportError:  # the decision module is not there: report the empirical points
         return [("empirical_fmr_0", float(impostor.max()) + 1e-6,
-                 "just above the highest impostor score (no decision.py)")]
+                 "just above the highest impostor score (no gallery/decision.py)")]
     policy = DecisionPolicy()
     model = load_score_model(model_id)
     point = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold)

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from matcher import _native, _reference
-from matcher import pipeline as pipeline_module
+from matcher.face import pipeline as pipeline_module
 from matcher.face.alignment import alignment_transforms
 from matcher.face.pipeline import (ANCHORS_PER_CELL, DET_INV_STD, DET_MEAN, EMB_INV_STD, EMB_MEAN,
                                    STRIDES, DetectorConfig, Pipeline, letterbox_geometry)

@@ -36,8 +36,9 @@ import numpy as np
 from matcher.face.models import default_pack
 from matcher.face.pipeline import Pipeline
 from matcher.gallery.store import Enrolment, Store
-from matcher.reindex.job import (ReindexConfig, embed_on_ray, face_verdict, hash_photos,
-                                 run_reindex, start_ray)
+from matcher.reindex.cache import hash_photos
+from matcher.reindex.embedding import embed_on_ray, face_verdict, start_ray
+from matcher.reindex.job import ReindexConfig, run_reindex
 
 from ._faces import faces_dir
 from .harness import Report

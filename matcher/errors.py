@@ -1,4 +1,4 @@
-"""Typed errors a caller can act on; service.py maps each kind to one gRPC status code.
+"""Typed errors a caller can act on; service/servicer.py maps each kind to one gRPC status code.
 
 Messages are written for a lane operator and never contain image bytes or templates.
 """

@@ -12,6 +12,7 @@ import grpc
 from .errors import AuthConfigError
 
 SERVICE = "matcher.v1.Matcher"
+DEFAULT_LISTEN = "127.0.0.1:50051"
 
 
 def is_loopback(host: str) -> bool:

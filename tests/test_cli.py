@@ -1,4 +1,5 @@
-"""The ``matcher`` command through a real subprocess: embed --json and compare."""
+"""The ``matcher`` command: embed --json and compare through a real subprocess, the lazy
+command table, and ``--data`` on every command that takes a data directory."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from matcher.cli import COMMANDS, build_parser, main
 from matcher.face.pipeline import Pipeline, largest_face
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,3 +116,74 @@ def test_embed_survives_every_kind_of_bad_file(faces_dir: Path, tmp_path: Path) 
         assert name in proc.stderr, f"{name} not reported"
     (record,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert Path(record["file"]).name == "obama_small.jpg"
+
+
+# Imported by a command only when it needs them; `matcher audit verify` and `matcher --help`
+# need none of them.
+HEAVY = ("numpy", "onnxruntime", "faiss", "grpc", "matcher.face", "matcher.gallery",
+         "matcher.service.server")
+_PROBE = """
+import json, sys
+from matcher.cli import main
+try:
+    rc = main(sys.argv[1:])
+except SystemExit as exc:
+    rc = exc.code
+heavy = [m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
+cli = [m for m in sys.modules if m.startswith("matcher.cli.")]
+print(json.dumps({"rc": rc, "heavy": sorted(heavy), "cli": sorted(cli)}))
+"""
+
+
+def _probe(*args: str) -> tuple[str, dict]:
+    """Run main(args) in a fresh interpreter: its output and what it imported."""
+    code = f"HEAVY = {HEAVY!r}\n{_PROBE}"
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    out, _, last = proc.stdout.rstrip("\n").rpartition("\n")
+    return out, json.loads(last)
+
+
+def test_audit_verify_imports_only_its_own_module(tmp_path: Path) -> None:
+    from matcher.service.audit import AuditLog
+
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path) as log:
+        for i in range(3):
+            log.append("decision", lane_id="K-01", request_id=f"req-{i}", decision="MATCH",
+                       traveller_id=f"T-{i}")
+    out, seen = _probe("audit", "verify", str(path))
+    assert seen["rc"] == 0 and out.startswith("ok: 3 records"), out
+    assert seen["heavy"] == []
+    assert seen["cli"] == ["matcher.cli.audit", "matcher.cli.options"]
+
+
+def test_help_lists_every_command_without_importing_any() -> None:
+    out, seen = _probe("--help")
+    assert seen["rc"] == 0
+    for name, (_, text) in COMMANDS.items():
+        assert name in out and text.split()[0] in out, name
+    assert seen["heavy"] == [] and seen["cli"] == []
+
+
+@pytest.mark.parametrize("argv, old", [
+    (["serve"], None),
+    (["demo"], None),
+    (["reindex", "--manifest", "bookings.csv"], "--out"),
+    (["gallery", "stats"], "--data-dir"),
+    (["gallery", "export-snapshot"], "--data-dir"),
+    (["gallery", "verify-snapshot", "SNAP"], "--data-dir"),
+    (["gallery", "rewrap"], "--data-dir"),
+])
+def test_every_data_directory_is_data(argv: list[str], old: str | None, capsys) -> None:
+    parser = build_parser(argv[0])
+    assert parser.parse_args([*argv, "--data", "D"]).data == Path("D")
+    if old:  # the earlier spelling still works, and is not advertised
+        assert parser.parse_args([*argv, old, "D"]).data == Path("D")
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    shown = capsys.readouterr().out
+    assert "--data DIR" in shown and "--data-dir" not in shown
+    if old == "--out":
+        assert "--out" not in shown

@@ -156,7 +156,7 @@ def test_animated_images_are_refused(fmt: str) -> None:
 
 
 def test_every_refusal_is_an_invalid_input() -> None:
-    """service.py maps InvalidInput to one status code; no other exception type leaks."""
+    """service/servicer.py maps InvalidInput to one status code; no other exception type leaks."""
     rng = np.random.default_rng(2)
     good = _encode(Image.fromarray(_gradient()), "JPEG")
     for data in (b"", rng.bytes(100), good[:200], good[:-300], b"\x89PNG\r\n\x1a\n" + rng.bytes(64),

@@ -52,7 +52,7 @@ def _top(g: Gallery, probe: np.ndarray) -> str | None:
 def _stats(data: Path, capsys) -> dict:
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["gallery", "stats", "--data-dir", str(data),
+    args = parser.parse_args(["gallery", "stats", "--data", str(data),
                               "--model-id", MODEL])
     assert args.func(args) == 0
     return json.loads(capsys.readouterr().out)

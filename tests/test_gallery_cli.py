@@ -37,27 +37,38 @@ def data_dir(tmp_path):
 
 
 def test_export_then_stats_then_verify(data_dir, capsys):
-    code, out = run(["gallery", "export-snapshot", "--data-dir", str(data_dir)], capsys)
+    code, out = run(["gallery", "export-snapshot", "--data", str(data_dir)], capsys)
     exported = json.loads(out)
     assert code == 0 and exported["gallery_version"] == 13 and exported["travellers"] == 11
-    code, out = run(["gallery", "stats", "--data-dir", str(data_dir)], capsys)
+    code, out = run(["gallery", "stats", "--data", str(data_dir)], capsys)
     stats = json.loads(out)
     assert code == 0 and stats["model_id"] == MODEL
     assert (stats["travellers"], stats["templates"], stats["gallery_version"]) == (11, 11, 13)
     assert stats["snapshots"][0]["ok"] and stats["snapshots"][0]["behind"] == 0
 
     snap = exported["snapshot"]
-    code, out = run(["gallery", "verify-snapshot", "--data-dir", str(data_dir), snap], capsys)
+    code, out = run(["gallery", "verify-snapshot", "--data", str(data_dir), snap], capsys)
     assert code == 0 and out.startswith("ok:") and "11 travellers" in out
     with open(f"{snap}/windows.npy", "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\x00\x01\x02\x03")
     code, out = run(["gallery", "verify-snapshot", snap], capsys)
     assert code == 1 and "REFUSED" in out and "checksum" in out
-    code, out = run(["gallery", "stats", "--data-dir", str(data_dir)], capsys)
+    code, out = run(["gallery", "stats", "--data", str(data_dir)], capsys)
     assert not json.loads(out)["snapshots"][0]["ok"]
 
 
 def test_missing_store_is_a_clear_error(tmp_path, capsys):
-    code, _ = run(["gallery", "stats", "--data-dir", str(tmp_path / "nothing")], capsys)
+    code, _ = run(["gallery", "stats", "--data", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "no gallery store" in run.err
+
+
+def test_the_old_data_dir_spelling_still_works(data_dir, capsys):
+    code, out = run(["gallery", "stats", "--data-dir", str(data_dir)], capsys)
+    assert code == 0 and json.loads(out)["travellers"] == 11
+
+
+def test_export_offers_every_index_kind(data_dir, capsys):
+    code, out = run(["gallery", "export-snapshot", "--data", str(data_dir),
+                     "--index-kind", "binary"], capsys)
+    assert code == 0 and json.loads(out)["index_kind"] == "binary"

@@ -401,7 +401,7 @@ def test_missing_extension_tells_user_to_build(monkeypatch):
 @pytest.mark.slow
 def test_pipeline_with_native_kernels_separates_people(pipeline, faces_dir, face_labels,
                                                        single_face_files):
-    from matcher import pipeline as pipeline_module
+    from matcher.face import pipeline as pipeline_module
 
     assert pipeline_module._native is _native
     templates = {}

@@ -8,11 +8,30 @@ REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
 
-def test_every_module_is_named_in_the_readme() -> None:
-    modules = sorted(p.name for p in (REPO / "matcher").glob("*.py") if p.name != "__init__.py")
-    missing = [m for m in modules if m not in README and not (
-        m.endswith("_cli.py") and "*_cli.py" in README and m[:-3] in README)]
-    assert not missing, f"modules the README does not name: {missing}"
+def layout_tree() -> set[str]:
+    """The .py paths the README's "Layout" tree names, rebuilt from its indentation."""
+    section = README.split("\n## Layout", 1)[1]
+    block = section.split("```", 2)[1]
+    paths, stack = set(), []
+    for line in block.splitlines()[1:]:
+        if not line.strip():
+            continue
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        name = line.split()[0]
+        stack = stack[:depth] + [name.rstrip("/")]
+        if name.endswith(".py"):
+            paths.add("/".join(stack))
+    return paths
+
+
+def test_the_layout_tree_is_the_package() -> None:
+    """Every module is in the README's tree, where it lives, and the tree names no other."""
+    package = REPO / "matcher"
+    modules = {str(p.relative_to(REPO)) for p in package.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py") and "v1" not in p.parts}
+    tree = layout_tree()
+    assert sorted(modules - tree) == [], "modules the README's tree does not show"
+    assert sorted(tree - modules) == [], "the README's tree shows modules that do not exist"
 
 
 def test_every_relative_link_and_image_exists() -> None:

@@ -29,8 +29,10 @@ from matcher.client import MatcherClient
 from matcher.face.models import default_pack
 from matcher.gallery.primary import SNAPSHOT_DIR, STORE_FILE, Gallery
 from matcher.gallery.snapshot import list_snapshots, verify_snapshot
-from matcher.reindex.job import (OUTCOMES_FILE, SUMMARY_FILE, PhotoEmbedder, ReindexConfig,
-                                 embed_inline, run_reindex)
+from matcher.reindex.cache import OUTCOMES_FILE
+from matcher.reindex.embedding import PhotoEmbedder, embed_inline
+from matcher.reindex.job import ReindexConfig, run_reindex
+from matcher.reindex.report import SUMMARY_FILE
 from matcher.v1 import matcher_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +112,7 @@ def _reindex_cli(manifest: Path, data_dir: Path) -> tuple[dict, float]:
     started = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "matcher.cli", "reindex", "--manifest", str(manifest),
-         "--out", str(data_dir), "--num-cpus", "2", "--actors", "2",
+         "--data", str(data_dir), "--num-cpus", "2", "--actors", "2",
          "--memory-per-actor-mb", "256", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=300)
     seconds = time.perf_counter() - started
@@ -400,7 +402,8 @@ def test_two_runs_on_one_data_dir_do_not_overlap(faces_dir: Path, tmp_path: Path
 POWER_CUT = """
 import os, sys
 from pathlib import Path
-from matcher.reindex.job import ReindexConfig, embed_inline, run_reindex
+from matcher.reindex.embedding import embed_inline
+from matcher.reindex.job import ReindexConfig, run_reindex
 
 config = ReindexConfig(Path(sys.argv[1]), Path(sys.argv[2]), use_ray=False, progress=False,
                        batch_size=1, store_batch_travellers=2, store_batch_ms=1e9)

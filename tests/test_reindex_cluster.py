@@ -34,7 +34,8 @@ from matcher.face.models import default_pack
 from matcher.gallery.primary import STORE_FILE
 from matcher.gallery.snapshot import verify_snapshot
 from matcher.gallery.store import Store
-from matcher.reindex.job import SUMMARY_FILE, PhotoEmbedder
+from matcher.reindex.embedding import PhotoEmbedder
+from matcher.reindex.report import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 HELPER = Path(__file__).with_name("loopback_ray_cluster.py")
@@ -223,7 +224,7 @@ def test_night_on_a_two_node_loopback_cluster(tmp_path: Path, faces_dir: Path,
         started = time.perf_counter()
         proc = subprocess.run(
             [sys.executable, "-m", "matcher.cli", "reindex",
-             "--manifest", str(tmp_path / "bookings.csv"), "--out", str(data_dir),
+             "--manifest", str(tmp_path / "bookings.csv"), "--data", str(data_dir),
              "--ray-address", cluster.address, "--actors", str(NODES), "--batch-size", "2",
              "--actor-start-timeout", "300", "--no-progress", "--json"],
             cwd=REPO, env=cluster.driver_env, capture_output=True, text=True, timeout=400)
@@ -282,7 +283,7 @@ def test_an_address_nobody_answers_at_fails_at_once(tmp_path: Path, faces_dir: P
     _write_manifest(tmp_path / "bookings.csv", faces_dir, ["obama_1.jpg"])
     proc = subprocess.run(
         [sys.executable, "-m", "matcher.cli", "reindex",
-         "--manifest", str(tmp_path / "bookings.csv"), "--out", str(tmp_path / "data"),
+         "--manifest", str(tmp_path / "bookings.csv"), "--data", str(tmp_path / "data"),
          "--ray-address", f"127.0.0.1:{port}", "--no-progress"],
         cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
@@ -292,7 +293,8 @@ def test_an_address_nobody_answers_at_fails_at_once(tmp_path: Path, faces_dir: P
 LOCAL_RAY = """
 import json, sys
 from pathlib import Path
-from matcher.reindex.job import ReindexConfig, start_ray
+from matcher.reindex.embedding import start_ray
+from matcher.reindex.job import ReindexConfig
 start_ray(ReindexConfig(Path("unused.csv"), Path("unused"), num_cpus=1))
 import ray
 ray.get(ray.remote(lambda: None).remote())  # a worker process up as well
@@ -326,7 +328,7 @@ def test_actors_the_cluster_cannot_place_fail_the_run_with_the_reason(
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     proc = subprocess.run(
         [sys.executable, "-m", "matcher.cli", "reindex",
-         "--manifest", str(tmp_path / "bookings.csv"), "--out", str(tmp_path / "data"),
+         "--manifest", str(tmp_path / "bookings.csv"), "--data", str(tmp_path / "data"),
          "--num-cpus", "1", "--memory-per-actor-mb", str(10 ** 8),
          "--actor-start-timeout", "1", "--no-progress"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

@@ -6,11 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-
-def _model_pack(args: argparse.Namespace):
-    from .serve import _model_pack as pack_from_args
-
-    return pack_from_args(args)
+from .options import add_command, add_model_pack_options, model_pack
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -18,7 +14,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..face.pipeline import Pipeline
 
     # Exactly the served pipeline: default detector settings and quality gate.
-    pipeline = Pipeline(_model_pack(args), threads=args.threads)
+    pipeline = Pipeline(model_pack(args), threads=args.threads)
     model, report = calibrate(Path(args.labels), pipeline, cache_dir=args.cache,
                               bootstrap=args.bootstrap, seed=args.seed, workers=args.workers)
     model.save(Path(args.out))
@@ -110,8 +106,8 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("calibrate", help="derive a score model from labelled photos")
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = add_command(subparsers, "calibrate")
     p.add_argument("--labels", required=True,
                    help="folder with labels.csv (file,identity) and the photos it names")
     p.add_argument("--out", required=True, help="score model JSON to write")
@@ -121,12 +117,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache", type=Path, help="reuse/keep the embedded photos in this folder")
     p.add_argument("--workers", type=int, default=2, help="photos analysed at once")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads per call")
-    from .serve import add_model_pack_options
-
     add_model_pack_options(p)  # the pack to calibrate, as 'matcher serve' takes it
     p.set_defaults(func=cmd_calibrate)
 
-    p = subparsers.add_parser("thresholds", help="print the thresholds the service uses")
+    p = add_command(subparsers, "thresholds")
     p.add_argument("--json", action="store_true")
     p.add_argument("--table", action="store_true",
                    help="a markdown table over FMR targets and gallery sizes")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from ..errors import GalleryError, SnapshotError
+from .options import add_command, add_data_option
 
 
 def _model_id(args: argparse.Namespace, store_path: Path) -> str:
@@ -29,7 +30,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from ..gallery.snapshot import list_snapshots, verify_snapshot
     from ..gallery.store import Store
 
-    data_dir = Path(args.data_dir)
+    data_dir = args.data
     store_path = data_dir / STORE_FILE
     if not store_path.is_file():
         print(f"error: no gallery store at {store_path}", file=sys.stderr)
@@ -68,7 +69,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..gallery.primary import STORE_FILE, Gallery, GalleryConfig
     from ..gallery.snapshot import verify_snapshot
 
-    data_dir = Path(args.data_dir)
+    data_dir = args.data
     if not (data_dir / STORE_FILE).is_file():
         print(f"error: no gallery store at {data_dir / STORE_FILE}", file=sys.stderr)
         return 2
@@ -87,15 +88,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Exit 0 if the snapshot is intact (and fits the store, with --data-dir), else 1."""
+    """Exit 0 if the snapshot is intact (and fits the store, with --data), else 1."""
     from ..gallery.index import IndexConfig
     from ..gallery.primary import STORE_FILE
     from ..gallery.snapshot import read_snapshot, verify_snapshot
     from ..gallery.store import Store
 
     try:
-        if args.data_dir:
-            store_path = Path(args.data_dir) / STORE_FILE
+        if args.data:
+            store_path = args.data / STORE_FILE
             with Store.open(store_path, _model_id(args, store_path)) as store:
                 m, index = read_snapshot(args.path, store.model_id, store.store_id,
                                          IndexConfig())
@@ -126,7 +127,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     from ..gallery.primary import STORE_FILE
     from ..gallery.store import Store
 
-    store_path = Path(args.data_dir) / STORE_FILE
+    store_path = args.data / STORE_FILE
     if not store_path.is_file():
         print(f"error: no gallery store at {store_path}", file=sys.stderr)
         return 2
@@ -144,13 +145,15 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("gallery", help="gallery store and snapshots")
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    from ..gallery.index import INDEX_KINDS  # every gallery command opens the store or index
+
+    p = add_command(subparsers, "gallery")
     sub = p.add_subparsers(dest="gallery_command", required=True)
 
-    def common(q: argparse.ArgumentParser, data_dir_required: bool = True) -> None:
-        q.add_argument("--data-dir", required=data_dir_required,
-                       help="gallery folder (gallery.sqlite3 and snapshots/)")
+    def common(q: argparse.ArgumentParser, data_required: bool = True) -> None:
+        add_data_option(q, "--data-dir", required=data_required,
+                        help="gallery folder (gallery.sqlite3 and snapshots/)")
         q.add_argument("--model-id", help="default: the model the store was made for")
 
     s = sub.add_parser("stats", help="counts, versions and snapshot health as JSON")
@@ -159,28 +162,23 @@ def add_parser(subparsers) -> None:
 
     e = sub.add_parser("export-snapshot", help="rebuild from the store and write a snapshot")
     common(e)
-    e.add_argument("--out", help="snapshot root (default: DATA_DIR/snapshots)")
-    e.add_argument("--index-kind", default="auto", choices=["auto", "flat", "hnsw", "ivf"])
+    e.add_argument("--out", help="snapshot root (default: DIR/snapshots)")
+    e.add_argument("--index-kind", default="auto", choices=INDEX_KINDS)
     e.add_argument("--sq8", action="store_true", help="8-bit codes in an approximate index")
     e.add_argument("--no-rebuild", action="store_true",
                    help="write the current snapshot's index as is (changes are replayed)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser("verify-snapshot", help="check a snapshot's checksums and identity")
-    common(v, data_dir_required=False)
+    common(v, data_required=False)
     v.add_argument("path", help="a snapshot folder (gallery-v...)")
     v.set_defaults(func=cmd_verify)
 
     r = sub.add_parser("rewrap", help="re-encrypt templates under the current key "
                                       "(key from MATCHER_TEMPLATE_KEY[_FILE])")
-    r.add_argument("--data-dir", "--data", dest="data_dir", required=True,
-                   help="gallery folder (gallery.sqlite3 and snapshots/)")
-    r.add_argument("--model-id", help="default: the model the store was made for")
+    common(r)
     r.add_argument("--from-plain", action="store_true",
                    help="also encrypt templates stored without a key (turning encryption on)")
     r.add_argument("--batch", type=_positive_int, default=500,
                    help="rows per write transaction (default 500)")
     r.set_defaults(func=cmd_rewrap)
-
-
-add_gallery_parser = add_parser

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
+
+from .options import add_command, add_data_option
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
@@ -17,7 +18,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         for name in ("matcher.gallery.store", "matcher.gallery.primary"):
             logging.getLogger(name).setLevel(logging.WARNING)
     config = ReindexConfig(
-        manifest=args.manifest, data_dir=args.out, rejects_path=args.rejects,
+        manifest=args.manifest, data_dir=args.data, rejects_path=args.rejects,
         use_ray=not args.no_ray, ray_address=args.ray_address, actors=args.actors,
         cpus_per_actor=args.cpus_per_actor, memory_per_actor_mb=args.memory_per_actor_mb,
         ort_threads=args.ort_threads,
@@ -33,18 +34,18 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "reindex", help="embed a bookings manifest and publish a fresh gallery snapshot",
+    p = add_command(
+        subparsers, "reindex",
         description="Embed every booking photo of a manifest (CSV or Parquet with columns "
                     "traveller_id, photo, valid_from, valid_to), refuse bad rows into a "
                     "rejects file, delete travellers no longer booked, and publish a "
                     "snapshot a running 'matcher serve' on the same data dir swaps in. "
                     "Reruns skip photos already in the store.")
     p.add_argument("--manifest", type=Path, required=True, help="bookings .csv or .parquet")
-    p.add_argument("--out", type=Path, required=True,
-                   help="the gallery data dir (store + snapshots), shared with 'matcher serve'")
+    add_data_option(p, "--out", required=True,
+                    help="the gallery data dir (store + snapshots), shared with 'matcher serve'")
     p.add_argument("--rejects", type=Path, default=None,
-                   help="rejects CSV (row, traveller_id, reason); default OUT/rejects.csv")
+                   help="rejects CSV (row, traveller_id, reason); default DIR/rejects.csv")
     ray = p.add_argument_group("Ray (default: a private local Ray instance)")
     ray.add_argument("--ray-address", default=None,
                      help="join this Ray cluster: its head's HOST:PORT as 'ray start "
@@ -71,8 +72,3 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_reindex)
 
-
-if __name__ == "__main__":  # pragma: no cover - convenience for `python -m`
-    from ..cli import main
-
-    sys.exit(main(["reindex", *sys.argv[1:]]))

@@ -1,62 +1,22 @@
-"""``matcher serve | demo | lane | identify | verify | enroll``: the service and its clients."""
+"""``matcher serve | demo``: run the gRPC matching service."""
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import logging
 import os
-import sys
 from pathlib import Path
 
-from ..service.batching import BatchConfig
-from ..service.server import DEFAULT_LISTEN, DEFAULT_METRICS_LISTEN, ServerConfig, default_data_dir
-
-log = logging.getLogger(__name__)
+from .options import add_command, add_data_option, add_model_pack_options, model_pack
 
 
-# -- serving -----------------------------------------------------------------------------
+def _server_config(args: argparse.Namespace, demo: bool):
+    from ..service.batching import BatchConfig
+    from ..service.server import ServerConfig
 
-def _model_pack(args: argparse.Namespace):
-    from ..face.models import ModelPack, default_pack
-
-    given = [args.detector, args.detector_sha256, args.embedder, args.embedder_sha256]
-    precision = getattr(args, "embedder_precision", None)
-    if not any(given):
-        return default_pack(precision) if precision else None
-    if precision:
-        raise SystemExit("--embedder-precision chooses a packaged embedder; a custom "
-                         "--embedder is used as given")
-    if not all(given):
-        raise SystemExit("a custom model pack needs --detector, --detector-sha256, "
-                         "--embedder and --embedder-sha256")
-    return ModelPack.from_paths(args.detector, args.detector_sha256, args.embedder,
-                                args.embedder_sha256)
-
-
-def add_model_pack_options(p: argparse.ArgumentParser) -> None:
-    """The model pack: the packaged one (fp32 or int8 embedder) or one given by path."""
-    p.add_argument("--detector", help="SCRFD-family ONNX file (5 keypoints) instead of the "
-                                      "packaged one")
-    p.add_argument("--detector-sha256", help="pinned sha256 of --detector")
-    p.add_argument("--embedder", help="ArcFace-family 112x112 ONNX embedder")
-    p.add_argument("--embedder-sha256", help="pinned sha256 of --embedder")
-    add_precision_option(p)
-
-
-def add_precision_option(p: argparse.ArgumentParser) -> None:
-    from ..face.models import PRECISIONS
-
-    p.add_argument("--embedder-precision", choices=sorted(PRECISIONS), default=None,
-                   help="packaged embedder: fp32 (default) or its int8 variant, which has "
-                        "a model id and score model of its own (docs/operating-points.md)")
-
-
-def _server_config(args: argparse.Namespace, demo: bool) -> ServerConfig:
     metrics = None if args.metrics_listen in ("", "off") else args.metrics_listen
     return ServerConfig(
-        model_pack=_model_pack(args),
-        listen=args.listen, data_dir=Path(args.data),
+        model_pack=model_pack(args),
+        listen=args.listen, data_dir=args.data,
         role="replica" if args.replica_of else "writer",
         snapshot_source=Path(args.replica_of) if args.replica_of else None,
         watch_interval_s=args.watch_interval,
@@ -80,6 +40,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..client import MatcherClient
     from ..face.models import demo_photo
     from ..service.server import serve
+    from .client import format_match
 
     config = _server_config(args, demo=True)
     probe = demo_photo("yaoming.jpg")
@@ -103,10 +64,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
+    # The defaults live with the server: imported only when serve or demo is the command.
+    from ..service.batching import BatchConfig
+    from ..service.server import DEFAULT_METRICS_LISTEN, ServerConfig, default_data_dir
+    from ..transport import DEFAULT_LISTEN
+
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
-    p.add_argument("--data", default=str(default_data_dir()),
-                   help="data directory: gallery.sqlite3, snapshots/, audit.log "
-                        "(default $MATCHER_DATA or ~/.matcher)")
+    add_data_option(p, default=str(default_data_dir()),
+                    help="data directory: gallery.sqlite3, snapshots/, audit.log "
+                         "(default $MATCHER_DATA or ~/.matcher)")
     p.add_argument("--replica-of", metavar="SNAPSHOT_DIR",
                    help="serve read-only from the writer's snapshots in this folder")
     p.add_argument("--watch-interval", type=float, default=2.0,
@@ -117,7 +83,8 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="CA for client certificates: turns on mutual TLS")
     p.add_argument("--tokens", type=Path, help="token file, one role:token per line")
     p.add_argument("--metrics-listen", default=DEFAULT_METRICS_LISTEN,
-                   help=f"Prometheus /metrics HOST:PORT, or 'off' (default {DEFAULT_METRICS_LISTEN})")
+                   help="Prometheus /metrics HOST:PORT, or 'off' "
+                        f"(default {DEFAULT_METRICS_LISTEN})")
     defaults = BatchConfig()
     p.add_argument("--audit-failure", choices=("fail_closed", "fail_open"),
                    default=ServerConfig.audit_failure,
@@ -136,201 +103,14 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="score model from 'matcher calibrate' (default: the shipped one)")
 
 
-# -- clients -----------------------------------------------------------------------------
-
-def format_match(name: str, resp) -> str:
-    from ..v1 import matcher_pb2 as pb
-
-    decision = pb.Decision.Name(resp.decision)
-    parts = [f"{name}: {decision}"]
-    if resp.traveller_id:
-        parts.append(resp.traveller_id)
-    if resp.HasField("score"):
-        parts.append(f"score {resp.score:.3f} (threshold {resp.threshold:.3f})")
-    if resp.quality_reasons:
-        parts.append("quality: " + ", ".join(resp.quality_reasons))
-    if decision == "NO_MATCH":
-        parts.append(f"reason {resp.reason}")
-    parts.append(f"faces {resp.faces_found}, gallery v{resp.gallery_version}, "
-                 f"{resp.timings_ms.get('total', 0.0):.1f} ms")
-    return "  ".join(parts)
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        return Path(args.token_file).read_text(encoding="utf-8").strip()
-    return os.environ.get("MATCHER_TOKEN") or None
-
-
-def _servers(args: argparse.Namespace) -> list[str]:
-    return [a for s in args.server for a in s.split(",") if a]
-
-
-def _client(args: argparse.Namespace):
-    from ..client import MatcherClient
-
-    return MatcherClient(_servers(args), token=_token(args), ca=args.ca, cert=args.cert,
-                         key=args.key, timeout=args.timeout, server_name=args.server_name)
-
-
-def _images(args: argparse.Namespace) -> list[Path]:
-    from ..face.models import demo_photo
-
-    paths = [Path(p) for p in args.images]
-    if getattr(args, "demo_probe", False):
-        paths.append(demo_photo("yaoming.jpg"))
-    if not paths:
-        raise SystemExit("give at least one image (or --demo-probe)")
-    return paths
-
-
-def _print(name: str, resp, as_json: bool) -> None:
-    if as_json:
-        from google.protobuf.json_format import MessageToDict
-
-        print(json.dumps({"file": name, **MessageToDict(resp, preserving_proto_field_name=True)}))
-    else:
-        print(format_match(name, resp))
-
-
-def _rpc_failed(path: Path, exc) -> None:
-    print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-
-
-def cmd_identify(args: argparse.Namespace) -> int:
-    import grpc
-
-    status = 0
-    with _client(args) as client:
-        for path in _images(args):
-            try:
-                resp = client.identify(path.read_bytes(), top_k=args.top_k,
-                                       all_faces=args.all_faces)
-            except grpc.RpcError as exc:
-                _rpc_failed(path, exc)
-                status = 1
-                continue
-            _print(path.name, resp, args.json)
-            for i, face in enumerate(resp.faces):
-                if not args.json:
-                    print(f"  face {i}: {face.traveller_id or '-'} "
-                          f"{face.score:.3f} {face.reason}")
-    return status
-
-
-def cmd_verify(args: argparse.Namespace) -> int:
-    import grpc
-
-    status = 0
-    with _client(args) as client:
-        for path in _images(args):
-            try:
-                resp = client.verify(args.traveller_id, path.read_bytes())
-            except grpc.RpcError as exc:
-                _rpc_failed(path, exc)
-                status = 1
-                continue
-            _print(path.name, resp, args.json)
-    return status
-
-
-def cmd_enroll(args: argparse.Namespace) -> int:
-    import grpc
-
-    photos = [Path(p).read_bytes() for p in args.images]
-    with _client(args) as client:
-        try:
-            resp = client.enroll(args.traveller_id, photos,
-                                 accept_low_quality=args.accept_low_quality)
-        except grpc.RpcError as exc:
-            print(f"{args.traveller_id}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    print(f"{resp.traveller_id}: {resp.added_templates} template(s) added, "
-          f"gallery v{resp.gallery_version}")
-    return 0
-
-
-def cmd_lane(args: argparse.Namespace) -> int:
-    from ..lane import run_lanes
-
-    images = [p.read_bytes() for p in _images(args)]
-    report = run_lanes(_servers(args), images, args.lanes, interval_s=args.interval,
-                       requests_per_lane=args.requests, duration_s=args.duration,
-                       token=_token(args), timeout=args.timeout, ca=args.ca, cert=args.cert,
-                       key=args.key, server_name=args.server_name)
-    print(json.dumps(report.summary()) if args.json else report.text())
-    return 0 if report.failed == 0 else 1
-
-
-def _add_client_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", action="append", default=None,
-                   help="HOST:PORT; repeat (or comma-separate) for round robin over replicas")
-    p.add_argument("--token-file", help="file holding the bearer token (or $MATCHER_TOKEN)")
-    p.add_argument("--ca", help="CA certificate to trust (turns on TLS)")
-    p.add_argument("--cert", help="client certificate for mutual TLS")
-    p.add_argument("--key", help="client private key for mutual TLS")
-    p.add_argument("--server-name", help="name in the server certificate, if not the host")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(server=None)
-
-
-def _with_default_server(func):
-    def run(args: argparse.Namespace) -> int:
-        if not args.server:
-            args.server = [DEFAULT_LISTEN]
-        return func(args)
-    return run
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gRPC matching service")
+    p = add_command(sub, "serve")
     p.add_argument("--demo", action="store_true",
                    help="enrol the 22 faces of the packaged players.jpg first")
     _add_serve_options(p)
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("demo", help="serve with a demo gallery and show a real MATCH")
+    p = add_command(sub, "demo")
     p.add_argument("--once", action="store_true", help="stop after the first answer")
     _add_serve_options(p)
     p.set_defaults(func=cmd_demo, demo=True)
-
-    p = sub.add_parser("identify", help="1:N: who is in each image (largest face)")
-    p.add_argument("images", nargs="*")
-    p.add_argument("--demo-probe", action="store_true",
-                   help="also send the packaged yaoming.jpg")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--all-faces", action="store_true", help="answer for every face")
-    _add_client_options(p)
-    p.set_defaults(func=_with_default_server(cmd_identify))
-
-    p = sub.add_parser("verify", help="1:1: is the face in each image this traveller")
-    p.add_argument("traveller_id")
-    p.add_argument("images", nargs="*")
-    p.add_argument("--demo-probe", action="store_true")
-    _add_client_options(p)
-    p.set_defaults(func=_with_default_server(cmd_verify))
-
-    p = sub.add_parser("enroll", help="enrol a traveller from one or more photos")
-    p.add_argument("traveller_id")
-    p.add_argument("images", nargs="+")
-    p.add_argument("--accept-low-quality", action="store_true")
-    _add_client_options(p)
-    p.set_defaults(func=_with_default_server(cmd_enroll))
-
-    p = sub.add_parser("lane", help="simulate N concurrent lanes; print p50/p95/p99 latency")
-    p.add_argument("images", nargs="*")
-    p.add_argument("--lanes", type=int, default=8)
-    p.add_argument("--requests", type=int, default=None, help="requests per lane")
-    p.add_argument("--duration", type=float, default=None, help="seconds (default 10)")
-    p.add_argument("--interval", type=float, default=None,
-                   help="each lane starts a request every INTERVAL s (default: back to back)")
-    p.add_argument("--demo-probe", action="store_true")
-    _add_client_options(p)
-
-    def lane(args: argparse.Namespace) -> int:
-        if args.requests is None and args.duration is None:
-            args.duration = 10.0
-        return cmd_lane(args)
-
-    p.set_defaults(func=_with_default_server(lane))

@@ -26,8 +26,8 @@ DET_MEAN, DET_INV_STD = 127.5, 1.0 / 128.0
 EMB_MEAN, EMB_INV_STD = 127.5, 1.0 / 127.5
 STRIDES = (8, 16, 32)
 ANCHORS_PER_CELL = 2
-# Faces per embedder run. Measured CPU ms per face (1 thread): flat ~11.7 up to 4-8, then
-# +9% at 32 (activations fall out of cache); with 2 threads batches up to 8 split better.
+# Faces per embedder run: larger batches cost more per face on CPU
+# (docs/pipeline.md#embedder-batch).
 EMBED_CHUNK = 8
 # Bump when code changes what templates come out (resampling, alignment, normalisation):
 # the shipped score model then no longer describes the served scores and must be re-derived.
@@ -38,24 +38,13 @@ SCORE_REVISION = 1
 class DetectorConfig:
     """How SCRFD is run.
 
-    input_size: fixed (width, height) letterbox as in the reference (e.g. (640, 640));
-        None picks a size per image: the image scaled down so its long side is at most
-        ``max_side``, padded up to a multiple of 32. A 640x480 lane portrait then costs
-        320x256 instead of 640x640, and small images are never upscaled.
-    fallback_max_side: when no face scores at least ``confident_score`` at ``max_side`` in
-        an image larger than that, detect once more with the long side up to this (None:
-        never) and keep that pass if its best face scores higher. A traveller far from the
-        camera in a wide frame (missed, or found only faintly, when shrunk to 320) is then
-        found at full confidence, and the common case stays one cheap pass.
+    input_size: fixed (width, height) letterbox as in the reference, e.g. (640, 640); None
+        scales each image down (never up) to a long side of ``max_side``, padded to a
+        multiple of 32.
+    fallback_max_side: if no face reaches ``confident_score`` in an image larger than
+        ``max_side``, detect again at up to this long side (None: never); keep the better.
 
-    The defaults come from ``python -m benchmarks --only pipeline``'s size sweep on the
-    shared photos: every long side from 256 up finds every labelled face (192 misses one);
-    at 320 the lowest genuine cosine is 0.521 (640x640: 0.524), the highest impostor 0.153
-    (0.143), and detection costs about a quarter (2.2 vs 8.6 ms per photo; 2.7 vs 11.8 ms
-    on 640x480 lane portraits, where mean genuine is 0.754 vs 0.752). The price: SCRFD's
-    landmarks move a little with scale, so a template differs from its 640x640 twin by a
-    cosine of ~0.97 (median), and pose estimates by up to ~10 degrees. Use the fixed
-    (640, 640) for parity with InsightFace or for group photos of many small faces.
+    Why these defaults (speed vs parity with 640x640): docs/pipeline.md#detector-size.
     """
 
     input_size: tuple[int, int] | None = None
@@ -90,10 +79,9 @@ class DecodeScaling:
     pixel, decoding that photo again, finer, only where a face is too small. Other formats
     and JPEGs under twice the detector's biggest pass always decode at full size.
 
-    Off by default: it halves decode CPU on phone photos with large faces, but costs more
-    on photos with small faces and moves templates (docs/perf/overhead.md, the pipeline
-    suite's decode_scaling_* figures). When on it is part of ``score_settings``, so it
-    needs a score model made with it.
+    Off by default: it saves decode CPU on photos with large faces but costs more on small
+    ones and moves templates (docs/pipeline.md#decode-scaling). When on it is part of
+    ``score_settings``, so it needs a score model made with it.
     """
 
     enabled: bool = False

@@ -14,33 +14,22 @@ import numpy as np
 class QualityPolicy:
     """Accept/reject thresholds for one detected face.
 
-    Calibrated on the shared photos (../shared/data/faces) by degrading each good
-    single-face image and measuring how far its template drifts from the original's
-    (cosine to self); the genuine floor there is ~0.52 and the impostor ceiling ~0.14, so
-    a capture whose template keeps >= ~0.85 of itself still matches with margin.
+    Each default keeps a capture whose template still matches with margin; the rationale
+    and the figures behind it are in docs/pipeline.md#the-quality-gate.
     """
 
-    # SCRFD's own cut is 0.5; every good shared face scores >= 0.74. The weak detections
-    # seen between 0.5 and 0.6 were faint faces: a 7 px inter-eye copy of
-    # alex_lacamoire_3.png (0.54), a far traveller in a 1080p frame shrunk to 320 (0.5x).
+    # SCRFD's own cut is 0.5; the weak detections just above it were faint faces.
     min_det_score: float = 0.6
-    # Pixels between the eye centres in the input image. Downscaling the shared faces:
-    # 20 px keeps cosine-to-self >= 0.91 (median 0.95), 16 px >= 0.88, 12 px only 0.80 and
-    # 8 px 0.45. ISO/ICAO ask 60+ px for an enrolment portrait; a lane camera at 640x480
-    # gives ~80 px; the smallest good shared face (obama_240p) has 25 px.
+    # Pixels between the eye centres in the input image; below it templates drift.
+    # ISO/ICAO ask 60+ px for an enrolment portrait.
     min_inter_eye_px: float = 20.0
-    # Variance of the Laplacian on the grey 112x112 aligned crop. Gaussian blur of sigma
-    # 1 crop-pixel gives 34..118 (cosine-to-self >= 0.93), sigma 1.5 gives 11..35 (>= 0.85),
-    # sigma 2 gives 4.7..15 (<= 0.80). 16 rejects the last; good shared faces score >= 186.
+    # Variance of the Laplacian on the grey 112x112 aligned crop: low means blurred.
     min_sharpness: float = 16.0
-    # Pose from 5 landmarks is rough (see pose_from_landmarks) and moves by up to ~10 degrees
-    # with the detector input size. On lfw-dev, faces read as turned 40..60 degrees match
-    # as well as frontal ones (genuine and impostor rates per yaw band in
-    # docs/operating-points.md), so refusing them only cost re-captures; beyond 60 the
-    # data thins out (78 of 6,373 photos) and a gate should ask the traveller to turn.
+    # Pose from 5 landmarks is rough (see pose_from_landmarks); on lfw-dev faces turned up
+    # to this matched like frontal ones, and beyond it the data thins out.
     max_abs_yaw_deg: float = 60.0
     # Roll is undone by the alignment, pitch barely measured by 5 points: both limits only
-    # catch the absurd (good shared faces: |roll| <= 15, |pitch| <= 26).
+    # catch the absurd.
     max_abs_roll_deg: float = 35.0
     max_abs_pitch_deg: float = 45.0
 

@@ -250,13 +250,6 @@ class TemplateCipher:
         """The key id a blob was encrypted with (to find rows still on an old key)."""
         return _read_header(blob)[0]
 
-    def rewrap(self, blob: bytes, context: bytes) -> bytes:
-        """Re-encrypt ``blob`` under the current key (same row context); unchanged if it
-        already uses it."""
-        if self.key_id_of(blob) == self.key_id:
-            return blob
-        return self.encode(self.decode(blob, context), context)
-
 
 def codec_from_env(environ: Mapping[str, str] | None = None) -> TemplateCipher | None:
     """The store codec the environment asks for: a TemplateCipher when

@@ -32,20 +32,18 @@ MAX_APPROX_FETCH = 4096
 
 @dataclass(frozen=True)
 class IndexConfig:
-    """How templates are indexed (see docs/gallery.md for the measurements).
+    """How templates are indexed; the figures behind the defaults are in docs/gallery.md#index.
 
     Kinds: ``flat`` exact inner product; ``binary`` 512-bit sign-of-random-projection codes
-    scanned by Hamming distance, top ``rescore`` candidates re-scored exactly; ``hnsw``
-    (optionally 8-bit) and ``ivf`` (optionally 8-bit), re-scored the same way. ``auto``
-    picks flat up to ``flat_max_templates`` and binary above: on face templates, where
-    impostors sit near cosine 0 and give graph/cluster search no gradient, binary codes
-    reach recall@1 1.0 vs exact where HNSW and IVF stay below 0.99 at the same latency
-    (benchmarks/suite_search.py has the figures behind these defaults).
+    scanned by Hamming distance, top ``rescore`` candidates re-scored exactly; ``hnsw`` and
+    ``ivf`` (optionally 8-bit), re-scored the same way. ``auto`` picks flat up to
+    ``flat_max_templates`` and binary above: impostor templates are near-orthogonal, which
+    gives graph/cluster search no gradient toward the match.
     """
 
     index_kind: str = "auto"
-    # recall@1 vs exact that auto must meet: binary codes measured 1.0000 at 100k and 1M
-    # (2000 probes each), so they qualify for targets below 1; 1.0 means exact only.
+    # recall@1 vs exact that auto must meet (binary codes qualify below 1, see
+    # docs/gallery.md#figures); 1.0 means exact only.
     target_recall: float = 0.999
     flat_max_templates: int = 10_000
     binary_bits: int = 512
@@ -190,9 +188,9 @@ class BuiltIndex:
               config: IndexConfig) -> "BuiltIndex":
         n = len(vectors)
         kind = config.kind_for(n)
-        if n == 0 or (kind == "ivf" and _ivf_nlist(n, config) < 2):
+        if kind != "flat" and (n == 0 or (kind == "ivf" and _ivf_nlist(n, config) < 2)):
             # Nothing to train an approximate index on; exact is exact and instant here.
-            log.info("only %d templates: building a flat index instead of %s", n, kind)
+            log.info("%d templates are too few for a %s index: building a flat one", n, kind)
             kind = "flat"
         started = time.perf_counter()
         params: dict[str, int | bool] = {}
@@ -430,9 +428,6 @@ class SearchIndex:
         """The traveller table as it was at build time (what a snapshot stores)."""
         t, n = self._view.table, self._built_travellers
         return t.ids[:n], t.valid_from[:n].copy(), t.valid_to[:n].copy()
-
-    def __contains__(self, traveller_id: str) -> bool:
-        return traveller_id in self._slots
 
     # -- writer side (caller holds the gallery's write lock) --------------------------
 

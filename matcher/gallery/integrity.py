@@ -60,8 +60,8 @@ def damaged_store_message(path: Path, detail: str) -> str:
     return (f"gallery store {path} is damaged ({detail[:200]}); matcher will not serve from "
             f"it. Keep it for investigation: move it aside with its -wal and -shm files "
             f"(mv {path} {path}.damaged), then restore the last good backup of it, or rebuild "
-            f"it from the bookings with `matcher reindex --manifest BOOKINGS --out {d}`; "
-            f"check the result with `matcher gallery stats --data-dir {d}`. Meanwhile a read "
+            f"it from the bookings with `matcher reindex --manifest BOOKINGS --data {d}`; "
+            f"check the result with `matcher gallery stats --data {d}`. Meanwhile a read "
             f"replica can serve the last good snapshot: `matcher serve --replica-of "
             f"{d / 'snapshots'} --data OTHER_DIR`")
 

@@ -78,7 +78,7 @@ class Gallery:
                         log.error("not serving from snapshot %s: %s. Check it with `matcher "
                                   "gallery verify-snapshot %s`; the next good one (or the "
                                   "store) is used, `matcher gallery export-snapshot "
-                                  "--data-dir %s` writes a fresh one", path, e, path, data_dir)
+                                  "--data %s` writes a fresh one", path, e, path, data_dir)
             if index is None:
                 index = _build(store, config.index, time.time())  # read_all checks every row
             else:

@@ -146,7 +146,8 @@ def verify_snapshot(path: str | Path, model_id: str | None = None,
                             f"({m.store_id[:8]}, this one is {store_id[:8]})")
     required = {"positions.npy", "travellers.txt", "windows.npy"}
     if not required <= set(m.files):
-        raise SnapshotError(f"snapshot {path.name} manifest lacks {sorted(required - set(m.files))}")
+        missing = sorted(required - set(m.files))
+        raise SnapshotError(f"snapshot {path.name} manifest lacks {missing}")
     for name, info in m.files.items():
         f = path / name
         if Path(name).name != name or not f.is_file():

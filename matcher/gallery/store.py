@@ -597,20 +597,10 @@ class Store:
                          ) -> int:
         """Re-encode every template row not yet written by the current codec / current key.
 
-        A row is decoded with ``old_codec`` when its ``codec`` column carries that codec's
-        name (``plain`` rows, when encryption is turned on for an existing store), else
-        with the current codec (``aesgcm-v1`` rows under an older key of the keyring: the
-        current keyring decrypts them). Each is re-encoded with the current codec under
-        the same row context (traveller id + photo sha256), checked to decode back to the
-        same float32 values, and written with its ``codec`` column in write transactions of
-        at most ``batch`` rows, each durable (WAL, synchronous=FULL) on COMMIT.
-
-        Idempotent and resumable: a row is either still in its old form or fully in the
-        new one, so after a crash a rerun finishes the job (and returns 0 once there is
-        nothing left). The template values do not change, so neither does
-        ``gallery_version``, and no change-log entry is written: built indexes and
-        snapshots stay valid. After rows were rewritten the WAL is checkpointed and
-        truncated so the old blobs do not linger in the ``-wal`` file.
+        Rows whose ``codec`` column names ``old_codec`` are decoded with it, others with
+        the current codec; each is verified and rewritten in durable transactions of at
+        most ``batch`` rows. Idempotent and resumable: rerun after a crash to finish (0 once
+        nothing is left); ``gallery_version`` does not move. Procedure: docs/security.md.
 
         Returns the number of rows rewritten. Raises GalleryError (nothing written) if a
         row's codec can be decoded by neither codec, or (its batch rolled back, earlier

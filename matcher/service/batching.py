@@ -61,14 +61,8 @@ class BatchConfig:
     max_queue: waiting requests before RESOURCE_EXHAUSTED; workers: batches in flight
     at once (each in its own thread).
 
-    The defaults come from ``python -m benchmarks --only service`` on 2 cores with the
-    default SCRFD-500M + MobileFaceNet pack (docs/service.md has the table): two workers
-    with one ONNX Runtime thread each beat one worker with two threads by 1.2-1.6x at 8 and
-    32 lanes (one batch decodes and runs the native kernels while the other is in ORT, and
-    single-threaded ORT runs have no intra-op synchronisation); batches of up to 4, taken
-    greedily (no waiting), edged out 1 and 8 there. Waiting for company only added latency:
-    under load the queue fills while both workers are busy anyway. At one lane this layout
-    answers a single request with one ORT thread, ~5 ms slower than two threads would.
+    Defaults: greedy batches of up to 4 and two workers, so one batch decodes while the
+    other is in ONNX Runtime; the measurements: docs/service.md#batching-and-threads.
     """
 
     max_batch: int = 4

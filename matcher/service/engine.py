@@ -1,13 +1,11 @@
 """What the service does with a probe, in numpy terms: batched face analysis, gallery
 decisions, enrolment, audit. service.py turns protos into calls on this and back.
 
-Compute layout: every model call goes through one MicroBatcher whose worker threads run
-decode -> detect -> align -> embed (ONNX Runtime releases the GIL). 1:N searches go
-through a second MicroBatcher that takes every search waiting (up to 64 probes) into one
-gallery call: one pass over a million templates answers a whole batch for about the cost
-of one probe. 1:1 checks and Clear run in a small thread pool, SQLite writes in a pool of
-their own with a deadline, so a write stuck behind another process's lock or a slow fsync
-holds neither a model worker nor a 1:1 check; the event loop thread only moves bytes.
+Compute layout: model calls go through one MicroBatcher (decode -> detect -> align ->
+embed in its worker threads); 1:N searches through a second that puts every waiting search
+into one gallery call (one pass over the gallery serves the batch); 1:1 checks and Clear
+run in a small thread pool, SQLite writes in their own pool with a deadline, so a stuck
+write holds neither a model worker nor a 1:1 check. The event loop only moves bytes.
 """
 from __future__ import annotations
 

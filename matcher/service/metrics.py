@@ -9,8 +9,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest, start_http_server
@@ -20,7 +18,8 @@ DECISIONS: tuple[str, ...] = ("MATCH", "NO_MATCH", "NO_FACE", "LOW_QUALITY", "ER
 REJECT_REASONS: tuple[str, ...] = ("overload", "deadline", "not_ready")
 STORE_FAILURES: tuple[str, ...] = ("disk_full", "busy", "io", "deadline")
 
-# A CPU stage takes 1-250 ms; the tail buckets catch a stalled request without a +Inf cliff.
+# Fine where CPU stages fall (docs/service.md#observability); the tail buckets catch a
+# stalled request without a +Inf cliff.
 STAGE_BUCKETS: tuple[float, ...] = (
     0.001, 0.002, 0.004, 0.006, 0.008, 0.010, 0.015, 0.020, 0.030, 0.040, 0.050,
     0.075, 0.100, 0.150, 0.200, 0.250, 0.400, 0.750, 1.5)
@@ -96,15 +95,6 @@ class Metrics:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
         self.stage_seconds.labels(stage=stage).observe(max(0.0, float(seconds)))
-
-    @contextmanager
-    def time_stage(self, stage: str) -> Iterator[None]:
-        """``with metrics.time_stage("embed"): ...`` records the block's wall time."""
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self.observe_stage(stage, time.monotonic() - start)
 
     def observe_batch(self, size: int) -> None:
         if size < 1:

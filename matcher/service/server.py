@@ -26,24 +26,24 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ..errors import AuthConfigError, MatcherError, SnapshotError
-from ..face.models import ModelPack, demo_photo
-from ..face.pipeline import DetectorConfig, Pipeline
+from ..face.models import ModelPack
+from ..face.pipeline import Pipeline
 from ..gallery.codecs import codec_from_env
 from ..gallery.decision import DecisionPolicy
 from ..gallery.replica import ReplicaGallery, SnapshotWatcher
 from ..gallery.scoremodel import check_settings, load_score_model
-from ..transport import SERVICE, server_credentials, split_host_port
+from ..transport import DEFAULT_LISTEN, SERVICE, server_credentials, split_host_port
 from ..v1 import matcher_pb2 as pb
 from .audit import AuditLog
 from .auth import TokenAuthInterceptor, TokenBook, check_exposure
 from .batching import BatchConfig
-from .engine import AUDIT_FAILURE_POLICIES, MatchEngine, sha256_hex
+from .demo import enrol_demo_gallery
+from .engine import AUDIT_FAILURE_POLICIES, MatchEngine
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .servicer import MatcherServicer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "127.0.0.1:50051"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
 # A 20 MB photo (decode.DecodeLimits.max_bytes) plus protobuf framing; anything bigger is
 # refused by gRPC before it is buffered.
@@ -60,8 +60,6 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Two servers on one port would split traffic silently; fail the bind instead.
     ("grpc.so_reuseport", 0),
 )
-DEMO_PREFIX = "demo-player-"
-DEMO_VALID_TO = 4_102_444_800.0  # 2100-01-01: the demo gallery never expires
 
 
 def default_data_dir() -> Path:
@@ -162,26 +160,6 @@ def _setup_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
 async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
     for name in ("", SERVICE):
         await servicer.set(name, status)
-
-
-def enrol_demo_gallery(pipeline: Pipeline, gallery) -> int:
-    """Enrol every face of the packaged players.jpg as demo-player-01.. (left to right).
-
-    Idempotent: a restart finds the same photo and window and changes nothing. The group
-    photo is detected at the reference's 640x640: its 22 faces are small, and the serving
-    default (long side 320) finds only the larger ones.
-    """
-    group = Pipeline(pipeline.pack, detector=DetectorConfig(input_size=(640, 640)),
-                     quality=pipeline.quality_policy, limits=pipeline.limits,
-                     sessions=pipeline.sessions)
-    data = demo_photo("players.jpg").read_bytes()
-    faces = sorted(group.analyse_bytes(data), key=lambda f: float(f.bbox[0]))
-    sha = sha256_hex(data)
-    for number, face in enumerate(faces, 1):
-        gallery.enroll(f"{DEMO_PREFIX}{number:02d}", face.template[None, :], 0.0,
-                       DEMO_VALID_TO, [sha])
-    log.info("demo gallery: %d travellers from players.jpg", len(faces))
-    return len(faces)
 
 
 class RunningServer:

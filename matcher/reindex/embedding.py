@@ -1,0 +1,361 @@
+"""Embedding booking photos: photo path in, one template or one reject reason out.
+
+``PhotoEmbedder`` is the worker: a Ray Data actor on a cluster, or a plain object in this
+process for ``--no-ray``; both give the same verdict for the same photo. ``embed_on_ray``
+and ``embed_inline`` feed it the driver's work and hand back ``PhotoResult`` batches.
+Everything Ray runs lives at module top level, since Ray workers import it by name.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError
+from ..face.pipeline import DecodedPhoto, DetectorConfig, Face, largest_face
+from ..face.quality import DEFAULT_POLICY, QualityPolicy
+from ..templates import EMBEDDING_DIM
+from ..transport import is_loopback
+from .cache import unreadable_file_reason
+from .manifest import LOW_QUALITY, MULTIPLE_FACES, NO_FACE, UNREADABLE_IMAGE
+
+if TYPE_CHECKING:
+    from .job import ReindexConfig
+
+log = logging.getLogger(__name__)
+
+# Ray reads these when it is imported; set them before that, never overriding the
+# operator's own choice: no usage report sent to the internet, no container CPU nag.
+RAY_ENV_DEFAULTS = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
+}
+# Ray replaces 127.0.0.1 (as a node address or a cluster address) with the address of the
+# interface that routes outwards, unless this is "0" (read once, when ray is imported; the
+# name is about Windows/macOS, on Linux "0" changes only this and `ray start` of a worker).
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+# -- the embedding worker (a Ray actor, or a plain object for --no-ray) -----------------
+
+def _decode_reason(exc: InvalidInput) -> str:
+    kind = ("empty" if isinstance(exc, EmptyImage) else
+            "corrupt" if isinstance(exc, CorruptImage) else
+            "too_large" if isinstance(exc, ImageTooLarge) else "unsupported")
+    return f"{UNREADABLE_IMAGE}:{kind}"
+
+
+def face_verdict(faces: list[Face], second_face_area_ratio: float) -> tuple[Face | None, str]:
+    """The one enrolable face of a booking photo, or None and the reject reason."""
+    main = largest_face(faces)
+    if main is None:
+        return None, NO_FACE
+    if any(f is not main and f.area >= second_face_area_ratio * main.area for f in faces):
+        return None, MULTIPLE_FACES
+    if not main.quality.accepted:
+        return None, f"{LOW_QUALITY}:{'+'.join(main.quality.reasons)}"
+    return main, ""
+
+
+def read_photo(path: str) -> tuple[bytes | None, str]:
+    """(bytes, "") or (None, reject reason) for a photo file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(), ""
+    except OSError as exc:
+        return None, unreadable_file_reason(exc)
+
+
+def ray_node_id() -> str:
+    """The id of the Ray node this process runs on; "" outside Ray (never imports it)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return ""
+    return ray.get_runtime_context().get_node_id()
+
+
+class PhotoEmbedder:
+    """Photo paths -> one template or one reject reason each. Loads the models once.
+
+    Used as the Ray Data actor class (``__call__`` takes and returns a pyarrow Table) and,
+    without Ray, through ``embed``. In: columns ``sha256`` (string, as hashed by the
+    driver), ``path`` (binary, ``os.fsencode``). Out: ``sha256``, ``reason`` (string, ""
+    when enrolable), ``template`` (binary, 512 little-endian float32, L2-normalised;
+    empty when refused), ``node_id`` (string, the Ray node that embedded it, "" without
+    Ray).
+    """
+
+    def __init__(self, ort_threads: int = 1, second_face_area_ratio: float = 0.1,
+                 detector: DetectorConfig | None = None,
+                 quality: QualityPolicy | None = None) -> None:
+        from ..face.pipeline import Pipeline
+
+        self.pipeline = Pipeline(detector=detector or DetectorConfig(),
+                                 quality=quality or DEFAULT_POLICY, threads=ort_threads)
+        self.second_face_area_ratio = second_face_area_ratio
+        self.node_id = ray_node_id()  # an actor never moves: ask once
+
+    def embed(self, shas: list[str], paths: list[str]) -> tuple[list[str], list[bytes]]:
+        """(reasons, template bytes) for each photo, in order."""
+        reasons = [""] * len(paths)
+        templates = [b""] * len(paths)
+        images, slots = [], []
+        for i, (sha, path) in enumerate(zip(shas, paths)):
+            data, reason = read_photo(path)
+            if data is None:
+                reasons[i] = reason
+                continue
+            if hashlib.sha256(data).hexdigest() != sha:
+                # Replaced between hashing and now: what we would embed is not the photo
+                # the store would record. The next run sees the new file.
+                reasons[i] = f"{UNREADABLE_IMAGE}:changed_during_run"
+                continue
+            try:
+                images.append(self.pipeline.decode_scaled(data))
+                slots.append(i)
+            except InvalidInput as exc:
+                reasons[i] = _decode_reason(exc)
+        for i, faces in zip(slots, self._analyse(images, [paths[i] for i in slots])):
+            if faces is None:
+                reasons[i] = f"{UNREADABLE_IMAGE}:pipeline_error"
+                continue
+            face, reasons[i] = face_verdict(faces, self.second_face_area_ratio)
+            if face is not None:
+                templates[i] = np.ascontiguousarray(face.template, "<f4").tobytes()
+        return reasons, templates
+
+    def _analyse(self, images: list[DecodedPhoto], paths: list[str]
+                 ) -> list[list[Face] | None]:
+        """Faces per image, one batched run; if the batch fails, image by image so one
+        pathological photo is refused instead of failing its neighbours (and the job)."""
+        try:
+            return list(self.pipeline.analyse_many(images))
+        except Exception:  # noqa: BLE001 - isolated below, each failure is reported
+            log.warning("a batch of %d photos failed; retrying one by one", len(images))
+        results: list[list[Face] | None] = []
+        for image, path in zip(images, paths):
+            try:
+                results.append(self.pipeline.analyse(image))
+            except Exception as exc:  # noqa: BLE001 - becomes a reject with a reason
+                log.error("pipeline failed on %r: %s", path, type(exc).__name__)
+                results.append(None)
+        return results
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        shas = batch.column("sha256").to_pylist()
+        paths = [os.fsdecode(p) for p in batch.column("path").to_pylist()]
+        reasons, templates = self.embed(shas, paths)
+        return pa.table({"sha256": pa.array(shas, pa.string()),
+                         "reason": pa.array(reasons, pa.string()),
+                         "template": pa.array(templates, pa.binary()),
+                         "node_id": pa.array([self.node_id] * len(shas), pa.string())})
+
+
+@dataclass(frozen=True)
+class PhotoResult:
+    """One embedded photo as the driver sees it: a template, or the reason there is none."""
+
+    sha256: str
+    reason: str                     # "" when the photo gave a template
+    template: np.ndarray | None     # (512,) float32 L2-normalised, or None
+    node_id: str = ""               # the Ray node that embedded it; "" without Ray
+
+
+def _results(table) -> list[PhotoResult]:
+    """An embedder's output table -> PhotoResults."""
+    return _to_results(table.column("sha256").to_pylist(), table.column("reason").to_pylist(),
+                       table.column("template").to_pylist(),
+                       table.column("node_id").to_pylist())
+
+
+def _to_results(shas: list[str], reasons: list[str], blobs: list[bytes],
+                nodes: list[str] | None = None) -> list[PhotoResult]:
+    out = []
+    for sha, reason, blob, node in zip(shas, reasons, blobs, nodes or [""] * len(shas),
+                                       strict=True):
+        template = None
+        if not reason:
+            if len(blob) != EMBEDDING_DIM * 4:
+                raise MatcherError(f"an embedder returned a {len(blob)}-byte template")
+            template = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        out.append(PhotoResult(sha, reason, template, node))
+    return out
+
+
+# -- running the embedders ------------------------------------------------------------
+
+def embed_inline(work: list[tuple[str, str]], config: ReindexConfig,
+                 timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
+    """The same worker in this process, one batch at a time (no Ray, no pyarrow)."""
+    started = time.perf_counter()
+    worker = PhotoEmbedder(config.ort_threads, config.second_face_area_ratio,
+                           config.detector, config.quality)
+    timings["embedder_start"] = time.perf_counter() - started
+    for i in range(0, len(work), config.batch_size):
+        shas = [sha for sha, _ in work[i:i + config.batch_size]]
+        reasons, blobs = worker.embed(shas, [path for _, path in work[i:i + config.batch_size]])
+        yield _to_results(shas, reasons, blobs)
+
+
+def check_ray_installed() -> None:
+    """MatcherError naming the fix when Ray (the ``cluster`` extra) is not installed."""
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except ValueError:  # a module without a spec: someone replaced it, treat as absent
+        found = False
+    if not found:
+        raise MatcherError("Ray is not installed: pip install 'matcher[cluster]', "
+                           "or run with --no-ray on one machine")
+
+
+def ray_host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a ``host:port`` or ``ray://host:port`` Ray address; None for
+    ``auto`` and the other forms Ray resolves itself."""
+    rest = address.split("://", 1)[1] if "://" in address else address
+    host, sep, port = rest.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _keep_ray_on_loopback() -> None:
+    """Make Ray keep 127.0.0.1 where we give it, for a Ray wholly on this host."""
+    if os.environ.get(RAY_LOOPBACK_ENV) == "0":
+        return
+    if RAY_LOOPBACK_ENV in os.environ:
+        log.warning("%s=%s: Ray will replace 127.0.0.1 by this host's interface address",
+                    RAY_LOOPBACK_ENV, os.environ[RAY_LOOPBACK_ENV])
+        return
+    if "ray" in sys.modules:
+        log.warning("ray was imported before the re-index set %s=0: Ray will replace "
+                    "127.0.0.1 by this host's interface address", RAY_LOOPBACK_ENV)
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+
+
+def _check_reachable(address: str, host: str, port: int) -> None:
+    # ray.init retries an address nobody answers at for ever, silently; a night job must
+    # fail with the reason instead.
+    try:
+        socket.create_connection((host, port), timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        raise MatcherError(f"cannot reach the Ray cluster at {address} ({exc}); give the "
+                           f"head's address and port as 'ray start --head' printed them"
+                           ) from None
+
+
+def start_ray(config: ReindexConfig) -> bool:
+    """Connect to ``config.ray_address`` or start a private local Ray; True if we started
+    (or connected) it here and so must shut it down, False if the caller already had.
+
+    Raises MatcherError when a ``host:port`` address does not answer.
+    """
+    for key, value in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    check_ray_installed()
+    target = ray_host_port(config.ray_address) if config.ray_address else None
+    if not config.ray_address or (target is not None and is_loopback(target[0])):
+        # Ray wholly on this host (a private instance, or a cluster whose nodes were
+        # started on 127.0.0.1): everything it sends then stays on loopback.
+        _keep_ray_on_loopback()
+    if target is not None:
+        _check_reachable(config.ray_address, *target)
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if config.ray_address:
+        ray.init(address=config.ray_address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    else:
+        # A private single-node instance, nothing to start by hand, its node address
+        # 127.0.0.1 (see docs/reindex.md for what listens where). address="local": never
+        # join a cluster that some earlier `ray start` left behind.
+        ray.init(address="local", num_cpus=config.num_cpus, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False,
+                 object_store_memory=config.object_store_mb * 1024 * 1024,
+                 _node_ip_address="127.0.0.1")
+    return True
+
+
+def _quiet_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    # Our own progress bar runs on the driver; Ray Data's would interleave with it.
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # It warns that bars are off, which is what we asked for.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+
+def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
+                 timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
+    """Ray Data: blocks of (sha256, path) -> actor pool of PhotoEmbedder -> driver."""
+    started = time.perf_counter()
+    owned = start_ray(config)
+    timings["embedder_start"] = time.perf_counter() - started
+    import ray
+    import ray.data
+
+    try:
+        _quiet_ray_data()
+        # Send photos only once every actor is up: otherwise the first actor ready takes
+        # whole blocks before the others exist, and an actor that cannot be placed
+        # (resources the cluster lacks) would leave the job waiting for ever.
+        ray.data.DataContext.get_current().wait_for_min_actors_s = math.ceil(
+            config.actor_start_timeout_s)
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        actors = config.actors or max(1, int(cpus // config.cpus_per_actor))
+        actors = min(actors, max(1, -(-len(work) // config.batch_size)))
+        import pyarrow as pa
+
+        # Paths as file-system bytes: a name that is not valid UTF-8 still reaches the file.
+        table = pa.table({"sha256": pa.array([s for s, _ in work], pa.string()),
+                          "path": pa.array([os.fsencode(p) for _, p in work], pa.binary())})
+        # Several blocks per actor keep every actor busy to the end; a cap on block count
+        # keeps the driver's object references few for a 10M-row night.
+        block_rows = max(config.batch_size, -(-len(work) // (actors * 8)), len(work) // 4096)
+        blocks = [table.slice(i, block_rows) for i in range(0, len(work), block_rows)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            PhotoEmbedder,
+            fn_constructor_kwargs={"ort_threads": config.ort_threads,
+                                   "second_face_area_ratio": config.second_face_area_ratio,
+                                   "detector": config.detector, "quality": config.quality},
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=config.batch_size, num_cpus=config.cpus_per_actor,
+            memory=(config.memory_per_actor_mb * 1024 * 1024
+                    if config.memory_per_actor_mb else None),
+            batch_format="pyarrow", zero_copy_batch=True)
+        log.info("embedding %d photos on Ray with %d actors x %.3g CPU, %d ORT thread(s)",
+                 len(work), actors, config.cpus_per_actor, config.ort_threads)
+        try:
+            for out in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield _results(out)
+        except ray.exceptions.GetTimeoutError:
+            res = ray.cluster_resources()
+            raise MatcherError(
+                f"the {actors} embedder actors were not all up after "
+                f"{config.actor_start_timeout_s:g} s: each asks for "
+                f"{config.cpus_per_actor:g} CPU"
+                + (f" and {config.memory_per_actor_mb} MB" if config.memory_per_actor_mb
+                   else "")
+                + f", the cluster has {res.get('CPU', 0):g} CPUs and "
+                f"{res.get('memory', 0) / 2**20:.0f} MB in all; ask for less, or allow "
+                f"longer with --actor-start-timeout") from None
+    finally:
+        if owned:
+            ray.shutdown()

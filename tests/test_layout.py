@@ -1,0 +1,123 @@
+"""The package layout is the architecture: who may import whom (issue 12).
+
+Read from the source (every import statement, also those inside functions) and checked at
+run time in a fresh interpreter, so a lazy import cannot slip a layer in either.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import matcher
+
+PACKAGE = Path(matcher.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Absolute names of every module ``path`` imports, wherever the statement is."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def modules_in(*where: str) -> list[Path]:
+    paths: list[Path] = []
+    for w in where:
+        target = PACKAGE / w
+        paths += sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    return paths
+
+
+def offending(paths: list[Path], forbidden: tuple[str, ...]) -> dict[str, list[str]]:
+    bad = {}
+    for path in paths:
+        hits = sorted(m for m in imports_of(path)
+                      if any(m == f or m.startswith(f + ".") for f in forbidden))
+        if hits:
+            bad[_module_name(path)] = hits
+    return bad
+
+
+def test_the_import_reader_sees_relative_and_nested_imports(tmp_path):
+    # the rules below are only as good as this reader
+    probe = PACKAGE / "face" / "pipeline.py"
+    found = imports_of(probe)
+    assert "matcher.face.models" in found and "matcher.templates" in found
+    assert "matcher._native" in found  # ``from .. import _native``
+
+
+@pytest.mark.parametrize("layer, forbidden", [
+    ("templates.py", ("matcher.face", "matcher.gallery", "matcher.service", "matcher.reindex",
+                      "matcher.cli", "matcher.client", "grpc", "faiss",
+                      "onnxruntime")),
+    ("errors.py", ("matcher.face", "matcher.gallery", "matcher.service", "matcher.templates")),
+    ("face", ("matcher.gallery", "matcher.service", "matcher.reindex", "matcher.cli",
+              "matcher.client", "grpc", "faiss")),
+    ("gallery", ("matcher.face", "matcher.service", "matcher.reindex", "matcher.cli",
+                 "matcher.client", "matcher.v1", "grpc", "onnx", "onnxruntime")),
+    ("client.py", ("matcher.service", "matcher.gallery", "matcher.face", "matcher.reindex",
+                   "matcher.cli", "faiss", "onnxruntime")),
+    ("transport.py", ("matcher.service", "matcher.gallery", "matcher.face")),
+    ("lane.py", ("matcher.service", "matcher.gallery", "matcher.face", "faiss", "onnxruntime")),
+    ("service", ("matcher.reindex", "matcher.cli")),
+    ("reindex", ("matcher.service", "matcher.cli", "grpc")),
+])
+def test_layer_imports_nothing_above_it(layer, forbidden):
+    assert offending(modules_in(layer), forbidden) == {}
+
+
+def _loaded_after(statement: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"{statement}\nimport sys\n"
+                          "print('\\n'.join(sys.modules))"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return set(out.stdout.split())
+
+
+HEAVY = ("onnxruntime", "onnx", "faiss", "grpc")
+
+
+@pytest.mark.parametrize("statement, absent", [
+    ("import matcher.gallery.store", HEAVY + ("matcher.face",)),
+    ("import matcher.gallery.primary, matcher.gallery.decision",
+     ("onnxruntime", "onnx", "grpc", "matcher.face", "matcher.service")),
+    ("import matcher.client", ("onnxruntime", "onnx", "faiss", "matcher.service",
+                               "matcher.gallery", "matcher.face")),
+    ("import matcher.face.pipeline", ("faiss", "grpc", "matcher.gallery", "matcher.service")),
+])
+def test_importing_a_layer_loads_only_what_it_needs(statement, absent):
+    loaded = _loaded_after(statement)
+    assert sorted(m for m in loaded if m.split(".")[0] in absent or
+                  any(m == a or m.startswith(a + ".") for a in absent)) == []
+
+
+def test_every_module_says_what_it_is():
+    """One idea per module, said in its docstring."""
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "v1" in path.parts or path.name == "__main__.py":
+            continue
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        if not doc:
+            missing.append(_module_name(path))
+    assert missing == []

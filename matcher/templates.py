@@ -38,9 +38,9 @@ def check_templates(values: object, *, what: str = "templates", allow_empty: boo
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2 or x.shape[1] != EMBEDDING_DIM or not (len(x) or allow_empty):
-        raise InvalidInput(f"{what} must be rows of {EMBEDDING_DIM} values, got: shape={shape}")
+        raise InvalidInput(f"{what}: expected rows of {EMBEDDING_DIM} values, got: shape={shape}")
     if not np.isfinite(x).all():
-        raise InvalidInput(f"{what} contain NaN or infinite values")
+        raise InvalidInput(f"{what} must hold only finite values (no NaN or infinity)")
     if len(x) and np.abs(np.linalg.norm(x, axis=1) - 1.0).max() > NORM_TOLERANCE:
         raise InvalidInput(f"{what} must be L2-normalised (unit length); "
                            "send the normalised embedding")

@@ -236,7 +236,7 @@ class BuiltIndex:
         return cls(kind, index, vectors, owner, template_ids, params)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(n, 512) probes -> scores (n, k) float32 descending, positions (n, k) int64 (-1: none)."""
+        """(n, 512) probes -> scores (n, k) float32 descending, positions (n, k) (-1: none)."""
         k = min(k, self.ntotal)
         if k == 0:
             return np.empty((len(xq), 0), np.float32), np.empty((len(xq), 0), np.int64)

@@ -20,7 +20,7 @@ from ..errors import GalleryError, InvalidInput, SnapshotError
 from ..templates import Candidate, check_templates, check_traveller_id
 from .codecs import TemplateCodec
 from .index import IndexConfig, SearchIndex
-from .served import ClaimScore, epoch_now, score_claim
+from .served import ClaimScore, check_claim_probe, epoch_now, score_claim
 from .snapshot import (SnapshotManifest, list_snapshots, prune_snapshots, read_snapshot,
                        write_snapshot)
 from .store import EnrolResult, Store, Traveller
@@ -202,8 +202,9 @@ class Gallery:
     def score_traveller(self, traveller_id: str, probe: np.ndarray,
                         now: datetime | float | None = None) -> ClaimScore:
         """1:1 against the durable store. probe (512,) float32; raises UnknownTraveller."""
+        x = check_claim_probe(probe)
         t = self.store.get(check_traveller_id(traveller_id))
-        return score_claim(t.traveller_id, t.templates, probe, t.valid_from, t.valid_to, now)
+        return score_claim(t.traveller_id, t.templates, x, t.valid_from, t.valid_to, now)
 
     # -- rebuild and snapshots ------------------------------------------------------
 

@@ -20,7 +20,7 @@ import numpy as np
 from ..errors import GalleryError, SnapshotError, UnknownTraveller
 from ..templates import EMBEDDING_DIM, Candidate, check_templates, check_traveller_id
 from .index import IndexConfig, SearchIndex
-from .served import ClaimScore, epoch_now, score_claim
+from .served import ClaimScore, check_claim_probe, epoch_now, score_claim
 from .snapshot import SnapshotManifest, list_snapshots, read_snapshot
 from .store import EnrolResult, Traveller
 
@@ -106,12 +106,13 @@ class ReplicaGallery:
         return self._state.index.search(x, k, epoch_now(now))
 
     def score_traveller(self, traveller_id: str, probe: np.ndarray, now=None) -> ClaimScore:
+        x = check_claim_probe(probe)
         state = self._state
         rows = state.rows.get(check_traveller_id(traveller_id))
         if rows is None:
             raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
         valid_from, valid_to = state.windows[traveller_id]
-        return score_claim(traveller_id, state.index.built.vectors[rows], probe, valid_from,
+        return score_claim(traveller_id, state.index.built.vectors[rows], x, valid_from,
                            valid_to, now)
 
     def get(self, traveller_id: str) -> Traveller:

@@ -60,14 +60,20 @@ def epoch_now(now: datetime | float | None) -> float:
     return time.time() if now is None else to_epoch(now, "now")
 
 
-def score_claim(traveller_id: str, templates: np.ndarray, probe: np.ndarray,
-                valid_from: float, valid_to: float, now: datetime | float | None
-                ) -> ClaimScore:
-    """Best cosine of one probe over a traveller's templates, and whether the booking holds."""
+def check_claim_probe(probe: np.ndarray) -> np.ndarray:
+    """The one probe template of a 1:1 check -> (512,) float32; checked before any lookup."""
     x = check_templates(probe, what="the probe template")
     if len(x) != 1:
         raise InvalidInput("a 1:1 check takes exactly one probe template")
-    score = float((templates @ x[0]).max()) if len(templates) else float("-inf")
+    return x[0]
+
+
+def score_claim(traveller_id: str, templates: np.ndarray, probe: np.ndarray,
+                valid_from: float, valid_to: float, now: datetime | float | None
+                ) -> ClaimScore:
+    """Best cosine of a checked (512,) probe over a traveller's templates, and whether the
+    booking holds at ``now``."""
+    score = float((templates @ probe).max()) if len(templates) else float("-inf")
     t = epoch_now(now)
     return ClaimScore(traveller_id, score, valid_from <= t < valid_to, valid_from, valid_to,
                       len(templates))

@@ -11,7 +11,7 @@ from matcher.face.models import default_pack
 from matcher.face.pipeline import DetectorConfig, Pipeline
 from matcher.gallery.decision import (DecisionPolicy, decide_identification, operating_point_1to1,
                                       operating_point_1toN)
-from matcher.gallery.scoremodel import ScoreModel, load_score_model
+from matcher.gallery.scoremodel import SINGLE, ScoreModel, load_score_model
 from matcher.templates import Candidate
 
 from . import _openset as ops
@@ -59,6 +59,10 @@ def lfw_accuracy(report: Report, folder: Path, quick: bool) -> dict:
                      *_probe_frames(report, lfw, o), *_znorm(report, lfw, o),
                      *_quality_gate(report, lfw)]
     out["detector"] = _detector_size(report, lfw, out["one_to_one"]["det"])
+    from ._accuracy_unseen import unseen_people
+
+    out["unseen"] = unseen_people(report, lfw)
+    out["target_fpir"] = lfw.policy.fpir_1toN
     return out
 
 
@@ -121,7 +125,8 @@ def _recommend(report: Report, item: str, options: dict[str, np.ndarray], defaul
 def _one_to_one(report: Report, lfw: Lfw) -> dict:
     W, policy, model = lfw.W, lfw.policy, lfw.model
     ver = lfw.verification()
-    t = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold).threshold
+    t = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold,
+                             policy.confidence_1to1, SINGLE).threshold
     report.figure("lfw_1to1_threshold", t, "cosine",
                   note=f"shipped: 95% upper bound of the GPD tail at FMR {policy.fmr_1to1:g}")
     fmr = ver.fmr(t, W)
@@ -178,7 +183,8 @@ def _lfw_pairs(report: Report, lfw: Lfw) -> dict:
     report.figure("lfw_pairs_accuracy_10fold_without_gate", acc_ungated.mean(), "fraction",
                   note=f"refused photos' templates used, as the published protocol does; "
                        f"std over folds {acc_ungated.std(ddof=1):.4f}")
-    t = operating_point_1to1(lfw.model, lfw.policy.fmr_1to1, lfw.policy.min_threshold).threshold
+    t = operating_point_1to1(lfw.model, lfw.policy.fmr_1to1, lfw.policy.min_threshold,
+                             lfw.policy.confidence_1to1, SINGLE).threshold
     _record(report, "lfw_pairs_accuracy_at_shipped_1to1", (w * ((scores >= t) == same)).sum(1)
             / w.sum(1), "fraction", note=f"no cross-validation: the served threshold {t:.4f}")
     return {"fold_accuracy": acc, "fold_accuracy_ungated": acc_ungated}
@@ -217,7 +223,7 @@ def _service_rates(lfw: Lfw, r: ops.Ranked, gallery_size: int, margin: float | N
                    refused: np.ndarray | None = None):
     """(operating point, FNIR, FPIR) at the service's threshold for ``gallery_size``."""
     point = operating_point_1toN(lfw.model, lfw.policy.fpir_1toN, gallery_size,
-                                 lfw.policy.min_threshold)
+                                 lfw.policy.min_threshold, lfw.policy.confidence_1toN)
     fnir, fpir = ops.rates(r, point.threshold, lfw.policy.margin if margin is None else margin,
                            lfw.W, refused)
     return point, fnir, fpir
@@ -294,7 +300,8 @@ def _gallery_growth(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
                          f"at N={n}, threshold {point.threshold:.4f}, promised "
                          f"{lfw.policy.fpir_1toN:g}: P(>= {seen} | promise) = {p_value:.3f}")
         rows.append({"n": n, "threshold": point.threshold, "fpir": f, "fnir": m,
-                     "modelled_upper": n * lfw.model.fmr_upper_at(point.threshold)})
+                     "modelled_upper": n * lfw.model.for_search.fmr_upper_at(
+                         point.threshold, lfw.policy.confidence_1toN)})
     return rows
 
 
@@ -306,13 +313,14 @@ def _modelled(report: Report, lfw: Lfw, g: int) -> list[dict]:
     cap = lfw.model.max_gallery_size(lfw.policy.fpir_1toN)
     report.figure("lfw_max_supported_gallery_size", cap, "travellers", summary=True,
                   note=f"largest N whose per-comparison FMR (FPIR {lfw.policy.fpir_1toN:g} / N) "
-                       f"the score model's data supports (fmr_floor {lfw.model.fmr_floor:.3g})")
+                       f"the score model's data supports (fmr_floor {lfw.model.for_search.supported_floor:.3g})")
     rows = []
     for n in [s for s in MODELLED_SIZES if s > g]:
         point = operating_point_1toN(lfw.model, lfw.policy.fpir_1toN, n,
-                                     lfw.policy.min_threshold)
-        est = n * lfw.model.fmr_at(point.threshold)
-        upper = n * lfw.model.fmr_upper_at(point.threshold)
+                                     lfw.policy.min_threshold, lfw.policy.confidence_1toN)
+        est = n * lfw.model.for_search.fmr_at(point.threshold)
+        upper = n * lfw.model.for_search.fmr_upper_at(point.threshold,
+                                                      lfw.policy.confidence_1toN)
         report.figure(f"lfw_1toN_n{n}_fpir_modelled", upper, "rate",
                       note=f"N x upper-bound FMR at the service threshold "
                            f"{point.threshold:.4f} (point estimate {est:.3g}); supported "
@@ -334,7 +342,8 @@ def _margin(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
     g = len(o.people)
     # the margin bites only where a runner-up can come close to a low threshold: small
     # galleries, whose service threshold is the 1:1 one (N <= FPIR / FMR_1:1 = 100)
-    t11 = operating_point_1to1(lfw.model, lfw.policy.fmr_1to1, lfw.policy.min_threshold)
+    t11 = operating_point_1to1(lfw.model, lfw.policy.fmr_1to1, lfw.policy.min_threshold,
+                             lfw.policy.confidence_1to1, SINGLE)
     fnirs, rows = {}, []
     for m in MARGINS:
         point, fnir, fpir = _service_rates(lfw, o.ranked, g, margin=m)
@@ -471,7 +480,8 @@ def _quality_gate(report: Report, lfw: Lfw) -> list[dict]:
             note="refused fraction of the photos used (at most 10 a person)")
 
     # 1:1 at the shipped threshold
-    t = operating_point_1to1(lfw.model, lfw.policy.fmr_1to1, lfw.policy.min_threshold).threshold
+    t = operating_point_1to1(lfw.model, lfw.policy.fmr_1to1, lfw.policy.min_threshold,
+                             lfw.policy.confidence_1to1, SINGLE).threshold
     i, j = genuine_rows(lfw.person, rows)
     score = np.einsum("ij,ij->i", e.templates[i], e.templates[j])
     either = refused_photo[i] | refused_photo[j]

@@ -106,11 +106,13 @@ def _operating_points(model_id: str, impostor: np.ndarray) -> list[tuple[str, fl
                  "just above the highest impostor score (no gallery/decision.py)")]
     policy = DecisionPolicy()
     model = load_score_model(model_id)
-    point = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold)
+    point = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold,
+                                 policy.confidence_1to1, "single")
     points = [(f"1:1_fmr_{policy.fmr_1to1:g}", point.threshold,
                f"matcher.gallery.decision, FMR {policy.fmr_1to1:g}, floor {policy.min_threshold}")]
     for n in GALLERY_SIZES:
-        p = operating_point_1toN(model, policy.fpir_1toN, n, policy.min_threshold)
+        p = operating_point_1toN(model, policy.fpir_1toN, n, policy.min_threshold,
+                                 policy.confidence_1toN)
         points.append((f"1:N_fpir_{policy.fpir_1toN:g}_n{n}", p.threshold,
                        f"matcher.gallery.decision, FPIR {policy.fpir_1toN:g} over {n} travellers "
                        f"(FMR {p.comparison_fmr:.2g} per comparison)"))
@@ -151,11 +153,14 @@ def _plot(report: Report, shared: tuple, lfw: dict | None) -> None:
         _plot_shared(*axes.ravel(), *shared)
         return
     from ._accuracy_plot import plot_lfw
+    from ._accuracy_unseen import plot_probe_options, plot_unseen
 
-    _, axes = report.plot(3, 3, figsize=(20, 16))
+    _, axes = report.plot(4, 3, figsize=(20, 21))
     axes = axes.ravel()
     _plot_shared(axes[0], axes[1], *shared)
-    plot_lfw(axes[2:], lfw)
+    plot_lfw(axes[2:9], lfw)
+    plot_unseen(axes[9], axes[10], lfw["unseen"], lfw["target_fpir"])
+    plot_probe_options(axes[11], lfw["unseen"])
 
 
 def _plot_shared(ax_hist, ax_det, genuine: np.ndarray, impostor: np.ndarray,

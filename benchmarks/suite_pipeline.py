@@ -69,11 +69,39 @@ def run(report: Report, quick: bool) -> None:
                                  rounds)
         stages = _stages(report, photos, ours, ours_640, peer, 1 if quick else 3)
         _decode_scaling(report, photos, workers_pipe, lfw_photos=20 if quick else 60)
+        _frames_per_passenger(report, photos, workers_pipe, rounds)
         _int8.run(report, [p.data for p in photos], rounds)  # the int8 embedder, if built
     finally:
         peer.close()
         peer_tuned.close()
     _plot(report, throughput, stages, sweep)
+
+
+# -- multi-frame probes -----------------------------------------------------------------
+
+FRAME_COUNTS = (1, 2, 4)
+
+
+def _frames_per_passenger(report: Report, photos: list[Photo], pipe: Pipeline,
+                          rounds: int) -> None:
+    """CPU one passenger's probe costs with 1, 2 and 4 frames, done as the engine does a
+    multi-frame request: every frame decoded, then all analysed in one batch (one detector
+    run per input size, one embedder run). Thread CPU, so other processes do not count."""
+    singles = [p.data for p in photos if p.faces == 1]
+    cpu = {}
+    for k in FRAME_COUNTS:
+        per = []
+        for _ in range(rounds):
+            for i in range(0, len(singles) - k + 1, k):
+                start = time.thread_time()
+                pipe.analyse_many([pipe.decode_scaled(d) for d in singles[i:i + k]])
+                per.append((time.thread_time() - start) * 1e3)
+        cpu[k] = float(np.median(per))
+        report.figure(f"frames_{k}_cpu_ms_per_passenger", per, "ms", summary=k > 1,
+                      note=f"{k} frame(s) of one passenger, decoded and analysed in one batch")
+    for k in FRAME_COUNTS[1:]:
+        report.figure(f"frames_{k}_cpu_vs_one_frame", cpu[k] / cpu[1], "ratio",
+                      note="median CPU of a k-frame probe over a one-frame probe's")
 
 
 # -- parity ---------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ import numpy as np
 from .errors import InvalidInput, MatcherError
 from .face.pipeline import Face, Pipeline
 from .gallery.scoremodel import gpd_fit
-from .templates import EMBEDDING_DIM
+from .templates import EMBEDDING_DIM, fuse_templates
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,9 @@ class PairScores:
     tail_b: np.ndarray             # (t,) int32 identity of the other
     histogram: np.ndarray          # (bins,) int64 counts of all impostor scores
     bin_edges: np.ndarray          # (bins + 1,)
+    # Fused pairs only: 1 where the identity has a fused booking template (``tail_a``'s
+    # side); None for photo-against-photo pairs.
+    fused_per_identity: np.ndarray | None = None
 
     @property
     def impostor_pairs(self) -> int:
@@ -172,7 +175,18 @@ class PairScores:
     @property
     def identity_pairs(self) -> int:
         m = int((self.photos_per_identity > 0).sum())
-        return m * (m - 1) // 2
+        if self.fused_per_identity is None:
+            return m * (m - 1) // 2
+        g = self.fused_per_identity > 0
+        return int(g.sum()) * m - int((g & (self.photos_per_identity > 0)).sum())
+
+    def impostor_total(self, weights: np.ndarray) -> float:
+        """Impostor pairs when identity i appears weights[i] times (copies never pair up)."""
+        per = weights * self.photos_per_identity
+        if self.fused_per_identity is None:
+            return float((per.sum() ** 2 - (per ** 2).sum()) / 2.0)
+        fused = weights * self.fused_per_identity
+        return float(fused.sum() * per.sum() - (fused * per).sum())
 
 
 def capped_rows(identities: np.ndarray, usable: np.ndarray,
@@ -222,6 +236,58 @@ def score_pairs(templates: np.ndarray, identities: np.ndarray,
            else np.empty(0, dt))
     return PairScores(names, counts, cat(gen, np.float32), cat(gen_id, np.int32),
                       cat(tail, np.float32), cat(ta, np.int32), cat(tb, np.int32), hist, edges)
+
+
+# A traveller booked with several photos is searched as one fused template; calibration
+# fuses each person's first two photos the same way (templates.fuse_templates).
+FUSED_BOOKING_PHOTOS = 2
+
+
+def fused_pairs(templates: np.ndarray, identities: np.ndarray,
+                photos: int = FUSED_BOOKING_PHOTOS, tail_keep: float = TAIL_KEEP_SCORE
+                ) -> PairScores:
+    """Fused booking templates against single photos: the comparisons the service makes
+    for a traveller booked with ``photos`` photos.
+
+    Each identity with at least ``photos`` rows gets the fused template of its first
+    ``photos`` rows (row order); it is scored against every row of every other identity
+    (impostor) and against its own remaining rows (genuine). templates (n, 512) float32.
+    """
+    names, ident = np.unique(identities, return_inverse=True)
+    ident = ident.astype(np.int32)
+    xb = np.ascontiguousarray(templates, dtype=np.float32)
+    rank = np.zeros(len(ident), np.int64)
+    seen: dict[int, int] = {}
+    for i, who in enumerate(ident.tolist()):
+        rank[i] = seen.get(who, 0)
+        seen[who] = rank[i] + 1
+    counts = np.bincount(ident, minlength=len(names))
+    owners = np.flatnonzero(counts >= photos)
+    fused = np.stack([fuse_templates(xb[(ident == who) & (rank < photos)]) for who in owners]
+                     ) if len(owners) else np.empty((0, EMBEDDING_DIM), np.float32)
+    edges = np.linspace(-1.0, 1.0, 4001)
+    hist = np.zeros(len(edges) - 1, dtype=np.int64)
+    gen, gen_id, tail, ta, tb = [], [], [], [], []
+    for start in range(0, len(owners), BLOCK):
+        sims = fused[start:start + BLOCK] @ xb.T                   # (owners, rows)
+        own = owners[start:start + BLOCK, None]
+        same = own == ident[None, :]
+        mine = same & (rank[None, :] >= photos)                    # not a booking photo
+        diff = ~same
+        gen.append(sims[mine])
+        gen_id.append(np.broadcast_to(own, sims.shape)[mine])
+        hist += np.histogram(sims[diff], bins=edges)[0]
+        hot = diff & (sims > tail_keep)
+        tail.append(sims[hot])
+        ta.append(np.broadcast_to(own, sims.shape)[hot])
+        tb.append(np.broadcast_to(ident[None, :], sims.shape)[hot])
+    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts
+           else np.empty(0, dt))
+    has_fused = np.zeros(len(names), np.int64)
+    has_fused[owners] = 1
+    return PairScores(names, counts, cat(gen, np.float32), cat(gen_id, np.int32),
+                      cat(tail, np.float32), cat(ta, np.int32), cat(tb, np.int32), hist, edges,
+                      has_fused)
 
 
 def pair_scores_for(embedded: Embedded, quality_gate: bool = True,
@@ -309,7 +375,9 @@ def label_noise(pairs: PairScores, genuine_floor: float, folder: Path | None = N
       names (John_Gruden / Jon_Gruden, Choi_Sung-hong / Sung_Hong_Choi), or one photograph
       filed under both names. Left out of the impostor counts. A high score alone never
       drops a pair, so twins, siblings and look-alikes stay in.
-    * ``high_impostors``: the highest-scoring remaining identity pairs, kept in.
+    * ``high_impostors``: the highest-scoring remaining identity pairs (at most ``top``).
+    * ``look_alikes``: every remaining identity pair scoring in the genuine range:
+      relatives, twins, look-alikes (and wrong labels without other evidence).
     * ``low_genuines``: the lowest genuine pairs (wrong label, wrong face picked, or a
       hard pair), listed and kept in.
     """
@@ -320,7 +388,7 @@ def label_noise(pairs: PairScores, genuine_floor: float, folder: Path | None = N
         if s > best.get(key, -1.0):
             best[key] = s
     ranked = sorted(best.items(), key=lambda kv: -kv[1])
-    dropped, kept = [], []
+    dropped, kept, alike = [], [], []
     for (a, b), s in ranked:
         na, nb = str(names[a]), str(names[b])
         row = {"a": na, "b": nb, "best_score": round(s, 4),
@@ -334,12 +402,16 @@ def label_noise(pairs: PairScores, genuine_floor: float, folder: Path | None = N
                 evidence = "same photograph"
         if evidence:
             dropped.append({**row, "evidence": evidence})
-        elif len(kept) < top:
+            continue
+        if s >= genuine_floor:
+            alike.append(row)
+        if len(kept) < top:
             kept.append(row)
     low = np.argsort(pairs.genuine)[:top]
     low_rows = [{"identity": str(names[pairs.genuine_identity[i]]),
                  "score": round(float(pairs.genuine[i]), 4)} for i in low]
-    return {"dropped": dropped, "high_impostors": kept, "low_genuines": low_rows}
+    return {"dropped": dropped, "high_impostors": kept, "look_alikes": alike,
+            "low_genuines": low_rows}
 
 
 def drop_identity_pairs(pairs: PairScores, drop: list[dict]) -> PairScores:
@@ -355,7 +427,7 @@ def drop_identity_pairs(pairs: PairScores, drop: list[dict]) -> PairScores:
     hist -= removed
     return PairScores(pairs.identity_names, pairs.photos_per_identity, pairs.genuine,
                       pairs.genuine_identity, pairs.tail[mask], pairs.tail_a[mask],
-                      pairs.tail_b[mask], hist, pairs.bin_edges)
+                      pairs.tail_b[mask], hist, pairs.bin_edges, pairs.fused_per_identity)
 
 
 # -- fitting -------------------------------------------------------------------------
@@ -368,12 +440,6 @@ CONFIDENCE = 0.95
 # The empirical tail resolves rates down to about one identity pair in all; the fitted
 # tail is trusted one decade beyond that and no further.
 EXTRAPOLATION_DECADES = 1.0
-
-
-def _impostor_total(weights: np.ndarray, photos: np.ndarray) -> float:
-    """Impostor pairs when identity i appears weights[i] times (copies never pair up)."""
-    per = weights * photos
-    return float((per.sum() ** 2 - (per ** 2).sum()) / 2.0)
 
 
 def _tail_fit(tail_desc: np.ndarray, pair_weight: np.ndarray, total: float,
@@ -396,9 +462,8 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
     """Fit a ScoreModel (see matcher/gallery/scoremodel.py) to scored pairs."""
     from .gallery.scoremodel import ScoreModel
 
-    photos = pairs.photos_per_identity.astype(np.float64)
-    m = len(photos)
-    total = _impostor_total(np.ones(m), photos)
+    m = len(pairs.photos_per_identity)
+    total = pairs.impostor_total(np.ones(m))
     if total < MIN_EXCEEDANCES * 10 or len(pairs.genuine) < 10:
         raise InvalidInput(f"too little data to calibrate: {total:.0f} impostor pairs, "
                            f"{len(pairs.genuine)} genuine pairs")
@@ -426,7 +491,7 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
     for _ in range(bootstrap):
         w = rng.multinomial(m, np.full(m, 1.0 / m)).astype(np.float64)
         pair_weight = w[ta] * w[tb]
-        total_b = _impostor_total(w, photos)
+        total_b = pairs.impostor_total(w)
         try:
             replicates.append(_tail_fit(tail_desc, pair_weight, total_b, tail_fmr))
         except InvalidInput:
@@ -437,9 +502,9 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
         empirical_thresholds.append(tail_desc[at])
     curves = np.asarray(curves)
     # A few look-alike people with many photos each make clusters of high pairs that a
-    # smooth tail can miss; where the data resolves a rate, its own bound counts too.
-    empirical_upper = np.column_stack(
-        [resolved, np.quantile(np.asarray(empirical_thresholds), confidence, axis=0)])
+    # smooth tail can miss; where the data resolves a rate, its own bound counts too
+    # (every resample is kept, so a threshold can take any confidence level).
+    empirical_thresholds = np.asarray(empirical_thresholds)
     lo, hi = np.quantile(curves, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     genuine = np.column_stack([grid, fnmr_curve(np.ones(m)), lo, hi])
 
@@ -476,11 +541,43 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
         "quantiles": {str(q): round(float(np.quantile(g_sorted, q)), 4)
                       for q in (0.001, 0.01, 0.05, 0.5)}}
     return ScoreModel(model_id, settings_hash, confidence, tail_fmr, point,
-                      np.asarray(replicates), floor, empirical, genuine, doc, empirical_upper)
+                      np.asarray(replicates), floor, empirical, genuine, doc, resolved,
+                      empirical_thresholds)
+
+
+def fit_with_kinds(templates: np.ndarray, identities: np.ndarray, model_id: str,
+                   settings_hash: str, *, drop: list[dict] = (), bootstrap: int = BOOTSTRAP,
+                   confidence: float = CONFIDENCE, seed: int = 0, document: dict | None = None):
+    """The score model of every comparison the service makes: one capture against one
+    booking photo, and (kind ``fused``) against a traveller's fused booking photos.
+    templates (n, 512) of the capped usable rows; ``drop``: label noise (label_noise)."""
+    pairs = drop_identity_pairs(score_pairs(templates, identities), list(drop))
+    model = fit_score_model(pairs, model_id, settings_hash, bootstrap=bootstrap,
+                            confidence=confidence, seed=seed, document=document)
+    fused = drop_identity_pairs(fused_pairs(templates, identities), list(drop))
+    fused_model = fit_score_model(
+        fused, model_id, settings_hash, bootstrap=bootstrap, confidence=confidence,
+        seed=seed, document={"method": {
+            "pairs": f"the fused template of each person's first {FUSED_BOOKING_PHOTOS} "
+                     "photos against every other photo"}})
+    model.document.setdefault("method", {})["kinds"] = (
+        "every threshold and rate is the worst of the single-photo model and the models in "
+        "'kinds' (fused: a traveller's fused booking photos against one capture)")
+    return replace(model, kinds={"fused": fused_model})
+
+
+# Identity pairs scoring in the genuine range that nothing shows to be one person
+# (relatives, twins, look-alikes) are left out of the tail 1:N thresholds come from, and
+# listed: with them in, 1:N thresholds rise above most genuine travellers and still do not
+# separate them. The cross-validation of `matcher bench --only accuracy` chose this
+# (docs/operating-points.md). 1:1 keeps them: a relative with the traveller's passport is
+# the impostor a 1:1 check exists for.
+LOOK_ALIKES_APART = True
 
 
 def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None,
-              bootstrap: int = BOOTSTRAP, seed: int = 0, workers: int = 2):
+              bootstrap: int = BOOTSTRAP, seed: int = 0, workers: int = 2,
+              look_alikes_apart: bool = LOOK_ALIKES_APART):
     """The whole ``matcher calibrate`` run: (ScoreModel, report dict)."""
     import datetime
 
@@ -493,16 +590,26 @@ def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None
         by_identity.setdefault(str(embedded.identities[i]), []).append(str(embedded.files[i]))
     genuine_floor = float(np.quantile(pairs.genuine, 0.05)) if len(pairs.genuine) else 1.0
     noise = label_noise(pairs, genuine_floor, folder, by_identity)
-    pairs = drop_identity_pairs(pairs, noise["dropped"])
-    source = source_summary(folder, embedded, pairs)
+    source = source_summary(folder, embedded, drop_identity_pairs(pairs, noise["dropped"]))
     source["label_noise_dropped"] = noise["dropped"]
+    apart = noise["look_alikes"] if look_alikes_apart else []
+    source["look_alikes_apart"] = apart
     document = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": pipeline.score_settings(),
         "source": source,
     }
-    model = fit_score_model(pairs, pipeline.model_id, pipeline.settings_hash(),
-                            bootstrap=bootstrap, seed=seed, document=document)
+    templates, identities = embedded.templates[rows], embedded.identities[rows]
+    model = fit_with_kinds(templates, identities, pipeline.model_id, pipeline.settings_hash(),
+                           drop=noise["dropped"], bootstrap=bootstrap, seed=seed,
+                           document=document)
+    if apart:
+        search = fit_with_kinds(templates, identities, pipeline.model_id,
+                                pipeline.settings_hash(), drop=noise["dropped"] + apart,
+                                bootstrap=bootstrap, seed=seed, document={"method": {
+                                    "look_alikes": f"{len(apart)} look-alike identity pairs "
+                                                   "(source.look_alikes_apart) left out"}})
+        model = replace(model, search=search)
     report = {"source": source, "label_noise": noise,
               "genuine_floor_for_noise": round(genuine_floor, 4)}
     return model, report

@@ -3,6 +3,9 @@
     with MatcherClient("127.0.0.1:50051", token=...) as client:
         answer = client.identify(image=Path("face.jpg").read_bytes())
         print(answer.decision == pb.MATCH, answer.traveller_id, answer.score)
+        # up to 8 frames of one traveller, fused by the server into one probe
+        answer = client.verify("T-0001", frames=[frame_1, frame_2, frame_3])
+        print(answer.frames_used, [f.status for f in answer.frames])
 
 Several servers (a writer and read replicas): pass a list of addresses, or a target gRPC
 resolves to several (``dns:///matcher.internal:50051``); calls are spread with gRPC's own
@@ -84,6 +87,23 @@ def make_probe(image: bytes | None = None, aligned: bytes | np.ndarray | None = 
     return pb.Probe(template=pb.Template(values=values.tolist(), model_id=model_id))
 
 
+def make_frames(frames: Sequence[bytes | pb.Probe]) -> list[pb.Probe]:
+    """Frames of one traveller: encoded photos (bytes) or ready Probes (aligned faces,
+    templates: see make_probe). The server takes 1 to 8."""
+    if isinstance(frames, (bytes, bytearray)) or not len(frames):
+        raise ValueError("frames is a non-empty sequence of photos (bytes) or Probes")
+    return [f if isinstance(f, pb.Probe) else make_probe(image=f) for f in frames]
+
+
+def _probe_fields(image, aligned, template, frames) -> dict:
+    """The request fields for one probe (``probe``) or several frames (``frames``)."""
+    if frames is None:
+        return {"probe": make_probe(image, aligned, template)}
+    if any(x is not None for x in (image, aligned, template)):
+        raise ValueError("give frames, or one of image, aligned or template; not both")
+    return {"frames": make_frames(frames)}
+
+
 def _timestamp(t: datetime | float | None):
     from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -131,26 +151,31 @@ class MatcherClient:
                 "metadata": self.metadata}
 
     # -- matching -------------------------------------------------------------------
+    # Each takes one probe (image, aligned or template) or ``frames``: 1 to 8 photos
+    # (bytes) or Probes of one traveller, fused by the server into one probe.
 
     def identify(self, image: bytes | None = None, *, aligned=None, template=None,
-                 top_k: int = 0, all_faces: bool = False, request_id: str = "",
+                 frames: Sequence[bytes | pb.Probe] | None = None, top_k: int = 0,
+                 all_faces: bool = False, request_id: str = "",
                  timeout: float | None = None) -> pb.MatchResponse:
         return self.stub.Identify(pb.IdentifyRequest(
-            probe=make_probe(image, aligned, template), top_k=top_k, all_faces=all_faces,
-            request_id=request_id, lane_id=self.lane_id), **self._kw(timeout))
+            **_probe_fields(image, aligned, template, frames), top_k=top_k,
+            all_faces=all_faces, request_id=request_id, lane_id=self.lane_id),
+            **self._kw(timeout))
 
     def verify(self, traveller_id: str, image: bytes | None = None, *, aligned=None,
-               template=None, request_id: str = "", timeout: float | None = None
-               ) -> pb.MatchResponse:
+               template=None, frames: Sequence[bytes | pb.Probe] | None = None,
+               request_id: str = "", timeout: float | None = None) -> pb.MatchResponse:
         return self.stub.Verify(pb.VerifyRequest(
-            probe=make_probe(image, aligned, template), traveller_id=traveller_id,
+            **_probe_fields(image, aligned, template, frames), traveller_id=traveller_id,
             request_id=request_id, lane_id=self.lane_id), **self._kw(timeout))
 
     def clear(self, claimed_traveller_id: str, image: bytes | None = None, *, aligned=None,
-              template=None, top_k: int = 0, request_id: str = "",
-              timeout: float | None = None) -> pb.MatchResponse:
+              template=None, frames: Sequence[bytes | pb.Probe] | None = None,
+              top_k: int = 0, request_id: str = "", timeout: float | None = None
+              ) -> pb.MatchResponse:
         return self.stub.Clear(pb.ClearRequest(
-            probe=make_probe(image, aligned, template),
+            **_probe_fields(image, aligned, template, frames),
             claimed_traveller_id=claimed_traveller_id, top_k=top_k, request_id=request_id,
             lane_id=self.lane_id), **self._kw(timeout))
 

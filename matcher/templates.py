@@ -67,3 +67,41 @@ def to_epoch(t: datetime | float | int, name: str) -> float:
     if isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t):
         return float(t)
     raise InvalidInput(f"{name} must be a timezone-aware datetime or UTC epoch seconds")
+
+
+def fuse_templates(templates: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Several templates of one person -> one: their (weighted) mean, L2-normalised.
+
+    Used for a traveller's booking photos (the gallery searches one template per traveller,
+    so N counts travellers) and for the frames of one probe. templates (k, 512) float32
+    unit rows; weights (k,) >= 0 or None (equal). Returns (512,) float32.
+    """
+    x = np.asarray(templates, np.float32)
+    if x.ndim != 2 or not len(x):
+        raise InvalidInput("fusing needs at least one template")
+    if len(x) == 1:
+        return x[0].copy()
+    w = np.ones(len(x), np.float32) if weights is None else np.asarray(weights, np.float32)
+    if w.shape != (len(x),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise InvalidInput("fusion weights must be finite, >= 0 and not all zero")
+    fused = (w[:, None] * x).sum(axis=0)
+    norm = float(np.linalg.norm(fused))
+    if norm < 1e-6:  # opposite templates cancel: no direction left to match on
+        raise InvalidInput("the templates cancel out; they cannot be one person's")
+    return (fused / norm).astype(np.float32)
+
+
+def fuse_groups(templates: np.ndarray, group: np.ndarray, groups: int) -> np.ndarray:
+    """``fuse_templates`` for many people at once: rows of ``templates`` (n, 512) belong to
+    ``group`` (n,) in [0, groups) -> (groups, 512) float32; a group without rows is zeros."""
+    x = np.asarray(templates, np.float32)
+    g = np.asarray(group, np.int64)
+    order = np.argsort(g, kind="stable")
+    out = np.zeros((groups, x.shape[1] if x.ndim == 2 else EMBEDDING_DIM), np.float32)
+    if not len(order):
+        return out
+    starts = np.flatnonzero(np.r_[True, g[order][1:] != g[order][:-1]])
+    out[g[order][starts]] = np.add.reduceat(x[order], starts, axis=0)
+    norms = np.linalg.norm(out, axis=1, keepdims=True)
+    np.divide(out, norms, out=out, where=norms > 1e-6)
+    return out

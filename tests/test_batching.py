@@ -117,6 +117,65 @@ def test_requests_whose_deadline_passed_in_the_queue_are_dropped_before_compute(
     assert expired == [1]
 
 
+def test_a_weighted_request_joins_one_batch_whole_and_counts_its_units():
+    """Items standing for several units of work (a probe's frames): gathered up to
+    max_batch units, never split, and the cost estimates count units."""
+    gate = threading.Event()
+    fn = Recorder(gate)
+    units = []
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8, workers=1),
+                         on_batch=units.append, weight=lambda item: item)
+        b.start()
+        first = asyncio.create_task(b.submit(1))
+        await _wait_until(fn.entered)             # the worker holds a batch of [1]
+        waiting = [asyncio.create_task(b.submit(w)) for w in (3, 2, 5, 1)]
+        await asyncio.sleep(0)
+        gate.set()
+        out = await asyncio.gather(first, *waiting)
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert [r for r, _ in out] == [2, 6, 4, 10, 2]
+    # 3 + 2 reach 4 units (one more item may take a batch past it); 5 alone is over it.
+    assert fn.batches == [[1], [3, 2], [5], [1]]
+    assert units == [1, 5, 5, 1]
+    assert [stats.batch_size for _, stats in out] == [1, 5, 5, 5, 1]
+    with pytest.raises(ValueError):
+        run(_submit_weighted(0))
+
+
+async def _submit_weighted(weight: int):
+    b = MicroBatcher(Recorder(), BatchConfig(), weight=lambda item: item)
+    b.start()
+    try:
+        await b.submit(weight)
+    finally:
+        await b.stop()
+
+
+def test_a_heavier_request_expects_a_longer_wait():
+    def slow(items):
+        time.sleep(0.02 * len(items))
+        return items
+
+    async def main():
+        b = MicroBatcher(slow, BatchConfig(max_batch=1, max_wait_s=0, workers=1),
+                         weight=lambda item: item)
+        b.start()
+        await b.submit(2)                         # learns what a unit costs (~10 ms)
+        one, eight = b.expected_wait_s(1), b.expected_wait_s(8)
+        with pytest.raises(DeadlineExpired, match="shorter than one probe's compute"):
+            await b.submit(8, deadline=time.monotonic() + 4 * one)
+        await b.stop()
+        return one, eight
+
+    one, eight = run(main())
+    assert eight == pytest.approx(8 * one)
+
+
 def test_a_deadline_already_passed_on_arrival_is_refused():
     async def main():
         b = MicroBatcher(Recorder(), BatchConfig())

@@ -110,7 +110,8 @@ def test_thresholds_command_prints_what_the_service_uses():
     assert doc["one_to_one"]["fmr"] == policy.fmr_1to1
     assert doc["one_to_one"]["threshold"] == pytest.approx(
         model.threshold_at_fmr(policy.fmr_1to1), abs=1e-6)
-    many = operating_point_1toN(model, policy.fpir_1toN, 30000, policy.min_threshold)
+    many = operating_point_1toN(model, policy.fpir_1toN, 30000, policy.min_threshold,
+                                policy.confidence_1toN)
     assert doc["one_to_many"] == {**doc["one_to_many"], "fpir": policy.fpir_1toN,
                                   "gallery_size": 30000, "supported": many.supported}
     assert doc["one_to_many"]["threshold"] == pytest.approx(many.threshold, abs=1e-6)
@@ -160,7 +161,7 @@ def test_identify_beyond_the_supported_gallery_size_says_so(pipeline, tmp_path):
     from matcher.v1 import matcher_pb2 as pb
 
     model = load_score_model(default_pack().model_id)
-    fpir = 40 * model.fmr_floor          # a strict target, so the limit is a few dozen
+    fpir = 40 * model.supported_floor    # a strict target, so the limit is a few dozen
     n_max = model.max_gallery_size(fpir)
     templates = unit(np.random.default_rng(5).standard_normal((n_max + 1, 512)))
     config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data",
@@ -188,3 +189,55 @@ def test_identify_beyond_the_supported_gallery_size_says_so(pipeline, tmp_path):
         assert beyond.threshold >= inside.threshold
         claim = client.clear("T-0000", template=probe / np.linalg.norm(probe))
         assert claim.decision == pb.MATCH and not claim.beyond_calibration  # 1:1 claim holds
+
+
+def test_fused_pairs_score_each_fused_booking_against_every_other_photo():
+    from matcher.calibrate import fused_pairs
+    from matcher.templates import fuse_templates
+
+    x, ids = population(30, 4, 11)
+    x, ids = x[:-2], ids[:-2]            # the last person keeps two photos: no genuine left
+    pairs = fused_pairs(x, ids, tail_keep=0.0)
+    owners = sorted(set(ids.tolist()))
+    genuine, impostor = [], []
+    for who in owners:
+        rows = np.flatnonzero(ids == who)
+        f = fuse_templates(x[rows[:2]])
+        genuine += [float(x[i] @ f) for i in rows[2:]]
+        impostor += [float(x[i] @ f) for i in np.flatnonzero(ids != who)]
+    assert pairs.impostor_pairs == len(impostor)
+    assert pairs.impostor_total(np.ones(len(pairs.identity_names))) == len(impostor)
+    np.testing.assert_allclose(np.sort(pairs.genuine), np.sort(genuine), atol=1e-5)
+    np.testing.assert_allclose(np.sort(pairs.tail), np.sort([s for s in impostor if s > 0]),
+                               atol=1e-5)
+
+
+def test_look_alikes_are_listed_and_kept_out_of_the_search_model_only():
+    """Relatives score in the genuine range: calibrate lists them, keeps them in the 1:1
+    model and states them apart in the model 1:N thresholds come from."""
+    from dataclasses import replace
+
+    from matcher.calibrate import drop_identity_pairs, fit_with_kinds, label_noise
+
+    x, ids = population(600, 3, seed=4)
+    rng = np.random.default_rng(4)
+    twins = []
+    for k in range(0, 30, 3):  # ten twins: another person, nearly the same face
+        rows = x[ids == f"s4-{k}"] + 0.01 * rng.standard_normal((3, x.shape[1]))
+        twins.append((rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32))
+    x = np.concatenate([x, *twins])
+    ids = np.concatenate([ids, np.repeat([f"twin-{k}" for k in range(0, 30, 3)], 3)])
+    pairs = score_pairs(x, ids)
+    floor = float(np.quantile(pairs.genuine, 0.05))
+    noise = label_noise(pairs, floor)
+    found = {frozenset((r["a"], r["b"])) for r in noise["look_alikes"]}
+    assert {frozenset((f"s4-{k}", f"twin-{k}")) for k in range(0, 30, 3)} <= found
+    assert all(r["best_score"] >= floor for r in noise["look_alikes"])
+    kept = fit_with_kinds(x, ids, "m", "s", bootstrap=30)
+    apart = fit_with_kinds(x, ids, "m", "s", drop=noise["look_alikes"], bootstrap=30)
+    model = replace(kept, search=apart)
+    assert model.for_search is apart and set(model.kinds) == {"fused"}
+    fewer = drop_identity_pairs(pairs, noise["look_alikes"])
+    assert fewer.tail.max() < pairs.tail.max()
+    for fmr in (1e-4, 1e-5):
+        assert apart.threshold_estimate(fmr) <= kept.threshold_estimate(fmr) + 1e-9

@@ -45,15 +45,24 @@ def test_a_score_model_of_other_settings_is_refused(pipeline, shipped):
 
 def test_thresholds_are_conservative_and_monotone(shipped):
     fmrs = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
-    upper = [shipped.threshold_at_fmr(f) for f in fmrs]
-    assert upper == sorted(upper)
+    for confidence in (0.5, 0.75, 0.95):
+        upper = [shipped.threshold_at_fmr(f, confidence) for f in fmrs]
+        assert upper == sorted(upper)
+    upper = [shipped.threshold_at_fmr(f, 0.95) for f in fmrs]
     for f, t in zip(fmrs, upper):
         assert t >= shipped.threshold_estimate(f) - 1e-12
+        # a higher confidence never lowers a threshold
+        assert t >= shipped.threshold_at_fmr(f, 0.5) - 1e-12
+        # every comparison kind is held to the promise
+        for kind in ("single", "fused"):
+            assert t >= shipped.threshold_at_fmr(f, 0.95, kind) - 1e-12
     # the point estimate inverts the tail model where the tail model applies
     for f in (1e-5, 1e-6):
         assert shipped.fmr_at(shipped.threshold_estimate(f)) == pytest.approx(f, rel=1e-3)
     with pytest.raises(InvalidInput):
         shipped.threshold_at_fmr(0.0)
+    with pytest.raises(InvalidInput):
+        shipped.threshold_at_fmr(1e-5, 1.0)
 
 
 def test_one_to_many_uses_the_union_bound_and_flags_unsupported_sizes(shipped):
@@ -78,7 +87,10 @@ def test_score_model_file_round_trips(tmp_path, shipped):
     shipped.save(path)
     again = ScoreModel.load(path)
     for f in (1e-3, 1e-5, 1e-7):
-        assert again.threshold_at_fmr(f) == pytest.approx(shipped.threshold_at_fmr(f))
+        for c in (0.5, 0.95):
+            assert again.threshold_at_fmr(f, c) == pytest.approx(shipped.threshold_at_fmr(f, c))
+        assert again.threshold_estimate(f) == pytest.approx(shipped.threshold_estimate(f))
+    assert set(again.kinds) == {"fused"}
     doc = json.loads(path.read_text())
     doc["format"] = 99
     path.write_text(json.dumps(doc))
@@ -111,25 +123,43 @@ def test_bad_policies_are_refused():
         DecisionPolicy(margin=-0.1)
 
 
-def test_a_traveller_with_more_photos_is_held_to_a_stricter_threshold(tmp_path):
-    """The best of m templates is m chances to false-match: 1:1 meets FMR / m per
-    template, and 1:N counts templates, not travellers."""
+def test_a_traveller_is_one_fused_template_and_n_counts_who_is_booked_now(tmp_path):
+    """Several booking photos are searched as one fused template, so N counts travellers;
+    only travellers whose booking window is open count; a claim against fused photos is
+    held to the fused comparisons' threshold, a single photo to the single ones'."""
     import numpy as np
     from synthetic import sha, unit
 
     from matcher.gallery.decision import Decider
     from matcher.gallery.primary import Gallery
+    from matcher.gallery.scoremodel import FUSED, SINGLE
+    from matcher.templates import fuse_templates
 
     model_id = default_pack().model_id
     rng = np.random.default_rng(0)
+    day = 86_400.0
     gallery = Gallery.open(tmp_path, model_id)
-    gallery.enroll("ONE", unit(rng.standard_normal((1, 512))), 0.0, 4e9, [sha("a")])
-    gallery.enroll("FOUR", unit(rng.standard_normal((4, 512))), 0.0, 4e9, [sha(c) for c in "bcde"])
+    four = unit(rng.standard_normal((4, 512)))
+    gallery.enroll("ONE", unit(rng.standard_normal((1, 512))), 0.0, day, [sha("a")])
+    gallery.enroll("FOUR", four, 0.0, day, [sha(c) for c in "bcde"])
+    for i in range(3):  # tomorrow's and the day after's bookings, in the same gallery
+        gallery.enroll(f"LATER{i}", unit(rng.standard_normal((2, 512))), day * (1 + i),
+                       day * (2 + i), [sha(f"x{i}"), sha(f"y{i}")])
     decider = Decider(gallery)
-    probe = unit(rng.standard_normal(512))
-    one, four = decider.verify(probe, "ONE"), decider.verify(probe, "FOUR")
     model = decider.score_model
-    assert one.threshold == pytest.approx(decider.point_1to1.threshold)
-    assert four.threshold == pytest.approx(model.threshold_at_fmr(decider.policy.fmr_1to1 / 4))
-    assert four.threshold > one.threshold
-    assert decider.point_1toN().gallery_size == 5
+    probe = unit(rng.standard_normal(512))
+    one, fused = decider.verify(probe, "ONE", now=10.0), decider.verify(probe, "FOUR", now=10.0)
+    policy = decider.policy
+    assert one.threshold == pytest.approx(max(policy.min_threshold, model.threshold_at_fmr(
+        policy.fmr_1to1, policy.confidence_1to1, SINGLE)))
+    assert fused.threshold == pytest.approx(max(policy.min_threshold, model.threshold_at_fmr(
+        policy.fmr_1to1, policy.confidence_1to1, FUSED)))
+    assert fused.score == pytest.approx(float(fuse_templates(four) @ probe), abs=1e-5)
+    # the index holds one template per traveller; today's search counts today's travellers
+    assert gallery.templates == gallery.size == 5
+    assert decider.point_1toN(now=10.0).gallery_size == 2
+    assert decider.point_1toN(now=day + 10).gallery_size == 1
+    assert decider.point_1toN(now=10 * day).gallery_size == 0
+    hit = decider.identify(fuse_templates(four), now=10.0)
+    assert hit.traveller_id == "FOUR" and hit.score == pytest.approx(1.0, abs=1e-5)
+    assert hit.threshold == pytest.approx(decider.point_1toN(now=10.0).threshold)

@@ -347,3 +347,20 @@ def test_decode_scaling_is_part_of_the_score_settings(pipeline: Pipeline,
     assert scaled_pipeline.score_settings()["decode_scaling"]["min_crop_resolution"] == 2.0
     with pytest.raises(ValueError):
         DecodeScaling(min_crop_resolution=0.5)
+
+
+def test_flip_augmentation_is_an_option_with_its_own_settings(pipeline):
+    """embed(face) + embed(mirrored face): a mirrored face gives the same template, the
+    settings hash moves (a score model of plain templates must not serve it)."""
+    import numpy as np
+
+    from matcher.face.pipeline import Pipeline
+
+    flip = Pipeline(flip=True, sessions=pipeline.sessions)
+    assert flip.settings_hash() != pipeline.settings_hash()
+    crops = np.random.default_rng(3).integers(0, 256, (2, 112, 112, 3), dtype=np.uint8)
+    a = flip.embed_aligned(crops)
+    b = flip.embed_aligned(np.ascontiguousarray(crops[:, :, ::-1]))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    plain = pipeline.embed_aligned(crops)
+    assert (np.abs((a * plain).sum(1)) < 0.9999).all()  # it does change the template

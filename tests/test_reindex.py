@@ -184,7 +184,9 @@ def test_the_night_job_enrols_good_rows_and_rejects_each_bad_one(night: Night,
     assert list_snapshots(night.data_dir / SNAPSHOT_DIR)[0] == snapshot
     with Gallery.open(night.data_dir, default_pack().model_id) as gallery:
         m = verify_snapshot(snapshot, gallery.model_id, gallery.store.store_id)
-        assert (m.travellers, m.templates) == (len(GOOD), n_good)
+        # the store keeps every photo's template; the snapshot one fused per traveller
+        assert (m.travellers, m.templates) == (len(GOOD), len(GOOD))
+        assert gallery.store.counts() == (len(GOOD), n_good)
         assert m.gallery_version == gallery.store.gallery_version
         assert {t.traveller_id for t in gallery.store.list_travellers()} == set(GOOD)
         obama = gallery.get("KZ-OBAMA")
@@ -202,7 +204,8 @@ def test_a_server_started_on_the_result_identifies_the_shared_faces(
             MatcherClient(srv.address) as client:
         info = client.gallery_info()
         assert info.gallery_version == night.summary["gallery_version"]
-        assert (info.travellers, info.templates) == (len(GOOD), 7)
+        assert (info.travellers, info.templates) == (len(GOOD), len(GOOD))  # one fused each
+        assert info.searchable_travellers == len(GOOD)
         for name, expected in PROBES.items():
             r = client.identify((faces_dir / name).read_bytes())
             assert (r.decision, r.traveller_id) == (pb.MATCH, expected), name

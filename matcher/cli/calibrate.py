@@ -14,7 +14,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from ..face.pipeline import Pipeline
 
     # Exactly the served pipeline: default detector settings and quality gate.
-    pipeline = Pipeline(model_pack(args), threads=args.threads)
+    pipeline = Pipeline(model_pack(args), threads=args.threads, flip=args.flip_augment)
     model, report = calibrate(Path(args.labels), pipeline, cache_dir=args.cache,
                               bootstrap=args.bootstrap, seed=args.seed, workers=args.workers)
     model.save(Path(args.out))
@@ -31,8 +31,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         t = model.threshold_at_fmr(fmr)
         print(f"  FMR {fmr:g}: threshold {t:.4f} ({model.confidence:.0%} upper bound; "
               f"estimate {model.threshold_estimate(fmr):.4f}), FNMR on this data "
-              f"{model.fnmr_at(t)[0]:.2%}")
-    print(f"  data supports per-comparison FMR down to {model.fmr_floor:.2g}")
+              f"{model.fnmr_at(t)[0]:.2%} with one booking photo, "
+              f"{model.fnmr_at(t, 'fused')[0]:.2%} with two fused")
+    print(f"  data supports per-comparison FMR down to {model.supported_floor:.2g}")
     return 0
 
 
@@ -40,19 +41,22 @@ def thresholds_document(model, policy, gallery_size: int) -> dict:
     """What the service uses for this policy and gallery size (``matcher thresholds``)."""
     from ..gallery.decision import operating_point_1to1, operating_point_1toN
 
-    one = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold)
-    many = operating_point_1toN(model, policy.fpir_1toN, gallery_size, policy.min_threshold)
+    one = operating_point_1to1(model, policy.fmr_1to1, policy.min_threshold,
+                               policy.confidence_1to1)
+    many = operating_point_1toN(model, policy.fpir_1toN, gallery_size, policy.min_threshold,
+                                policy.confidence_1toN)
     return {
         "model_id": model.model_id,
         "one_to_one": {"fmr": one.target, "threshold": round(one.threshold, 6),
-                       "supported": one.supported},
+                       "confidence": policy.confidence_1to1, "supported": one.supported},
         "one_to_many": {"fpir": many.target, "gallery_size": gallery_size,
+                        "confidence": policy.confidence_1toN,
                         "comparison_fmr": many.comparison_fmr,
                         "threshold": round(many.threshold, 6), "supported": many.supported,
                         "max_supported_gallery_size": many.max_gallery_size,
                         "margin": policy.margin},
         "score_model": {"settings_hash": model.settings_hash,
-                        "confidence": model.confidence, "fmr_floor": model.fmr_floor,
+                        "fmr_floor": model.supported_floor,
                         "source": {k: model.document.get("source", {}).get(k) for k in
                                    ("folder", "photos", "identities", "impostor_pairs",
                                     "genuine_pairs")},
@@ -64,22 +68,26 @@ def thresholds_table(model, policy) -> str:
     """Markdown: thresholds and FNMR on the calibration data, 1:1 by FMR, 1:N by size."""
     from ..gallery.decision import operating_point_1to1, operating_point_1toN
 
-    def fnmr(t: float) -> str:
-        f, lo, hi = model.fnmr_at(t)
+    def fnmr(t: float, kind: str | None = None) -> str:
+        f, lo, hi = model.fnmr_at(t, kind)
         return f"{f:.2%} ({lo:.2%}-{hi:.2%})"
 
-    lines = ["| mode | target | N | FMR per comparison | threshold (95% bound) | estimate "
-             "| FNMR on the data (95% CI) | supported |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| mode | target | N | FMR per comparison | threshold (confidence) | estimate "
+             "| FNMR, one booking photo (95% CI) | FNMR, two fused | supported |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for fmr in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7):
-        p = operating_point_1to1(model, fmr, policy.min_threshold)
-        lines.append(f"| 1:1 | FMR {fmr:g} | | {fmr:.2g} | {p.threshold:.4f} | "
-                     f"{model.threshold_estimate(fmr):.4f} | {fnmr(p.threshold)} | "
+        p = operating_point_1to1(model, fmr, policy.min_threshold, policy.confidence_1to1)
+        lines.append(f"| 1:1 | FMR {fmr:g} | | {fmr:.2g} | {p.threshold:.4f} "
+                     f"({policy.confidence_1to1:.0%}) | {model.threshold_estimate(fmr):.4f} | "
+                     f"{fnmr(p.threshold)} | {fnmr(p.threshold, 'fused')} | "
                      f"{'yes' if p.supported else 'no'} |")
-    for n in (10, 100, 1_000, 10_000, 30_000, 100_000, 1_000_000):
-        p = operating_point_1toN(model, policy.fpir_1toN, n, policy.min_threshold)
+    for n in (10, 100, 1_000, 10_000, 30_000, 40_000, 100_000, 1_000_000):
+        p = operating_point_1toN(model, policy.fpir_1toN, n, policy.min_threshold,
+                                 policy.confidence_1toN)
         lines.append(f"| 1:N | FPIR {policy.fpir_1toN:g} | {n:,} | {p.comparison_fmr:.2g} | "
-                     f"{p.threshold:.4f} | {model.threshold_estimate(p.comparison_fmr):.4f} | "
-                     f"{fnmr(p.threshold)} | {'yes' if p.supported else 'no'} |")
+                     f"{p.threshold:.4f} ({policy.confidence_1toN:.0%}) | "
+                     f"{model.threshold_estimate(p.comparison_fmr):.4f} | {fnmr(p.threshold)} | "
+                     f"{fnmr(p.threshold, 'fused')} | {'yes' if p.supported else 'no'} |")
     return "\n".join(lines)
 
 
@@ -125,7 +133,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--table", action="store_true",
                    help="a markdown table over FMR targets and gallery sizes")
     p.add_argument("--gallery-size", type=int, default=1,
-                   help="comparisons of one 1:N search: templates in the gallery (default 1)")
+                   help="N of one 1:N search: travellers whose booking window is open "
+                        "(one fused template each; default 1)")
     p.add_argument("--fmr", type=float, help="1:1 target FMR (default: the service's)")
     p.add_argument("--fpir", type=float, help="1:N target FPIR (default: the service's)")
     p.add_argument("--score-model", type=Path,

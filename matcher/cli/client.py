@@ -10,6 +10,9 @@ from pathlib import Path
 from ..transport import DEFAULT_LISTEN
 from .options import add_command
 
+FRAMES_HELP = ("send the photos (1 to 8) as frames of ONE traveller in one request: the "
+               "server fuses their usable faces into one probe (default: one request per photo)")
+
 
 def format_match(name: str, resp) -> str:
     """One line for a MatchResponse: decision, traveller, score, reasons, timing."""
@@ -25,9 +28,20 @@ def format_match(name: str, resp) -> str:
         parts.append("quality: " + ", ".join(resp.quality_reasons))
     if decision == "NO_MATCH":
         parts.append(f"reason {resp.reason}")
+    if resp.frames:
+        parts.append(f"frames used {resp.frames_used}/{len(resp.frames)}")
     parts.append(f"faces {resp.faces_found}, gallery v{resp.gallery_version}, "
                  f"{resp.timings_ms.get('total', 0.0):.1f} ms")
     return "  ".join(parts)
+
+
+def format_frames(names: list[str], resp) -> list[str]:
+    """One line per frame of a multi-frame answer: which photo, and what became of it."""
+    lines = []
+    for frame in resp.frames:
+        reasons = f" ({', '.join(frame.quality_reasons)})" if frame.quality_reasons else ""
+        lines.append(f"  frame {frame.index} {names[frame.index]}: {frame.status}{reasons}")
+    return lines
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -67,13 +81,35 @@ def _print(name: str, resp, as_json: bool) -> None:
         print(format_match(name, resp))
 
 
-def _rpc_failed(path: Path, exc) -> None:
+def _rpc_failed(path: Path | str, exc) -> None:
     print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+
+
+def _frames_call(args: argparse.Namespace, call) -> int:
+    """--frames: every photo is a frame of one traveller, one request, one answer."""
+    import grpc
+
+    paths = _images(args)
+    name = "+".join(p.name for p in paths)
+    try:
+        resp = call([p.read_bytes() for p in paths])
+    except grpc.RpcError as exc:
+        _rpc_failed(name, exc)
+        return 1
+    _print(name, resp, args.json)
+    if not args.json:
+        for line in format_frames([p.name for p in paths], resp):
+            print(line)
+    return 0
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
     import grpc
 
+    if args.frames:
+        with _client(args) as client:
+            return _frames_call(args, lambda frames: client.identify(frames=frames,
+                                                                     top_k=args.top_k))
     status = 0
     with _client(args) as client:
         for path in _images(args):
@@ -95,6 +131,10 @@ def cmd_identify(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import grpc
 
+    if args.frames:
+        with _client(args) as client:
+            return _frames_call(args, lambda frames: client.verify(args.traveller_id,
+                                                                   frames=frames))
     status = 0
     with _client(args) as client:
         for path in _images(args):
@@ -166,6 +206,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also send the packaged yaoming.jpg")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--all-faces", action="store_true", help="answer for every face")
+    p.add_argument("--frames", action="store_true", help=FRAMES_HELP)
     _add_client_options(p)
     p.set_defaults(func=_with_default_server(cmd_identify))
 
@@ -173,6 +214,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("traveller_id")
     p.add_argument("images", nargs="*")
     p.add_argument("--demo-probe", action="store_true")
+    p.add_argument("--frames", action="store_true", help=FRAMES_HELP)
     _add_client_options(p)
     p.set_defaults(func=_with_default_server(cmd_verify))
 

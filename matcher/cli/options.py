@@ -44,6 +44,10 @@ def add_model_pack_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embedder", help="ArcFace-family 112x112 ONNX embedder")
     p.add_argument("--embedder-sha256", help="pinned sha256 of --embedder")
     add_precision_option(p)
+    p.add_argument("--flip-augment", action="store_true",
+                   help="templates as embed(face) + embed(mirrored face): needs a score "
+                        "model calibrated with it and a gallery enrolled with it; off by "
+                        "default (docs/pipeline.md#flip-augmentation)")
 
 
 def model_pack(args: argparse.Namespace):

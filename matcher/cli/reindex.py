@@ -24,7 +24,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         ort_threads=args.ort_threads,
         batch_size=args.batch_size, num_cpus=args.num_cpus,
         object_store_mb=args.object_store_mb, actor_start_timeout_s=args.actor_start_timeout,
-        progress=not args.no_progress)
+        progress=not args.no_progress, flip=args.flip_augment)
     summary = run_reindex(config)
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
@@ -70,5 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                      help="object store size of the local Ray instance")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--flip-augment", action="store_true",
+                   help="flip augmentation, as 'matcher serve --flip-augment' (off by default)")
     p.set_defaults(func=cmd_reindex)
 

@@ -15,7 +15,7 @@ def _server_config(args: argparse.Namespace, demo: bool):
 
     metrics = None if args.metrics_listen in ("", "off") else args.metrics_listen
     return ServerConfig(
-        model_pack=model_pack(args),
+        model_pack=model_pack(args), flip_augment=args.flip_augment,
         listen=args.listen, data_dir=args.data,
         role="replica" if args.replica_of else "writer",
         snapshot_source=Path(args.replica_of) if args.replica_of else None,

@@ -195,8 +195,11 @@ class Pipeline:
                  quality: QualityPolicy = DEFAULT_POLICY,
                  limits: DecodeLimits = DEFAULT_LIMITS, threads: int = 1,
                  sessions: Sessions | None = None,
-                 scaling: DecodeScaling = DecodeScaling()) -> None:
+                 scaling: DecodeScaling = DecodeScaling(), flip: bool = False) -> None:
         self.pack = pack or default_pack()
+        # Flip test-time augmentation: a template is embed(face) + embed(mirrored face).
+        # Off by default: on lfw-dev it did not clear the bar docs/pipeline.md states.
+        self.flip = flip
         self.detector_config = detector
         self.quality_policy = quality
         self.limits = limits
@@ -214,7 +217,8 @@ class Pipeline:
                 "embedder_sha256": self.pack.embedder.sha256, "revision": SCORE_REVISION,
                 "detector": asdict(self.detector_config),
                 "quality": asdict(self.quality_policy),
-                **({"decode_scaling": asdict(self.scaling)} if self.scaling.enabled else {})}
+                **({"decode_scaling": asdict(self.scaling)} if self.scaling.enabled else {}),
+                **({"flip": True} if self.flip else {})}
 
     def settings_hash(self) -> str:
         text = json.dumps(self.score_settings(), sort_keys=True)
@@ -332,11 +336,18 @@ class Pipeline:
         out = np.empty((len(blob), EMBEDDING_DIM), dtype=np.float32)
         for start in range(0, len(blob), EMBED_CHUNK):
             chunk = blob[start:start + EMBED_CHUNK]
-            out[start:start + len(chunk)] = self.sessions.embedder.run(
-                None, {self.sessions.embedder_input: chunk})[0]
+            out[start:start + len(chunk)] = self._embed_raw(chunk)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.maximum(norms, 1e-12, out=norms)
         return out / norms
+
+    def _embed_raw(self, chunk: np.ndarray) -> np.ndarray:
+        run = (lambda x: self.sessions.embedder.run(
+            None, {self.sessions.embedder_input: x})[0])
+        if not self.flip:
+            return run(chunk)
+        both = run(np.concatenate([chunk, chunk[:, :, :, ::-1]]))
+        return both[:len(chunk)] + both[len(chunk):]
 
     def embed_aligned(self, crops: np.ndarray) -> np.ndarray:
         """Already-aligned (n, 112, 112, 3) uint8 RGB faces -> (n, 512) templates."""

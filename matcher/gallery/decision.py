@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import GalleryError, InvalidInput, UnknownTraveller
 from ..templates import Candidate
-from .scoremodel import ScoreModel, load_score_model
+from .scoremodel import FUSED, SINGLE, ScoreModel, load_score_model
 from .served import ServedGallery
 
 
@@ -62,31 +62,50 @@ def per_comparison_fmr(fpir: float, gallery_size: int) -> float:
     return fpir / max(1, gallery_size)
 
 
-def operating_point_1to1(model: ScoreModel, fmr: float, floor: float) -> OperatingPoint:
-    return OperatingPoint("1:1", fmr, None, fmr, max(floor, model.threshold_at_fmr(fmr)),
+def operating_point_1to1(model: ScoreModel, fmr: float, floor: float,
+                         confidence: float | None = None, kind: str | None = None
+                         ) -> OperatingPoint:
+    """``kind``: the booking the claim is checked against (scoremodel.SINGLE or FUSED);
+    None holds for either."""
+    return OperatingPoint("1:1", fmr, None, fmr,
+                          max(floor, model.threshold_at_fmr(fmr, confidence, kind)),
                           model.supports_fmr(fmr))
 
 
-def operating_point_1toN(model: ScoreModel, fpir: float, gallery_size: int, floor: float
-                         ) -> OperatingPoint:
+def operating_point_1toN(model: ScoreModel, fpir: float, gallery_size: int, floor: float,
+                         confidence: float | None = None) -> OperatingPoint:
+    """Thresholds from the model's search variant (look-alike pairs stated apart)."""
+    model = model.for_search
     fmr = per_comparison_fmr(fpir, gallery_size)
     return OperatingPoint("1:N", fpir, gallery_size, fmr,
-                          max(floor, model.threshold_at_fmr(fmr)), model.supports_fmr(fmr),
-                          model.max_gallery_size(fpir))
+                          max(floor, model.threshold_at_fmr(fmr, confidence)),
+                          model.supports_fmr(fmr), model.max_gallery_size(fpir))
+
+
+# Chosen by identity-disjoint cross-validation on lfw-dev (benchmarks/_threshold_cv.py).
+CONFIDENCE_1TON = 0.5
 
 
 @dataclass(frozen=True)
 class DecisionPolicy:
-    """Targets, not thresholds: thresholds follow from them, the model and gallery size."""
+    """Targets, not thresholds: thresholds follow from them, the model and gallery size.
+
+    ``confidence_*``: the confidence of the score model's upper bound a threshold is taken
+    at (over identity resamples). The 1:N default is the level the identity-disjoint
+    cross-validation of ``matcher bench --only accuracy`` chose: the one whose FPIR held on
+    unseen people at every gallery size with the fewest misses (docs/operating-points.md).
+    """
 
     fmr_1to1: float = 1e-5
     fpir_1toN: float = 1e-3
     margin: float = 0.10
     min_threshold: float = 0.20
     fallback_to_search: bool = True  # claim-then-search: try 1:N when the claim fails
+    confidence_1to1: float = 0.95
+    confidence_1toN: float = CONFIDENCE_1TON
 
     def __post_init__(self) -> None:
-        for name in ("fmr_1to1", "fpir_1toN"):
+        for name in ("fmr_1to1", "fpir_1toN", "confidence_1to1", "confidence_1toN"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise InvalidInput(f"{name} must be in (0, 1)")
         if not 0.0 <= self.margin < 1.0:
@@ -136,35 +155,38 @@ class Decider:
         if self.score_model.model_id != gallery.model_id:
             raise GalleryError(f"the score model is for {self.score_model.model_id}, the "
                                f"gallery holds {gallery.model_id} templates")
-        self.point_1to1 = self.point_1to1_for(1)
+        # A claim is one comparison with the traveller's booking: one photo, or several
+        # fused, each kind at its own threshold (the fused tail is the heavier one).
+        self.points_1to1 = {kind: operating_point_1to1(
+            self.score_model, self.policy.fmr_1to1, self.policy.min_threshold,
+            self.policy.confidence_1to1, kind) for kind in (SINGLE, FUSED)}
 
-    def point_1to1_for(self, templates: int) -> OperatingPoint:
-        """1:1 against a traveller enrolled with ``templates`` photos: the best of m
-        comparisons, so each must meet FMR / m (the union bound again)."""
-        m = max(1, templates)
-        point = operating_point_1to1(self.score_model, self.policy.fmr_1to1 / m,
-                                     self.policy.min_threshold)
-        return OperatingPoint("1:1", self.policy.fmr_1to1, None, point.comparison_fmr,
-                              point.threshold, point.supported)
+    @property
+    def point_1to1(self) -> OperatingPoint:
+        """The 1:1 point that holds whatever the booking (what GetGalleryInfo reports)."""
+        return max(self.points_1to1.values(), key=lambda p: p.threshold)
 
-    def point_1toN(self, gallery_size: int | None = None) -> OperatingPoint:
-        """1:N over ``gallery_size`` comparisons; by default every template in the
-        gallery (a traveller with three booking photos is three chances to false-match)."""
-        n = self.gallery.templates if gallery_size is None else gallery_size
+    def point_1to1_for(self, photos: int) -> OperatingPoint:
+        """The 1:1 point for a traveller booked with ``photos`` photos."""
+        return self.points_1to1[FUSED if photos > 1 else SINGLE]
+
+    def point_1toN(self, gallery_size: int | None = None,
+                   now: datetime | float | None = None) -> OperatingPoint:
+        """1:N over ``gallery_size`` comparisons; by default the travellers whose booking
+        window is open at ``now``: the set a search looks at, one fused template each."""
+        n = self.gallery.searchable(now) if gallery_size is None else gallery_size
         return operating_point_1toN(self.score_model, self.policy.fpir_1toN, n,
-                                    self.policy.min_threshold)
+                                    self.policy.min_threshold, self.policy.confidence_1toN)
 
     def verify(self, probe: np.ndarray, traveller_id: str,
                now: datetime | float | None = None) -> Decision:
         """1:1 against the claimed traveller. probe (512,) float32 L2-normalised."""
-        t = self.point_1to1.threshold
         try:
             claim = self.gallery.score_traveller(traveller_id, probe, now)
         except UnknownTraveller:
-            return Decision(Outcome.NO_MATCH, Reason.UNKNOWN_TRAVELLER, "verify", None, None, t,
-                            traveller_id)
-        if claim.templates > 1:
-            t = self.point_1to1_for(claim.templates).threshold
+            return Decision(Outcome.NO_MATCH, Reason.UNKNOWN_TRAVELLER, "verify", None, None,
+                            self.point_1to1.threshold, traveller_id)
+        t = self.point_1to1_for(claim.photos).threshold
         if not claim.within_window:
             return Decision(Outcome.NO_MATCH, Reason.OUTSIDE_WINDOW, "verify", None,
                             claim.score, t, traveller_id)
@@ -178,7 +200,7 @@ class Decider:
                       now: datetime | float | None = None) -> list[Decision]:
         """1:N for each probe (n, 512); one batched gallery search."""
         k = max(k, 2)  # the margin rule needs the runner-up
-        point = self.point_1toN()
+        point = self.point_1toN(now=now)
         t = point.threshold
         decisions = []
         for cands in self.gallery.search(probes, k, now):

@@ -373,8 +373,12 @@ class SearchIndex:
     """One writer at a time (the Gallery's lock); any number of concurrent searches."""
 
     def __init__(self, built: BuiltIndex, traveller_ids: list[str], valid_from: np.ndarray,
-                 valid_to: np.ndarray, built_version: int, config: IndexConfig) -> None:
+                 valid_to: np.ndarray, built_version: int, config: IndexConfig,
+                 photos: np.ndarray | None = None) -> None:
         t = len(traveller_ids)
+        # Booking photos fused into each traveller's template (a 1:1 threshold depends on it).
+        self._photos: dict[str, int] = dict(zip(
+            traveller_ids, (np.ones(t, np.int64) if photos is None else photos).tolist()))
         self.config = config
         self.built_version = built_version
         self.applied_version = built_version
@@ -385,15 +389,17 @@ class SearchIndex:
         delta = _Delta(np.empty((0, D), np.float32), np.empty(0, np.int32),
                        np.empty(0, np.int64), 0)
         self._slots: dict[str, int] = {tid: i for i, tid in enumerate(traveller_ids)}
+        self._built_photos = dict(self._photos)
         self._view = _View(built, delta, table)
 
     @classmethod
     def build(cls, vectors: np.ndarray, owner: np.ndarray, template_ids: np.ndarray,
               traveller_ids: list[str], valid_from: np.ndarray, valid_to: np.ndarray,
-              built_version: int, config: IndexConfig) -> "SearchIndex":
+              built_version: int, config: IndexConfig,
+              photos: np.ndarray | None = None) -> "SearchIndex":
         built = BuiltIndex.build(np.ascontiguousarray(vectors, np.float32), owner,
                                  template_ids, config)
-        return cls(built, traveller_ids, valid_from, valid_to, built_version, config)
+        return cls(built, traveller_ids, valid_from, valid_to, built_version, config, photos)
 
     # -- facts --------------------------------------------------------------------
 
@@ -409,6 +415,13 @@ class SearchIndex:
     def travellers(self) -> int:
         """Travellers currently searchable (ignoring booking windows)."""
         return len(self._slots)
+
+    def searchable(self, now: float) -> int:
+        """Travellers a search at ``now`` looks at: active, booking window open."""
+        t = self._view.table
+        n = t.count
+        return int(np.count_nonzero(t.active[:n] & (t.valid_from[:n] <= now)
+                                    & (now < t.valid_to[:n])))
 
     @property
     def templates(self) -> int:
@@ -429,11 +442,22 @@ class SearchIndex:
         t, n = self._view.table, self._built_travellers
         return t.ids[:n], t.valid_from[:n].copy(), t.valid_to[:n].copy()
 
+    def built_photos(self) -> np.ndarray:
+        """Booking photos behind each traveller of ``built_table`` (what a snapshot stores)."""
+        ids = self._view.table.ids[:self._built_travellers]
+        return np.array([self._built_photos.get(tid, 1) for tid in ids], np.int64)
+
+    def photos(self, traveller_id: str) -> int:
+        """Booking photos fused into the traveller's template (1 if unknown)."""
+        return self._photos.get(traveller_id, 1)
+
     # -- writer side (caller holds the gallery's write lock) --------------------------
 
     def upsert(self, traveller_id: str, valid_from: float, valid_to: float,
-               templates: np.ndarray, template_ids: Sequence[int]) -> None:
-        """Make the traveller searchable with exactly these templates (k, 512) float32."""
+               templates: np.ndarray, template_ids: Sequence[int], photos: int = 1) -> None:
+        """Make the traveller searchable with exactly these templates (k, 512) float32,
+        made from ``photos`` booking photos."""
+        self._photos[traveller_id] = photos
         v = self._view
         tb, dl = v.table, v.delta
         slot = tb.count

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GalleryError, InvalidInput, SnapshotError
-from ..templates import Candidate, check_templates, check_traveller_id
+from ..templates import (Candidate, check_templates, check_traveller_id, fuse_groups,
+                         fuse_templates)
 from .codecs import TemplateCodec
 from .index import IndexConfig, SearchIndex
 from .served import ClaimScore, check_claim_probe, epoch_now, score_claim
@@ -125,6 +126,10 @@ class Gallery:
     @property
     def templates(self) -> int:
         return self._index.templates
+
+    def searchable(self, now: datetime | float | None = None) -> int:
+        """Travellers whose booking window is open at ``now``: who a search can match."""
+        return self._index.searchable(epoch_now(now))
 
     @property
     def index_kind(self) -> str:
@@ -257,22 +262,43 @@ class Gallery:
         return manifest
 
 
+def _index_traveller(index: SearchIndex, t: Traveller) -> None:
+    """The index holds one template per traveller: the fused template of every intact
+    booking photo (so N counts travellers), filed under the first photo's template id."""
+    if not len(t.templates):
+        index.remove(t.traveller_id)
+        return
+    index.upsert(t.traveller_id, t.valid_from, t.valid_to,
+                 fuse_templates(t.templates)[None, :], [min(t.template_ids)],
+                 len(t.templates))
+
+
 def _drop_damaged(store: Store, index: SearchIndex) -> None:
     """Check every store row and take damaged ones (new or already quarantined) out of
     ``index``: their travellers are re-read with their intact templates only."""
     store.verify_templates()
     for traveller_id in dict.fromkeys(d.traveller_id for d in store.quarantined()):
         t = store.find(traveller_id)
-        if t is None or not len(t.templates):
+        if t is None:
             index.remove(traveller_id)
         else:
-            index.upsert(traveller_id, t.valid_from, t.valid_to, t.templates, t.template_ids)
+            _index_traveller(index, t)
 
 
 def _build(store: Store, config: IndexConfig, now: float) -> SearchIndex:
     rows = store.read_all(valid_after=now)
-    return SearchIndex.build(rows.vectors, rows.owner, rows.template_ids, rows.traveller_ids,
-                             rows.valid_from, rows.valid_to, rows.gallery_version, config)
+    travellers = len(rows.traveller_ids)
+    fused = fuse_groups(rows.vectors, rows.owner, travellers)
+    # each traveller's first template id, for the travellers that have templates
+    order = np.lexsort((rows.template_ids, rows.owner))
+    starts = np.flatnonzero(np.r_[True, rows.owner[order][1:] != rows.owner[order][:-1]]
+                            ) if len(order) else np.empty(0, np.int64)
+    owners = rows.owner[order][starts]
+    return SearchIndex.build(fused[owners], owners.astype(np.int32),
+                             rows.template_ids[order][starts],
+                             rows.traveller_ids, rows.valid_from, rows.valid_to,
+                             rows.gallery_version, config,
+                             np.bincount(rows.owner, minlength=travellers))
 
 
 def _replay(store: Store, index: SearchIndex) -> None:
@@ -286,5 +312,5 @@ def _replay(store: Store, index: SearchIndex) -> None:
         if t is None:
             index.remove(traveller_id)
         else:
-            index.upsert(traveller_id, t.valid_from, t.valid_to, t.templates, t.template_ids)
+            _index_traveller(index, t)
     index.applied_version = changes[-1].gallery_version

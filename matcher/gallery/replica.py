@@ -87,6 +87,10 @@ class ReplicaGallery:
     def templates(self) -> int:
         return self._state.index.templates
 
+    def searchable(self, now=None) -> int:
+        """Travellers whose booking window is open at ``now``: who a search can match."""
+        return self._state.index.searchable(epoch_now(now))
+
     @property
     def index_kind(self) -> str:
         return self._state.index.kind
@@ -113,7 +117,7 @@ class ReplicaGallery:
             raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
         valid_from, valid_to = state.windows[traveller_id]
         return score_claim(traveller_id, state.index.built.vectors[rows], x, valid_from,
-                           valid_to, now)
+                           valid_to, now, state.index.photos(traveller_id))
 
     def get(self, traveller_id: str) -> Traveller:
         state = self._state

@@ -26,7 +26,8 @@ import numpy as np
 
 from ..errors import GalleryError, InvalidInput
 
-FORMAT = 1
+SINGLE, FUSED = "single", "fused"  # comparison kinds: one booking photo, or several fused
+FORMAT = 2  # 2: resolved-tail resamples kept whole; comparison kinds
 SHIPPED_PACKAGE = "matcher.score_models"
 
 
@@ -86,11 +87,16 @@ def gpd_sf(y: np.ndarray | float, xi: float, sigma: float) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ScoreModel:
-    """One pipeline's score distributions; see the module docstring."""
+    """One pipeline's score distributions; see the module docstring.
+
+    ``kinds`` holds the models of the other comparisons the service makes (``fused``: a
+    traveller's fused booking template against one capture); every threshold and rate is
+    the worst over this model and its kinds, so a promise holds for each of them.
+    """
 
     model_id: str
     settings_hash: str
-    confidence: float
+    confidence: float               # the default confidence of a threshold's upper bound
     tail_fmr: float                 # p_u: fraction of impostor pairs above the tail threshold
     tail: tuple[float, float, float]  # (u, xi, sigma) fitted to all the data
     replicates: np.ndarray          # (B, 3) (u, xi, sigma), identities resampled
@@ -98,22 +104,48 @@ class ScoreModel:
     empirical: np.ndarray           # (k, 2) (score, FMR): exceedance curve, ascending score
     genuine: np.ndarray             # (g, 4) (score, FNMR, FNMR lo, FNMR hi)
     document: dict = field(repr=False, compare=False, default_factory=dict)
-    # (r, 2) (FMR, threshold): the empirical tail's upper bound where the data resolves
-    # the rate, FMR descending
-    empirical_upper: np.ndarray = field(repr=False, compare=False,
-                                        default_factory=lambda: np.empty((0, 2)))
+    # The empirical tail where the data resolves the rate: (r,) FMRs, descending, and the
+    # (B, r) threshold of each identity resample at each of them.
+    resolved_fmr: np.ndarray = field(repr=False, compare=False,
+                                     default_factory=lambda: np.empty(0))
+    resolved_thresholds: np.ndarray = field(repr=False, compare=False,
+                                            default_factory=lambda: np.empty((0, 0)))
+    kinds: dict = field(repr=False, compare=False, default_factory=dict)
+    # The model 1:N thresholds come from: the same data with the look-alike pairs stated
+    # apart (relatives no threshold separates); None: this one.
+    search: "ScoreModel | None" = field(repr=False, compare=False, default=None)
+
+    @property
+    def for_search(self) -> "ScoreModel":
+        """The model a 1:N threshold is derived from (see ``search``)."""
+        return self.search if self.search is not None else self
+
+    def _all(self, kind: str | None = None) -> list["ScoreModel"]:
+        """The models a rate must hold for: every kind, or only ``kind`` ("single": one
+        booking photo against one capture)."""
+        if kind is None:
+            return [self, *self.kinds.values()]
+        if kind == SINGLE:
+            return [self]
+        if kind not in self.kinds:
+            raise GalleryError(f"the score model has no {kind!r} comparisons; re-run "
+                               "matcher calibrate with this version")
+        return [self.kinds[kind]]
 
     # -- thresholds ----------------------------------------------------------------
 
-    def threshold_at_fmr(self, fmr: float) -> float:
-        """The threshold that keeps one comparison's FMR <= ``fmr`` with ``confidence``."""
-        return self._threshold(fmr, upper=True)
+    def threshold_at_fmr(self, fmr: float, confidence: float | None = None,
+                         kind: str | None = None) -> float:
+        """The threshold that keeps one comparison's FMR <= ``fmr`` with ``confidence``
+        (the model's own by default), for every comparison kind or only ``kind``."""
+        c = self.confidence if confidence is None else _check_confidence(confidence)
+        return max(m._threshold(fmr, c) for m in self._all(kind))
 
     def threshold_estimate(self, fmr: float) -> float:
-        """The point estimate of that threshold (reporting only: not conservative)."""
-        return self._threshold(fmr, upper=False)
+        """The point estimate of that threshold (not conservative)."""
+        return max(m._threshold(fmr, None) for m in self._all())
 
-    def _threshold(self, fmr: float, upper: bool) -> float:
+    def _threshold(self, fmr: float, confidence: float | None) -> float:
         if not 0.0 < fmr < 1.0:
             raise InvalidInput(f"a false-match rate must be in (0, 1), got {fmr}")
         if fmr >= self.tail_fmr:
@@ -121,54 +153,73 @@ class ScoreModel:
             s, f = self.empirical[:, 0], self.empirical[:, 1]
             return float(np.interp(-math.log(fmr), -np.log(np.maximum(f, 1e-300)), s))
         q = fmr / self.tail_fmr
-        if not upper:
+        if confidence is None:
             u, xi, sigma = self.tail
             return float(min(1.0, u + gpd_isf(q, xi, sigma)))
         u, xi, sigma = self.replicates.T
         t = np.minimum(1.0, u + gpd_isf(q, xi, sigma))
-        return max(float(np.quantile(t, self.confidence)), self._empirical_upper(fmr))
+        return max(float(np.quantile(t, confidence)), self._empirical_upper(fmr, confidence))
 
-    def _empirical_upper(self, fmr: float) -> float:
+    def _empirical_curve(self, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+        """(FMR descending, threshold): the resamples' ``confidence`` quantile."""
+        return self.resolved_fmr, np.quantile(self.resolved_thresholds, confidence, axis=0)
+
+    def _empirical_upper(self, fmr: float, confidence: float) -> float:
         """The empirical bound at ``fmr``; below the resolved range, its last value (a
         stricter rate never gets a lower threshold than a looser one)."""
-        if not len(self.empirical_upper):
+        if not len(self.resolved_fmr):
             return -1.0
-        f, t = self.empirical_upper[::-1, 0], self.empirical_upper[::-1, 1]  # FMR ascending
-        return float(np.interp(math.log(fmr), np.log(f), t))
+        f, t = self._empirical_curve(confidence)
+        return float(np.interp(math.log(fmr), np.log(f[::-1]), t[::-1]))
 
     def fmr_at(self, threshold: float) -> float:
-        """Point estimate of one comparison's FMR at ``threshold``."""
+        """Point estimate of one comparison's FMR at ``threshold`` (worst kind)."""
+        return max(m._fmr_at(threshold) for m in self._all())
+
+    def _fmr_at(self, threshold: float) -> float:
         u, xi, sigma = self.tail
         if threshold < u:
             s, f = self.empirical[:, 0], self.empirical[:, 1]
             return float(np.interp(threshold, s, f))
         return float(self.tail_fmr * gpd_sf(threshold - u, xi, sigma))
 
-    def fmr_upper_at(self, threshold: float) -> float:
-        """Upper confidence bound of that FMR (from the replicates' tails)."""
+    def fmr_upper_at(self, threshold: float, confidence: float | None = None) -> float:
+        """Upper confidence bound of that FMR (worst kind)."""
+        c = self.confidence if confidence is None else _check_confidence(confidence)
+        return max(m._fmr_upper_at(threshold, c) for m in self._all())
+
+    def _fmr_upper_at(self, threshold: float, confidence: float) -> float:
         u, xi, sigma = self.replicates.T
         rates = [self.tail_fmr * float(gpd_sf(threshold - a, b, c)) if threshold >= a
                  else self.tail_fmr for a, b, c in zip(u, xi, sigma)]
-        bound = float(np.quantile(rates, self.confidence))
-        if len(self.empirical_upper):
-            f, t = self.empirical_upper[:, 0], self.empirical_upper[:, 1]  # t ascending
+        bound = float(np.quantile(rates, confidence))
+        if len(self.resolved_fmr):
+            f, t = self._empirical_curve(confidence)  # t ascending as f descends
             if threshold <= t[-1]:
                 bound = max(bound, float(np.exp(np.interp(threshold, t, np.log(f)))))
-        return float(max(self.fmr_at(threshold), bound))
+        return float(max(self._fmr_at(threshold), bound))
 
-    def fnmr_at(self, threshold: float) -> tuple[float, float, float]:
-        """(FNMR, low, high) of one genuine comparison at ``threshold`` on the data."""
-        s = self.genuine[:, 0]
-        return tuple(float(np.interp(threshold, s, self.genuine[:, i])) for i in (1, 2, 3))
+    def fnmr_at(self, threshold: float, kind: str | None = None
+                ) -> tuple[float, float, float]:
+        """(FNMR, low, high) of one genuine comparison at ``threshold`` on the data: a
+        single booking photo, or ``kind`` (``fused``: two booking photos fused)."""
+        m = self._all(kind or SINGLE)[0]
+        s = m.genuine[:, 0]
+        return tuple(float(np.interp(threshold, s, m.genuine[:, i])) for i in (1, 2, 3))
 
     # -- what the data supports ----------------------------------------------------
 
     def supports_fmr(self, fmr: float) -> bool:
-        return fmr >= self.fmr_floor
+        return fmr >= self.supported_floor
+
+    @property
+    def supported_floor(self) -> float:
+        """The lowest per-comparison FMR every comparison kind's data supports."""
+        return max(m.fmr_floor for m in self._all())
 
     def max_gallery_size(self, fpir: float) -> int:
         """Largest N for which FPIR needs no per-comparison FMR below the floor."""
-        return int(math.floor(fpir / self.fmr_floor))
+        return int(math.floor(fpir / self.supported_floor))
 
     # -- files ---------------------------------------------------------------------
 
@@ -181,9 +232,15 @@ class ScoreModel:
                               "u": self.tail[0], "xi": self.tail[1], "sigma": self.tail[2],
                               "replicates": np.round(self.replicates, 7).tolist()},
             "impostor_empirical": np.round(self.empirical, 9).tolist(),
-            "impostor_empirical_upper": np.round(self.empirical_upper, 12).tolist(),
+            "impostor_resolved": {
+                "fmr": self.resolved_fmr.tolist(),
+                "thresholds": np.round(self.resolved_thresholds, 5).tolist()},
             "genuine_fnmr": np.round(self.genuine, 6).tolist(),
         })
+        if self.kinds:
+            doc["kinds"] = {name: m.to_document() for name, m in self.kinds.items()}
+        if self.search is not None:
+            doc["search"] = self.search.to_document()
         return doc
 
     @classmethod
@@ -192,13 +249,18 @@ class ScoreModel:
             raise GalleryError(f"score model format {doc.get('format')} is not {FORMAT}; "
                                "re-run matcher calibrate with this version")
         tail = doc["impostor_tail"]
+        resolved = doc["impostor_resolved"]
+        kinds = {name: cls.from_document(sub) for name, sub in doc.get("kinds", {}).items()}
+        search = cls.from_document(doc["search"]) if "search" in doc else None
+        fmr = np.asarray(resolved["fmr"], dtype=np.float64)
         return cls(doc["model_id"], doc["settings_hash"], float(doc["confidence"]),
                    float(tail["tail_fmr"]), (tail["u"], tail["xi"], tail["sigma"]),
                    np.asarray(tail["replicates"], dtype=np.float64),
                    float(doc["fmr_floor"]),
                    np.asarray(doc["impostor_empirical"], dtype=np.float64),
-                   np.asarray(doc["genuine_fnmr"], dtype=np.float64), doc,
-                   np.asarray(doc["impostor_empirical_upper"], dtype=np.float64).reshape(-1, 2))
+                   np.asarray(doc["genuine_fnmr"], dtype=np.float64), doc, fmr,
+                   np.asarray(resolved["thresholds"], dtype=np.float64).reshape(-1, len(fmr)),
+                   kinds, search)
 
     def save(self, path: Path) -> None:
         path = Path(path)
@@ -212,6 +274,12 @@ class ScoreModel:
             return cls.from_document(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError) as exc:
             raise GalleryError(f"cannot read score model {path}: {exc}") from None
+
+
+def _check_confidence(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise InvalidInput(f"a confidence level must be in (0, 1), got {confidence}")
+    return float(confidence)
 
 
 def shipped_file(model_id: str) -> str:

@@ -9,7 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InvalidInput
-from ..templates import Candidate, check_templates, to_epoch
+from ..templates import Candidate, check_templates, fuse_templates, to_epoch
 from .store import EnrolResult, Traveller
 
 
@@ -18,11 +18,11 @@ class ClaimScore:
     """A probe scored against one claimed traveller (1:1)."""
 
     traveller_id: str
-    score: float          # best cosine over the traveller's templates
+    score: float          # cosine with the traveller's fused booking template
     within_window: bool   # the booking is valid at the time asked about
     valid_from: float
     valid_to: float
-    templates: int = 1    # how many were compared: the best of m is m chances to false-match
+    photos: int = 1       # booking photos fused into the one template compared
 
 
 class ServedGallery(Protocol):
@@ -41,6 +41,8 @@ class ServedGallery(Protocol):
 
     @property
     def index_kind(self) -> str: ...
+
+    def searchable(self, now: datetime | float | None = None) -> int: ...
 
     def search(self, probes: np.ndarray, k: int = 5, now: datetime | float | None = None
                ) -> list[list[Candidate]]: ...
@@ -69,11 +71,12 @@ def check_claim_probe(probe: np.ndarray) -> np.ndarray:
 
 
 def score_claim(traveller_id: str, templates: np.ndarray, probe: np.ndarray,
-                valid_from: float, valid_to: float, now: datetime | float | None
-                ) -> ClaimScore:
-    """Best cosine of a checked (512,) probe over a traveller's templates, and whether the
-    booking holds at ``now``."""
-    score = float((templates @ probe).max()) if len(templates) else float("-inf")
+                valid_from: float, valid_to: float, now: datetime | float | None,
+                photos: int | None = None) -> ClaimScore:
+    """Cosine of a checked (512,) probe with the traveller's fused booking template (one
+    comparison, as a search makes it), and whether the booking holds at ``now``.
+    ``templates``: one row per booking photo, or the fused one of ``photos`` photos."""
+    score = float(fuse_templates(templates) @ probe) if len(templates) else float("-inf")
     t = epoch_now(now)
     return ClaimScore(traveller_id, score, valid_from <= t < valid_to, valid_from, valid_to,
-                      len(templates))
+                      len(templates) if photos is None else photos)

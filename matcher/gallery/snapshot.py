@@ -26,7 +26,7 @@ from .index import BuiltIndex, IndexConfig, SearchIndex
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: one fused template per traveller, and its photo count
 MANIFEST = "manifest.json"
 PREFIX = "gallery-v"
 
@@ -69,7 +69,8 @@ def write_snapshot(root: str | Path, index: SearchIndex, model_id: str, store_id
         # Traveller ids are printable (checked at enrolment), so one per line is unambiguous.
         (tmp / "travellers.txt").write_text("\n".join(ids), encoding="utf-8")
         np.save(tmp / "windows.npy", np.stack([valid_from, valid_to]))
-        names += ["travellers.txt", "windows.npy"]
+        np.save(tmp / "photos.npy", index.built_photos())
+        names += ["travellers.txt", "windows.npy", "photos.npy"]
         for name in names:
             fsync_path(tmp / name)
         manifest = {
@@ -177,13 +178,15 @@ def read_snapshot(path: str | Path, model_id: str, store_id: str | None,
         text = (path / "travellers.txt").read_text(encoding="utf-8")
         ids = text.split("\n") if text else []
         windows = np.load(path / "windows.npy")
+        photos = np.load(path / "photos.npy")
     except (GalleryError, OSError, RuntimeError, ValueError, KeyError) as e:
         raise SnapshotError(f"snapshot {path.name} cannot be loaded: {e}") from None
     if (len(ids) != m.travellers or windows.shape != (2, m.travellers)
+            or photos.shape != (m.travellers,)
             or built.ntotal != m.templates
             or (len(built.owner) and int(built.owner.max()) >= len(ids))):
         raise SnapshotError(f"snapshot {path.name} contents disagree with its manifest")
-    index = SearchIndex(built, ids, windows[0], windows[1], m.gallery_version, config)
+    index = SearchIndex(built, ids, windows[0], windows[1], m.gallery_version, config, photos)
     log.info("loaded snapshot %s (gallery_version %d, %d templates, %s)", path.name,
              m.gallery_version, m.templates, m.index_kind)
     return m, index

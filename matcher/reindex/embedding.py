@@ -4,6 +4,8 @@
 process for ``--no-ray``; both give the same verdict for the same photo. ``embed_on_ray``
 and ``embed_inline`` feed it the driver's work and hand back ``PhotoResult`` batches.
 Everything Ray runs lives at module top level, since Ray workers import it by name.
+Which face of a photo is enrolled, and why one is refused, is decided by
+matcher.face.enrolment's ``face_verdict``, the rule Enroll follows too.
 """
 from __future__ import annotations
 
@@ -22,12 +24,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError
-from ..face.pipeline import DecodedPhoto, DetectorConfig, Face, largest_face
+from ..face.enrolment import SECOND_FACE_AREA_RATIO, face_verdict
+from ..face.pipeline import DecodedPhoto, DetectorConfig, Face
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
 from ..templates import EMBEDDING_DIM
 from ..transport import is_loopback
 from .cache import unreadable_file_reason
-from .manifest import LOW_QUALITY, MULTIPLE_FACES, NO_FACE, UNREADABLE_IMAGE
+from .manifest import UNREADABLE_IMAGE
 
 if TYPE_CHECKING:
     from .job import ReindexConfig
@@ -54,18 +57,6 @@ def _decode_reason(exc: InvalidInput) -> str:
             "corrupt" if isinstance(exc, CorruptImage) else
             "too_large" if isinstance(exc, ImageTooLarge) else "unsupported")
     return f"{UNREADABLE_IMAGE}:{kind}"
-
-
-def face_verdict(faces: list[Face], second_face_area_ratio: float) -> tuple[Face | None, str]:
-    """The one enrolable face of a booking photo, or None and the reject reason."""
-    main = largest_face(faces)
-    if main is None:
-        return None, NO_FACE
-    if any(f is not main and f.area >= second_face_area_ratio * main.area for f in faces):
-        return None, MULTIPLE_FACES
-    if not main.quality.accepted:
-        return None, f"{LOW_QUALITY}:{'+'.join(main.quality.reasons)}"
-    return main, ""
 
 
 def read_photo(path: str) -> tuple[bytes | None, str]:
@@ -96,13 +87,15 @@ class PhotoEmbedder:
     Ray).
     """
 
-    def __init__(self, ort_threads: int = 1, second_face_area_ratio: float = 0.1,
+    def __init__(self, ort_threads: int = 1,
+                 second_face_area_ratio: float = SECOND_FACE_AREA_RATIO,
                  detector: DetectorConfig | None = None,
-                 quality: QualityPolicy | None = None) -> None:
+                 quality: QualityPolicy | None = None, flip: bool = False) -> None:
         from ..face.pipeline import Pipeline
 
         self.pipeline = Pipeline(detector=detector or DetectorConfig(),
-                                 quality=quality or DEFAULT_POLICY, threads=ort_threads)
+                                 quality=quality or DEFAULT_POLICY, threads=ort_threads,
+                                 flip=flip)
         self.second_face_area_ratio = second_face_area_ratio
         self.node_id = ray_node_id()  # an actor never moves: ask once
 
@@ -202,7 +195,7 @@ def embed_inline(work: list[tuple[str, str]], config: ReindexConfig,
     """The same worker in this process, one batch at a time (no Ray, no pyarrow)."""
     started = time.perf_counter()
     worker = PhotoEmbedder(config.ort_threads, config.second_face_area_ratio,
-                           config.detector, config.quality)
+                           config.detector, config.quality, config.flip)
     timings["embedder_start"] = time.perf_counter() - started
     for i in range(0, len(work), config.batch_size):
         shas = [sha for sha, _ in work[i:i + config.batch_size]]
@@ -334,7 +327,8 @@ def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
             PhotoEmbedder,
             fn_constructor_kwargs={"ort_threads": config.ort_threads,
                                    "second_face_area_ratio": config.second_face_area_ratio,
-                                   "detector": config.detector, "quality": config.quality},
+                                   "detector": config.detector, "quality": config.quality,
+                                   "flip": config.flip},
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=config.batch_size, num_cpus=config.cpus_per_actor,
             memory=(config.memory_per_actor_mb * 1024 * 1024

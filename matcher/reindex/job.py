@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidInput, MatcherError, UnknownTraveller
+from ..face.enrolment import SECOND_FACE_AREA_RATIO
 from ..face.models import default_pack
 from ..face.pipeline import DetectorConfig
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
@@ -51,6 +52,7 @@ class ReindexConfig:
     now: UTC epoch seconds deciding which bookings are over (default: the clock at start).
     second_face_area_ratio: a second face at least this fraction of the largest face's
         area makes the photo ambiguous (``multiple_faces``); smaller faces are bystanders.
+        The default is Enroll's (matcher.face.enrolment), so both refuse the same photos.
     store_batch_travellers, store_batch_ms: completed travellers are committed to the
         store together, one fsynced transaction per batch, once this many are waiting or
         the oldest has waited this long (checked as results arrive). A hard crash
@@ -75,12 +77,13 @@ class ReindexConfig:
     hash_threads: int = 8
     now: float | None = None
     progress: bool = True
-    second_face_area_ratio: float = 0.1
+    second_face_area_ratio: float = SECOND_FACE_AREA_RATIO
     store_batch_travellers: int = 256
     store_batch_ms: float = 1000.0
     actor_start_timeout_s: float = 600.0
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     quality: QualityPolicy = DEFAULT_POLICY
+    flip: bool = False  # flip augmentation, as the server's pipeline (docs/pipeline.md)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.ort_threads < 1 or self.hash_threads < 1:
@@ -102,7 +105,7 @@ class ReindexConfig:
     def outcome_key(self) -> str:
         """Identifies everything that decides a photo's verdict besides its bytes."""
         text = repr((default_pack().model_id, self.detector, self.quality,
-                     self.second_face_area_ratio))
+                     self.second_face_area_ratio) + ((True,) if self.flip else ()))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -22,16 +22,16 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from ..errors import InvalidInput
+from ..face.enrolment import LOW_QUALITY, MULTIPLE_FACES, NO_FACE
 from ..templates import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
 
 COLUMNS = ("traveller_id", "photo", "valid_from", "valid_to")
 
-# Stable reason codes written to the rejects file; a detail may follow after ':'.
+# Stable reason codes written to the rejects file; a detail may follow after ':'. The
+# photo's own codes (no_face, multiple_faces, low_quality) are matcher.face.enrolment's,
+# shared with Enroll; they are re-exported here with the rest.
 MISSING_FILE = "missing_file"
 UNREADABLE_IMAGE = "unreadable_image"
-NO_FACE = "no_face"
-MULTIPLE_FACES = "multiple_faces"
-LOW_QUALITY = "low_quality"
 CONFLICTING_BOOKING = "conflicting_booking"
 TOO_MANY_PHOTOS = "too_many_photos"
 INVALID_ROW = "invalid_row"

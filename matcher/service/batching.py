@@ -16,6 +16,11 @@ the lane can retry on another replica instead of waiting behind a backlog. So it
 the queue holds more work than the request's deadline leaves time for (the batcher keeps a
 moving average of what one item costs a worker): such a request would only wait, expire
 and be dropped, having pushed the requests behind it towards their own deadlines.
+
+A request may stand for several items of work (``weight``: the frames of one traveller's
+multi-frame probe). Its work is never split: it joins one batch whole, batches are
+gathered up to ``max_batch`` units of weight (a request may take the last batch it joins
+past that), and the cost estimates count units, not requests.
 """
 from __future__ import annotations
 
@@ -57,7 +62,8 @@ def detached(exc: BaseException) -> BaseException:
 
 @dataclass(frozen=True)
 class BatchConfig:
-    """max_batch: items per call; max_wait_s: how long the first item waits for company;
+    """max_batch: units of work per call (items, or their weight); max_wait_s: how long the
+    first item waits for company;
     max_queue: waiting requests before RESOURCE_EXHAUSTED; workers: batches in flight
     at once (each in its own thread).
 
@@ -89,6 +95,7 @@ class _Request(Generic[In, Out]):
     future: asyncio.Future
     deadline: float | None   # time.monotonic() seconds; None: no deadline
     enqueued: float
+    weight: int = 1          # units of work (e.g. frames of one probe)
 
 
 @dataclass(frozen=True)
@@ -96,23 +103,26 @@ class BatchStats:
     """What one request's batch looked like, for timings in the response."""
 
     queue_ms: float
-    batch_size: int
+    batch_size: int          # units of work in the batch (its requests' weights summed)
 
 
 class MicroBatcher(Generic[In, Out]):
     """``await batcher.submit(item, deadline)`` -> (result, BatchStats).
 
     Use from one event loop. ``start()`` before the first submit, ``stop()`` at shutdown
-    (it lets already queued requests finish first).
+    (it lets already queued requests finish first). ``weight(item)``: the units of work an
+    item stands for (>= 1; default 1 each); ``on_batch`` is told each batch's units.
     """
 
     def __init__(self, fn: BatchFn, config: BatchConfig = BatchConfig(), name: str = "batch",
                  on_batch: Callable[[int], None] | None = None,
                  on_queue_depth: Callable[[int], None] | None = None,
-                 on_expired: Callable[[], None] | None = None) -> None:
+                 on_expired: Callable[[], None] | None = None,
+                 weight: Callable[[In], int] | None = None) -> None:
         self.fn = fn
         self.config = config
         self.name = name
+        self._weight = weight
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
         self._on_expired = on_expired
@@ -121,8 +131,9 @@ class MicroBatcher(Generic[In, Out]):
         self._workers: list[asyncio.Task] = []
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
-        self._item_cost_s: float | None = None  # moving average of worker time per item
-        self._computing = 0                     # items inside a running batch
+        self._item_cost_s: float | None = None  # moving average of worker time per unit
+        self._computing = 0                     # units inside a running batch
+        self._queued = 0                        # units waiting in the queue
 
     @property
     def queue_depth(self) -> int:
@@ -160,26 +171,31 @@ class MicroBatcher(Generic[In, Out]):
         """
         if not self._accepting or self._queue is None:
             raise NotReady("the service is starting or shutting down; retry shortly")
+        weight = 1 if self._weight is None else self._weight(item)
+        if weight < 1:
+            raise ValueError(f"{self.name}: an item's weight must be >= 1, got: {weight}")
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise DeadlineExpired("the request's deadline had passed when it arrived")
         if deadline is not None and self._item_cost_s is not None:
             remaining = deadline - now
-            if remaining < self._item_cost_s:  # the caller's deadline, not our queue
+            own_cost = weight * self._item_cost_s
+            if remaining < own_cost:  # the caller's deadline, not our queue
                 raise DeadlineExpired(f"the call's deadline ({remaining * 1e3:.0f} ms) is "
                                       f"shorter than one probe's compute "
-                                      f"(~{self._item_cost_s * 1e3:.0f} ms)")
-            expected = self.expected_wait_s()
+                                      f"(~{own_cost * 1e3:.0f} ms)")
+            expected = self.expected_wait_s(weight)
             if expected > self.config.admit_fraction * remaining:
                 raise Overloaded(f"{self.name} queue holds about {expected * 1e3:.0f} ms of "
                                  f"work, more than the call's remaining "
                                  f"{remaining * 1e3:.0f} ms allow; retry later or elsewhere")
         future = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Request(item, future, deadline, now))
+            self._queue.put_nowait(_Request(item, future, deadline, now, weight))
         except asyncio.QueueFull:
             raise Overloaded(f"{self.name} queue is full ({self.config.max_queue} waiting); "
                              "retry later or on another server") from None
+        self._queued += weight
         self._arrived.set()
         self._report_depth()
         try:
@@ -189,22 +205,28 @@ class MicroBatcher(Generic[In, Out]):
             # that lead back to it (future -> exception) and to the input.
             del future, item
 
-    def expected_wait_s(self) -> float:
-        """Roughly how long a request queued now waits before and during its compute."""
+    def expected_wait_s(self, weight: int = 1) -> float:
+        """Roughly how long a request of ``weight`` units queued now waits before and
+        during its compute."""
         if self._item_cost_s is None or self._queue is None:
             return 0.0
-        ahead = self._queue.qsize() + self._computing + 1
+        ahead = self._queued + self._computing + weight
         return ahead * self._item_cost_s / self.config.workers
 
     # -- worker side ----------------------------------------------------------------
 
     async def _next_batch(self) -> list[_Request]:
-        """At least one request; more until max_batch or max_wait_s after the first."""
+        """At least one request; more until max_batch units or max_wait_s after the first."""
         batch = [await self._queue.get()]
+        self._queued -= batch[0].weight
+        units = batch[0].weight
         started = time.monotonic()
-        while len(batch) < self.config.max_batch:
+        while units < self.config.max_batch:
             try:
-                batch.append(self._queue.get_nowait())
+                req = self._queue.get_nowait()
+                batch.append(req)
+                self._queued -= req.weight
+                units += req.weight
                 continue
             except asyncio.QueueEmpty:
                 pass
@@ -249,9 +271,10 @@ class MicroBatcher(Generic[In, Out]):
 
     async def _run(self, loop: asyncio.AbstractEventLoop, live: list[_Request]) -> None:
         started = time.monotonic()
+        units = sum(r.weight for r in live)
         if self._on_batch is not None:
-            self._on_batch(len(live))
-        self._computing += len(live)
+            self._on_batch(units)
+        self._computing += units
         try:
             results = await loop.run_in_executor(self._executor, self.fn,
                                                  [r.item for r in live])
@@ -273,14 +296,14 @@ class MicroBatcher(Generic[In, Out]):
                     req.future.set_exception(error)
             return
         finally:
-            self._computing -= len(live)
-        cost = (time.monotonic() - started) / len(live)
+            self._computing -= units
+        cost = (time.monotonic() - started) / units
         self._item_cost_s = cost if self._item_cost_s is None else \
             0.8 * self._item_cost_s + 0.2 * cost
         for req, result in zip(live, results):
             if req.future.done():
                 continue
-            stats = BatchStats((started - req.enqueued) * 1e3, len(live))
+            stats = BatchStats((started - req.enqueued) * 1e3, units)
             if isinstance(result, BaseException):
                 req.future.set_exception(detached(result))
             else:

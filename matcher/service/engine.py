@@ -1,11 +1,17 @@
-"""What the service does with a probe, in numpy terms: batched face analysis, gallery
-decisions, enrolment, audit. service.py turns protos into calls on this and back.
+"""What the service does with a probe, in numpy terms: batched face analysis, frame
+fusion, gallery decisions, enrolment, audit. servicer.py turns protos into calls on this
+and back.
 
 Compute layout: model calls go through one MicroBatcher (decode -> detect -> align ->
 embed in its worker threads); 1:N searches through a second that puts every waiting search
 into one gallery call (one pass over the gallery serves the batch); 1:1 checks and Clear
 run in a small thread pool, SQLite writes in their own pool with a deadline, so a stuck
 write holds neither a model worker nor a 1:1 check. The event loop only moves bytes.
+
+A probe may come as up to ``MAX_FRAMES`` frames of one traveller: they go to the model
+batcher as one job (one batch: one detector run per input size, one embedder run), the
+frames without a usable face are skipped, and the usable frames' templates are fused
+into one (``fuse_templates``) that is matched once, if they look like one person.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Union
@@ -25,7 +32,7 @@ from ..gallery.decision import Decider, Decision, DecisionPolicy
 from ..gallery.scoremodel import ScoreModel, check_settings
 from ..gallery.served import ServedGallery
 from ..gallery.store import EnrolResult, Traveller
-from ..templates import ALIGNED_SIZE, EMBEDDING_DIM
+from ..templates import ALIGNED_SIZE, EMBEDDING_DIM, fuse_templates
 from .audit import AuditLog
 from .batching import BatchConfig, MicroBatcher
 from .metrics import Metrics
@@ -35,6 +42,12 @@ log = logging.getLogger(__name__)
 ALIGNED_RAW_BYTES = ALIGNED_SIZE * ALIGNED_SIZE * 3
 AUDIT_FAILURE_POLICIES = ("fail_closed", "fail_open")
 SEARCH_BATCH = 64  # probes per 1:N gallery call
+MAX_FRAMES = 8     # frames of one traveller in one matching request
+
+# What became of one frame of a probe (MatchResponse.frames[].status), and why a fused
+# probe was not matched.
+FRAME_USED, FRAME_NO_FACE, FRAME_LOW_QUALITY = "used", "no_face", "low_quality"
+FRAMES_DISAGREE = "frames_disagree"
 
 
 # -- jobs for the model batcher ----------------------------------------------------------
@@ -52,7 +65,23 @@ class AlignedJob:
     data: bytes = b""
 
 
-Job = Union[ImageJob, AlignedJob]
+@dataclass(frozen=True)
+class FramesJob:
+    """The frames of one traveller's probe: analysed together, in one model batch.
+    ``positions``: each frame's index in the request (what an error names)."""
+
+    frames: tuple[ImageJob | AlignedJob, ...]
+    positions: tuple[int, ...]
+
+
+Job = Union[ImageJob, AlignedJob, FramesJob]
+# One frame as the engine takes it: a job for the models, or a ready (512,) template.
+Frame = Union[ImageJob, AlignedJob, np.ndarray]
+
+
+def job_weight(job: Job) -> int:
+    """Units of model work a job stands for (MicroBatcher weight): its frames."""
+    return len(job.frames) if isinstance(job, FramesJob) else 1
 
 
 @dataclass
@@ -65,6 +94,149 @@ class Analysis:
     from_image: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1
+
+
+@dataclass
+class FramesAnalysis:
+    """A FramesJob's answer: one Analysis per frame, in order, and the job's stage times
+    (decode summed over its frames; detect, align, embed, quality: its batch's)."""
+
+    frames: list[Analysis]
+    timings_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class FrameOutcome:
+    """What one frame gave: ``status`` FRAME_USED (its template is in the fused probe),
+    FRAME_NO_FACE or FRAME_LOW_QUALITY; ``face`` its largest face (None for templates,
+    aligned faces and no face); ``faces_found`` how many faces it had."""
+
+    status: str
+    face: Face | None
+    faces_found: int
+
+    @property
+    def quality_reasons(self) -> tuple[str, ...]:
+        return self.face.quality.reasons if self.face is not None else ()
+
+
+@dataclass
+class FusedProbe:
+    """One traveller's probe made from 1..MAX_FRAMES frames.
+
+    template: (512,) float32, L2-normalised: the usable frames' templates fused; None when
+    no frame was usable (``status`` then says FRAME_NO_FACE or FRAME_LOW_QUALITY).
+    best: the frame the answer reports (face box, quality reasons): the used frame with
+    the largest face, else the frame whose largest face has the fewest quality reasons
+    (ties: the larger face); None when no frame had a face. agree: False when the used
+    frames are not alike enough to be one person (FRAMES_DISAGREE: nothing is matched).
+    analyses: each frame's Analysis, in order.
+    """
+
+    template: np.ndarray | None
+    frames: list[FrameOutcome]
+    best: int | None
+    analyses: list[Analysis]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    agree: bool = True
+
+    @property
+    def frames_used(self) -> int:
+        return sum(f.status == FRAME_USED for f in self.frames)
+
+    @property
+    def status(self) -> str:
+        """FRAME_USED (a template to match), FRAME_LOW_QUALITY or FRAME_NO_FACE."""
+        if self.template is not None:
+            return FRAME_USED
+        return FRAME_NO_FACE if self.best is None else FRAME_LOW_QUALITY
+
+    @property
+    def face(self) -> Face | None:
+        return None if self.best is None else self.frames[self.best].face
+
+    @property
+    def faces_found(self) -> int:
+        return 0 if self.best is None else self.frames[self.best].faces_found
+
+
+def frame_outcome(analysis: Analysis) -> FrameOutcome:
+    """One frame's verdict: an image's largest face decides, as for a single probe."""
+    if not analysis.from_image:
+        return FrameOutcome(FRAME_USED, None, 0)
+    if not analysis.faces:
+        return FrameOutcome(FRAME_NO_FACE, None, 0)
+    face = analysis.faces[0]  # largest first
+    status = FRAME_LOW_QUALITY if face.quality.reasons else FRAME_USED
+    return FrameOutcome(status, face, len(analysis.faces))
+
+
+def _best_frame(frames: list[FrameOutcome]) -> int | None:
+    def area(f: FrameOutcome) -> float:
+        return f.face.area if f.face is not None else -1.0
+
+    used = [i for i, f in enumerate(frames) if f.status == FRAME_USED]
+    if used:
+        return max(used, key=lambda i: area(frames[i]))
+    faced = [i for i, f in enumerate(frames) if f.face is not None]
+    if not faced:
+        return None
+    return min(faced, key=lambda i: (len(frames[i].quality_reasons), -area(frames[i])))
+
+
+def fuse_frames(analyses: list[Analysis], timings_ms: dict[str, float] | None = None,
+                same_person: float | None = None) -> FusedProbe:
+    """Frames of one traveller -> one probe: unusable frames skipped, the rest fused.
+
+    ``same_person``: the score every two used frames must reach (see frames_agree); None
+    skips the check.
+    """
+    frames = [frame_outcome(a) for a in analyses]
+    used = [a.templates[0] for a, f in zip(analyses, frames) if f.status == FRAME_USED]
+    template = fuse_templates(np.stack(used)) if used else None
+    agree = not used or same_person is None or frames_agree(np.stack(used), same_person)
+    return FusedProbe(template, frames, _best_frame(frames), analyses,
+                      dict(timings_ms or {}), agree)
+
+
+def frames_agree(templates: np.ndarray, threshold: float) -> bool:
+    """True if every two of the (k, 512) unit templates score at least ``threshold``.
+
+    Fusing frames of two people gives a template that lies between them and can match
+    either (two unrelated faces fuse to about 0.7 cosine with each): a tailgater's frame
+    must not lend its face to the traveller's. The 1:1 threshold is what "the same person"
+    means everywhere else.
+    """
+    if len(templates) < 2:
+        return True
+    scores = templates @ templates.T
+    return bool(scores.min() >= threshold)
+
+
+def _frames_timings(frames: list[Analysis], shared: dict[str, dict[str, float]]
+                    ) -> dict[str, float]:
+    """A FramesJob's stage times: the batch's shared stages once per kind of frame in it,
+    plus each image frame's own decode (an image Analysis's decode holds its own decode
+    and the batch's shared finer decodes)."""
+    timings: dict[str, float] = {}
+    for kind in sorted({"image" if a.from_image else "aligned" for a in frames}):
+        for stage, ms in shared[kind].items():
+            timings[stage] = timings.get(stage, 0.0) + ms
+    finer = shared["image"].get("decode", 0.0)
+    own = [a.timings_ms.get("decode", 0.0) - finer for a in frames if a.from_image]
+    if own:
+        timings["decode"] = sum(own) + finer
+    return timings
+
+
+def frame_error(index: int, exc: BaseException) -> BaseException:
+    """``exc`` of the same kind, its message naming the frame it came from (frames[i])."""
+    if not isinstance(exc, MatcherError):
+        return exc
+    try:
+        return type(exc)(f"frames[{index}]: {exc}")
+    except TypeError:  # a subclass with another constructor: keep it as it is
+        return exc
 
 
 def aligned_from_raw(data: bytes) -> np.ndarray:
@@ -100,11 +272,12 @@ class MatchEngine:
         check_settings(self.decider.score_model, pipeline.settings_hash(), pipeline.model_id)
         self.metrics = metrics or Metrics()
         self.audit = audit
-        self.batcher: MicroBatcher[Job, Analysis] = MicroBatcher(
+        self.batcher: MicroBatcher[Job, Analysis | FramesAnalysis] = MicroBatcher(
             self._run_batch, batch, name="models",
             on_batch=self.metrics.observe_batch,
             on_queue_depth=self.metrics.set_queue_depth,
-            on_expired=lambda: self.metrics.count_rejected("deadline"))
+            on_expired=lambda: self.metrics.count_rejected("deadline"),
+            weight=job_weight)
         # Greedy: no waiting, every search queued while the previous batch ran joins the
         # next one. One worker: FAISS parallelises a batch over the cores itself.
         self.search_batcher: MicroBatcher[tuple[np.ndarray, int], list[Decision]] = \
@@ -137,8 +310,35 @@ class MatchEngine:
 
     # -- the batch function (runs in a worker thread) ---------------------------------
 
-    def _run_batch(self, jobs: list[Job]) -> list[Analysis | BaseException]:
+    def _run_batch(self, jobs: list[Job]) -> list[Analysis | FramesAnalysis | BaseException]:
+        """Every frame of every job in one pipeline run; a FramesJob's answers regrouped."""
+        units: list[ImageJob | AlignedJob] = []
+        for job in jobs:
+            units.extend(job.frames if isinstance(job, FramesJob) else (job,))
+        analysed, shared = self._analyse_units(units)
+        results: list[Analysis | FramesAnalysis | BaseException] = []
+        start = 0
+        for job in jobs:
+            if not isinstance(job, FramesJob):
+                results.append(analysed[start])
+                start += 1
+                continue
+            mine = analysed[start:start + len(job.frames)]
+            start += len(job.frames)
+            failed = next((i for i, a in enumerate(mine) if isinstance(a, BaseException)), None)
+            if failed is not None:  # a bad frame is a bad request, as a bad single probe is
+                results.append(frame_error(job.positions[failed], mine[failed]))
+                continue
+            frames: list[Analysis] = mine  # type: ignore[assignment]  # none failed
+            results.append(FramesAnalysis(frames, _frames_timings(frames, shared)))
+        return results
+
+    def _analyse_units(self, jobs: list[ImageJob | AlignedJob]
+                       ) -> tuple[list[Analysis | BaseException], dict[str, dict[str, float]]]:
+        """One Analysis (or the error) per job, and the stage times the batch's images and
+        aligned faces shared (``{"image": {...}, "aligned": {...}}``)."""
         results: list[Analysis | BaseException | None] = [None] * len(jobs)
+        shared: dict[str, dict[str, float]] = {"image": {}, "aligned": {}}
         images, image_slots, image_decode_ms = [], [], []
         crops, crop_slots = [], []
         for i, job in enumerate(jobs):
@@ -164,6 +364,7 @@ class MatchEngine:
             per_image = self.pipeline.analyse_many(images, timings)
             # the batch's finer decodes (DecodeScaling), if any, are shared like its other stages
             finer_decode_ms = timings.ms.get("decode", 0.0)
+            shared["image"] = dict(timings.ms)
             for slot, faces, decode_ms in zip(image_slots, per_image, image_decode_ms):
                 faces = sorted(faces, key=lambda f: f.area, reverse=True)
                 templates = (np.stack([f.template for f in faces]) if faces
@@ -175,10 +376,11 @@ class MatchEngine:
             t = time.perf_counter()
             templates = self.pipeline.embed_aligned(np.stack(crops))
             embed_ms = (time.perf_counter() - t) * 1e3
+            shared["aligned"] = {"embed": embed_ms}
             for row, slot in enumerate(crop_slots):
                 results[slot] = Analysis([], templates[row:row + 1], False,
                                          {"embed": embed_ms}, len(jobs))
-        return results  # type: ignore[return-value]
+        return results, shared  # type: ignore[return-value]
 
     def _decode_aligned(self, data: bytes) -> np.ndarray:
         crop = self.pipeline.decode(data)
@@ -204,13 +406,49 @@ class MatchEngine:
 
     # -- async entry points -------------------------------------------------------------
 
-    async def analyse(self, job: Job, deadline: float | None) -> Analysis:
+    async def analyse(self, job: ImageJob | AlignedJob, deadline: float | None) -> Analysis:
         analysis, stats = await self.batcher.submit(job, deadline)
         analysis.timings_ms["queue"] = stats.queue_ms
-        for stage in ("decode", "detect", "align", "embed"):
-            if stage in analysis.timings_ms:
-                self.metrics.observe_stage(stage, analysis.timings_ms[stage] / 1e3)
+        self._observe_stages(analysis.timings_ms)
         return analysis
+
+    def _observe_stages(self, timings_ms: dict[str, float]) -> None:
+        for stage in ("decode", "detect", "align", "embed"):
+            if stage in timings_ms:
+                self.metrics.observe_stage(stage, timings_ms[stage] / 1e3)
+
+    async def analyse_frames(self, frames: Sequence[Frame], deadline: float | None
+                             ) -> FusedProbe:
+        """1..MAX_FRAMES frames of one traveller -> one FusedProbe.
+
+        Jobs among the frames go to the model batcher as one FramesJob (one batch, never
+        split); templates among them are taken as they are. A single frame is one plain
+        job, exactly as a single probe always was. A frame that cannot be read fails the
+        whole request, its message naming the frame.
+        """
+        if not 1 <= len(frames) <= MAX_FRAMES:
+            raise InvalidInput(f"send 1 to {MAX_FRAMES} frames of one traveller, "
+                               f"got {len(frames)}")
+        positions = [i for i, f in enumerate(frames) if not isinstance(f, np.ndarray)]
+        jobs = [frames[i] for i in positions]
+        if len(frames) == 1:
+            if jobs:
+                analysis = await self.analyse(jobs[0], deadline)
+            else:
+                analysis = Analysis([], frames[0][None, :], False)
+            return fuse_frames([analysis], analysis.timings_ms)
+        timings: dict[str, float] = {}
+        analysed: list[Analysis] = []
+        if jobs:
+            result, stats = await self.batcher.submit(
+                FramesJob(tuple(jobs), tuple(positions)), deadline)
+            timings = {**result.timings_ms, "queue": stats.queue_ms}
+            self._observe_stages(timings)
+            analysed = result.frames
+        by_job = iter(analysed)
+        analyses = [Analysis([], f[None, :], False) if isinstance(f, np.ndarray)
+                    else next(by_job) for f in frames]
+        return fuse_frames(analyses, timings, self.decider.point_1to1.threshold)
 
     async def _in_search_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._search_pool, fn, *args)
@@ -275,6 +513,10 @@ class MatchEngine:
 
     async def get_traveller(self, traveller_id: str) -> Traveller:
         return await self._in_search_pool(self.gallery.get, traveller_id)
+
+    async def searchable_travellers(self) -> int:
+        """Travellers whose booking window is open now (a pass over the index)."""
+        return await self._in_search_pool(self.gallery.searchable)
 
     async def record(self, kind: str, **fields) -> None:
         """Append one audit record (ids, decision, scores only); durable on return.

@@ -47,7 +47,7 @@ class Metrics:
             "stage_seconds", "Wall time of one pipeline stage for one request",
             ["stage"], namespace=namespace, buckets=STAGE_BUCKETS, registry=r)
         self.batch_size = Histogram(
-            "batch_size", "Probes per micro-batch sent to the models",
+            "batch_size", "Frames (photos, aligned faces) per micro-batch sent to the models",
             namespace=namespace, buckets=BATCH_BUCKETS, registry=r)
         self.queue_depth = Gauge(
             "queue_depth", "Requests waiting for a micro-batch", namespace=namespace, registry=r)
@@ -98,7 +98,7 @@ class Metrics:
 
     def observe_batch(self, size: int) -> None:
         if size < 1:
-            raise ValueError(f"a batch holds at least one probe, got: size={size}")
+            raise ValueError(f"a batch holds at least one frame, got: size={size}")
         self.batch_size.observe(size)
 
     def set_queue_depth(self, n: int) -> None:

@@ -81,6 +81,7 @@ class ServerConfig:
     policy: DecisionPolicy = field(default_factory=DecisionPolicy)
     score_model: Path | None = None         # None: the one shipped for the model pack
     model_pack: ModelPack | None = None     # None: the packaged default pack
+    flip_augment: bool = False              # Pipeline(flip=...): docs/pipeline.md
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None       # set: mutual TLS, clients need a cert from this CA
@@ -235,7 +236,8 @@ class RunningServer:
     def _load(self, pipeline: Pipeline | None) -> tuple[Pipeline, object, AuditLog]:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
-        pipeline = pipeline or Pipeline(config.model_pack, threads=config.ort_threads)
+        pipeline = pipeline or Pipeline(config.model_pack, threads=config.ort_threads,
+                                        flip=config.flip_augment)
         # Refuse before the gallery loads: thresholds from another pipeline would not hold.
         self.score_model = load_score_model(pipeline.model_id, config.score_model)
         check_settings(self.score_model, pipeline.settings_hash(), pipeline.model_id)
@@ -280,12 +282,12 @@ class RunningServer:
                  self.gallery.version, self.gallery.size, self.gallery.index_kind,
                  time.monotonic() - started)
         point = engine.decider.point_1toN()
-        log.info("operating points: 1:1 FMR %g -> threshold %.4f; 1:N FPIR %g over %d "
-                 "templates -> threshold %.4f; the calibration data supports FPIR %g up "
-                 "to %d templates%s", config.policy.fmr_1to1,
-                 engine.decider.point_1to1.threshold, config.policy.fpir_1toN,
-                 self.gallery.templates, point.threshold, config.policy.fpir_1toN,
-                 point.max_gallery_size,
+        log.info("operating points: 1:1 FMR %g -> threshold %.4f; 1:N FPIR %g over the %d "
+                 "travellers whose booking is open now (of %d in the gallery) -> threshold "
+                 "%.4f; the calibration data supports FPIR %g up to %d travellers%s",
+                 config.policy.fmr_1to1, engine.decider.point_1to1.threshold,
+                 config.policy.fpir_1toN, point.gallery_size, self.gallery.size,
+                 point.threshold, config.policy.fpir_1toN, point.max_gallery_size,
                  "" if point.supported else " (EXCEEDED: 1:N answers are flagged; use Clear)")
 
     def _on_swap(self, manifest) -> None:

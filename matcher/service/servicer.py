@@ -17,15 +17,18 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from ..errors import (DeadlineExpired, DiskFull, GalleryError, InvalidInput, NotReady, Overloaded,
-                      StorageUnavailable, UnknownTraveller)
+from ..errors import (DeadlineExpired, DiskFull, GalleryError, InvalidInput, MatcherError,
+                      NotReady, Overloaded, StorageUnavailable, UnknownTraveller)
+from ..face.enrolment import explain, face_verdict
 from ..face.pipeline import Face
 from ..gallery.decision import Decision, Outcome, Reason
 from ..templates import (EMBEDDING_DIM, MAX_TEMPLATES_PER_TRAVELLER, check_templates,
                          check_traveller_id)
 from ..v1 import matcher_pb2 as pb
 from ..v1 import matcher_pb2_grpc as pb_grpc
-from .engine import AlignedJob, Analysis, ImageJob, MatchEngine, aligned_from_raw, sha256_hex
+from .engine import (FRAME_LOW_QUALITY, FRAME_NO_FACE, FRAMES_DISAGREE, MAX_FRAMES, AlignedJob,
+                     Analysis, Frame, FrameOutcome, FusedProbe, ImageJob, MatchEngine,
+                     aligned_from_raw, frame_error, sha256_hex)
 
 log = logging.getLogger(__name__)
 # One line per answered request: ids, decision, scores and timings, never a face.
@@ -130,6 +133,12 @@ def probe_job(probe: pb.Probe, model_id: str) -> tuple[ImageJob | AlignedJob | N
     raise InvalidInput("the request has no probe: set image, aligned or template")
 
 
+def frame_input(probe: pb.Probe, model_id: str) -> Frame:
+    """A probe as the engine takes it: a job for the model batcher, or a ready template."""
+    job, template, _ = probe_job(probe, model_id)
+    return job if job is not None else template
+
+
 # -- numpy -> protos ------------------------------------------------------------------
 
 def face_info(face: Face) -> pb.FaceInfo:
@@ -160,6 +169,15 @@ def _fill_decision(resp: pb.MatchResponse, decision: Decision) -> None:
     resp.beyond_calibration = decision.mode == "identify" and not decision.supported
 
 
+def _frame_outcome(index: int, frame: FrameOutcome) -> pb.FrameOutcome:
+    out = pb.FrameOutcome(index=index, status=frame.status,
+                          quality_reasons=list(frame.quality_reasons),
+                          faces_found=frame.faces_found)
+    if frame.face is not None:
+        out.face.CopyFrom(face_info(frame.face))
+    return out
+
+
 def _face_match(face: Face, decision: Decision | None) -> pb.FaceMatch:
     fm = pb.FaceMatch(face=face_info(face))
     if decision is None:
@@ -184,12 +202,32 @@ class _Call:
     """What one matching request asks."""
 
     rpc: str            # Identify, Verify or Clear
-    probe: pb.Probe
+    request: pb.IdentifyRequest | pb.VerifyRequest | pb.ClearRequest
     request_id: str
     lane_id: str
     traveller_id: str = ""
     top_k: int = DEFAULT_TOP_K
     all_faces: bool = False
+
+    @property
+    def as_frames(self) -> bool:
+        """The request sent ``frames`` (answered with per-frame outcomes), not ``probe``."""
+        return len(self.request.frames) > 0
+
+    def probes(self) -> list[pb.Probe]:
+        """The request's frames, or its one probe; INVALID_ARGUMENT if it mixes both."""
+        frames = list(self.request.frames)
+        if not frames:
+            return [self.request.probe]
+        if self.request.HasField("probe"):
+            raise InvalidInput("set either probe or frames, not both")
+        if len(frames) > MAX_FRAMES:
+            raise InvalidInput(f"send at most {MAX_FRAMES} frames of one traveller, "
+                               f"got {len(frames)}")
+        if self.all_faces and len(frames) > 1:
+            raise InvalidInput("all_faces answers for every face of one photo: send that "
+                               "photo as probe, not several frames")
+        return frames
 
 
 class MatcherServicer(pb_grpc.MatcherServicer):
@@ -244,6 +282,18 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             return Analysis([], template[None, :], False), identity
         return await engine.analyse(job, deadline), identity
 
+    def _frames(self, engine: MatchEngine, call: _Call) -> list[Frame]:
+        probes = call.probes()
+        if not call.as_frames:
+            return [frame_input(probes[0], engine.model_id)]
+        frames = []
+        for index, probe in enumerate(probes):
+            try:
+                frames.append(frame_input(probe, engine.model_id))
+            except MatcherError as exc:
+                raise frame_error(index, exc) from None
+        return frames
+
     async def _match(self, engine: MatchEngine, call: _Call, deadline: float | None
                      ) -> pb.MatchResponse:
         started = time.perf_counter()
@@ -251,28 +301,31 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             # Before any work, and whatever the photo holds: the id goes into the audit
             # record even when no decision is made (no face, low quality).
             check_traveller_id(call.traveller_id)
-        analysis, _ = await self._analysis(engine, call.probe, deadline)
+        probe = await engine.analyse_frames(self._frames(engine, call), deadline)
         resp = pb.MatchResponse(request_id=call.request_id, model_id=engine.model_id,
                                 gallery_version=engine.gallery.version,
-                                faces_found=len(analysis.faces))
-        template = analysis.templates[0] if len(analysis.templates) else None
+                                faces_found=probe.faces_found, frames_used=probe.frames_used)
+        if call.as_frames:
+            resp.frames.extend(_frame_outcome(i, f) for i, f in enumerate(probe.frames))
+        if probe.face is not None:
+            resp.face.CopyFrom(face_info(probe.face))
         decision: Decision | None = None
         t = time.perf_counter()
-        if analysis.from_image and not analysis.faces:
+        if probe.status == FRAME_NO_FACE:
             resp.decision, resp.reason = pb.NO_FACE, "no_face"
-        elif analysis.from_image and analysis.faces[0].quality.reasons:
-            resp.face.CopyFrom(face_info(analysis.faces[0]))
+        elif probe.status == FRAME_LOW_QUALITY:
             resp.decision, resp.reason = pb.LOW_QUALITY, "low_quality"
-            resp.quality_reasons.extend(analysis.faces[0].quality.reasons)
+            resp.quality_reasons.extend(probe.face.quality.reasons)
+        elif not probe.agree:
+            resp.decision, resp.reason = pb.NO_MATCH, FRAMES_DISAGREE
+            resp.threshold = engine.decider.point_1to1.threshold
         else:
-            if analysis.from_image:
-                resp.face.CopyFrom(face_info(analysis.faces[0]))
-            decision = await self._decide(engine, call, template, deadline)
+            decision = await self._decide(engine, call, probe.template, deadline)
             _fill_decision(resp, decision)
-        if call.all_faces and analysis.from_image and analysis.faces:
-            resp.faces.extend(await self._all_faces(engine, analysis, call.top_k, deadline))
+        if call.all_faces and not call.as_frames:
+            resp.faces.extend(await self._all_faces(engine, probe, call.top_k, deadline))
         search_ms = (time.perf_counter() - t) * 1e3
-        resp.timings_ms.update({k: float(v) for k, v in analysis.timings_ms.items()})
+        resp.timings_ms.update({k: float(v) for k, v in probe.timings_ms.items()})
         resp.timings_ms["search"] = search_ms
         total_ms = (time.perf_counter() - started) * 1e3
         resp.timings_ms["total"] = total_ms
@@ -290,8 +343,11 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             return decision
         return await engine.clear(template, call.traveller_id, call.top_k)
 
-    async def _all_faces(self, engine: MatchEngine, analysis: Analysis, k: int,
+    async def _all_faces(self, engine: MatchEngine, probe: FusedProbe, k: int,
                          deadline: float | None) -> list[pb.FaceMatch]:
+        analysis = probe.analyses[0]  # one photo: all_faces is refused with several frames
+        if not analysis.from_image or not analysis.faces:
+            return []
         usable = [i for i, f in enumerate(analysis.faces) if not f.quality.reasons]
         decisions = (await engine.identify(analysis.templates[usable], k, deadline)
                      if usable else [])
@@ -310,15 +366,18 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             "decision", rpc=call.rpc, request_id=call.request_id, lane_id=call.lane_id,
             decision=name, reason=resp.reason, traveller_id=resp.traveller_id or None,
             claimed_traveller_id=call.traveller_id or None, score=score,
-            threshold=float(resp.threshold) if decision is not None else None,
+            threshold=(float(resp.threshold) if resp.decision in (pb.MATCH, pb.NO_MATCH)
+                       else None),
             gallery_version=int(resp.gallery_version), model_id=resp.model_id,
             faces_found=int(resp.faces_found), fallback_used=bool(resp.fallback_used),
-            beyond_calibration=bool(resp.beyond_calibration))
+            beyond_calibration=bool(resp.beyond_calibration),
+            frames_used=int(resp.frames_used))
         request_log.info("rpc=%s request_id=%s lane_id=%s decision=%s reason=%s score=%s "
-                         "faces=%d batch_queue_ms=%.1f total_ms=%.1f", call.rpc,
-                         call.request_id, call.lane_id or "-", name, resp.reason,
+                         "faces=%d frames_used=%d batch_queue_ms=%.1f total_ms=%.1f",
+                         call.rpc, call.request_id, call.lane_id or "-", name, resp.reason,
                          "-" if score is None else f"{score:.3f}", resp.faces_found,
-                         resp.timings_ms.get("queue", 0.0), resp.timings_ms["total"])
+                         resp.frames_used, resp.timings_ms.get("queue", 0.0),
+                         resp.timings_ms["total"])
 
     @staticmethod
     def _request_id(given: str) -> str:
@@ -327,12 +386,12 @@ class MatcherServicer(pb_grpc.MatcherServicer):
     def _call(self, kind: str, request) -> _Call:
         rid = self._request_id(request.request_id)
         if kind == "identify":
-            return _Call("Identify", request.probe, rid, request.lane_id,
+            return _Call("Identify", request, rid, request.lane_id,
                          top_k=request.top_k, all_faces=request.all_faces)
         if kind == "verify":
-            return _Call("Verify", request.probe, rid, request.lane_id,
+            return _Call("Verify", request, rid, request.lane_id,
                          traveller_id=request.traveller_id)
-        return _Call("Clear", request.probe, rid, request.lane_id,
+        return _Call("Clear", request, rid, request.lane_id,
                      traveller_id=request.claimed_traveller_id, top_k=request.top_k)
 
     async def _run_call(self, engine: MatchEngine, call: _Call, deadline: float | None
@@ -417,15 +476,15 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         analyses = await asyncio.gather(*(self._analysis(engine, p, deadline) for p in photos))
         templates, shas = [], []
         for number, (analysis, identity) in enumerate(analyses, 1):
+            template = analysis.templates[0] if not analysis.from_image else None
             if analysis.from_image:
-                if not analysis.faces:
-                    raise InvalidInput(f"photo {number} has no face")
-                reasons = analysis.faces[0].quality.reasons
-                if reasons and not request.accept_low_quality:
-                    raise InvalidInput(f"photo {number}: the face fails the quality gate "
-                                       f"({', '.join(reasons)}); retake it or set "
-                                       f"accept_low_quality")
-            templates.append(analysis.templates[0])
+                # The overnight re-index's rule and codes (matcher.face.enrolment).
+                face, reason = face_verdict(analysis.faces,
+                                            accept_low_quality=request.accept_low_quality)
+                if face is None:
+                    raise InvalidInput(f"photo {number} refused: {explain(reason)}")
+                template = face.template
+            templates.append(template)
             shas.append(sha256_hex(identity))
         now = time.time()
         valid_from = _epoch(request.valid_from) if request.HasField("valid_from") else now
@@ -505,8 +564,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         async def body(engine: MatchEngine, deadline: float | None) -> pb.GalleryInfo:
             g, decider = engine.gallery, engine.decider
             many = decider.point_1toN()
+            searchable = await engine.searchable_travellers()
             return pb.GalleryInfo(
                 gallery_version=g.version, travellers=g.size, templates=g.templates,
+                searchable_travellers=searchable,
                 model_id=engine.model_id, index_kind=g.index_kind, role=self.role,
                 snapshot=self.snapshot_name,
                 threshold_1to1=decider.point_1to1.threshold, threshold_1ton=many.threshold,

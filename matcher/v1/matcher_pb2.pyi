@@ -58,44 +58,50 @@ class Template(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ..., model_id: _Optional[str] = ...) -> None: ...
 
 class IdentifyRequest(_message.Message):
-    __slots__ = ("probe", "top_k", "all_faces", "request_id", "lane_id")
+    __slots__ = ("probe", "frames", "top_k", "all_faces", "request_id", "lane_id")
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     ALL_FACES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LANE_ID_FIELD_NUMBER: _ClassVar[int]
     probe: Probe
+    frames: _containers.RepeatedCompositeFieldContainer[Probe]
     top_k: int
     all_faces: bool
     request_id: str
     lane_id: str
-    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., top_k: _Optional[int] = ..., all_faces: _Optional[bool] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., frames: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., top_k: _Optional[int] = ..., all_faces: _Optional[bool] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("probe", "traveller_id", "request_id", "lane_id")
+    __slots__ = ("probe", "frames", "traveller_id", "request_id", "lane_id")
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     TRAVELLER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LANE_ID_FIELD_NUMBER: _ClassVar[int]
     probe: Probe
+    frames: _containers.RepeatedCompositeFieldContainer[Probe]
     traveller_id: str
     request_id: str
     lane_id: str
-    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., traveller_id: _Optional[str] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., frames: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., traveller_id: _Optional[str] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
 
 class ClearRequest(_message.Message):
-    __slots__ = ("probe", "claimed_traveller_id", "top_k", "request_id", "lane_id")
+    __slots__ = ("probe", "frames", "claimed_traveller_id", "top_k", "request_id", "lane_id")
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_TRAVELLER_ID_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LANE_ID_FIELD_NUMBER: _ClassVar[int]
     probe: Probe
+    frames: _containers.RepeatedCompositeFieldContainer[Probe]
     claimed_traveller_id: str
     top_k: int
     request_id: str
     lane_id: str
-    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., claimed_traveller_id: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., frames: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., claimed_traveller_id: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("traveller_id", "score")
@@ -151,8 +157,22 @@ class FaceMatch(_message.Message):
     beyond_calibration: bool
     def __init__(self, face: _Optional[_Union[FaceInfo, _Mapping]] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., beyond_calibration: _Optional[bool] = ...) -> None: ...
 
+class FrameOutcome(_message.Message):
+    __slots__ = ("index", "status", "quality_reasons", "faces_found", "face")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_REASONS_FIELD_NUMBER: _ClassVar[int]
+    FACES_FOUND_FIELD_NUMBER: _ClassVar[int]
+    FACE_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    status: str
+    quality_reasons: _containers.RepeatedScalarFieldContainer[str]
+    faces_found: int
+    face: FaceInfo
+    def __init__(self, index: _Optional[int] = ..., status: _Optional[str] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., faces_found: _Optional[int] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ...) -> None: ...
+
 class MatchResponse(_message.Message):
-    __slots__ = ("request_id", "decision", "reason", "quality_reasons", "traveller_id", "score", "threshold", "candidates", "gallery_version", "model_id", "face", "faces_found", "faces", "timings_ms", "claimed_traveller_id", "fallback_used", "beyond_calibration")
+    __slots__ = ("request_id", "decision", "reason", "quality_reasons", "traveller_id", "score", "threshold", "candidates", "gallery_version", "model_id", "face", "faces_found", "faces", "timings_ms", "claimed_traveller_id", "fallback_used", "beyond_calibration", "frames_used", "frames")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +197,8 @@ class MatchResponse(_message.Message):
     CLAIMED_TRAVELLER_ID_FIELD_NUMBER: _ClassVar[int]
     FALLBACK_USED_FIELD_NUMBER: _ClassVar[int]
     BEYOND_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_USED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     decision: Decision
     reason: str
@@ -194,7 +216,9 @@ class MatchResponse(_message.Message):
     claimed_traveller_id: str
     fallback_used: bool
     beyond_calibration: bool
-    def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., gallery_version: _Optional[int] = ..., model_id: _Optional[str] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ..., faces_found: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[FaceMatch, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., claimed_traveller_id: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., beyond_calibration: _Optional[bool] = ...) -> None: ...
+    frames_used: int
+    frames: _containers.RepeatedCompositeFieldContainer[FrameOutcome]
+    def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., gallery_version: _Optional[int] = ..., model_id: _Optional[str] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ..., faces_found: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[FaceMatch, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., claimed_traveller_id: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., beyond_calibration: _Optional[bool] = ..., frames_used: _Optional[int] = ..., frames: _Optional[_Iterable[_Union[FrameOutcome, _Mapping]]] = ...) -> None: ...
 
 class LaneRequest(_message.Message):
     __slots__ = ("identify", "verify", "clear")
@@ -297,7 +321,7 @@ class GetGalleryInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GalleryInfo(_message.Message):
-    __slots__ = ("gallery_version", "travellers", "templates", "model_id", "index_kind", "role", "snapshot", "threshold_1to1", "threshold_1ton", "fmr_1to1", "fpir_1ton", "max_supported_gallery_size", "one_to_many_supported", "score_model")
+    __slots__ = ("gallery_version", "travellers", "templates", "model_id", "index_kind", "role", "snapshot", "threshold_1to1", "threshold_1ton", "fmr_1to1", "fpir_1ton", "max_supported_gallery_size", "one_to_many_supported", "score_model", "searchable_travellers")
     GALLERY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAVELLERS_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +336,7 @@ class GalleryInfo(_message.Message):
     MAX_SUPPORTED_GALLERY_SIZE_FIELD_NUMBER: _ClassVar[int]
     ONE_TO_MANY_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     SCORE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    SEARCHABLE_TRAVELLERS_FIELD_NUMBER: _ClassVar[int]
     gallery_version: int
     travellers: int
     templates: int
@@ -326,7 +351,8 @@ class GalleryInfo(_message.Message):
     max_supported_gallery_size: int
     one_to_many_supported: bool
     score_model: str
-    def __init__(self, gallery_version: _Optional[int] = ..., travellers: _Optional[int] = ..., templates: _Optional[int] = ..., model_id: _Optional[str] = ..., index_kind: _Optional[str] = ..., role: _Optional[str] = ..., snapshot: _Optional[str] = ..., threshold_1to1: _Optional[float] = ..., threshold_1ton: _Optional[float] = ..., fmr_1to1: _Optional[float] = ..., fpir_1ton: _Optional[float] = ..., max_supported_gallery_size: _Optional[int] = ..., one_to_many_supported: _Optional[bool] = ..., score_model: _Optional[str] = ...) -> None: ...
+    searchable_travellers: int
+    def __init__(self, gallery_version: _Optional[int] = ..., travellers: _Optional[int] = ..., templates: _Optional[int] = ..., model_id: _Optional[str] = ..., index_kind: _Optional[str] = ..., role: _Optional[str] = ..., snapshot: _Optional[str] = ..., threshold_1to1: _Optional[float] = ..., threshold_1ton: _Optional[float] = ..., fmr_1to1: _Optional[float] = ..., fpir_1ton: _Optional[float] = ..., max_supported_gallery_size: _Optional[int] = ..., one_to_many_supported: _Optional[bool] = ..., score_model: _Optional[str] = ..., searchable_travellers: _Optional[int] = ...) -> None: ...
 
 class PublishSnapshotRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,144 @@
+"""The open-set day gallery through the real service (issue 18's targets): a ``matcher
+serve`` process on loopback, bookings enrolled with photos over gRPC, every probe a photo
+sent to Identify, decided by the service's own thresholds.
+
+Who is who (lfw-dev, seeded): people with two or more usable photos are split in half,
+booked and never booked; people with one photo are split 70 / 30 into booked distractors
+and never-booked people, so the gallery holds about 1,800 travellers and about 1,000
+never-booked people each probe once (the shape of the held-back check). A booked person
+probes once with one of their other photos. Booking with two photos: people with three or
+more usable photos are booked with two (fused by the service), everyone else with one.
+Two-frame probes send two different photos of the person as frames of one request (an
+upper bound on what two lane frames add).
+
+FNIR and FPIR count the probes the service decided (MATCH / NO_MATCH); a probe answered
+NO_FACE or LOW_QUALITY is a recapture at the gate and is counted apart. A booking photo
+the service refuses (no face, two faces, low quality) is counted and its person left out
+of the gallery, as a booking office would ask for another photo.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from matcher.calibrate import capped_rows
+
+from ._threshold_cv import clopper_pearson
+from .harness import Report
+
+SINGLES_BOOKED = 0.7
+
+
+def plan(identities: np.ndarray, usable: np.ndarray, seed: int = 0) -> dict:
+    """Rows of booking photos, probes and frames per person (rows index labels.csv)."""
+    rows = capped_rows(identities, usable)
+    rng = np.random.default_rng(seed)
+    people: dict[str, list[int]] = {}
+    for i in rows.tolist():
+        people.setdefault(str(identities[i]), []).append(i)
+    names = sorted(people)
+    multi = rng.permutation([n for n in names if len(people[n]) >= 2]).tolist()
+    singles = rng.permutation([n for n in names if len(people[n]) == 1]).tolist()
+    booked = set(multi[: len(multi) // 2]) | set(singles[: int(len(singles) * SINGLES_BOOKED)])
+    out = {"booked": {}, "probes": []}
+    for name in names:
+        photos = people[name]
+        if name not in booked:
+            order = rng.permutation(photos).tolist()
+            out["probes"].append({"person": name, "mated": False, "one": order[:1],
+                                  "frames": order[:2]})
+            continue
+        order = [photos[0], *rng.permutation(photos[1:]).tolist()]
+        two = len(order) >= 3
+        out["booked"][name] = {"one": order[:1], "two": order[:2] if two else order[:1]}
+        spare = order[2:] if two else order[1:]  # never a booking photo in either gallery
+        if spare:
+            out["probes"].append({"person": name, "mated": True, "one": spare[:1],
+                                  "frames": spare[:2]})
+    return out
+
+
+def run_gallery(folder: Path, files: np.ndarray, plan_: dict, booking: str,
+                address: str, frames: bool) -> dict:
+    """Enrol the plan's bookings (``booking``: "one" or "two" photos) and send every probe;
+    counts of what the service answered."""
+    from matcher.client import MatcherClient
+    from matcher.v1 import matcher_pb2 as pb
+
+    def photo(i: int) -> bytes:
+        return (folder / str(files[i])).read_bytes()
+
+    counts = {"booked": 0, "booking_refused": 0, "mated": 0, "hits": 0, "nonmated": 0,
+              "false_matches": 0, "recaptures": 0, "probes": 0, "wrong_traveller": 0,
+              "false_match_pairs": []}
+    with MatcherClient(address) as client:
+        requests = [client.enroll_request(name, [photo(i) for i in b[booking]])
+                    for name, b in sorted(plan_["booked"].items())]
+        enrolled = set()
+        for req, resp in zip(requests, client.enroll_stream(requests, timeout=3600)):
+            if resp.HasField("error"):
+                counts["booking_refused"] += 1
+            else:
+                enrolled.add(req.traveller_id)
+        counts["booked"] = len(enrolled)
+        counts["gallery_info_searchable"] = int(client.gallery_info().searchable_travellers)
+        for p in plan_["probes"]:
+            if p["mated"] and p["person"] not in enrolled:
+                continue  # booking refused: nobody to find
+            if frames and len(p["frames"]) >= 2:
+                resp = client.identify(frames=[photo(i) for i in p["frames"]], timeout=60)
+            else:
+                resp = client.identify(photo(p["one"][0]), timeout=60)
+            counts["probes"] += 1
+            if resp.decision not in (pb.MATCH, pb.NO_MATCH):
+                counts["recaptures"] += 1
+                continue
+            match = resp.decision == pb.MATCH
+            if p["mated"]:
+                counts["mated"] += 1
+                counts["hits"] += match and resp.traveller_id == p["person"]
+                counts["wrong_traveller"] += match and resp.traveller_id != p["person"]
+            else:
+                counts["nonmated"] += 1
+                if match:
+                    counts["false_matches"] += 1
+                    counts["false_match_pairs"].append(
+                        f"{p['person']} -> {resp.traveller_id} ({resp.score:.3f})")
+            counts["threshold"] = float(resp.threshold)
+    return counts
+
+
+def through_the_service(report: Report, lfw) -> list[dict]:
+    """Both bookings, one- and two-frame probes; figures and params."""
+    from .suite_service import served
+
+    plan_ = plan(lfw.embedded.identities, lfw.embedded.usable())
+    rows = []
+    for booking in ("one", "two"):
+        with tempfile.TemporaryDirectory() as tmp:
+            data = Path(tmp) / "data"
+            with served(data, []) as address:
+                for frames in (False, True):
+                    c = run_gallery(lfw.folder, lfw.embedded.files, plan_, booking, address,
+                                    frames)
+                    rows.append({"booking": booking, "frames": 2 if frames else 1, **c})
+    for r in rows:
+        tag = f"lfw_service_{r['booking']}_photo_{r['frames']}_frame"
+        fpir = r["false_matches"] / max(r["nonmated"], 1)
+        fnir = 1 - r["hits"] / max(r["mated"], 1)
+        lo, hi = clopper_pearson(r["false_matches"], r["nonmated"])
+        report.figure(f"{tag}_fpir", fpir, "rate", summary=True,
+                      note=f"{r['false_matches']} of {r['nonmated']} never-booked people "
+                           f"matched (95% CI {lo:.2g}..{hi:.2g}) at threshold "
+                           f"{r.get('threshold', float('nan')):.4f}, "
+                           f"{r['gallery_info_searchable']} travellers searchable")
+        report.figure(f"{tag}_fnir", fnir, "rate", summary=True,
+                      note=f"{r['mated'] - r['hits']} of {r['mated']} booked people not "
+                           f"found ({r['wrong_traveller']} as somebody else)")
+        report.figure(f"{tag}_recapture", r["recaptures"] / max(r["probes"], 1), "rate",
+                      note=f"{r['recaptures']} of {r['probes']} probes NO_FACE or "
+                           f"LOW_QUALITY; {r['booking_refused']} bookings refused")
+    report.param(service_open_set=rows)
+    return rows

@@ -26,7 +26,7 @@ def unseen_people(report: Report, lfw) -> dict:
     splits, bootstrap = (6, 30) if quick else (100, 200)
     cv = cross_validate(x, ids, [], splits=splits, bootstrap=bootstrap, policy=lfw.policy)
     _record_cv(report, cv, lfw.policy, splits, bootstrap, quick)
-    out = {"cv": cv, "expected": _expected(report, lfw)}
+    out = {"cv": cv, "expected": _expected(report, lfw), "both_booked": both_booked(report, lfw)}
 
     pairs = (4, 30) if quick else (30, 100)
     flipped, _ = merge_label_noise(embedded_lfw(lfw.folder, Pipeline(threads=1, flip=True),
@@ -176,3 +176,46 @@ def plot_probe_options(ax, unseen: dict) -> None:
     ax.set_yticks(range(len(values)), labels, fontsize=6)
     ax.set_xlabel("FNIR at the 1:N operating point (unseen people, largest half gallery)")
     ax.set_title("probe options: flip augmentation and frames")
+
+
+def both_booked(report: Report, lfw) -> dict:
+    """The look-alike pairs the shipped model states apart, with both people booked: what
+    the service answers for each of their other photos (the margin rule's job)."""
+    from ._threshold_cv import _top2
+
+    rows = capped_rows(lfw.embedded.identities, lfw.embedded.usable())
+    x, ids = lfw.embedded.templates[rows], lfw.embedded.identities[rows]
+    pairs = lfw.model.document.get("source", {}).get("look_alikes_apart", [])
+    names = np.unique(ids)
+    first = np.array([np.flatnonzero(ids == n)[0] for n in names])
+    gallery = x[first]                                   # everybody booked with one photo
+    n = len(names)
+    point = operating_point_1toN(lfw.model, lfw.policy.fpir_1toN, n,
+                                 lfw.policy.min_threshold, lfw.policy.confidence_1toN)
+    outcome = {"right": 0, "other_of_the_pair": 0, "ambiguous": 0, "below_threshold": 0,
+               "someone_else": 0}
+    for d in pairs:
+        members = {d["a"], d["b"]}
+        for who in members:
+            probe_rows = np.flatnonzero(ids == who)[1:]
+            if not len(probe_rows):
+                continue
+            top1, at, top2 = _top2(x[probe_rows] @ gallery.T)
+            for s1, col, s2 in zip(top1, at, top2):
+                if s1 < point.threshold:
+                    outcome["below_threshold"] += 1
+                elif s1 - s2 < lfw.policy.margin:
+                    outcome["ambiguous"] += 1
+                elif names[col] == who:
+                    outcome["right"] += 1
+                elif names[col] in members:
+                    outcome["other_of_the_pair"] += 1
+                else:
+                    outcome["someone_else"] += 1
+    total = sum(outcome.values())
+    report.figure("lfw_look_alikes_both_booked_named_the_other", outcome["other_of_the_pair"],
+                  "probes", note=f"of {total} probes of the {len(pairs)} look-alike pairs, "
+                                 f"everyone booked (N={n}, threshold {point.threshold:.4f}): "
+                                 f"{outcome}")
+    report.param(look_alikes_both_booked=outcome)
+    return outcome

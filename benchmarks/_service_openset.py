@@ -72,7 +72,7 @@ def run_gallery(folder: Path, files: np.ndarray, plan_: dict, booking: str,
 
     counts = {"booked": 0, "booking_refused": 0, "mated": 0, "hits": 0, "nonmated": 0,
               "false_matches": 0, "recaptures": 0, "probes": 0, "wrong_traveller": 0,
-              "false_match_pairs": []}
+              "false_match_pairs": [], "missed": []}
     with MatcherClient(address) as client:
         requests = [client.enroll_request(name, [photo(i) for i in b[booking]])
                     for name, b in sorted(plan_["booked"].items())]
@@ -98,8 +98,16 @@ def run_gallery(folder: Path, files: np.ndarray, plan_: dict, booking: str,
             match = resp.decision == pb.MATCH
             if p["mated"]:
                 counts["mated"] += 1
-                counts["hits"] += match and resp.traveller_id == p["person"]
-                counts["wrong_traveller"] += match and resp.traveller_id != p["person"]
+                hit = match and resp.traveller_id == p["person"]
+                counts["hits"] += hit
+                counts["wrong_traveller"] += match and not hit
+                if not hit:
+                    top = resp.candidates[0] if resp.candidates else None
+                    own = [c.score for c in resp.candidates if c.traveller_id == p["person"]]
+                    counts["missed"].append(
+                        f"{p['person']}: {resp.reason}, top {top.traveller_id if top else '-'} "
+                        f"{top.score if top else float('nan'):.3f}, own "
+                        f"{own[0] if own else float('nan'):.3f}")
             else:
                 counts["nonmated"] += 1
                 if match:

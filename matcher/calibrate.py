@@ -3,7 +3,9 @@
 ``matcher calibrate`` runs the pipeline exactly as served over a folder with a
 ``labels.csv`` (file, identity), scores every genuine and impostor pair with blocked
 matrix products and fits the score model that decision.py turns into thresholds
-(matcher/gallery/scoremodel.py says how).
+(matcher/gallery/scoremodel.py says how). An optional ``group`` column (nationality, say)
+adds within-group models, per-group rates and thresholds that hold in the worst group
+(docs/demographics.md).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from .errors import InvalidInput, MatcherError
 from .face.pipeline import Face, Pipeline
-from .gallery.scoremodel import gpd_fit
+from .gallery.scoremodel import FUSED, SINGLE, gpd_fit
 from .templates import EMBEDDING_DIM, fuse_templates
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,28 @@ def read_labels(folder: Path) -> list[tuple[str, str]]:
     if not rows or not {"file", "identity"} <= set(rows[0]):
         raise InvalidInput(f"{path} needs the columns file,identity")
     return [(r["file"], r["identity"]) for r in rows]
+
+
+GROUP_COLUMN = "group"
+
+
+def read_groups(folder: Path) -> dict[str, str]:
+    """identity -> group from labels.csv's optional ``group`` column; {} without one.
+
+    One group per person (a person's rows must agree); an empty cell is no group: that
+    person counts in the population figures and in no group's."""
+    path = Path(folder) / "labels.csv"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if GROUP_COLUMN not in (reader.fieldnames or []):
+            return {}
+        groups: dict[str, str] = {}
+        for r in reader:
+            who, group = r["identity"], (r[GROUP_COLUMN] or "").strip()
+            if groups.setdefault(who, group) != group:
+                raise InvalidInput(f"{path}: {who!r} is in group {groups[who]!r} and "
+                                   f"{group!r}; give each person one group")
+    return {who: g for who, g in groups.items() if g}
 
 
 def central_face(faces: list[Face], shape: tuple[int, ...]) -> Face | None:
@@ -545,25 +569,267 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
                       empirical_thresholds)
 
 
+def kind_pairs(templates: np.ndarray, identities: np.ndarray, drop: list[dict] = ()
+               ) -> dict[str, PairScores]:
+    """The pairs of each comparison kind the service makes ("single": one capture against
+    one booking photo; "fused": against a traveller's fused booking photos), with the
+    identity pairs in ``drop`` left out (those naming someone absent are ignored)."""
+    present = set(np.unique(identities).tolist())
+    drop = [d for d in drop if d["a"] in present and d["b"] in present]
+    return {SINGLE: drop_identity_pairs(score_pairs(templates, identities), drop),
+            FUSED: drop_identity_pairs(fused_pairs(templates, identities), drop)}
+
+
 def fit_with_kinds(templates: np.ndarray, identities: np.ndarray, model_id: str,
                    settings_hash: str, *, drop: list[dict] = (), bootstrap: int = BOOTSTRAP,
-                   confidence: float = CONFIDENCE, seed: int = 0, document: dict | None = None):
+                   confidence: float = CONFIDENCE, seed: int = 0, document: dict | None = None,
+                   fused_optional: bool = False):
     """The score model of every comparison the service makes: one capture against one
     booking photo, and (kind ``fused``) against a traveller's fused booking photos.
-    templates (n, 512) of the capped usable rows; ``drop``: label noise (label_noise)."""
-    pairs = drop_identity_pairs(score_pairs(templates, identities), list(drop))
-    model = fit_score_model(pairs, model_id, settings_hash, bootstrap=bootstrap,
+    templates (n, 512) of the capped usable rows; ``drop``: label noise (label_noise).
+    ``fused_optional``: data too thin for a fused tail gives a model without that kind
+    (said in its method) instead of an error (a small demographic group)."""
+    pairs = kind_pairs(templates, identities, list(drop))
+    model = fit_score_model(pairs[SINGLE], model_id, settings_hash, bootstrap=bootstrap,
                             confidence=confidence, seed=seed, document=document)
-    fused = drop_identity_pairs(fused_pairs(templates, identities), list(drop))
-    fused_model = fit_score_model(
-        fused, model_id, settings_hash, bootstrap=bootstrap, confidence=confidence,
-        seed=seed, document={"method": {
-            "pairs": f"the fused template of each person's first {FUSED_BOOKING_PHOTOS} "
-                     "photos against every other photo"}})
+    try:
+        fused_model = fit_score_model(
+            pairs[FUSED], model_id, settings_hash, bootstrap=bootstrap, confidence=confidence,
+            seed=seed, document={"method": {
+                "pairs": f"the fused template of each person's first {FUSED_BOOKING_PHOTOS} "
+                         "photos against every other photo"}})
+    except InvalidInput as exc:
+        if not fused_optional:
+            raise
+        model.document.setdefault("method", {})["kinds"] = f"no fused comparisons: {exc}"
+        return model
     model.document.setdefault("method", {})["kinds"] = (
         "every threshold and rate is the worst of the single-photo model and the models in "
         "'kinds' (fused: a traveller's fused booking photos against one capture)")
     return replace(model, kinds={"fused": fused_model})
+
+
+# -- demographic groups ----------------------------------------------------------------
+
+# A group is reported, and may set thresholds, when its own tail can be fitted (what
+# fit_score_model needs: 2,000 impostor pairs, 200 of them above TAIL_KEEP_SCORE, and 10
+# genuine pairs; at LFW's one or two photos a person that takes about 100 people) and it
+# has at least this many people. Random groups of k people drawn from lfw-dev
+# (benchmarks/_demographics.py, demo_group_size_coverage_*): wherever a group's data
+# resolves the rate (5 expected false matches), the 95 % identity-bootstrap interval of its
+# FMR covered the population's rate in 92-96 % of groups of 20, 30 and 50 people and in 86 %
+# of groups of 10 (200 groups each): from about 20 people the interval needs no more people
+# than the pairs bring. The floor is set above that because a group's threshold rests on its
+# tail, whose units are pairs of people: a few people with many photos (10 people with 10
+# photos make 4,500 impostor pairs but 45 pairs of people) leave one family or one
+# mislabelled photo as the tail; 30 people make 435 pairs of people (fmr_floor 2.3e-4).
+MIN_GROUP_PEOPLE = 30
+# The worst-group rule takes each group's threshold at this confidence (the median over its
+# identity resamples) and states the 95 % bound beside it. On lfw-dev the East-Asian-name
+# group (119 people, benchmarks/_demographics.py) has at FMR 1e-5 a median of 0.382, a tail
+# fit estimate of 0.535 and a 95 % bound of 0.898: resamples that repeat one look-alike
+# pair (0.871) set the bound, and a 1:1 threshold there refuses nearly everyone. With
+# several groups the maximum over them is biased upward already (the largest of several
+# noisy estimates).
+GROUP_CONFIDENCE = 0.5
+GROUP_GALLERY_SIZES = (100, 1_000, 10_000)   # the 1:N points a group report shows
+
+
+def group_of_rows(identities: np.ndarray, groups: dict[str, str]) -> np.ndarray:
+    """(n,) str: each row's group ("" for none)."""
+    return np.array([groups.get(str(who), "") for who in identities], dtype=object).astype(str)
+
+
+def fit_groups(templates: np.ndarray, identities: np.ndarray, groups: dict[str, str],
+               model_id: str, settings_hash: str, *, drop: list[dict] = (),
+               bootstrap: int = BOOTSTRAP, confidence: float = CONFIDENCE, seed: int = 0,
+               min_people: int = MIN_GROUP_PEOPLE) -> tuple[dict, dict[str, str]]:
+    """({group: within-group ScoreModel}, {group: why it has none}).
+
+    Each model is fitted exactly as the population's (fit_with_kinds) to the pairs of two
+    people of one group: its tail, bootstrap and floor say what that group's data shows,
+    and how far any rate beyond it is extrapolated. templates (n, 512) of the capped
+    usable rows; ``drop``: identity pairs to leave out (label noise, look-alikes)."""
+    of_row = group_of_rows(identities, groups)
+    fitted, skipped = {}, {}
+    for name in sorted(set(groups.values())):
+        mask = of_row == name
+        people = len(np.unique(identities[mask]))
+        if people < min_people:
+            skipped[name] = f"{people} people with a usable photo, fewer than {min_people}"
+            continue
+        try:
+            fitted[name] = fit_with_kinds(
+                templates[mask], identities[mask], model_id, settings_hash, drop=drop,
+                bootstrap=bootstrap, confidence=confidence, seed=seed, fused_optional=True,
+                document={"group": {"name": name, "people": people,
+                                    "photos": int(mask.sum())}})
+        except InvalidInput as exc:
+            skipped[name] = str(exc)
+    return fitted, skipped
+
+
+def attach_groups(model, templates: np.ndarray, identities: np.ndarray,
+                  groups: dict[str, str], *, drop: list[dict] = (), apart: list[dict] = (),
+                  worst_group: bool = True, group_confidence: float | None = GROUP_CONFIDENCE,
+                  bootstrap: int = BOOTSTRAP, seed: int = 0, min_people: int = MIN_GROUP_PEOPLE):
+    """``model`` with within-group models (its search variant too, look-alikes ``apart``
+    there as in the population's), the worst-group rule on or off and each group's bound
+    at ``group_confidence`` (None: the threshold's own): (model, skipped)."""
+    fitted, skipped = fit_groups(templates, identities, groups, model.model_id,
+                                 model.settings_hash, drop=drop, bootstrap=bootstrap,
+                                 confidence=model.confidence, seed=seed, min_people=min_people)
+    search = model.search
+    if search is not None:
+        apart_fitted, _ = fit_groups(templates, identities, groups, model.model_id,
+                                     model.settings_hash, drop=list(drop) + list(apart),
+                                     bootstrap=bootstrap, confidence=model.confidence,
+                                     seed=seed, min_people=min_people)
+        search = replace(search, groups=apart_fitted)
+    model = replace(model, groups=fitted, search=search).with_worst_group(
+        worst_group).with_group_confidence(group_confidence)
+    level = ("the threshold's own confidence" if group_confidence is None else
+             f"confidence {group_confidence:g} (at most the threshold's own)")
+    model.document.setdefault("method", {})["groups"] = (
+        f"within-group models for groups of >= {min_people} people; worst-group rule "
+        + (f"on: every threshold also holds in each group, at {level}" if model.worst_group
+           else "off"))
+    return model, skipped
+
+
+def _identity_bootstrap(m: int, bootstrap: int, seed: int) -> np.ndarray:
+    """(bootstrap + 1, m) float64: row 0 all ones, then multinomial resamples."""
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(m, np.full(m, 1.0 / m), size=bootstrap).astype(np.float64)
+    return np.vstack([np.ones((1, m)), draws])
+
+
+def _impostor_totals(pairs: PairScores, W: np.ndarray) -> np.ndarray:
+    """(R,) PairScores.impostor_total for each row of identity weights W (R, m)."""
+    per = W * pairs.photos_per_identity
+    if pairs.fused_per_identity is None:
+        return (per.sum(1) ** 2 - (per ** 2).sum(1)) / 2.0
+    fused = W * pairs.fused_per_identity
+    return fused.sum(1) * per.sum(1) - (fused * per).sum(1)
+
+
+def measured_rates(pairs: PairScores, threshold: float, W: np.ndarray) -> dict:
+    """FMR and FNMR of ``pairs`` at ``threshold``: the point (row 0 of the identity
+    weights W) with its 95 % interval over the other rows."""
+    if threshold <= TAIL_KEEP_SCORE:
+        raise InvalidInput(f"rates are measured above {TAIL_KEEP_SCORE}, got {threshold}")
+    above = pairs.tail >= threshold
+    fmr = (W[:, pairs.tail_a[above]] * W[:, pairs.tail_b[above]]).sum(1) / np.maximum(
+        _impostor_totals(pairs, W), 1e-12)
+    wg = W[:, pairs.genuine_identity]
+    fnmr = (wg * (pairs.genuine < threshold)).sum(1) / np.maximum(wg.sum(1), 1e-12)
+    ci = (lambda v: [float(q) for q in np.quantile(v[1:], [0.025, 0.975])])
+    return {"impostor_pairs": pairs.impostor_pairs, "false_matches": int(above.sum()),
+            "fmr": float(fmr[0]), "fmr_ci95": ci(fmr),
+            "genuine_pairs": int(len(pairs.genuine)), "fnmr": float(fnmr[0]),
+            "fnmr_ci95": ci(fnmr) if len(pairs.genuine) else [float("nan")] * 2}
+
+
+def group_report(model, templates: np.ndarray, identities: np.ndarray,
+                 groups: dict[str, str], policy=None, *, drop: list[dict] = (),
+                 apart: list[dict] = (), skipped: dict[str, str] | None = None,
+                 sizes: tuple[int, ...] = GROUP_GALLERY_SIZES, bootstrap: int = BOOTSTRAP,
+                 seed: int = 0, min_people: int = MIN_GROUP_PEOPLE) -> dict:
+    """Per group, at the thresholds ``model`` sets (and at the population's, without the
+    worst-group rule): within-group FMR and FNMR with identity-bootstrap 95 % intervals,
+    whether the group's data resolves the target, its fitted tail's estimate and bound,
+    the FNMR price, and the across-group differential (NIST IR 8280: one threshold for
+    everyone, rates per group). 1:1 at the policy FMR for each booking kind; 1:N at each
+    of ``sizes`` (per-comparison FMR = FPIR / N, pairs with the look-alikes ``apart``).
+
+    ``model`` holds the groups (attach_groups); "all" is the whole population."""
+    from .gallery.decision import DecisionPolicy, operating_point_1to1, operating_point_1toN
+
+    policy = policy or DecisionPolicy()
+    population = model.with_worst_group(False)
+    of_row = group_of_rows(identities, groups)
+    members = {"all": np.ones(len(identities), bool),
+               **{g: of_row == g for g in model.groups}}
+    data = {}  # (member set, look-alikes apart) -> (pairs by kind, identity weights)
+    for name, mask in members.items():
+        for lean in (False, True):
+            pairs = kind_pairs(templates[mask], identities[mask],
+                               list(drop) + (list(apart) if lean else []))
+            W = _identity_bootstrap(len(pairs[SINGLE].identity_names), bootstrap, seed)
+            data[name, lean] = (pairs, W)
+
+    points = [("1:1", f"FMR {policy.fmr_1to1:g}", policy.fmr_1to1, None, kind)
+              for kind in (SINGLE, FUSED)]
+    points += [("1:N", f"FPIR {policy.fpir_1toN:g} at N={n:,}", policy.fpir_1toN / n, n, kind)
+               for n in sizes for kind in (SINGLE, FUSED)]
+    rows = []
+    for mode, target, fmr, n, kind in points:
+        def threshold(m) -> float:
+            if mode == "1:1":
+                return operating_point_1to1(m, fmr, policy.min_threshold,
+                                            policy.confidence_1to1, kind).threshold
+            return operating_point_1toN(m, policy.fpir_1toN, n, policy.min_threshold,
+                                        policy.confidence_1toN).threshold
+
+        lean = mode == "1:N"
+        confidence = policy.confidence_1to1 if mode == "1:1" else policy.confidence_1toN
+        at = {"population": threshold(population)}
+        if model.worst_group:
+            at["worst_group"] = threshold(model)
+        rates: dict[str, dict] = {}
+        for name in members:
+            pairs, W = data[name, lean]
+            source = model.for_search if lean else model
+            fitted = source if name == "all" else source.groups.get(name)
+            entry = {}
+            for label, t in at.items():
+                r = measured_rates(pairs[kind], t, W)
+                r["resolved"] = bool(r["impostor_pairs"] * fmr >= MIN_RESOLVED_PAIRS)
+                if fitted is not None and (kind == SINGLE or kind in fitted.kinds):
+                    tail = fitted.tail_at(t, kind, confidence)
+                    r["fmr_model"] = tail["fmr_estimate"]
+                    r["fmr_model_upper"] = tail["fmr_upper"]
+                    r["beyond_floor"] = bool(fmr < tail["fmr_floor"])
+                entry[label] = r
+            if "worst_group" in entry:
+                entry["fnmr_price"] = entry["worst_group"]["fnmr"] - entry["population"]["fnmr"]
+            rates[name] = entry
+        overall = rates["all"]["population"]["fmr"]
+        for name in model.groups:
+            p = rates[name]["population"]
+            p["fmr_ratio_to_all"] = p["fmr"] / overall if overall > 0 else None
+        rows.append({"mode": mode, "target": target, "comparison_fmr": fmr, "kind": kind,
+                     "gallery_size": n, "confidence": confidence, "threshold": at,
+                     "rates": rates, "differential": _differential(rates, model.groups)})
+    people = {g: int(len(np.unique(identities[of_row == g])))
+              for g in sorted(set(groups.values()))}
+    return {
+        "column": GROUP_COLUMN, "min_people": min_people,
+        "people": people, "reported": sorted(model.groups), "not_reported": skipped or {},
+        "worst_group": model.worst_group, "group_confidence": model.group_confidence,
+        "pairs": "within each group only (both people of the group); label noise left out; "
+                 "1:N rows also without the look-alike pairs stated apart",
+        "resolved": f"the group holds >= {MIN_RESOLVED_PAIRS} expected impostor pairs at the "
+                    "target rate; otherwise the measured rate is a count near zero and the "
+                    "group's fitted tail (fmr_model, fmr_model_upper) is the figure",
+        "points": rows,
+    }
+
+
+def _differential(rates: dict, groups) -> dict:
+    """NIST IR 8280's view at the population threshold: the highest group FMR over the
+    lowest, measured (where every group has a false match) and by each group's tail fit."""
+    names = list(groups)
+    if len(names) < 2:
+        return {}
+    measured = {g: rates[g]["population"]["fmr"] for g in names}
+    model = {g: rates[g]["population"].get("fmr_model") for g in names}
+    out = {"highest_fmr": max(measured, key=measured.get)}
+    lo = min(measured.values())
+    out["max_over_min_measured"] = max(measured.values()) / lo if lo > 0 else None
+    if all(v is not None and v > 0 for v in model.values()):
+        out["max_over_min_model"] = max(model.values()) / min(model.values())
+    return out
 
 
 # Identity pairs scoring in the genuine range that nothing shows to be one person
@@ -577,11 +843,21 @@ LOOK_ALIKES_APART = True
 
 def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None,
               bootstrap: int = BOOTSTRAP, seed: int = 0, workers: int = 2,
-              look_alikes_apart: bool = LOOK_ALIKES_APART):
-    """The whole ``matcher calibrate`` run: (ScoreModel, report dict)."""
+              look_alikes_apart: bool = LOOK_ALIKES_APART, worst_group: bool | None = None,
+              group_confidence: float | None = GROUP_CONFIDENCE,
+              min_group_people: int = MIN_GROUP_PEOPLE):
+    """The whole ``matcher calibrate`` run: (ScoreModel, report dict).
+
+    With a ``group`` column in labels.csv the model also holds within-group models and the
+    report their rates (group_report); ``worst_group`` (default: on where groups are given)
+    makes every threshold hold in the worst group too."""
     import datetime
 
     folder = Path(folder)
+    groups = read_groups(folder)
+    if worst_group and not groups:
+        raise InvalidInput(f"the worst-group rule needs a '{GROUP_COLUMN}' column in "
+                           f"{folder / 'labels.csv'}")
     embedded = embed_folder(folder, pipeline, cache_dir, workers)
     rows = capped_rows(embedded.identities, embedded.usable())
     pairs = score_pairs(embedded.templates[rows], embedded.identities[rows])
@@ -612,4 +888,15 @@ def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None
         model = replace(model, search=search)
     report = {"source": source, "label_noise": noise,
               "genuine_floor_for_noise": round(genuine_floor, 4)}
+    if groups:
+        model, skipped = attach_groups(
+            model, templates, identities, groups, drop=noise["dropped"], apart=apart,
+            worst_group=worst_group is not False, group_confidence=group_confidence,
+            bootstrap=bootstrap, seed=seed, min_people=min_group_people)
+        report["groups"] = group_report(
+            model, templates, identities, groups, drop=noise["dropped"], apart=apart,
+            skipped=skipped, bootstrap=bootstrap, seed=seed, min_people=min_group_people)
+        source["groups"] = {k: report["groups"][k] for k in
+                            ("column", "min_people", "people", "reported", "not_reported",
+                             "worst_group", "group_confidence")}
     return model, report

@@ -13,12 +13,16 @@ A score model is made by ``matcher calibrate`` from labelled photos and shipped 
   is an extrapolation, and decision.py says so instead of guessing silently.
 * the pipeline settings hash it was made with: a server whose pipeline hashes otherwise
   refuses to start, because these scores no longer describe its templates.
+* optionally, ``groups``: the same model fitted to the pairs within each demographic group
+  of the labels (nationality, say; docs/demographics.md). With ``worst_group`` on, every
+  threshold is also the worst over the groups, so one threshold keeps the promise in each
+  group and the service never needs to know a traveller's group.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -114,32 +118,73 @@ class ScoreModel:
     # The model 1:N thresholds come from: the same data with the look-alike pairs stated
     # apart (relatives no threshold separates); None: this one.
     search: "ScoreModel | None" = field(repr=False, compare=False, default=None)
+    # Within-group models (group name -> model of the pairs inside that group, with its own
+    # kinds) and whether thresholds hold in the worst of them as well as overall.
+    groups: dict = field(repr=False, compare=False, default_factory=dict)
+    worst_group: bool = field(compare=False, default=False)
+    # The confidence a group's bound is taken at, at most the threshold's own (None: the
+    # same). A group holds a fraction of the people, so its upper bound is set by resampling
+    # one or two look-alike people; calibrate's default takes each group's median and states
+    # the bound (docs/demographics.md).
+    group_confidence: float | None = field(compare=False, default=None)
 
     @property
     def for_search(self) -> "ScoreModel":
         """The model a 1:N threshold is derived from (see ``search``)."""
         return self.search if self.search is not None else self
 
-    def _all(self, kind: str | None = None) -> list["ScoreModel"]:
+    def with_worst_group(self, on: bool) -> "ScoreModel":
+        """This model (and its search variant) with the worst-group rule on or off: off
+        gives the population thresholds a group table compares against."""
+        search = self.search.with_worst_group(on) if self.search is not None else None
+        return replace(self, worst_group=on and bool(self.groups), search=search)
+
+    def with_group_confidence(self, confidence: float | None) -> "ScoreModel":
+        """This model (and its search variant) with groups' bounds at ``confidence``."""
+        if confidence is not None:
+            _check_confidence(confidence)
+        search = (self.search.with_group_confidence(confidence) if self.search is not None
+                  else None)
+        return replace(self, group_confidence=confidence, search=search)
+
+    def _all(self, kind: str | None = None, groups: bool = True) -> list["ScoreModel"]:
         """The models a rate must hold for: every kind, or only ``kind`` ("single": one
-        booking photo against one capture)."""
+        booking photo against one capture); with ``groups``, the groups' too (_in_groups)."""
         if kind is None:
-            return [self, *self.kinds.values()]
-        if kind == SINGLE:
-            return [self]
-        if kind not in self.kinds:
+            own = [self, *self.kinds.values()]
+        elif kind == SINGLE:
+            own = [self]
+        elif kind not in self.kinds:
             raise GalleryError(f"the score model has no {kind!r} comparisons; re-run "
                                "matcher calibrate with this version")
-        return [self.kinds[kind]]
+        else:
+            own = [self.kinds[kind]]
+        return own + self._in_groups(kind) if groups else own
+
+    def _in_groups(self, kind: str | None = None) -> list["ScoreModel"]:
+        """With the worst-group rule on, each group's models of ``kind`` (every kind if
+        None; a group whose data has no such comparisons is left out of that kind)."""
+        if not self.worst_group:
+            return []
+        return [m for g in self.groups.values()
+                if kind is None or kind == SINGLE or kind in g.kinds
+                for m in g._all(kind, groups=False)]
+
+    def _group_level(self, confidence: float) -> float:
+        return confidence if self.group_confidence is None else min(confidence,
+                                                                     self.group_confidence)
 
     # -- thresholds ----------------------------------------------------------------
 
     def threshold_at_fmr(self, fmr: float, confidence: float | None = None,
                          kind: str | None = None) -> float:
         """The threshold that keeps one comparison's FMR <= ``fmr`` with ``confidence``
-        (the model's own by default), for every comparison kind or only ``kind``."""
+        (the model's own by default), for every comparison kind or only ``kind``; with the
+        worst-group rule on, in every group too (at ``group_confidence``)."""
         c = self.confidence if confidence is None else _check_confidence(confidence)
-        return max(m._threshold(fmr, c) for m in self._all(kind))
+        own = max(m._threshold(fmr, c) for m in self._all(kind, groups=False))
+        in_groups = [m._threshold(fmr, self._group_level(c)) for m in self._in_groups(kind)]
+        return max([own, *in_groups])
 
     def threshold_estimate(self, fmr: float) -> float:
         """The point estimate of that threshold (not conservative)."""
@@ -184,9 +229,11 @@ class ScoreModel:
         return float(self.tail_fmr * gpd_sf(threshold - u, xi, sigma))
 
     def fmr_upper_at(self, threshold: float, confidence: float | None = None) -> float:
-        """Upper confidence bound of that FMR (worst kind)."""
+        """Upper confidence bound of that FMR (worst kind, and group at its level)."""
         c = self.confidence if confidence is None else _check_confidence(confidence)
-        return max(m._fmr_upper_at(threshold, c) for m in self._all())
+        return max([*(m._fmr_upper_at(threshold, c) for m in self._all(groups=False)),
+                    *(m._fmr_upper_at(threshold, self._group_level(c))
+                      for m in self._in_groups())])
 
     def _fmr_upper_at(self, threshold: float, confidence: float) -> float:
         u, xi, sigma = self.replicates.T
@@ -214,17 +261,59 @@ class ScoreModel:
 
     @property
     def supported_floor(self) -> float:
-        """The lowest per-comparison FMR every comparison kind's data supports."""
-        return max(m.fmr_floor for m in self._all())
+        """The lowest per-comparison FMR every comparison kind's data supports.
+
+        Over the whole population: a group's own floor (far higher, with a fraction of the
+        people) is stated per group (``group_rates``), not folded in, so the worst-group
+        rule moves thresholds but never the largest supported gallery."""
+        return max(m.fmr_floor for m in self._all(groups=False))
 
     def max_gallery_size(self, fpir: float) -> int:
         """Largest N for which FPIR needs no per-comparison FMR below the floor."""
         return int(math.floor(fpir / self.supported_floor))
 
+    # -- demographic groups --------------------------------------------------------
+
+    def fmr_measured_at(self, threshold: float) -> float:
+        """The fraction of this model's impostor pairs at or above ``threshold``, read off
+        the stored exceedance curve: exact where the curve keeps every rank (the top pairs
+        of a group), else at the next stored score above; 0 above the top pair."""
+        s, f = self.empirical[:, 0], self.empirical[:, 1]
+        i = int(np.searchsorted(s, threshold, side="left"))
+        return float(f[i]) if i < len(s) else 0.0
+
+    def tail_at(self, threshold: float, kind: str = SINGLE,
+                confidence: float | None = None) -> dict:
+        """This model's own ``kind`` comparisons (groups aside) at ``threshold``: impostor
+        pairs, the FMR measured on them, the fitted tail's estimate and upper bound
+        (``confidence``) and the floor of what the data supports."""
+        c = self.confidence if confidence is None else _check_confidence(confidence)
+        m = self._all(kind, groups=False)[0]
+        return {"impostor_pairs": int(m.document.get("impostor_summary", {}).get("pairs", 0)),
+                "fmr_measured": m.fmr_measured_at(threshold),
+                "fmr_estimate": m._fmr_at(threshold),
+                "fmr_upper": m._fmr_upper_at(threshold, c), "fmr_floor": m.fmr_floor}
+
+    def group_rates(self, threshold: float, kind: str = SINGLE,
+                    confidence: float | None = None) -> dict[str, dict]:
+        """Per group, at one threshold for everyone: ``tail_at`` and the FNMR (with its
+        95 % band). ``kind``: the comparison (single or fused); a group without such
+        comparisons says ``kind_missing``."""
+        out = {}
+        for name, g in self.groups.items():
+            if kind != SINGLE and kind not in g.kinds:
+                out[name] = {"kind_missing": True}
+                continue
+            fnmr, lo, hi = g.fnmr_at(threshold, kind)
+            out[name] = {**g.tail_at(threshold, kind, confidence), "fnmr": fnmr,
+                         "fnmr_ci95": (lo, hi)}
+        return out
+
     # -- files ---------------------------------------------------------------------
 
     def to_document(self) -> dict:
-        doc = dict(self.document)
+        doc = {k: v for k, v in self.document.items()
+               if k not in ("groups", "worst_group", "group_confidence")}
         doc.update({
             "format": FORMAT, "model_id": self.model_id, "settings_hash": self.settings_hash,
             "confidence": self.confidence, "fmr_floor": self.fmr_floor,
@@ -241,6 +330,10 @@ class ScoreModel:
             doc["kinds"] = {name: m.to_document() for name, m in self.kinds.items()}
         if self.search is not None:
             doc["search"] = self.search.to_document()
+        if self.groups:
+            doc["worst_group"] = self.worst_group
+            doc["group_confidence"] = self.group_confidence
+            doc["groups"] = {name: m.to_document() for name, m in self.groups.items()}
         return doc
 
     @classmethod
@@ -252,6 +345,7 @@ class ScoreModel:
         resolved = doc["impostor_resolved"]
         kinds = {name: cls.from_document(sub) for name, sub in doc.get("kinds", {}).items()}
         search = cls.from_document(doc["search"]) if "search" in doc else None
+        groups = {name: cls.from_document(sub) for name, sub in doc.get("groups", {}).items()}
         fmr = np.asarray(resolved["fmr"], dtype=np.float64)
         return cls(doc["model_id"], doc["settings_hash"], float(doc["confidence"]),
                    float(tail["tail_fmr"]), (tail["u"], tail["xi"], tail["sigma"]),
@@ -260,7 +354,8 @@ class ScoreModel:
                    np.asarray(doc["impostor_empirical"], dtype=np.float64),
                    np.asarray(doc["genuine_fnmr"], dtype=np.float64), doc, fmr,
                    np.asarray(resolved["thresholds"], dtype=np.float64).reshape(-1, len(fmr)),
-                   kinds, search)
+                   kinds, search, groups, bool(doc.get("worst_group", False)),
+                   doc.get("group_confidence"))
 
     def save(self, path: Path) -> None:
         path = Path(path)

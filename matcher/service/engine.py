@@ -448,7 +448,8 @@ class MatchEngine:
         by_job = iter(analysed)
         analyses = [Analysis([], f[None, :], False) if isinstance(f, np.ndarray)
                     else next(by_job) for f in frames]
-        return fuse_frames(analyses, timings, self.decider.point_1to1.threshold)
+        # two captures compared, one photo each: the single-photo 1:1 threshold
+        return fuse_frames(analyses, timings, self.decider.point_1to1_for(1).threshold)
 
     async def _in_search_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._search_pool, fn, *args)

@@ -318,7 +318,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             resp.quality_reasons.extend(probe.face.quality.reasons)
         elif not probe.agree:
             resp.decision, resp.reason = pb.NO_MATCH, FRAMES_DISAGREE
-            resp.threshold = engine.decider.point_1to1.threshold
+            resp.threshold = engine.decider.point_1to1_for(1).threshold
         else:
             decision = await self._decide(engine, call, probe.template, deadline)
             _fill_decision(resp, decision)

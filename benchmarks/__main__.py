@@ -12,7 +12,7 @@ from pathlib import Path
 
 from .harness import Report, machine_info, write_summary
 
-SUITES = ("accuracy", "pipeline", "kernels", "search", "service", "reindex")
+SUITES = ("accuracy", "pipeline", "kernels", "search", "service", "reindex", "failover")
 
 
 def main(argv: list[str] | None = None) -> int:

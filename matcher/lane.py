@@ -33,6 +33,9 @@ class LaneReport:
     latencies_ms: list[float] = field(default_factory=list)
     decisions: Counter = field(default_factory=Counter)
     errors: Counter = field(default_factory=Counter)
+    # Every call, when asked for (run_lanes(timeline=True)): (seconds from the run's start
+    # when it was sent, latency ms, decision or status code name), in no particular order.
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
 
     @property
     def answered(self) -> int:
@@ -76,7 +79,8 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
               token: str | None = None, timeout: float = 5.0, ca=None, cert=None, key=None,
               server_name: str | None = None, stop: threading.Event | None = None,
               on_answer: Callable[[str], None] | None = None,
-              interval_s: float | None = None) -> LaneReport:
+              interval_s: float | None = None, timeline: bool = False,
+              client: MatcherClient | None = None) -> LaneReport:
     """Drive ``lanes`` concurrent lanes until each sent ``requests_per_lane`` or
     ``duration_s`` passed (or ``stop`` is set). Lane i starts at image i so lanes differ.
 
@@ -84,7 +88,10 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
     ``images[j]``. ``on_answer(decision_name)`` is called from the lane threads after
     every answer (progress for a caller that changes something mid-run). ``interval_s``:
     each lane starts a request every that many seconds instead of back to back (lane i
-    first waits i/lanes of an interval, so lanes do not arrive in step).
+    first waits i/lanes of an interval, so lanes do not arrive in step). ``timeline``:
+    keep every call's send time, latency and outcome (``LaneReport.timeline``).
+    ``client``: a MatcherClient to share (default: one made from the other arguments and
+    closed at the end); calls go through its methods, so its failover and hedging apply.
     """
     if not images:
         raise ValueError("the lane simulator needs at least one image")
@@ -95,13 +102,16 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
     stop = stop or threading.Event()
     report = LaneReport(lanes, 0.0)
     lock = threading.Lock()
-    client = MatcherClient(target, token=token, ca=ca, cert=cert, key=key, timeout=timeout,
-                           server_name=server_name)
+    own_client = client is None
+    if client is None:
+        client = MatcherClient(target, token=token, ca=ca, cert=cert, key=key,
+                               timeout=timeout, server_name=server_name)
     start_gate = threading.Barrier(lanes + 1)
+    run_began = [0.0]
 
     def lane(number: int) -> None:
         lane_id = f"lane-{number:02d}"
-        latencies, decisions, errors = [], Counter(), Counter()
+        latencies, decisions, errors, calls = [], Counter(), Counter(), []
         start_gate.wait()
         began = time.monotonic()
         end = None if duration_s is None else began + duration_s
@@ -116,24 +126,30 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
             j = (number + sent) % len(images)
             sent += 1
             t = time.perf_counter()
+            sent_at = time.monotonic() - run_began[0]
             try:
                 if rpc == "identify":
                     req = pb.IdentifyRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id)
-                    resp = client.stub.Identify(req, timeout=timeout, metadata=client.metadata)
+                    resp = client.read("Identify", req, timeout)
                 elif rpc == "verify":
                     req = pb.VerifyRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id,
                                            traveller_id=traveller_ids[j])
-                    resp = client.stub.Verify(req, timeout=timeout, metadata=client.metadata)
+                    resp = client.read("Verify", req, timeout)
                 else:
                     req = pb.ClearRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id,
                                           claimed_traveller_id=traveller_ids[j])
-                    resp = client.stub.Clear(req, timeout=timeout, metadata=client.metadata)
+                    resp = client.read("Clear", req, timeout)
             except grpc.RpcError as exc:
                 errors[exc.code().name] += 1
+                if timeline:
+                    calls.append((sent_at, (time.perf_counter() - t) * 1e3, exc.code().name))
             else:
-                latencies.append((time.perf_counter() - t) * 1e3)
+                latency_ms = (time.perf_counter() - t) * 1e3
+                latencies.append(latency_ms)
                 name = pb.Decision.Name(resp.decision)
                 decisions[name] += 1
+                if timeline:
+                    calls.append((sent_at, latency_ms, name))
                 if on_answer is not None:
                     on_answer(name)
             if interval_s:
@@ -144,12 +160,14 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
             report.latencies_ms.extend(latencies)
             report.decisions.update(decisions)
             report.errors.update(errors)
+            report.timeline.extend(calls)
 
     threads = [threading.Thread(target=lane, args=(i,), name=f"lane-{i}", daemon=True)
                for i in range(lanes)]
     for t in threads:
         t.start()
     try:
+        run_began[0] = time.monotonic()
         start_gate.wait()
         began = time.perf_counter()
         for t in threads:
@@ -157,5 +175,6 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
         report.seconds = time.perf_counter() - began
     finally:
         stop.set()
-        client.close()
+        if own_client:
+            client.close()
     return report

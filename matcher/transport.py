@@ -13,6 +13,20 @@ from .errors import AuthConfigError
 
 SERVICE = "matcher.v1.Matcher"
 DEFAULT_LISTEN = "127.0.0.1:50051"
+# The health-check name a server reports SERVING under only while it is fit for lane
+# traffic: loaded, not draining, and (a replica) its snapshot not older than the
+# configured age. SERVICE (and "") stay SERVING while a stale replica still answers, so a
+# client can fall back to it when no server is fit (docs/service.md#failover).
+LANE_HEALTH_SERVICE = "matcher.v1.Matcher.lanes"
+
+# Keepalive, agreed by both sides. The client pings every KEEPALIVE_TIME_MS, also on an
+# idle connection, and drops a connection whose server has not answered a ping within
+# KEEPALIVE_TIMEOUT_MS: a stalled server (stopped process, paused VM) is noticed within
+# about 4 s, its calls go to another server (reads are retried) and it is not picked
+# again until it answers its health check. The server accepts pings this often.
+KEEPALIVE_TIME_MS = 2_000
+KEEPALIVE_TIMEOUT_MS = 2_000
+MIN_PING_INTERVAL_MS = 1_000
 
 
 def is_loopback(host: str) -> bool:

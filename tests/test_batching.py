@@ -388,3 +388,93 @@ def test_a_deadline_shorter_than_the_work_itself_is_deadline_exceeded_not_overlo
         await b.stop()
 
     run(main())
+
+
+def test_a_server_waking_to_a_backlog_drops_the_dead_calls_and_admits_live_ones():
+    """A stall (the worker held) while calls queue up and their deadlines pass: when the
+    next call comes, the dead ones are failed without work and it is admitted, although
+    the queue had been full of them."""
+    gate = threading.Event()
+    fn = Recorder(gate)
+    expired = []
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=4, workers=1),
+                         on_expired=lambda: expired.append(1))
+        b.start()
+        first = asyncio.create_task(b.submit(0))
+        await _wait_until(fn.entered)            # the worker is stuck in item 0
+        doomed = [asyncio.create_task(b.submit(i, deadline=time.monotonic() + 0.05))
+                  for i in (1, 2, 3, 4)]
+        await asyncio.sleep(0.1)                 # their deadlines pass; the queue is full
+        assert b.queue_depth == 4
+        live = asyncio.create_task(b.submit(5, deadline=time.monotonic() + 30))
+        # Failed while the worker is still stuck: by the admission of the live call.
+        outcomes = await asyncio.gather(*doomed, return_exceptions=True)
+        assert all(isinstance(o, DeadlineExpired) for o in outcomes), outcomes
+        assert b.queue_depth == 1
+        gate.set()
+        await first
+        result = await live
+        await b.stop()
+        return result
+
+    assert run(main())[0] == 10
+    assert sorted(x for batch in fn.batches for x in batch) == [0, 5]
+    assert len(expired) == 4
+
+
+def test_a_caller_that_leaves_stops_counting_against_the_queue_at_once():
+    gate = threading.Event()
+    fn = Recorder(gate)
+
+    async def main():
+        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=2, workers=1))
+        b.start()
+        first = asyncio.create_task(b.submit(0))
+        await _wait_until(fn.entered)
+        left = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0)
+        assert b.queue_depth == 2
+        for task in left:                        # answered elsewhere: the hedge won
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
+        assert b.queue_depth == 0
+        admitted = asyncio.create_task(b.submit(3))
+        await asyncio.sleep(0)
+        gate.set()
+        await first
+        result = await admitted
+        await b.stop()
+        return result
+
+    assert run(main())[0] == 6
+    assert sorted(x for batch in fn.batches for x in batch) == [0, 3]
+
+
+def test_a_batch_that_spans_a_stall_moves_the_cost_estimate_only_so_far():
+    pause = threading.Event()
+
+    def work(items):
+        if pause.is_set():
+            time.sleep(0.5)                      # a stall: 50x the usual cost
+        else:
+            time.sleep(0.01)
+        return items
+
+    async def main():
+        b = MicroBatcher(work, BatchConfig(max_batch=1, max_wait_s=0, workers=1))
+        b.start()
+        for i in range(5):
+            await b.submit(i)
+        before = b.expected_wait_s()
+        pause.set()
+        await b.submit(99)
+        after = b.expected_wait_s()
+        await b.stop()
+        return before, after
+
+    from matcher.service.batching import STALL_FACTOR
+
+    before, after = run(main())
+    assert after <= before * (0.8 + 0.2 * STALL_FACTOR) * 1.01

@@ -24,7 +24,8 @@ def _server_config(args: argparse.Namespace, demo: bool):
                           max_queue=args.max_queue, workers=args.workers),
         ort_threads=args.threads, tls_cert=args.tls_cert, tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca, tokens_file=args.tokens, metrics_listen=metrics,
-        audit_failure=args.audit_failure,
+        audit_failure=args.audit_failure, grace_s=args.grace,
+        drain_notice_s=args.drain_notice, max_snapshot_age_s=args.max_snapshot_age,
         demo=demo or args.demo, score_model=args.score_model)
 
 
@@ -77,6 +78,18 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="serve read-only from the writer's snapshots in this folder")
     p.add_argument("--watch-interval", type=float, default=2.0,
                    help="seconds between checks for a newer snapshot (default 2)")
+    p.add_argument("--max-snapshot-age", type=float, default=None, metavar="SECONDS",
+                   help="replica: report NOT_SERVING for lane traffic while the served "
+                        "snapshot is older than this (set it above the writer's publishing "
+                        "interval; default: never)")
+    p.add_argument("--grace", type=float, default=ServerConfig.grace_s, metavar="SECONDS",
+                   help="SIGTERM: seconds in-flight calls get to finish "
+                        f"(default {ServerConfig.grace_s:g})")
+    p.add_argument("--drain-notice", type=float, default=ServerConfig.drain_notice_s,
+                   metavar="SECONDS",
+                   help="SIGTERM: seconds of NOT_SERVING while still answering, so clients "
+                        f"move away before the listener closes "
+                        f"(default {ServerConfig.drain_notice_s:g})")
     p.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
     p.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     p.add_argument("--tls-client-ca", type=Path,

@@ -17,6 +17,14 @@ the queue holds more work than the request's deadline leaves time for (the batch
 moving average of what one item costs a worker): such a request would only wait, expire
 and be dropped, having pushed the requests behind it towards their own deadlines.
 
+What the queue holds is counted live: a request whose caller went away (cancelled, or
+answered by another server) leaves the count at once, and before a request is refused the
+queued requests whose deadline has passed are failed there and then. A server that wakes
+from a stall (a stopped process, a paused VM) to a queue of calls nobody waits for any
+more drops them without work and admits the live calls behind them; nor does the stall
+teach it that work got slower: one batch's time moves the cost estimate by at most
+STALL_FACTOR times its current value.
+
 A request may stand for several items of work (``weight``: the frames of one traveller's
 multi-frame probe). Its work is never split: it joins one batch whole, batches are
 gathered up to ``max_batch`` units of weight (a request may take the last batch it joins
@@ -40,6 +48,10 @@ In = TypeVar("In")
 Out = TypeVar("Out")
 
 BatchFn = Callable[[list[In]], Sequence[Out | BaseException]]
+
+# A batch that took longer than this many times the current per-unit estimate counts as
+# this many: a process stopped for seconds mid-batch is not a sign that work got slower.
+STALL_FACTOR = 4.0
 
 
 class BatchContractError(MatcherError):
@@ -89,13 +101,14 @@ class BatchConfig:
             raise ValueError(f"max_wait_s must be in [0, 10) seconds, got: {self.max_wait_s}")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Request(Generic[In, Out]):
     item: In
     future: asyncio.Future
     deadline: float | None   # time.monotonic() seconds; None: no deadline
     enqueued: float
     weight: int = 1          # units of work (e.g. frames of one probe)
+    dropped: bool = False    # failed or abandoned while queued; no longer counted
 
 
 @dataclass(frozen=True)
@@ -133,16 +146,20 @@ class MicroBatcher(Generic[In, Out]):
         self._accepting = False
         self._item_cost_s: float | None = None  # moving average of worker time per unit
         self._computing = 0                     # units inside a running batch
-        self._queued = 0                        # units waiting in the queue
+        self._queued = 0                        # units of live requests in the queue
+        self._pending: set[_Request] = set()    # live requests in the queue
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() if self._queue is not None else 0
+        """Requests waiting that someone still waits for."""
+        return len(self._pending)
 
     def start(self) -> None:
         if self._workers:
             raise RuntimeError(f"batcher {self.name} is already started")
-        self._queue = asyncio.Queue(maxsize=self.config.max_queue)
+        # Unbounded: the bound is on live requests (``_pending``), checked in submit, so
+        # entries abandoned by their callers never hold a place.
+        self._queue = asyncio.Queue()
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(self.config.workers,
                                             thread_name_prefix=f"{self.name}-worker")
@@ -184,26 +201,63 @@ class MicroBatcher(Generic[In, Out]):
                 raise DeadlineExpired(f"the call's deadline ({remaining * 1e3:.0f} ms) is "
                                       f"shorter than one probe's compute "
                                       f"(~{own_cost * 1e3:.0f} ms)")
-            expected = self.expected_wait_s(weight)
-            if expected > self.config.admit_fraction * remaining:
-                raise Overloaded(f"{self.name} queue holds about {expected * 1e3:.0f} ms of "
-                                 f"work, more than the call's remaining "
-                                 f"{remaining * 1e3:.0f} ms allow; retry later or elsewhere")
+        refusal = self._refusal(weight, deadline, now)
+        if refusal is not None:
+            self._drop_dead(now)  # only then: the common case costs nothing
+            refusal = self._refusal(weight, deadline, now)
+            if refusal is not None:
+                raise Overloaded(refusal)
         future = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Request(item, future, deadline, now, weight))
-        except asyncio.QueueFull:
-            raise Overloaded(f"{self.name} queue is full ({self.config.max_queue} waiting); "
-                             "retry later or on another server") from None
+        req = _Request(item, future, deadline, now, weight)
+        self._queue.put_nowait(req)
+        self._pending.add(req)
         self._queued += weight
         self._arrived.set()
         self._report_depth()
         try:
             return await future
         finally:
+            if req in self._pending:  # the caller went away while it waited
+                self._forget(req)
             # The raised exception's traceback holds this frame: drop the references
             # that lead back to it (future -> exception) and to the input.
-            del future, item
+            del future, item, req
+
+    def _refusal(self, weight: int, deadline: float | None, now: float) -> str | None:
+        """Why a request of ``weight`` units cannot be admitted now (None: it can)."""
+        if len(self._pending) >= self.config.max_queue:
+            return (f"{self.name} queue is full ({self.config.max_queue} waiting); "
+                    "retry later or on another server")
+        if deadline is None or self._item_cost_s is None:
+            return None
+        remaining = deadline - now
+        expected = self.expected_wait_s(weight)
+        if expected > self.config.admit_fraction * remaining:
+            return (f"{self.name} queue holds about {expected * 1e3:.0f} ms of work, more "
+                    f"than the call's remaining {remaining * 1e3:.0f} ms allow; retry later "
+                    "or elsewhere")
+        return None
+
+    def _forget(self, req: _Request) -> None:
+        """Stop counting a queued request (its entry is skipped when a worker takes it)."""
+        self._pending.discard(req)
+        req.dropped = True
+        req.item = None  # a 20 MB photo is not kept for a caller that left
+        self._queued -= req.weight
+        self._report_depth()
+
+    def _drop_dead(self, now: float) -> None:
+        """Fail the queued requests whose deadline has passed and forget the abandoned
+        ones, so neither counts against the live requests arriving behind them."""
+        for req in list(self._pending):
+            if req.future.done():
+                self._forget(req)
+            elif req.deadline is not None and req.deadline <= now:
+                req.future.set_exception(
+                    DeadlineExpired("the deadline passed while the request was queued"))
+                self._forget(req)
+                if self._on_expired is not None:
+                    self._on_expired()
 
     def expected_wait_s(self, weight: int = 1) -> float:
         """Roughly how long a request of ``weight`` units queued now waits before and
@@ -217,16 +271,15 @@ class MicroBatcher(Generic[In, Out]):
 
     async def _next_batch(self) -> list[_Request]:
         """At least one request; more until max_batch units or max_wait_s after the first."""
-        batch = [await self._queue.get()]
-        self._queued -= batch[0].weight
-        units = batch[0].weight
+        batch = [self._take(await self._queue.get())]
+        units = 0 if batch[0].dropped else batch[0].weight
         started = time.monotonic()
         while units < self.config.max_batch:
             try:
-                req = self._queue.get_nowait()
+                req = self._take(self._queue.get_nowait())
                 batch.append(req)
-                self._queued -= req.weight
-                units += req.weight
+                if not req.dropped:
+                    units += req.weight
                 continue
             except asyncio.QueueEmpty:
                 pass
@@ -241,12 +294,19 @@ class MicroBatcher(Generic[In, Out]):
         self._report_depth()
         return batch
 
+    def _take(self, req: _Request) -> _Request:
+        """A request leaves the queue for a batch."""
+        if not req.dropped:
+            self._pending.discard(req)
+            self._queued -= req.weight
+        return req
+
     def _live(self, batch: list[_Request]) -> list[_Request]:
         """Drop requests nobody waits for: deadline passed, or the caller went away."""
         now = time.monotonic()
         live = []
         for req in batch:
-            if req.future.done():  # cancelled by the caller (RPC cancelled)
+            if req.dropped or req.future.done():  # failed already, or the caller left
                 continue
             if req.deadline is not None and req.deadline <= now:
                 req.future.set_exception(
@@ -298,8 +358,11 @@ class MicroBatcher(Generic[In, Out]):
         finally:
             self._computing -= units
         cost = (time.monotonic() - started) / units
-        self._item_cost_s = cost if self._item_cost_s is None else \
-            0.8 * self._item_cost_s + 0.2 * cost
+        if self._item_cost_s is None:
+            self._item_cost_s = cost
+        else:
+            cost = min(cost, STALL_FACTOR * self._item_cost_s)
+            self._item_cost_s = 0.8 * self._item_cost_s + 0.2 * cost
         for req, result in zip(live, results):
             if req.future.done():
                 continue
@@ -311,4 +374,4 @@ class MicroBatcher(Generic[In, Out]):
 
     def _report_depth(self) -> None:
         if self._on_queue_depth is not None and self._queue is not None:
-            self._on_queue_depth(self._queue.qsize())
+            self._on_queue_depth(len(self._pending))

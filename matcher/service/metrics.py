@@ -6,9 +6,11 @@ anything derived from a face never become labels.
 """
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import generate_latest, start_http_server
@@ -83,6 +85,22 @@ class Metrics:
             namespace=namespace, registry=r)
         self._snapshot_created_at: float | None = None
         self.snapshot_age.set_function(self._snapshot_age)
+        self.lane_serving = Gauge(
+            "lane_serving", "1 while this server reports SERVING for lane traffic (loaded, "
+            "not draining, not a stale replica)", namespace=namespace, registry=r)
+        self.replica_stale = Gauge(
+            "replica_stale", "1 while this replica's snapshot is older than "
+            "--max-snapshot-age (it steps aside from lane traffic)",
+            namespace=namespace, registry=r)
+        self.disk_free = Gauge(
+            "data_disk_free_bytes", "Bytes free to this process on the disk holding the "
+            "data directory (store, snapshots, audit log)", namespace=namespace, registry=r)
+        self.disk_size = Gauge(
+            "data_disk_size_bytes", "Size of the disk holding the data directory",
+            namespace=namespace, registry=r)
+        self._data_dir: Path | None = None
+        self.disk_free.set_function(lambda: self._disk(free=True))
+        self.disk_size.set_function(lambda: self._disk(free=False))
         for reason in STORE_FAILURES:
             self.store_failures.labels(reason=reason)
         for stage in STAGES:  # expose zeroed series so dashboards see every stage at once
@@ -154,6 +172,25 @@ class Metrics:
 
     def set_snapshot_source(self, reachable: bool) -> None:
         self.snapshot_source_up.set(1 if reachable else 0)
+
+    def set_lane_serving(self, serving: bool) -> None:
+        self.lane_serving.set(1 if serving else 0)
+
+    def set_replica_stale(self, stale: bool) -> None:
+        self.replica_stale.set(1 if stale else 0)
+
+    def watch_disk(self, data_dir: str | Path) -> None:
+        """Report the free and total bytes of the disk holding ``data_dir`` (at scrape)."""
+        self._data_dir = Path(data_dir)
+
+    def _disk(self, free: bool) -> float:
+        if self._data_dir is None:
+            return float("nan")
+        try:
+            st = os.statvfs(self._data_dir)
+        except OSError:
+            return float("nan")
+        return float((st.f_bavail if free else st.f_blocks) * st.f_frsize)
 
     def _snapshot_age(self) -> float:
         created = self._snapshot_created_at

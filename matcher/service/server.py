@@ -1,13 +1,22 @@
 """One ``serve()``: the gRPC server with health, reflection, auth, metrics, audit, hot swap.
 
 The server listens at once with health NOT_SERVING (calls get UNAVAILABLE) while models
-and the gallery load in the background, then flips to SERVING. On SIGTERM/SIGINT health
-goes NOT_SERVING, new calls are refused and in-flight calls get ``grace_s`` to finish.
+and the gallery load in the background, then flips to SERVING.
 
-Keepalive (clients should match, see matcher.client.CHANNEL_OPTIONS): the server pings an
-idle connection every 30 s and drops it if no answer comes within 10 s; it accepts client
-pings no more often than every 10 s, also without calls in flight, so a lane that keeps a
-LaneStream open with a 20 s keepalive is never cut off as abusive.
+Drain (SIGTERM/SIGINT): health goes NOT_SERVING at once, so clients that health-check
+(matcher.client, any gRPC client with a healthCheckConfig) stop sending new calls; for
+``drain_notice_s`` the server still answers calls that were already on their way, then
+it stops listening, gives in-flight calls ``grace_s`` to finish, and exits.
+
+Stale replica: a replica whose snapshot is older than ``max_snapshot_age_s`` reports
+NOT_SERVING for lane traffic (``matcher.v1.Matcher.lanes``) while staying SERVING for
+``matcher.v1.Matcher``, so clients prefer fresher servers but may still use it when it is
+the last one standing; ``matcher_replica_stale`` and a log line say so.
+
+Keepalive (clients should match, see matcher.transport and matcher.client.channel_options):
+the server pings an idle connection every 30 s and drops it if no answer comes within
+10 s; it accepts client pings every MIN_PING_INTERVAL_MS (1 s) or more, also without calls
+in flight, so a client that pings every 2 s to notice a stalled server is never cut off.
 """
 from __future__ import annotations
 
@@ -32,7 +41,8 @@ from ..gallery.codecs import codec_from_env
 from ..gallery.decision import DecisionPolicy
 from ..gallery.replica import ReplicaGallery, SnapshotWatcher
 from ..gallery.scoremodel import check_settings, load_score_model
-from ..transport import DEFAULT_LISTEN, SERVICE, server_credentials, split_host_port
+from ..transport import (DEFAULT_LISTEN, LANE_HEALTH_SERVICE, MIN_PING_INTERVAL_MS, SERVICE,
+                         server_credentials, split_host_port)
 from ..v1 import matcher_pb2 as pb
 from .audit import AuditLog
 from .auth import TokenAuthInterceptor, TokenBook, check_exposure
@@ -55,7 +65,9 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+    # (The name of this argument in the gRPC core; a misspelt one is silently ignored and
+    # the default, 5 minutes, would answer a client's keepalive with GOAWAY too_many_pings.)
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
     ("grpc.http2.max_ping_strikes", 2),
     # Two servers on one port would split traffic silently; fail the bind instead.
     ("grpc.so_reuseport", 0),
@@ -93,6 +105,12 @@ class ServerConfig:
     audit_failure: str = "fail_closed"
     demo: bool = False
     grace_s: float = 10.0
+    # SIGTERM: seconds of NOT_SERVING while still answering, before the listener closes,
+    # so health-checking clients move away before a call can be refused.
+    drain_notice_s: float = 1.0
+    # Replica: NOT_SERVING for lane traffic while its snapshot is older than this (None:
+    # never). Set it above the writer's publishing interval.
+    max_snapshot_age_s: float | None = None
     max_concurrent_rpcs: int = 256
 
     def __post_init__(self) -> None:
@@ -104,6 +122,11 @@ class ServerConfig:
             raise AuthConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise AuthConfigError("mutual TLS (--tls-client-ca) needs --tls-cert and --tls-key")
+        if self.max_snapshot_age_s is not None and self.max_snapshot_age_s <= 0:
+            raise AuthConfigError(f"max_snapshot_age_s must be positive, got "
+                                  f"{self.max_snapshot_age_s}")
+        if self.grace_s < 0 or self.drain_notice_s < 0:
+            raise AuthConfigError("grace_s and drain_notice_s must not be negative")
         if self.audit_failure not in AUDIT_FAILURE_POLICIES:
             raise AuthConfigError(f"audit_failure must be one of {AUDIT_FAILURE_POLICIES}, "
                                   f"got {self.audit_failure!r}")
@@ -158,8 +181,9 @@ def _setup_health(server: grpc.aio.Server) -> health.aio.HealthServicer:
     return servicer
 
 
-async def _set_health(servicer: health.aio.HealthServicer, status: int) -> None:
-    for name in ("", SERVICE):
+async def _set_health(servicer: health.aio.HealthServicer, status: int,
+                      names: tuple[str, ...] = ("", SERVICE, LANE_HEALTH_SERVICE)) -> None:
+    for name in names:
         await servicer.set(name, status)
 
 
@@ -183,6 +207,9 @@ class RunningServer:
         self.watcher: SnapshotWatcher | None = None
         self._loader: asyncio.Task | None = None
         self._cancel_load = threading.Event()
+        self._freshness: asyncio.Task | None = None
+        self.stale = False
+        self.draining = False
 
     @property
     def address(self) -> str:
@@ -193,9 +220,23 @@ class RunningServer:
         """Return once SERVING; re-raise the loading error if loading failed."""
         await asyncio.wait_for(asyncio.shield(self._loader), timeout)
 
+    async def drain(self, notice: float | None = None) -> None:
+        """NOT_SERVING for every health name, then keep answering for ``notice`` seconds
+        (calls already on their way land here) before ``stop`` closes the listener."""
+        notice = self.config.drain_notice_s if notice is None else notice
+        self.draining = True
+        self.metrics.set_lane_serving(False)
+        await self.health.enter_graceful_shutdown()
+        log.info("draining: health NOT_SERVING; listener closes in %.1f s", notice)
+        if notice > 0:
+            await asyncio.sleep(notice)
+
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_s if grace is None else grace
         self._cancel_load.set()
+        if self._freshness is not None:
+            self._freshness.cancel()
+            await asyncio.gather(self._freshness, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)   # refuses new calls, lets in-flight ones finish
         if self._loader is not None and not self._loader.done():
@@ -277,6 +318,10 @@ class RunningServer:
         self.watcher.start()
         self.servicer.engine = engine
         await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.set_lane_serving(True)
+        if replica and config.max_snapshot_age_s is not None:
+            self._freshness = asyncio.create_task(self._watch_freshness(),
+                                                  name="snapshot-freshness")
         log.info("serving %s as %s: model %s, gallery_version %d, %d travellers (%s), "
                  "ready in %.1f s", self.address, config.role, engine.model_id,
                  self.gallery.version, self.gallery.size, self.gallery.index_kind,
@@ -289,6 +334,37 @@ class RunningServer:
                  config.policy.fpir_1toN, point.gallery_size, self.gallery.size,
                  point.threshold, config.policy.fpir_1toN, point.max_gallery_size,
                  "" if point.supported else " (EXCEEDED: 1:N answers are flagged; use Clear)")
+
+    def snapshot_age_s(self) -> float:
+        """Age of the served snapshot (a replica's), from its manifest's created_at."""
+        return max(0.0, time.time() - self.gallery.snapshot_created_at)
+
+    async def _watch_freshness(self) -> None:
+        """Replica: step aside from lane traffic while the served snapshot is too old."""
+        limit = self.config.max_snapshot_age_s
+        interval = min(self.config.watch_interval_s, limit / 4)
+        serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
+                                health_pb2.HealthCheckResponse.NOT_SERVING)
+        while True:
+            age = self.snapshot_age_s()
+            stale = age > limit
+            if stale != self.stale and not self.draining:
+                self.stale = stale
+                self.metrics.set_replica_stale(stale)
+                self.metrics.set_lane_serving(not stale)
+                await _set_health(self.health, not_serving if stale else serving,
+                                  (LANE_HEALTH_SERVICE,))
+                if stale:
+                    log.warning("replica stale: snapshot %s is %.0f s old (max %.0f s; is the "
+                                "writer publishing, is %s reachable?); NOT_SERVING for lane "
+                                "traffic (%s) until a newer one arrives; clients use this "
+                                "server only while no fresher one is SERVING",
+                                self.gallery.snapshot_name, age, limit,
+                                self.config.snapshot_source, LANE_HEALTH_SERVICE)
+                else:
+                    log.warning("replica fresh again: snapshot %s is %.0f s old; SERVING for "
+                                "lane traffic", self.gallery.snapshot_name, age)
+            await asyncio.sleep(interval)
 
     def _on_swap(self, manifest) -> None:
         """Runs in the watcher thread after a hot swap."""
@@ -342,6 +418,9 @@ async def start_server(config: ServerConfig, pipeline: Pipeline | None = None
     if port == 0:
         raise AuthConfigError(f"could not listen on {config.listen}")
     metrics = Metrics()
+    metrics.watch_disk(config.data_dir)
+    metrics.set_lane_serving(False)
+    metrics.set_replica_stale(False)
     metrics_server = None
     if config.metrics_listen:
         host, mport = split_host_port(config.metrics_listen)
@@ -373,6 +452,8 @@ async def serve(config: ServerConfig, on_ready=None) -> None:
             if on_ready is not None:
                 await on_ready(running)
             await waiter
+            await running.drain()
     finally:
         log.info("shutting down: finishing in-flight calls (grace %.0f s)", config.grace_s)
         await running.stop()
+        log.info("drained and stopped")

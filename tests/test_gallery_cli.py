@@ -44,6 +44,7 @@ def test_export_then_stats_then_verify(data_dir, capsys):
     stats = json.loads(out)
     assert code == 0 and stats["model_id"] == MODEL
     assert (stats["travellers"], stats["templates"], stats["gallery_version"]) == (11, 11, 13)
+    assert 0 <= stats["searchable_now"] <= stats["travellers"]
     assert stats["snapshots"][0]["ok"] and stats["snapshots"][0]["behind"] == 0
 
     snap = exported["snapshot"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from ..errors import GalleryError, SnapshotError
@@ -41,6 +42,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "data_dir": str(data_dir), "model_id": store.model_id,
             "store_id": store.store_id, "schema_version": store.schema_version,
             "gallery_version": store.gallery_version, "travellers": travellers,
+            # the N of a 1:N search now (one fused template per traveller)
+            "searchable_now": store.booked_at(time.time()),
             "templates": templates, "snapshots": []}
         # Every row's checksum (no key needed); damaged rows are quarantined as they would
         # be at the service's next start, and listed by traveller for re-enrolment.

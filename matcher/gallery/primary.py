@@ -150,6 +150,7 @@ class Gallery:
                 "index_kind": ix.kind, "index_params": ix.built.params,
                 "travellers": travellers, "templates": templates,
                 "index_travellers": ix.travellers, "index_templates": ix.templates,
+                "searchable_now": ix.searchable(time.time()),  # the N of a 1:N search now
                 "delta_templates": ix.delta_templates,
                 "quarantined": [{"template_id": d.template_id, "traveller_id": d.traveller_id,
                                  "reason": d.reason} for d in quarantined],

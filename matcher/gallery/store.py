@@ -797,6 +797,12 @@ class Store:
         return (c.execute("SELECT COUNT(*) FROM travellers").fetchone()[0],
                 c.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
 
+    def booked_at(self, now: float) -> int:
+        """Travellers whose booking window is open at ``now`` (the N of a 1:N search)."""
+        return self._reader().execute(
+            "SELECT COUNT(*) FROM travellers WHERE valid_from <= ? AND ? < valid_to",
+            (now, now)).fetchone()[0]
+
     def changes_since(self, gallery_version: int) -> list[Change]:
         return [Change(*r) for r in self._reader().execute(
             "SELECT gallery_version, traveller_id, kind FROM changes WHERE gallery_version > ? "

@@ -187,3 +187,17 @@ def test_every_data_directory_is_data(argv: list[str], old: str | None, capsys) 
     assert "--data DIR" in shown and "--data-dir" not in shown
     if old == "--out":
         assert "--out" not in shown
+
+
+def test_serve_takes_targets_not_thresholds() -> None:
+    """--fmr, --fpir and --confidence-1ton become the server's DecisionPolicy; without them
+    the policy's defaults (the cross-validated 1:N confidence) stand."""
+    from matcher.cli.serve import _server_config
+    from matcher.gallery.decision import DecisionPolicy
+
+    parser = build_parser("serve")
+    given = _server_config(parser.parse_args(
+        ["serve", "--data", "D", "--fpir", "0.01", "--confidence-1ton", "0.9"]), demo=False)
+    assert given.policy == DecisionPolicy(fpir_1toN=0.01, confidence_1toN=0.9)
+    default = _server_config(parser.parse_args(["serve", "--data", "D"]), demo=False)
+    assert default.policy == DecisionPolicy()

@@ -177,7 +177,8 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     from ..gallery.scoremodel import load_score_model
 
     model = load_score_model(default_pack().model_id, args.score_model)
-    given = {"fmr_1to1": args.fmr, "fpir_1toN": args.fpir}
+    given = {"fmr_1to1": args.fmr, "fpir_1toN": args.fpir,
+             "confidence_1toN": args.confidence_1ton}
     policy = DecisionPolicy(**{k: v for k, v in given.items() if v is not None})
     if args.no_worst_group:
         model = model.with_worst_group(False)
@@ -233,6 +234,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(one fused template each; default 1)")
     p.add_argument("--fmr", type=float, help="1:1 target FMR (default: the service's)")
     p.add_argument("--fpir", type=float, help="1:N target FPIR (default: the service's)")
+    p.add_argument("--confidence-1ton", type=float, metavar="LEVEL",
+                   help="confidence of the 1:N bound (default: the service's)")
     p.add_argument("--no-worst-group", action="store_true",
                    help="show the population thresholds of a score model made with the "
                         "worst-group rule (what the service would use without it)")

@@ -26,7 +26,16 @@ def _server_config(args: argparse.Namespace, demo: bool):
         tls_client_ca=args.tls_client_ca, tokens_file=args.tokens, metrics_listen=metrics,
         audit_failure=args.audit_failure, grace_s=args.grace,
         drain_notice_s=args.drain_notice, max_snapshot_age_s=args.max_snapshot_age,
-        demo=demo or args.demo, score_model=args.score_model)
+        demo=demo or args.demo, score_model=args.score_model, policy=_policy(args))
+
+
+def _policy(args: argparse.Namespace):
+    """DecisionPolicy from the target options; the defaults where none is given."""
+    from ..gallery.decision import DecisionPolicy
+
+    given = {"fmr_1to1": args.fmr, "fpir_1toN": args.fpir,
+             "confidence_1toN": args.confidence_1ton}
+    return DecisionPolicy(**{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -71,6 +80,13 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     from ..transport import DEFAULT_LISTEN
 
     p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    # Targets, not thresholds (docs/operating-points.md); None: the policy's defaults.
+    p.add_argument("--fmr", type=float, help="1:1 target false-match rate (default 1e-5)")
+    p.add_argument("--fpir", type=float,
+                   help="1:N target false-positive identification rate (default 1e-3)")
+    p.add_argument("--confidence-1ton", type=float, metavar="LEVEL",
+                   help="confidence of the score model's bound 1:N thresholds are taken at "
+                        "(default: the level the cross-validation chose, 0.5)")
     add_data_option(p, default=str(default_data_dir()),
                     help="data directory: gallery.sqlite3, snapshots/, audit.log "
                          "(default $MATCHER_DATA or ~/.matcher)")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .durable import atomic_write, atomic_write_text
 from .errors import InvalidInput, MatcherError
 from .face.pipeline import Face, Pipeline
 from .gallery.scoremodel import FUSED, SINGLE, gpd_fit
@@ -57,11 +58,10 @@ class Embedded:
         return ok if quality_gate else ok | (self.status == LOW_QUALITY)
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, files=self.files, identities=self.identities, status=self.status,
-                 reasons=self.reasons, templates=self.templates,
-                 settings_hash=self.settings_hash, labels_sha256=self.labels_sha256)
-        tmp.replace(path)
+        atomic_write(path, lambda f: np.savez(
+            f, files=self.files, identities=self.identities, status=self.status,
+            reasons=self.reasons, templates=self.templates,
+            settings_hash=self.settings_hash, labels_sha256=self.labels_sha256), binary=True)
 
     @classmethod
     def load(cls, path: Path) -> "Embedded":
@@ -345,10 +345,7 @@ def source_summary(folder: Path, embedded: Embedded, pairs: PairScores) -> dict:
 
 
 def write_json(path: Path, document: dict) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(document, indent=1, sort_keys=False) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(document, indent=1, sort_keys=False) + "\n")
 
 
 # -- label noise ---------------------------------------------------------------------

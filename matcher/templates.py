@@ -5,6 +5,7 @@ can use it without loading ONNX Runtime, FAISS or gRPC.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +21,12 @@ ALIGNED_SIZE = 112           # ... from a 112x112 aligned crop
 NORM_TOLERANCE = 1e-3
 MAX_TRAVELLER_ID_CHARS = 128
 MAX_TEMPLATES_PER_TRAVELLER = 16
+
+
+def photo_sha256(data: bytes) -> str:
+    """The id of a booking photo or probe (hex sha256 of its bytes): what the store, the
+    audit log and the re-index cache record instead of the photo."""
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -125,3 +125,24 @@ def test_every_module_says_what_it_is():
         if not doc:
             missing.append(_module_name(path))
     assert missing == []
+
+
+def test_one_atomic_writer_and_one_photo_hash():
+    """A file that must be whole after a power cut is written by durable.atomic_write (temp
+    file, fsync, rename, fsync of the folder); a photo is named by templates.photo_sha256.
+    Nothing else renames a temporary file over another (snapshot.py renames its folder,
+    which it fsyncs itself) or hashes photo bytes on its own."""
+    renames, hashes = [], []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "v1":
+            continue
+        text = path.read_text()
+        rel = str(path.relative_to(PACKAGE))
+        if rel not in ("durable.py", "gallery/snapshot.py") and (
+                "os.replace(" in text or "os.rename(" in text or ".replace(path)" in text):
+            renames.append(rel)
+        # face/models.py checks the model files' pinned sums, not photos
+        if rel not in ("templates.py", "face/models.py") and "hashlib.sha256(data)" in text:
+            hashes.append(rel)
+    assert not renames, f"write through matcher.durable.atomic_write: {renames}"
+    assert not hashes, f"hash photos with matcher.templates.photo_sha256: {hashes}"

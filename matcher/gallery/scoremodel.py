@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..durable import atomic_write_text
 from ..errors import GalleryError, InvalidInput
 
 SINGLE, FUSED = "single", "fused"  # comparison kinds: one booking photo, or several fused
@@ -358,10 +359,8 @@ class ScoreModel:
                    doc.get("group_confidence"))
 
     def save(self, path: Path) -> None:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_document(), indent=1) + "\n")
-        tmp.replace(path)
+        """Whole or not at all: every threshold the service uses comes from this file."""
+        atomic_write_text(path, json.dumps(self.to_document(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: Path) -> "ScoreModel":

@@ -8,7 +8,6 @@ place, so a crash leaves either the old set of snapshots or the new one, never h
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..durable import fsync_path
+from ..durable import file_sha256, fsync_path
 from ..errors import GalleryError, SnapshotError
 from .index import BuiltIndex, IndexConfig, SearchIndex
 
@@ -43,14 +42,6 @@ class SnapshotManifest:
     templates: int
     created_at: float
     files: dict[str, dict]
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_snapshot(root: str | Path, index: SearchIndex, model_id: str, store_id: str) -> Path:
@@ -83,7 +74,7 @@ def write_snapshot(root: str | Path, index: SearchIndex, model_id: str, store_id
             "travellers": len(ids),
             "templates": built.ntotal,
             "created_at": time.time(),
-            "files": {n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size}
+            "files": {n: {"sha256": file_sha256(tmp / n), "bytes": (tmp / n).stat().st_size}
                       for n in names},
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
@@ -153,7 +144,7 @@ def verify_snapshot(path: str | Path, model_id: str | None = None,
         f = path / name
         if Path(name).name != name or not f.is_file():
             raise SnapshotError(f"snapshot {path.name} is missing file {name}")
-        if f.stat().st_size != info.get("bytes") or _sha256(f) != info.get("sha256"):
+        if f.stat().st_size != info.get("bytes") or file_sha256(f) != info.get("sha256"):
             raise SnapshotError(f"snapshot {path.name}: file {name} does not match its "
                                 f"checksum; the snapshot is corrupt")
     return m

@@ -54,9 +54,6 @@ class Traveller:
     photo_sha256s: tuple[str, ...]
     model_id: str
 
-    def valid_at(self, now: float) -> bool:
-        return self.valid_from <= now < self.valid_to
-
 
 @dataclass(frozen=True)
 class EnrolResult:

@@ -7,16 +7,15 @@ unchanged manifest embeds nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..durable import file_sha256
 from .manifest import LOW_QUALITY, MISSING_FILE, MULTIPLE_FACES, NO_FACE, UNREADABLE_IMAGE
 
 OUTCOMES_FILE = "reindex-outcomes.sqlite3"
-HASH_CHUNK = 1 << 20
 # Reject reasons that depend only on the photo's bytes and the pipeline settings: safe to
 # remember by sha256. A missing file may appear tomorrow, so it is never remembered.
 CACHEABLE_CODES = (UNREADABLE_IMAGE, NO_FACE, MULTIPLE_FACES, LOW_QUALITY)
@@ -38,14 +37,10 @@ def unreadable_file_reason(exc: OSError) -> str:
 
 def sha256_file(path: Path) -> tuple[str | None, str]:
     """(hex digest, "") or (None, reject reason)."""
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                h.update(chunk)
+        return file_sha256(path), ""
     except OSError as exc:
         return None, unreadable_file_reason(exc)
-    return h.hexdigest(), ""
 
 
 def hash_photos(paths: Iterable[Path], threads: int) -> dict[Path, tuple[str | None, str]]:

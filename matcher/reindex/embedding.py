@@ -9,7 +9,6 @@ matcher.face.enrolment's ``face_verdict``, the rule Enroll follows too.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import logging
 import math
@@ -27,7 +26,7 @@ from ..errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, Matc
 from ..face.enrolment import SECOND_FACE_AREA_RATIO, face_verdict
 from ..face.pipeline import DecodedPhoto, DetectorConfig, Face
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
-from ..templates import EMBEDDING_DIM
+from ..templates import EMBEDDING_DIM, photo_sha256
 from ..transport import is_loopback
 from .cache import unreadable_file_reason
 from .manifest import UNREADABLE_IMAGE
@@ -109,7 +108,7 @@ class PhotoEmbedder:
             if data is None:
                 reasons[i] = reason
                 continue
-            if hashlib.sha256(data).hexdigest() != sha:
+            if photo_sha256(data) != sha:
                 # Replaced between hashing and now: what we would embed is not the photo
                 # the store would record. The next run sees the new file.
                 reasons[i] = f"{UNREADABLE_IMAGE}:changed_during_run"

@@ -7,12 +7,12 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..durable import atomic_write, atomic_write_text
 from .manifest import Reject
 
 log = logging.getLogger(__name__)
@@ -76,22 +76,18 @@ class Summary:
 
 def write_summary(path: Path, summary: Summary) -> None:
     """The summary as JSON, replaced atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(summary.as_dict(), indent=2, sort_keys=True))
 
 
 def write_rejects(path: Path, rejects: list[Reject]) -> None:
     """CSV ``row,traveller_id,reason`` sorted by row, replaced atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    def write(f) -> None:
         writer = csv.writer(f)
         writer.writerow(["row", "traveller_id", "reason"])
         for r in sorted(rejects, key=lambda r: r.row):
             writer.writerow([r.row, r.traveller_id, r.reason])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
 
 
 class Progress:

@@ -6,7 +6,7 @@ import logging
 from ..face.models import demo_photo
 from ..face.pipeline import DetectorConfig, Pipeline
 from ..gallery.served import ServedGallery
-from .engine import sha256_hex
+from ..templates import photo_sha256
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def enrol_demo_gallery(pipeline: Pipeline, gallery: ServedGallery) -> int:
                      sessions=pipeline.sessions)
     data = demo_photo("players.jpg").read_bytes()
     faces = sorted(group.analyse_bytes(data), key=lambda f: float(f.bbox[0]))
-    sha = sha256_hex(data)
+    sha = photo_sha256(data)
     for number, face in enumerate(faces, 1):
         gallery.enroll(f"{DEMO_PREFIX}{number:02d}", face.template[None, :], 0.0,
                        DEMO_VALID_TO, [sha])

@@ -16,7 +16,6 @@ into one (``fuse_templates``) that is matched once, if they look like one person
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -244,10 +243,6 @@ def aligned_from_raw(data: bytes) -> np.ndarray:
         raise InvalidInput(f"a raw aligned face is {ALIGNED_SIZE}x{ALIGNED_SIZE}x3 = "
                            f"{ALIGNED_RAW_BYTES} bytes, got {len(data)}")
     return np.frombuffer(data, np.uint8).reshape(ALIGNED_SIZE, ALIGNED_SIZE, 3)
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class MatchEngine:

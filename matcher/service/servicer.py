@@ -23,12 +23,12 @@ from ..face.enrolment import explain, face_verdict
 from ..face.pipeline import Face
 from ..gallery.decision import Decision, Outcome, Reason
 from ..templates import (EMBEDDING_DIM, MAX_TEMPLATES_PER_TRAVELLER, check_templates,
-                         check_traveller_id)
+                         check_traveller_id, photo_sha256)
 from ..v1 import matcher_pb2 as pb
 from ..v1 import matcher_pb2_grpc as pb_grpc
 from .engine import (FRAME_LOW_QUALITY, FRAME_NO_FACE, FRAMES_DISAGREE, MAX_FRAMES, AlignedJob,
                      Analysis, Frame, FrameOutcome, FusedProbe, ImageJob, MatchEngine,
-                     aligned_from_raw, frame_error, sha256_hex)
+                     aligned_from_raw, frame_error)
 
 log = logging.getLogger(__name__)
 # One line per answered request: ids, decision, scores and timings, never a face.
@@ -485,7 +485,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                     raise InvalidInput(f"photo {number} refused: {explain(reason)}")
                 template = face.template
             templates.append(template)
-            shas.append(sha256_hex(identity))
+            shas.append(photo_sha256(identity))
         now = time.time()
         valid_from = _epoch(request.valid_from) if request.HasField("valid_from") else now
         valid_to = (_epoch(request.valid_to) if request.HasField("valid_to")

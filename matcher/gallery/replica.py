@@ -140,6 +140,9 @@ class ReplicaGallery:
     def remove(self, *args, **kwargs) -> int:
         raise ReadOnlyReplica("this server is a read replica; remove on the writer")
 
+    def close(self) -> None:
+        """Nothing to release: a replica holds only its in-memory snapshot."""
+
     # -- swaps ----------------------------------------------------------------------
 
     def load_snapshot(self, path: str | Path) -> SnapshotManifest:

@@ -246,7 +246,7 @@ class RunningServer:
             await asyncio.to_thread(self.watcher.stop)
         if self.engine is not None:
             await self.engine.stop()
-        if self.gallery is not None and hasattr(self.gallery, "close"):
+        if self.gallery is not None:
             await asyncio.to_thread(self.gallery.close)
         if self.audit is not None:
             self.audit.close()

@@ -11,15 +11,14 @@ split to split, so it is indicative, not exact.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 
-from matcher.calibrate import fit_with_kinds, label_noise, score_pairs
+from matcher.calibrate import score_pairs
 from matcher.gallery.decision import DecisionPolicy
 from matcher.gallery.scoremodel import SINGLE, ScoreModel
 
-from ._threshold_cv import FRAMES, _top2, open_set
+from ._threshold_cv import FRAMES, _top2, open_set, shipped_fit
 
 # Adopt flip TTA by default only if both miss rates drop by at least this (relative),
 # with the interval clear of zero (the bar issue 18 set).
@@ -28,16 +27,7 @@ FLIP_ADOPTION_GAIN = 0.15
 
 def shipped_model(templates: np.ndarray, identities: np.ndarray, bootstrap: int, seed: int
                   ) -> ScoreModel:
-    """What ``matcher calibrate`` makes of these rows (label noise by names only)."""
-    pairs = score_pairs(templates, identities)
-    floor = float(np.quantile(pairs.genuine, 0.05))
-    noise = label_noise(pairs, floor)
-    kept = fit_with_kinds(templates, identities, "cv", "cv", drop=noise["dropped"],
-                          bootstrap=bootstrap, seed=seed)
-    lean = fit_with_kinds(templates, identities, "cv", "cv",
-                          drop=noise["dropped"] + noise["look_alikes"], bootstrap=bootstrap,
-                          seed=seed)
-    return replace(kept, search=lean)
+    return shipped_fit(templates, identities, bootstrap, seed)[0]
 
 
 def _open_set_rates(model: ScoreModel, templates: np.ndarray, person: np.ndarray,

@@ -25,8 +25,8 @@ import math
 import numpy as np
 
 from matcher.calibrate import (FUSED_BOOKING_PHOTOS, MAX_PHOTOS_PER_PERSON, PairScores,
-                               drop_identity_pairs, fit_score_model, fit_with_kinds,
-                               fused_pairs, label_noise, score_pairs)
+                               drop_identity_pairs, fit_population, fit_score_model,
+                               fused_pairs, label_noise, raw_kind_pairs, score_pairs)
 from matcher.gallery.scoremodel import FUSED, SINGLE, ScoreModel
 from matcher.gallery.decision import DecisionPolicy
 from matcher.templates import fuse_templates
@@ -61,19 +61,27 @@ class Calibrated:
     methods: dict
 
 
+def shipped_fit(templates: np.ndarray, identities: np.ndarray, bootstrap: int, seed: int
+                ) -> tuple[ScoreModel, list[dict], dict]:
+    """What ``matcher calibrate`` makes of these rows (matcher.calibrate.fit_population;
+    label noise by names only: no photo evidence in a CV half): (model, label noise
+    dropped, the rows' raw_kind_pairs)."""
+    raw = raw_kind_pairs(templates, identities)
+    floor = float(np.quantile(raw[SINGLE].genuine, 0.05))
+    noise = label_noise(raw[SINGLE], floor)
+    model = fit_population(templates, identities, "cv", "cv", dropped=noise["dropped"],
+                           apart=noise["look_alikes"], raw=raw, bootstrap=bootstrap,
+                           seed=seed)
+    return model, noise["dropped"], raw
+
+
 def calibrate_half(templates: np.ndarray, identities: np.ndarray, bootstrap: int, seed: int
                    ) -> tuple[Calibrated, ScoreModel]:
     """Every candidate method, calibrated on one half; and the model ``matcher calibrate``
     makes of it (label noise dropped; 1:N from the fit with look-alikes apart), for the
     1:1 check."""
-    pairs = score_pairs(templates, identities)
-    floor = float(np.quantile(pairs.genuine, 0.05))
-    noise = label_noise(pairs, floor)  # names only: no photo evidence in a CV half
-    dropped, apart = noise["dropped"], noise["look_alikes"]
-    kept = fit_with_kinds(templates, identities, "cv", "cv", drop=dropped,
-                          bootstrap=bootstrap, seed=seed)
-    lean = fit_with_kinds(templates, identities, "cv", "cv", drop=dropped + apart,
-                          bootstrap=bootstrap, seed=seed)
+    shipped, dropped, raw = shipped_fit(templates, identities, bootstrap, seed)
+    kept, lean = replace(shipped, search=None), shipped.for_search
     methods = {}
     for label, model in (("look-alikes in", kept), ("look-alikes apart", lean)):
         methods[f"{label}: estimate"] = model.threshold_estimate
@@ -83,13 +91,12 @@ def calibrate_half(templates: np.ndarray, identities: np.ndarray, bootstrap: int
             methods[f"{label}: bound {c:.0%}"] = (
                 lambda f, c=c, m=model: m.threshold_at_fmr(f, c))
     # The tail counted in pairs of people (look-alikes in: they are what it tames).
-    kinds = [fit_score_model(per_person(drop_identity_pairs(p, dropped)), "cv", "cv",
-                             bootstrap=bootstrap, seed=seed)
-             for p in (pairs, fused_pairs(templates, identities))]
+    kinds = [fit_score_model(per_person(drop_identity_pairs(raw[k], dropped)), "cv", "cv",
+                             bootstrap=bootstrap, seed=seed) for k in (SINGLE, FUSED)]
     people = replace(kinds[0], kinds={FUSED: kinds[1]})
     methods["people: estimate"] = people.threshold_estimate
     methods["people: bound 95%"] = (lambda f: people.threshold_at_fmr(f, 0.95))
-    return Calibrated(methods), replace(kept, search=lean)
+    return Calibrated(methods), shipped
 
 
 def one_to_one(model: ScoreModel, templates: np.ndarray, identities: np.ndarray,

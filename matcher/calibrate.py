@@ -566,27 +566,34 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
                       empirical_thresholds)
 
 
-def kind_pairs(templates: np.ndarray, identities: np.ndarray, drop: list[dict] = ()
-               ) -> dict[str, PairScores]:
+def raw_kind_pairs(templates: np.ndarray, identities: np.ndarray) -> dict[str, PairScores]:
     """The pairs of each comparison kind the service makes ("single": one capture against
-    one booking photo; "fused": against a traveller's fused booking photos), with the
-    identity pairs in ``drop`` left out (those naming someone absent are ignored)."""
+    one booking photo; "fused": against a traveller's fused booking photos)."""
+    return {SINGLE: score_pairs(templates, identities),
+            FUSED: fused_pairs(templates, identities)}
+
+
+def kind_pairs(templates: np.ndarray, identities: np.ndarray, drop: list[dict] = (),
+               raw: dict[str, PairScores] | None = None) -> dict[str, PairScores]:
+    """raw_kind_pairs (or ``raw``, already scored) with the identity pairs in ``drop`` left
+    out (those naming someone absent are ignored)."""
     present = set(np.unique(identities).tolist())
     drop = [d for d in drop if d["a"] in present and d["b"] in present]
-    return {SINGLE: drop_identity_pairs(score_pairs(templates, identities), drop),
-            FUSED: drop_identity_pairs(fused_pairs(templates, identities), drop)}
+    raw = raw if raw is not None else raw_kind_pairs(templates, identities)
+    return {kind: drop_identity_pairs(pairs, drop) for kind, pairs in raw.items()}
 
 
 def fit_with_kinds(templates: np.ndarray, identities: np.ndarray, model_id: str,
                    settings_hash: str, *, drop: list[dict] = (), bootstrap: int = BOOTSTRAP,
                    confidence: float = CONFIDENCE, seed: int = 0, document: dict | None = None,
-                   fused_optional: bool = False):
+                   fused_optional: bool = False, raw: dict[str, PairScores] | None = None):
     """The score model of every comparison the service makes: one capture against one
     booking photo, and (kind ``fused``) against a traveller's fused booking photos.
     templates (n, 512) of the capped usable rows; ``drop``: label noise (label_noise).
     ``fused_optional``: data too thin for a fused tail gives a model without that kind
-    (said in its method) instead of an error (a small demographic group)."""
-    pairs = kind_pairs(templates, identities, list(drop))
+    (said in its method) instead of an error (a small demographic group). ``raw``: the
+    rows' raw_kind_pairs, when the caller has scored them already."""
+    pairs = kind_pairs(templates, identities, list(drop), raw)
     model = fit_score_model(pairs[SINGLE], model_id, settings_hash, bootstrap=bootstrap,
                             confidence=confidence, seed=seed, document=document)
     try:
@@ -604,6 +611,25 @@ def fit_with_kinds(templates: np.ndarray, identities: np.ndarray, model_id: str,
         "every threshold and rate is the worst of the single-photo model and the models in "
         "'kinds' (fused: a traveller's fused booking photos against one capture)")
     return replace(model, kinds={"fused": fused_model})
+
+
+def fit_population(templates: np.ndarray, identities: np.ndarray, model_id: str,
+                   settings_hash: str, *, dropped: list[dict], apart: list[dict],
+                   raw: dict[str, PairScores] | None = None, bootstrap: int = BOOTSTRAP,
+                   seed: int = 0, document: dict | None = None):
+    """The population's model as ``matcher calibrate`` makes it: label noise ``dropped``;
+    1:1 with the look-alikes in, and (``search``) 1:N with the ``apart`` pairs left out."""
+    raw = raw if raw is not None else raw_kind_pairs(templates, identities)
+    model = fit_with_kinds(templates, identities, model_id, settings_hash, drop=dropped,
+                           bootstrap=bootstrap, seed=seed, document=document, raw=raw)
+    if not apart:
+        return model
+    search = fit_with_kinds(templates, identities, model_id, settings_hash,
+                            drop=dropped + apart, bootstrap=bootstrap, seed=seed, raw=raw,
+                            document={"method": {
+                                "look_alikes": f"{len(apart)} look-alike identity pairs "
+                                               "(source.look_alikes_apart) left out"}})
+    return replace(model, search=search)
 
 
 # -- demographic groups ----------------------------------------------------------------
@@ -873,16 +899,10 @@ def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None
         "source": source,
     }
     templates, identities = embedded.templates[rows], embedded.identities[rows]
-    model = fit_with_kinds(templates, identities, pipeline.model_id, pipeline.settings_hash(),
-                           drop=noise["dropped"], bootstrap=bootstrap, seed=seed,
-                           document=document)
-    if apart:
-        search = fit_with_kinds(templates, identities, pipeline.model_id,
-                                pipeline.settings_hash(), drop=noise["dropped"] + apart,
-                                bootstrap=bootstrap, seed=seed, document={"method": {
-                                    "look_alikes": f"{len(apart)} look-alike identity pairs "
-                                                   "(source.look_alikes_apart) left out"}})
-        model = replace(model, search=search)
+    model = fit_population(templates, identities, pipeline.model_id, pipeline.settings_hash(),
+                           dropped=noise["dropped"], apart=apart, bootstrap=bootstrap,
+                           seed=seed, document=document,
+                           raw={SINGLE: pairs, FUSED: fused_pairs(templates, identities)})
     report = {"source": source, "label_noise": noise,
               "genuine_floor_for_noise": round(genuine_floor, 4)}
     if groups:

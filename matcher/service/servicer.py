@@ -563,8 +563,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
     async def GetGalleryInfo(self, request, context) -> pb.GalleryInfo:
         async def body(engine: MatchEngine, deadline: float | None) -> pb.GalleryInfo:
             g, decider = engine.gallery, engine.decider
-            many = decider.point_1toN()
             searchable = await engine.searchable_travellers()
+            many = decider.point_1toN(gallery_size=searchable)  # the N a search uses now
             return pb.GalleryInfo(
                 gallery_version=g.version, travellers=g.size, templates=g.templates,
                 searchable_travellers=searchable,

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from matcher.calibrate import (FUSED_BOOKING_PHOTOS, MAX_PHOTOS_PER_PERSON, PairScores,
+from matcher.calibrate import (FUSED_BOOKING_PHOTOS, PairScores,
                                drop_identity_pairs, fit_population, fit_score_model,
                                fused_pairs, label_noise, raw_kind_pairs, score_pairs)
 from matcher.gallery.scoremodel import FUSED, SINGLE, ScoreModel
@@ -348,11 +348,3 @@ def choose(table: list[dict], target: float) -> dict:
     holding = [m for m, v in verdicts.items() if v["holds"]]
     best = min(holding, key=lambda m: verdicts[m]["mean_fnir"]) if holding else None
     return {"method": best, "verdicts": verdicts}
-
-
-def capped_usable(templates: np.ndarray, identities: np.ndarray, usable: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    from matcher.calibrate import capped_rows
-
-    rows = capped_rows(identities, usable, MAX_PHOTOS_PER_PERSON)
-    return templates[rows], identities[rows]

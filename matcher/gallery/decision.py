@@ -155,6 +155,7 @@ class Decider:
         if self.score_model.model_id != gallery.model_id:
             raise GalleryError(f"the score model is for {self.score_model.model_id}, the "
                                f"gallery holds {gallery.model_id} templates")
+        self._points_1toN: dict[int, OperatingPoint] = {}  # by N; model and policy fixed
         # A claim is one comparison with the traveller's booking: one photo, or several
         # fused, each kind at its own threshold (the fused tail is the heavier one).
         self.points_1to1 = {kind: operating_point_1to1(
@@ -175,8 +176,15 @@ class Decider:
         """1:N over ``gallery_size`` comparisons; by default the travellers whose booking
         window is open at ``now``: the set a search looks at, one fused template each."""
         n = self.gallery.searchable(now) if gallery_size is None else gallery_size
-        return operating_point_1toN(self.score_model, self.policy.fpir_1toN, n,
-                                    self.policy.min_threshold, self.policy.confidence_1toN)
+        point = self._points_1toN.get(n)
+        if point is None:
+            # ~1 ms of quantiles over every resample and kind: once per N, not per search
+            if len(self._points_1toN) >= 4096:
+                self._points_1toN.clear()
+            point = self._points_1toN[n] = operating_point_1toN(
+                self.score_model, self.policy.fpir_1toN, n, self.policy.min_threshold,
+                self.policy.confidence_1toN)
+        return point
 
     def verify(self, probe: np.ndarray, traveller_id: str,
                now: datetime | float | None = None) -> Decision:

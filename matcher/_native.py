@@ -7,7 +7,8 @@ for a hidden conversion and never gets a result computed on something else.
 """
 from __future__ import annotations
 
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
 import numpy as np
 
@@ -33,7 +34,7 @@ def _check(x: object, name: str, dtype: np.dtype, shape: tuple[int | None, ...],
     got = x.shape
     if len(got) != len(shape):
         _bad_shape(name, got, shape)
-    for have, want in zip(got, shape):
+    for have, want in zip(got, shape, strict=True):  # same length: checked above
         if want is not None and have != want:
             _bad_shape(name, got, shape)
     flags = x.flags

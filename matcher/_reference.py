@@ -88,7 +88,8 @@ def decode_scrfd(scores: list[np.ndarray], boxes: list[np.ndarray], kps: list[np
     keypoints in original-image pixels (divided by ``det_scale``), unsorted.
     """
     out_s, out_b, out_k = [], [], []
-    for s, b, k, stride in zip(scores, boxes, kps, strides):
+    # strict: unequal lengths raise, as the native kernel's dispatcher does
+    for s, b, k, stride in zip(scores, boxes, kps, strides, strict=True):
         keep = np.nonzero(s >= threshold)[0]
         cells = keep // num_anchors
         width = input_w // stride

@@ -6,10 +6,10 @@ the 95th percentile of recent answers is sent again, the first answer wins and t
 attempts are cancelled. A hedge is ``fanout`` (2) attempts sent back to back: the channel's
 round robin gives consecutive picks to consecutive servers, so one of the two is not the
 stalled server whichever that is (which server an attempt went to is not visible to the
-caller, and a single hedge would land on the stalled server as often as not). gRPC's own ``hedgingPolicy`` would
-do this, but the gRPC core under grpcio parses it and never sends a hedge (checked with
-grpcio 1.85: every call waited for its slow server), so the client hedges here, for reads
-only (a hedge runs the call twice).
+caller, and a single hedge would land on the stalled server as often as not). gRPC's own
+``hedgingPolicy`` would do this, but the gRPC core under grpcio parses it and never sends
+a hedge (checked with grpcio 1.85: every call waited for its slow server), so the client
+hedges here, for reads only (a hedge runs the call twice).
 
 Delay: ``delay_factor`` (2) times the ``quantile`` (0.95) of the last ``window`` answered
 attempts' own latencies, measured from each attempt's start, so a stall does not teach

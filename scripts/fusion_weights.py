@@ -69,7 +69,7 @@ def main() -> None:
     weightings = ["equal", "norm", "norm^2", "det", "sharp", "ieye", "cosyaw"]
     for name in weightings:
         fused, genuine = [], []
-        for who, rows in multi.items():
+        for rows in multi.values():
             w = None if name == "equal" else np.array([results[i][1][name] for i in rows[:2]])
             f = fuse_templates(np.stack([results[i][0] for i in rows[:2]]), w)
             fused.append(f)

@@ -32,8 +32,14 @@ from quantize_embedder import calibration_identities  # noqa: E402
 
 from benchmarks import _int8  # noqa: E402
 from benchmarks._faces import load_photos  # noqa: E402
-from benchmarks._lfw import (identity_weights, pair_templates_scores, read_pairs,  # noqa: E402
-                             rows_of, ten_fold_accuracy, with_ci)
+from benchmarks._lfw import (  # noqa: E402
+    identity_weights,
+    pair_templates_scores,
+    read_pairs,
+    rows_of,
+    ten_fold_accuracy,
+    with_ci,
+)
 from matcher.calibrate import Embedded, embed_folder, read_labels  # noqa: E402
 from matcher.face.models import default_pack  # noqa: E402
 from matcher.face.pipeline import Pipeline  # noqa: E402
@@ -141,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     cx = np.median(np.array(speed["cpu_ms_per_image"]["fp32"])
                    / np.array(speed["cpu_ms_per_image"]["int8"]))
     ex = np.median(np.array(speed["embed_ms"]["fp32"]) / np.array(speed["embed_ms"]["int8"]))
-    ix = np.median(np.array(speed["images_per_s"]["int8"]) / np.array(speed["images_per_s"]["fp32"]))
+    ix = np.median(np.array(speed["images_per_s"]["int8"])
+                   / np.array(speed["images_per_s"]["fp32"]))
     print(f"speed-up int8/fp32 (median of {args.rounds} per-round ratios): embed {ex:.2f}x, "
           f"images/s {ix:.2f}x (wall), {cx:.2f}x (CPU per image)")
     out["speed"] = {"embed_ms": speed["embed_ms"], "images_per_s": speed["images_per_s"],

@@ -40,8 +40,7 @@ from onnx import helper, numpy_helper
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from matcher.face.models import (EMBEDDER_INT8_FILE, VARIANT_DIR, _with_dynamic_batch,  # noqa: E402
-                                 default_pack)
+from matcher.face.models import EMBEDDER_INT8_FILE, VARIANT_DIR, _with_dynamic_batch, default_pack  # noqa: E402
 from matcher.face.pipeline import Pipeline  # noqa: E402
 
 log = logging.getLogger("quantize_embedder")

@@ -86,7 +86,7 @@ class ModelPack:
 
     @classmethod
     def from_paths(cls, detector: str | Path, detector_sha256: str,
-                   embedder: str | Path, embedder_sha256: str, name: str = "custom") -> "ModelPack":
+                   embedder: str | Path, embedder_sha256: str, name: str = "custom") -> ModelPack:
         return cls(ModelFile(Path(detector), detector_sha256),
                    ModelFile(Path(embedder), embedder_sha256), name)
 

@@ -132,12 +132,12 @@ class Keyring:
                 raise KeyConfigError(f"key {key_id!r} is {len(key)} bytes, not {KEY_BYTES}")
 
     @classmethod
-    def single(cls, key: bytes, key_id: str | None = None) -> "Keyring":
+    def single(cls, key: bytes, key_id: str | None = None) -> Keyring:
         key_id = key_id or key_fingerprint(key)
         return cls({key_id: key}, key_id)
 
     @classmethod
-    def parse(cls, text: str) -> "Keyring":
+    def parse(cls, text: str) -> Keyring:
         """One key per line, ``[key_id:]material``; ``#`` comments; the first is current."""
         keys: dict[str, bytes] = {}
         order: list[str] = []
@@ -162,7 +162,7 @@ class Keyring:
         return cls(keys, order[0])
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> "Keyring":
+    def from_file(cls, path: str | os.PathLike[str]) -> Keyring:
         path = Path(path)
         try:
             mode = path.stat().st_mode
@@ -176,7 +176,7 @@ class Keyring:
             raise KeyConfigError(f"key file {path} is not ASCII text") from None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Keyring | None":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Keyring | None:
         """The keyring configured in the environment, or None when neither variable is set."""
         env = os.environ if environ is None else environ
         key, key_file = env.get(ENV_KEY), env.get(ENV_KEY_FILE)
@@ -207,7 +207,7 @@ class TemplateCipher:
         self._aead = {key_id: AESGCM(key) for key_id, key in keyring.keys.items()}
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "TemplateCipher":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TemplateCipher:
         keyring = Keyring.from_env(environ)
         if keyring is None:
             raise KeyConfigError(f"template encryption needs {ENV_KEY} or {ENV_KEY_FILE}")

@@ -30,12 +30,12 @@ from .scoremodel import FUSED, SINGLE, ScoreModel, load_score_model
 from .served import ServedGallery
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     MATCH = "MATCH"
     NO_MATCH = "NO_MATCH"
 
 
-class Reason(str, enum.Enum):
+class Reason(enum.StrEnum):
     ABOVE_THRESHOLD = "above_threshold"
     BELOW_THRESHOLD = "below_threshold"
     AMBIGUOUS = "ambiguous"                  # top-1 and top-2 closer than the margin

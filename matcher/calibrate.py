@@ -14,16 +14,18 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .durable import atomic_write, atomic_write_text
 from .errors import InvalidInput, MatcherError
 from .face.pipeline import Face, Pipeline
-from .gallery.scoremodel import FUSED, SINGLE, gpd_fit
+from .gallery.scoremodel import FUSED, SINGLE, ScoreModel, gpd_fit
 from .templates import EMBEDDING_DIM, fuse_templates
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ class Embedded:
             settings_hash=self.settings_hash, labels_sha256=self.labels_sha256), binary=True)
 
     @classmethod
-    def load(cls, path: Path) -> "Embedded":
+    def load(cls, path: Path) -> Embedded:
         with np.load(path, allow_pickle=False) as z:
             return cls(z["files"], z["identities"], z["status"], z["reasons"], z["templates"],
                        str(z["settings_hash"]), str(z["labels_sha256"]))
@@ -226,6 +228,11 @@ def capped_rows(identities: np.ndarray, usable: np.ndarray,
     return np.asarray(keep, dtype=np.int64)
 
 
+def _concat(parts: list[np.ndarray], dtype: type[np.generic]) -> np.ndarray:
+    """The parts end to end as ``dtype``; empty (not an error) when there are none."""
+    return np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)
+
+
 def score_pairs(templates: np.ndarray, identities: np.ndarray,
                 tail_keep: float = TAIL_KEEP_SCORE, block: int = BLOCK) -> PairScores:
     """Every pair of rows scored once, in blocks of ``block`` rows (no Python pair loop).
@@ -256,10 +263,9 @@ def score_pairs(templates: np.ndarray, identities: np.ndarray,
         ta.append(np.broadcast_to(rows_id, sims.shape)[hot])
         tb.append(np.broadcast_to(cols_id, sims.shape)[hot])
     counts = np.bincount(ident, minlength=len(names))
-    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts
-           else np.empty(0, dt))
-    return PairScores(names, counts, cat(gen, np.float32), cat(gen_id, np.int32),
-                      cat(tail, np.float32), cat(ta, np.int32), cat(tb, np.int32), hist, edges)
+    return PairScores(names, counts, _concat(gen, np.float32), _concat(gen_id, np.int32),
+                      _concat(tail, np.float32), _concat(ta, np.int32), _concat(tb, np.int32),
+                      hist, edges)
 
 
 # A traveller booked with several photos is searched as one fused template; calibration
@@ -305,13 +311,11 @@ def fused_pairs(templates: np.ndarray, identities: np.ndarray,
         tail.append(sims[hot])
         ta.append(np.broadcast_to(own, sims.shape)[hot])
         tb.append(np.broadcast_to(ident[None, :], sims.shape)[hot])
-    cat = (lambda parts, dt: np.concatenate(parts).astype(dt) if parts
-           else np.empty(0, dt))
     has_fused = np.zeros(len(names), np.int64)
     has_fused[owners] = 1
-    return PairScores(names, counts, cat(gen, np.float32), cat(gen_id, np.int32),
-                      cat(tail, np.float32), cat(ta, np.int32), cat(tb, np.int32), hist, edges,
-                      has_fused)
+    return PairScores(names, counts, _concat(gen, np.float32), _concat(gen_id, np.int32),
+                      _concat(tail, np.float32), _concat(ta, np.int32), _concat(tb, np.int32),
+                      hist, edges, has_fused)
 
 
 def pair_scores_for(embedded: Embedded, quality_gate: bool = True,
@@ -354,7 +358,9 @@ def _name_evidence(a: str, b: str) -> float:
     """How alike two names are, 0..1: the same words in another order count as 1."""
     import difflib
 
-    words = (lambda s: s.lower().replace("_", " ").replace("-", " ").split())
+    def words(name: str) -> list[str]:
+        return name.lower().replace("_", " ").replace("-", " ").split()
+
     if sorted(words(a)) == sorted(words(b)):
         return 1.0
     return difflib.SequenceMatcher(None, " ".join(words(a)), " ".join(words(b))).ratio()
@@ -404,15 +410,18 @@ def label_noise(pairs: PairScores, genuine_floor: float, folder: Path | None = N
     """
     names = pairs.identity_names
     best: dict[tuple[int, int], float] = {}
-    for s, a, b in zip(pairs.tail.tolist(), pairs.tail_a.tolist(), pairs.tail_b.tolist()):
+    for s, a, b in zip(pairs.tail.tolist(), pairs.tail_a.tolist(), pairs.tail_b.tolist(),
+                       strict=True):
         key = (a, b) if a < b else (b, a)
         if s > best.get(key, -1.0):
             best[key] = s
     ranked = sorted(best.items(), key=lambda kv: -kv[1])
-    dropped, kept, alike = [], [], []
+    dropped: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+    alike: list[dict[str, Any]] = []
     for (a, b), s in ranked:
         na, nb = str(names[a]), str(names[b])
-        row = {"a": na, "b": nb, "best_score": round(s, 4),
+        row: dict[str, Any] = {"a": na, "b": nb, "best_score": round(s, 4),
                "name_similarity": round(_name_evidence(na, nb), 3)}
         evidence = None
         if s >= genuine_floor:
@@ -442,7 +451,8 @@ def drop_identity_pairs(pairs: PairScores, drop: list[dict]) -> PairScores:
     index = {str(n): i for i, n in enumerate(pairs.identity_names)}
     bad = {(min(index[d["a"]], index[d["b"]]), max(index[d["a"]], index[d["b"]])) for d in drop}
     lo, hi = np.minimum(pairs.tail_a, pairs.tail_b), np.maximum(pairs.tail_a, pairs.tail_b)
-    mask = np.array([(a, b) not in bad for a, b in zip(lo.tolist(), hi.tolist())], dtype=bool)
+    mask = np.array([(a, b) not in bad for a, b in zip(lo.tolist(), hi.tolist(), strict=True)],
+                    dtype=bool)
     hist = pairs.histogram.copy()
     removed = np.histogram(pairs.tail[~mask], bins=pairs.bin_edges)[0]
     hist -= removed
@@ -481,8 +491,6 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
                     bootstrap: int = BOOTSTRAP, confidence: float = CONFIDENCE,
                     seed: int = 0, document: dict | None = None):
     """Fit a ScoreModel (see matcher/gallery/scoremodel.py) to scored pairs."""
-    from .gallery.scoremodel import ScoreModel
-
     m = len(pairs.photos_per_identity)
     total = pairs.impostor_total(np.ones(m))
     if total < MIN_EXCEEDANCES * 10 or len(pairs.genuine) < 10:
@@ -508,7 +516,9 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
 
     # Rates the data resolves on its own: down to a few expected pairs above the threshold.
     resolved = np.geomspace(tail_fmr, MIN_RESOLVED_PAIRS / total, 40)
-    replicates, curves, empirical_thresholds = [], [], []
+    replicates: list[tuple[float, float, float]] = []
+    curve_rows: list[np.ndarray] = []
+    threshold_rows: list[np.ndarray] = []
     for _ in range(bootstrap):
         w = rng.multinomial(m, np.full(m, 1.0 / m)).astype(np.float64)
         pair_weight = w[ta] * w[tb]
@@ -517,15 +527,15 @@ def fit_score_model(pairs: PairScores, model_id: str, settings_hash: str, *,
             replicates.append(_tail_fit(tail_desc, pair_weight, total_b, tail_fmr))
         except InvalidInput:
             continue  # a resample with too few high pairs: skip rather than bias
-        curves.append(fnmr_curve(w))
+        curve_rows.append(fnmr_curve(w))
         cum = np.cumsum(pair_weight)
         at = np.minimum(np.searchsorted(cum, resolved * total_b), len(tail_desc) - 1)
-        empirical_thresholds.append(tail_desc[at])
-    curves = np.asarray(curves)
+        threshold_rows.append(tail_desc[at])
+    curves = np.asarray(curve_rows)
     # A few look-alike people with many photos each make clusters of high pairs that a
     # smooth tail can miss; where the data resolves a rate, its own bound counts too
     # (every resample is kept, so a threshold can take any confidence level).
-    empirical_thresholds = np.asarray(empirical_thresholds)
+    empirical_thresholds = np.asarray(threshold_rows)
     lo, hi = np.quantile(curves, [(1 - confidence) / 2, (1 + confidence) / 2], axis=0)
     genuine = np.column_stack([grid, fnmr_curve(np.ones(m)), lo, hi])
 
@@ -573,7 +583,7 @@ def raw_kind_pairs(templates: np.ndarray, identities: np.ndarray) -> dict[str, P
             FUSED: fused_pairs(templates, identities)}
 
 
-def kind_pairs(templates: np.ndarray, identities: np.ndarray, drop: list[dict] = (),
+def kind_pairs(templates: np.ndarray, identities: np.ndarray, drop: Sequence[dict] = (),
                raw: dict[str, PairScores] | None = None) -> dict[str, PairScores]:
     """raw_kind_pairs (or ``raw``, already scored) with the identity pairs in ``drop`` left
     out (those naming someone absent are ignored)."""
@@ -584,7 +594,7 @@ def kind_pairs(templates: np.ndarray, identities: np.ndarray, drop: list[dict] =
 
 
 def fit_with_kinds(templates: np.ndarray, identities: np.ndarray, model_id: str,
-                   settings_hash: str, *, drop: list[dict] = (), bootstrap: int = BOOTSTRAP,
+                   settings_hash: str, *, drop: Sequence[dict] = (), bootstrap: int = BOOTSTRAP,
                    confidence: float = CONFIDENCE, seed: int = 0, document: dict | None = None,
                    fused_optional: bool = False, raw: dict[str, PairScores] | None = None):
     """The score model of every comparison the service makes: one capture against one
@@ -664,7 +674,7 @@ def group_of_rows(identities: np.ndarray, groups: dict[str, str]) -> np.ndarray:
 
 
 def fit_groups(templates: np.ndarray, identities: np.ndarray, groups: dict[str, str],
-               model_id: str, settings_hash: str, *, drop: list[dict] = (),
+               model_id: str, settings_hash: str, *, drop: Sequence[dict] = (),
                bootstrap: int = BOOTSTRAP, confidence: float = CONFIDENCE, seed: int = 0,
                min_people: int = MIN_GROUP_PEOPLE) -> tuple[dict, dict[str, str]]:
     """({group: within-group ScoreModel}, {group: why it has none}).
@@ -693,7 +703,7 @@ def fit_groups(templates: np.ndarray, identities: np.ndarray, groups: dict[str, 
 
 
 def attach_groups(model, templates: np.ndarray, identities: np.ndarray,
-                  groups: dict[str, str], *, drop: list[dict] = (), apart: list[dict] = (),
+                  groups: dict[str, str], *, drop: Sequence[dict] = (), apart: Sequence[dict] = (),
                   worst_group: bool = True, group_confidence: float | None = GROUP_CONFIDENCE,
                   bootstrap: int = BOOTSTRAP, seed: int = 0, min_people: int = MIN_GROUP_PEOPLE):
     """``model`` with within-group models (its search variant too, look-alikes ``apart``
@@ -746,7 +756,10 @@ def measured_rates(pairs: PairScores, threshold: float, W: np.ndarray) -> dict:
         _impostor_totals(pairs, W), 1e-12)
     wg = W[:, pairs.genuine_identity]
     fnmr = (wg * (pairs.genuine < threshold)).sum(1) / np.maximum(wg.sum(1), 1e-12)
-    ci = (lambda v: [float(q) for q in np.quantile(v[1:], [0.025, 0.975])])
+
+    def ci(v: np.ndarray) -> list[float]:
+        return [float(q) for q in np.quantile(v[1:], [0.025, 0.975])]
+
     return {"impostor_pairs": pairs.impostor_pairs, "false_matches": int(above.sum()),
             "fmr": float(fmr[0]), "fmr_ci95": ci(fmr),
             "genuine_pairs": int(len(pairs.genuine)), "fnmr": float(fnmr[0]),
@@ -754,8 +767,8 @@ def measured_rates(pairs: PairScores, threshold: float, W: np.ndarray) -> dict:
 
 
 def group_report(model, templates: np.ndarray, identities: np.ndarray,
-                 groups: dict[str, str], policy=None, *, drop: list[dict] = (),
-                 apart: list[dict] = (), skipped: dict[str, str] | None = None,
+                 groups: dict[str, str], policy=None, *, drop: Sequence[dict] = (),
+                 apart: Sequence[dict] = (), skipped: dict[str, str] | None = None,
                  sizes: tuple[int, ...] = GROUP_GALLERY_SIZES, bootstrap: int = BOOTSTRAP,
                  seed: int = 0, min_people: int = MIN_GROUP_PEOPLE) -> dict:
     """Per group, at the thresholds ``model`` sets (and at the population's, without the
@@ -781,24 +794,27 @@ def group_report(model, templates: np.ndarray, identities: np.ndarray,
             W = _identity_bootstrap(len(pairs[SINGLE].identity_names), bootstrap, seed)
             data[name, lean] = (pairs, W)
 
-    points = [("1:1", f"FMR {policy.fmr_1to1:g}", policy.fmr_1to1, None, kind)
-              for kind in (SINGLE, FUSED)]
+    # (mode, target, per-comparison FMR, gallery size (None for 1:1), kind)
+    points: list[tuple[str, str, float, int | None, str]] = [
+        ("1:1", f"FMR {policy.fmr_1to1:g}", policy.fmr_1to1, None, kind)
+        for kind in (SINGLE, FUSED)]
     points += [("1:N", f"FPIR {policy.fpir_1toN:g} at N={n:,}", policy.fpir_1toN / n, n, kind)
                for n in sizes for kind in (SINGLE, FUSED)]
+
+    def threshold(m: ScoreModel, fmr: float, n: int | None, kind: str) -> float:
+        if n is None:
+            return operating_point_1to1(m, fmr, policy.min_threshold,
+                                        policy.confidence_1to1, kind).threshold
+        return operating_point_1toN(m, policy.fpir_1toN, n, policy.min_threshold,
+                                    policy.confidence_1toN).threshold
+
     rows = []
     for mode, target, fmr, n, kind in points:
-        def threshold(m) -> float:
-            if mode == "1:1":
-                return operating_point_1to1(m, fmr, policy.min_threshold,
-                                            policy.confidence_1to1, kind).threshold
-            return operating_point_1toN(m, policy.fpir_1toN, n, policy.min_threshold,
-                                        policy.confidence_1toN).threshold
-
         lean = mode == "1:N"
         confidence = policy.confidence_1to1 if mode == "1:1" else policy.confidence_1toN
-        at = {"population": threshold(population)}
+        at = {"population": threshold(population, fmr, n, kind)}
         if model.worst_group:
-            at["worst_group"] = threshold(model)
+            at["worst_group"] = threshold(model, fmr, n, kind)
         rates: dict[str, dict] = {}
         for name in members:
             pairs, W = data[name, lean]
@@ -847,7 +863,7 @@ def _differential(rates: dict, groups) -> dict:
         return {}
     measured = {g: rates[g]["population"]["fmr"] for g in names}
     model = {g: rates[g]["population"].get("fmr_model") for g in names}
-    out = {"highest_fmr": max(measured, key=measured.get)}
+    out: dict[str, Any] = {"highest_fmr": max(measured, key=lambda g: measured[g])}
     lo = min(measured.values())
     out["max_over_min_measured"] = max(measured.values()) / lo if lo > 0 else None
     if all(v is not None and v > 0 for v in model.values()):
@@ -894,7 +910,7 @@ def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None
     apart = noise["look_alikes"] if look_alikes_apart else []
     source["look_alikes_apart"] = apart
     document = {
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "settings": pipeline.score_settings(),
         "source": source,
     }
@@ -903,8 +919,8 @@ def calibrate(folder: Path, pipeline: Pipeline, *, cache_dir: Path | None = None
                            dropped=noise["dropped"], apart=apart, bootstrap=bootstrap,
                            seed=seed, document=document,
                            raw={SINGLE: pairs, FUSED: fused_pairs(templates, identities)})
-    report = {"source": source, "label_noise": noise,
-              "genuine_floor_for_noise": round(genuine_floor, 4)}
+    report: dict[str, Any] = {"source": source, "label_noise": noise,
+                              "genuine_floor_for_noise": round(genuine_floor, 4)}
     if groups:
         model, skipped = attach_groups(
             model, templates, identities, groups, drop=noise["dropped"], apart=apart,

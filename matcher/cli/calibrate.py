@@ -111,15 +111,16 @@ def group_table(model, policy, sizes: tuple[int, ...] = (100, 1_000, 10_000)) ->
     lines = ["| mode | target | kind | group | impostor pairs | threshold | FMR measured "
              "| FMR model (bound) | FNMR (95% CI) | group resolves target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    points = [("1:1", f"FMR {policy.fmr_1to1:g}", policy.fmr_1to1, None, k)
-              for k in (SINGLE, FUSED)]
+    # (mode, target, per-comparison FMR, gallery size (None for 1:1), kind)
+    points: list[tuple[str, str, float, int | None, str]] = [
+        ("1:1", f"FMR {policy.fmr_1to1:g}", policy.fmr_1to1, None, k) for k in (SINGLE, FUSED)]
     points += [("1:N", f"FPIR {policy.fpir_1toN:g}, N={n:,}", policy.fpir_1toN / n, n, SINGLE)
                for n in sizes]
     for mode, target, fmr, n, kind in points:
         for label, m in (("population", population), ("worst group", model)):
             if label == "worst group" and not model.worst_group:
                 continue
-            if mode == "1:1":
+            if n is None:  # 1:1
                 t = operating_point_1to1(m, fmr, policy.min_threshold,
                                          policy.confidence_1to1, kind).threshold
                 c, source = policy.confidence_1to1, m

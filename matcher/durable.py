@@ -7,7 +7,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 HASH_CHUNK = 1 << 20
 
@@ -21,15 +21,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[IO], None], *, binary: bool = False
+def atomic_write(path: str | Path, write: Callable[[IO[Any]], object], *, binary: bool = False
                  ) -> None:
     """Write ``path`` whole or not at all: ``write`` fills a temporary file beside it, which
     is fsynced, renamed over ``path``, and the folder fsynced so the rename survives too."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {
-                "encoding": "utf-8", "newline": ""})) as f:
+        with (open(tmp, "wb") if binary
+              else open(tmp, "w", encoding="utf-8", newline="")) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())

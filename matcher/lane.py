@@ -99,6 +99,7 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
         raise ValueError("give requests_per_lane, duration_s or a stop event")
     if rpc in ("verify", "clear") and (traveller_ids is None or len(traveller_ids) != len(images)):
         raise ValueError(f"{rpc} needs one traveller id per image")
+    claims: Sequence[str] = traveller_ids or ()  # verify/clear: one per image, checked above
     stop = stop or threading.Event()
     report = LaneReport(lanes, 0.0)
     lock = threading.Lock()
@@ -111,7 +112,10 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
 
     def lane(number: int) -> None:
         lane_id = f"lane-{number:02d}"
-        latencies, decisions, errors, calls = [], Counter(), Counter(), []
+        latencies: list[float] = []
+        decisions: Counter[str] = Counter()
+        errors: Counter[str] = Counter()
+        calls: list[tuple[float, float, str]] = []
         start_gate.wait()
         began = time.monotonic()
         end = None if duration_s is None else began + duration_s
@@ -133,11 +137,11 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
                     resp = client.read("Identify", req, timeout)
                 elif rpc == "verify":
                     req = pb.VerifyRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id,
-                                           traveller_id=traveller_ids[j])
+                                           traveller_id=claims[j])
                     resp = client.read("Verify", req, timeout)
                 else:
                     req = pb.ClearRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id,
-                                          claimed_traveller_id=traveller_ids[j])
+                                          claimed_traveller_id=claims[j])
                     resp = client.read("Clear", req, timeout)
             except grpc.RpcError as exc:
                 errors[exc.code().name] += 1

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,7 +119,7 @@ class ScoreModel:
     kinds: dict = field(repr=False, compare=False, default_factory=dict)
     # The model 1:N thresholds come from: the same data with the look-alike pairs stated
     # apart (relatives no threshold separates); None: this one.
-    search: "ScoreModel | None" = field(repr=False, compare=False, default=None)
+    search: ScoreModel | None = field(repr=False, compare=False, default=None)
     # Within-group models (group name -> model of the pairs inside that group, with its own
     # kinds) and whether thresholds hold in the worst of them as well as overall.
     groups: dict = field(repr=False, compare=False, default_factory=dict)
@@ -130,17 +131,17 @@ class ScoreModel:
     group_confidence: float | None = field(compare=False, default=None)
 
     @property
-    def for_search(self) -> "ScoreModel":
+    def for_search(self) -> ScoreModel:
         """The model a 1:N threshold is derived from (see ``search``)."""
         return self.search if self.search is not None else self
 
-    def with_worst_group(self, on: bool) -> "ScoreModel":
+    def with_worst_group(self, on: bool) -> ScoreModel:
         """This model (and its search variant) with the worst-group rule on or off: off
         gives the population thresholds a group table compares against."""
         search = self.search.with_worst_group(on) if self.search is not None else None
         return replace(self, worst_group=on and bool(self.groups), search=search)
 
-    def with_group_confidence(self, confidence: float | None) -> "ScoreModel":
+    def with_group_confidence(self, confidence: float | None) -> ScoreModel:
         """This model (and its search variant) with groups' bounds at ``confidence``."""
         if confidence is not None:
             _check_confidence(confidence)
@@ -148,7 +149,7 @@ class ScoreModel:
                   else None)
         return replace(self, group_confidence=confidence, search=search)
 
-    def _all(self, kind: str | None = None, groups: bool = True) -> list["ScoreModel"]:
+    def _all(self, kind: str | None = None, groups: bool = True) -> list[ScoreModel]:
         """The models a rate must hold for: every kind, or only ``kind`` ("single": one
         booking photo against one capture); with ``groups``, the groups' too (_in_groups)."""
         if kind is None:
@@ -162,7 +163,7 @@ class ScoreModel:
             own = [self.kinds[kind]]
         return own + self._in_groups(kind) if groups else own
 
-    def _in_groups(self, kind: str | None = None) -> list["ScoreModel"]:
+    def _in_groups(self, kind: str | None = None) -> list[ScoreModel]:
         """With the worst-group rule on, each group's models of ``kind`` (every kind if
         None; a group whose data has no such comparisons is left out of that kind)."""
         if not self.worst_group:
@@ -201,7 +202,7 @@ class ScoreModel:
         q = fmr / self.tail_fmr
         if confidence is None:
             u, xi, sigma = self.tail
-            return float(min(1.0, u + gpd_isf(q, xi, sigma)))
+            return min(1.0, float(u + gpd_isf(q, xi, sigma)))
         u, xi, sigma = self.replicates.T
         t = np.minimum(1.0, u + gpd_isf(q, xi, sigma))
         return max(float(np.quantile(t, confidence)), self._empirical_upper(fmr, confidence))
@@ -239,7 +240,7 @@ class ScoreModel:
     def _fmr_upper_at(self, threshold: float, confidence: float) -> float:
         u, xi, sigma = self.replicates.T
         rates = [self.tail_fmr * float(gpd_sf(threshold - a, b, c)) if threshold >= a
-                 else self.tail_fmr for a, b, c in zip(u, xi, sigma)]
+                 else self.tail_fmr for a, b, c in zip(u, xi, sigma, strict=True)]
         bound = float(np.quantile(rates, confidence))
         if len(self.resolved_fmr):
             f, t = self._empirical_curve(confidence)  # t ascending as f descends
@@ -253,7 +254,8 @@ class ScoreModel:
         single booking photo, or ``kind`` (``fused``: two booking photos fused)."""
         m = self._all(kind or SINGLE)[0]
         s = m.genuine[:, 0]
-        return tuple(float(np.interp(threshold, s, m.genuine[:, i])) for i in (1, 2, 3))
+        fnmr, low, high = (float(np.interp(threshold, s, m.genuine[:, i])) for i in (1, 2, 3))
+        return fnmr, low, high
 
     # -- what the data supports ----------------------------------------------------
 
@@ -300,7 +302,7 @@ class ScoreModel:
         """Per group, at one threshold for everyone: ``tail_at`` and the FNMR (with its
         95 % band). ``kind``: the comparison (single or fused); a group without such
         comparisons says ``kind_missing``."""
-        out = {}
+        out: dict[str, dict[str, Any]] = {}
         for name, g in self.groups.items():
             if kind != SINGLE and kind not in g.kinds:
                 out[name] = {"kind_missing": True}
@@ -338,7 +340,7 @@ class ScoreModel:
         return doc
 
     @classmethod
-    def from_document(cls, doc: dict) -> "ScoreModel":
+    def from_document(cls, doc: dict) -> ScoreModel:
         if doc.get("format") != FORMAT:
             raise GalleryError(f"score model format {doc.get('format')} is not {FORMAT}; "
                                "re-run matcher calibrate with this version")
@@ -363,7 +365,7 @@ class ScoreModel:
         atomic_write_text(path, json.dumps(self.to_document(), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "ScoreModel":
+    def load(cls, path: str | Path) -> ScoreModel:
         try:
             return cls.from_document(json.loads(Path(path).read_text()))
         except (OSError, ValueError, KeyError) as exc:

@@ -41,7 +41,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .hedging import HedgeDelay, HedgePolicy, hedged_call
-from .transport import (KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS, LANE_HEALTH_SERVICE, SERVICE,
+from .transport import (CLIENT_OPTIONS, LANE_HEALTH_SERVICE, MAX_REQUEST_BYTES, SERVICE,
                         channel_credentials)
 from .v1 import matcher_pb2 as pb
 from .v1 import matcher_pb2_grpc as pb_grpc
@@ -54,7 +54,6 @@ except ImportError:  # the matcher-client distribution without numpy
 DEFAULT_TIMEOUT_S = 5.0
 READS = ("Identify", "Verify", "Clear", "GetTraveller", "GetGalleryInfo")
 WRITES = ("Enroll", "EnrollStream", "Remove", "PublishSnapshot")
-MAX_SEND_BYTES = 21 * 1024 * 1024
 LANES_DOWN_RECHECK_S = 1.0
 
 
@@ -87,26 +86,15 @@ SERVICE_CONFIG = service_config()
 
 def channel_options(health_service: str | None = LANE_HEALTH_SERVICE
                     ) -> tuple[tuple[str, object], ...]:
-    """Channel arguments; the server's keepalive enforcement (matcher.transport) accepts
-    these pings, also on an idle LaneStream."""
+    """Channel arguments: the service config, retries, and the keepalive and message sizes
+    of matcher.transport.CLIENT_OPTIONS (which the server's enforcement accepts)."""
     return (
         ("grpc.service_config", json.dumps(service_config(health_service))),
         ("grpc.enable_retries", 1),
-        ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        # The gRPC core waits this long for any ping's answer (keepalive's included);
-        # its default is a minute, which would leave a stalled server in rotation.
-        ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        # A restarted server is back in rotation within 2 s (default backoff: up to 120 s).
-        ("grpc.initial_reconnect_backoff_ms", 250),
-        ("grpc.max_reconnect_backoff_ms", 2_000),
         # Retries need the request kept: the default 256 KiB would commit every call
         # carrying a photo larger than that to its first server.
-        ("grpc.per_rpc_retry_buffer_size", MAX_SEND_BYTES),
-        ("grpc.max_receive_message_length", 4 * 1024 * 1024),
-        ("grpc.max_send_message_length", MAX_SEND_BYTES),
+        ("grpc.per_rpc_retry_buffer_size", MAX_REQUEST_BYTES),
+        *CLIENT_OPTIONS,
     )
 
 

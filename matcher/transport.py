@@ -1,6 +1,8 @@
-"""How client and server reach each other: the service name, addresses, TLS credentials.
+"""How client and server reach each other: the service name, addresses, TLS credentials,
+message sizes and keepalive.
 
-Shared by the client and the server side, so the client never imports the server.
+Shared by the client and the server side, so the client never imports the server, and
+the two sides' limits and keepalive settings are written down once, side by side.
 """
 from __future__ import annotations
 
@@ -27,6 +29,48 @@ LANE_HEALTH_SERVICE = "matcher.v1.Matcher.lanes"
 KEEPALIVE_TIME_MS = 2_000
 KEEPALIVE_TIMEOUT_MS = 2_000
 MIN_PING_INTERVAL_MS = 1_000
+# The server pings an idle connection this often and drops it if no answer comes in time.
+SERVER_KEEPALIVE_TIME_MS = 30_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 10_000
+# Pings more often than MIN_PING_INTERVAL_MS this many times in a row: the server sends
+# GOAWAY (too_many_pings).
+MAX_PING_STRIKES = 2
+
+# A request is at most a 20 MB photo (decode.DecodeLimits.max_bytes) plus protobuf
+# framing; anything bigger is refused by gRPC before it is buffered. Answers are small.
+MAX_REQUEST_BYTES = 21 * 1024 * 1024
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.max_send_message_length", MAX_RESPONSE_BYTES),
+    ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    # (The name of this argument in the gRPC core; a misspelt one is silently ignored and
+    # the default, 5 minutes, would answer a client's keepalive with GOAWAY too_many_pings.)
+    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
+    ("grpc.http2.max_ping_strikes", MAX_PING_STRIKES),
+    # Two servers on one port would split traffic silently; fail the bind instead.
+    ("grpc.so_reuseport", 0),
+)
+
+# The client's half: keepalive the server's enforcement (SERVER_OPTIONS) accepts, also on
+# an idle LaneStream, and the same message sizes seen from the other end.
+CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    # The gRPC core waits this long for any ping's answer (keepalive's included);
+    # its default is a minute, which would leave a stalled server in rotation.
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # A restarted server is back in rotation within 2 s (default backoff: up to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.max_receive_message_length", MAX_RESPONSE_BYTES),
+    ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+)
 
 
 def is_loopback(host: str) -> bool:

@@ -76,10 +76,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
     # The defaults live with the server: imported only when serve or demo is the command.
     from ..service.batching import BatchConfig
-    from ..service.server import DEFAULT_METRICS_LISTEN, ServerConfig, default_data_dir
-    from ..transport import DEFAULT_LISTEN
+    from ..service.engine import AUDIT_FAILURE_POLICIES
+    from ..service.server import ServerConfig, default_data_dir
 
-    p.add_argument("--listen", default=DEFAULT_LISTEN, help=f"HOST:PORT (default {DEFAULT_LISTEN})")
+    p.add_argument("--listen", default=ServerConfig.listen,
+                   help=f"HOST:PORT (default {ServerConfig.listen})")
     # Targets, not thresholds (docs/operating-points.md); None: the policy's defaults.
     p.add_argument("--fmr", type=float, help="1:1 target false-match rate (default 1e-5)")
     p.add_argument("--fpir", type=float,
@@ -92,9 +93,11 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                          "(default $MATCHER_DATA or ~/.matcher)")
     p.add_argument("--replica-of", metavar="SNAPSHOT_DIR",
                    help="serve read-only from the writer's snapshots in this folder")
-    p.add_argument("--watch-interval", type=float, default=2.0,
-                   help="seconds between checks for a newer snapshot (default 2)")
-    p.add_argument("--max-snapshot-age", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--watch-interval", type=float, default=ServerConfig.watch_interval_s,
+                   help="seconds between checks for a newer snapshot "
+                        f"(default {ServerConfig.watch_interval_s:g})")
+    p.add_argument("--max-snapshot-age", type=float, default=ServerConfig.max_snapshot_age_s,
+                   metavar="SECONDS",
                    help="replica: report NOT_SERVING for lane traffic while the served "
                         "snapshot is older than this (set it above the writer's publishing "
                         "interval; default: never)")
@@ -111,11 +114,11 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-client-ca", type=Path,
                    help="CA for client certificates: turns on mutual TLS")
     p.add_argument("--tokens", type=Path, help="token file, one role:token per line")
-    p.add_argument("--metrics-listen", default=DEFAULT_METRICS_LISTEN,
+    p.add_argument("--metrics-listen", default=ServerConfig.metrics_listen,
                    help="Prometheus /metrics HOST:PORT, or 'off' "
-                        f"(default {DEFAULT_METRICS_LISTEN})")
+                        f"(default {ServerConfig.metrics_listen})")
     defaults = BatchConfig()
-    p.add_argument("--audit-failure", choices=("fail_closed", "fail_open"),
+    p.add_argument("--audit-failure", choices=AUDIT_FAILURE_POLICIES,
                    default=ServerConfig.audit_failure,
                    help="decisions while the audit log cannot be written (disk full): "
                         "fail_closed refuses them with UNAVAILABLE (default), fail_open "

@@ -13,10 +13,10 @@ NOT_SERVING for lane traffic (``matcher.v1.Matcher.lanes``) while staying SERVIN
 ``matcher.v1.Matcher``, so clients prefer fresher servers but may still use it when it is
 the last one standing; ``matcher_replica_stale`` and a log line say so.
 
-Keepalive (clients should match, see matcher.transport and matcher.client.channel_options):
-the server pings an idle connection every 30 s and drops it if no answer comes within
-10 s; it accepts client pings every MIN_PING_INTERVAL_MS (1 s) or more, also without calls
-in flight, so a client that pings every 2 s to notice a stalled server is never cut off.
+Message sizes and keepalive are matcher.transport.SERVER_OPTIONS, written beside the
+client's half: the server accepts client pings every MIN_PING_INTERVAL_MS or more, also
+without calls in flight, so a client that pings often to notice a stalled server is never
+cut off.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from ..gallery.codecs import codec_from_env
 from ..gallery.decision import DecisionPolicy
 from ..gallery.replica import ReplicaGallery, SnapshotWatcher
 from ..gallery.scoremodel import check_settings, load_score_model
-from ..transport import (DEFAULT_LISTEN, LANE_HEALTH_SERVICE, MIN_PING_INTERVAL_MS, SERVICE,
+from ..transport import (DEFAULT_LISTEN, LANE_HEALTH_SERVICE, SERVER_OPTIONS, SERVICE,
                          server_credentials, split_host_port)
 from ..v1 import matcher_pb2 as pb
 from .audit import AuditLog
@@ -55,23 +55,6 @@ from .servicer import MatcherServicer
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
-# A 20 MB photo (decode.DecodeLimits.max_bytes) plus protobuf framing; anything bigger is
-# refused by gRPC before it is buffered.
-MAX_RECEIVE_BYTES = 21 * 1024 * 1024
-MAX_SEND_BYTES = 4 * 1024 * 1024
-SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
-    ("grpc.max_send_message_length", MAX_SEND_BYTES),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # (The name of this argument in the gRPC core; a misspelt one is silently ignored and
-    # the default, 5 minutes, would answer a client's keepalive with GOAWAY too_many_pings.)
-    ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
-    ("grpc.http2.max_ping_strikes", 2),
-    # Two servers on one port would split traffic silently; fail the bind instead.
-    ("grpc.so_reuseport", 0),
-)
 
 
 def default_data_dir() -> Path:

@@ -268,12 +268,12 @@ def test_message_size_limits(server, images, tally):
     """A real photo padded to just under the decoder's byte limit (accepted), just over it
     (refused by the decoder), and over gRPC's message limit (refused before buffering)."""
     from matcher.face.decode import DEFAULT_LIMITS
-    from matcher.service.server import MAX_RECEIVE_BYTES
+    from matcher.transport import MAX_REQUEST_BYTES
 
     cases = {
         DEFAULT_LIMITS.max_bytes - 1024: grpc.StatusCode.OK,   # a real JPEG, zero-padded
         DEFAULT_LIMITS.max_bytes + 1: grpc.StatusCode.INVALID_ARGUMENT,      # ImageTooLarge
-        MAX_RECEIVE_BYTES + 1024: grpc.StatusCode.RESOURCE_EXHAUSTED,        # refused by gRPC
+        MAX_REQUEST_BYTES + 1024: grpc.StatusCode.RESOURCE_EXHAUSTED,        # refused by gRPC
     }
     with server.client() as client:
         for size, expected in cases.items():

@@ -31,7 +31,7 @@ from ..gallery.decision import Decider, Decision, DecisionPolicy
 from ..gallery.scoremodel import ScoreModel, check_settings
 from ..gallery.served import ServedGallery
 from ..gallery.store import EnrolResult, Traveller
-from ..templates import ALIGNED_SIZE, EMBEDDING_DIM, fuse_templates
+from ..templates import ALIGNED_SIZE, EMBEDDING_DIM, check_templates, fuse_templates
 from .audit import AuditLog
 from .batching import BatchConfig, MicroBatcher
 from .metrics import Metrics
@@ -245,6 +245,24 @@ def aligned_from_raw(data: bytes) -> np.ndarray:
     return np.frombuffer(data, np.uint8).reshape(ALIGNED_SIZE, ALIGNED_SIZE, 3)
 
 
+def template_from_values(values: Sequence[float]) -> np.ndarray:
+    """A template sent as a probe: (512,) float32, finite and L2-normalised (checked)."""
+    template = np.asarray(values, np.float32)
+    if template.shape != (EMBEDDING_DIM,):
+        raise InvalidInput(f"a template has {EMBEDDING_DIM} values, got {template.size}")
+    return check_templates(template, what="the template")[0]
+
+
+def photo_bytes(frame: Frame) -> bytes:
+    """The bytes that name a probe's photo (photo_sha256): an image or an aligned face as
+    sent (a raw one's pixels), a template's float32 values."""
+    if isinstance(frame, ImageJob):
+        return frame.data
+    if isinstance(frame, AlignedJob):
+        return frame.data if frame.crop is None else frame.crop.tobytes()
+    return frame.tobytes()
+
+
 class MatchEngine:
     """Pipeline + batcher + gallery + decider + audit, for one running server."""
 
@@ -407,6 +425,12 @@ class MatchEngine:
         self._observe_stages(analysis.timings_ms)
         return analysis
 
+    async def analyse_one(self, frame: Frame, deadline: float | None) -> Analysis:
+        """One frame alone: a job through the model batcher, a template as it is."""
+        if isinstance(frame, np.ndarray):
+            return Analysis([], frame[None, :], False)
+        return await self.analyse(frame, deadline)
+
     def _observe_stages(self, timings_ms: dict[str, float]) -> None:
         for stage in ("decode", "detect", "align", "embed"):
             if stage in timings_ms:
@@ -427,10 +451,7 @@ class MatchEngine:
         positions = [i for i, f in enumerate(frames) if not isinstance(f, np.ndarray)]
         jobs = [frames[i] for i in positions]
         if len(frames) == 1:
-            if jobs:
-                analysis = await self.analyse(jobs[0], deadline)
-            else:
-                analysis = Analysis([], frames[0][None, :], False)
+            analysis = await self.analyse_one(frames[0], deadline)
             return fuse_frames([analysis], analysis.timings_ms)
         timings: dict[str, float] = {}
         analysed: list[Analysis] = []

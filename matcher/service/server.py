@@ -51,6 +51,7 @@ from .demo import enrol_demo_gallery
 from .engine import AUDIT_FAILURE_POLICIES, MatchEngine
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .servicer import MatcherServicer
+from .serving import ServingState
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +175,12 @@ class RunningServer:
     """A started server; ``await wait_ready()`` then use ``port``; ``await stop()``."""
 
     def __init__(self, config: ServerConfig, server: grpc.aio.Server, port: int,
-                 servicer: MatcherServicer, health_servicer: health.aio.HealthServicer,
+                 serving: ServingState, health_servicer: health.aio.HealthServicer,
                  metrics: Metrics, metrics_server: MetricsServer | None) -> None:
         self.config = config
         self.server = server
         self.port = port
-        self.servicer = servicer
+        self.serving = serving
         self.health = health_servicer
         self.metrics = metrics
         self.metrics_server = metrics_server
@@ -199,9 +200,19 @@ class RunningServer:
         host, _ = split_host_port(self.config.listen)
         return f"{host}:{self.port}"
 
+    @property
+    def loading(self) -> asyncio.Task:
+        """Loads models and gallery, then turns SERVING; done when that is, or failed."""
+        if self._loader is None:
+            raise RuntimeError("the server was not started (use start_server)")
+        return self._loader
+
+    def start_loading(self, pipeline: Pipeline | None) -> None:
+        self._loader = asyncio.create_task(self._load_and_serve(pipeline))
+
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Return once SERVING; re-raise the loading error if loading failed."""
-        await asyncio.wait_for(asyncio.shield(self._loader), timeout)
+        await asyncio.wait_for(asyncio.shield(self.loading), timeout)
 
     async def drain(self, notice: float | None = None) -> None:
         """NOT_SERVING for every health name, then keep answering for ``notice`` seconds
@@ -294,12 +305,12 @@ class RunningServer:
         if replica:
             self.metrics.set_snapshot_source(True)
             self.metrics.set_snapshot(self.gallery.snapshot_created_at)
-        if config.role == "writer":
-            self.servicer.publish = self._publish
+        # Before the watcher starts, so a swap it makes at once is not overwritten.
+        if replica:
+            self.serving.loaded(engine, snapshot_name=self.gallery.snapshot_name)
         else:
-            self.servicer.snapshot_name = self.gallery.snapshot_name
+            self.serving.loaded(engine, publish=self._publish)
         self.watcher.start()
-        self.servicer.engine = engine
         await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.set_lane_serving(True)
         if replica and config.max_snapshot_age_s is not None:
@@ -351,7 +362,7 @@ class RunningServer:
 
     def _on_swap(self, manifest) -> None:
         """Runs in the watcher thread after a hot swap."""
-        self.servicer.snapshot_name = manifest.path.name
+        self.serving.snapshot_served(manifest.path.name)
         if self.config.role == "replica":
             self.metrics.set_snapshot(manifest.created_at)
         if self.engine is not None:
@@ -368,7 +379,7 @@ class RunningServer:
             return path.name, self.gallery.version
 
         name, version = await asyncio.to_thread(publish)
-        self.servicer.snapshot_name = name
+        self.serving.snapshot_served(name)
         log.info("published snapshot %s (gallery_version %d)", name, version)
         return name, version
 
@@ -382,7 +393,8 @@ async def start_server(config: ServerConfig, pipeline: Pipeline | None = None
     tokens = TokenBook.from_file(config.tokens_file) if config.tokens_file else None
     tls = config.tls_cert is not None
     check_exposure(config.listen, tls, tokens)
-    servicer = MatcherServicer(config.role)
+    serving = ServingState(config.role)
+    servicer = MatcherServicer(serving)
     interceptors = [TokenAuthInterceptor(tokens)] if tokens else []
     server = grpc.aio.server(interceptors=interceptors, options=list(SERVER_OPTIONS),
                              maximum_concurrent_rpcs=config.max_concurrent_rpcs)
@@ -409,12 +421,12 @@ async def start_server(config: ServerConfig, pipeline: Pipeline | None = None
         host, mport = split_host_port(config.metrics_listen)
         metrics_server = start_metrics_server(metrics, host, mport)
     await server.start()
-    running = RunningServer(config, server, port, servicer, health_servicer, metrics,
+    running = RunningServer(config, server, port, serving, health_servicer, metrics,
                             metrics_server)
     log.info("listening on %s (%s, tls=%s, mtls=%s, auth=%s); loading models and gallery",
              running.address, config.role, tls, config.tls_client_ca is not None,
              tokens is not None)
-    running._loader = asyncio.create_task(running._load_and_serve(pipeline))
+    running.start_loading(pipeline)
     return running
 
 
@@ -428,7 +440,7 @@ async def serve(config: ServerConfig, on_ready=None) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         waiter = asyncio.create_task(stop.wait())
-        loader = running._loader
+        loader = running.loading
         done, _ = await asyncio.wait({waiter, loader}, return_when=asyncio.FIRST_COMPLETED)
         if loader in done:
             loader.result()  # a loading failure ends serve() with its error

@@ -1,8 +1,8 @@
-"""The grpc.aio servicer of matcher.v1.Matcher: protos <-> numpy, errors -> status codes.
+"""The grpc.aio servicer of matcher.v1.Matcher: protos <-> domain calls, errors -> status codes.
 
-No maths here: faces come from the engine's batched pipeline, decisions from
-matcher.gallery.decision. Every failure becomes one gRPC status in ``status_for``; nothing else
-in the package chooses a status code.
+No maths and no policy here: faces come from the engine's batched pipeline, what a call
+comes to from outcome.py (verdicts, enrolment, audit and metrics). Every failure becomes
+one gRPC status in ``status_for``; nothing else in the package chooses a status code.
 """
 from __future__ import annotations
 
@@ -15,30 +15,25 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 
 from ..errors import (DeadlineExpired, DiskFull, GalleryError, InvalidInput, MatcherError,
                       NotReady, Overloaded, StorageUnavailable, UnknownTraveller)
-from ..face.enrolment import explain, face_verdict
 from ..face.pipeline import Face
-from ..gallery.decision import Decision, Outcome, Reason
-from ..templates import (EMBEDDING_DIM, MAX_TEMPLATES_PER_TRAVELLER, check_templates,
-                         check_traveller_id, photo_sha256)
+from ..templates import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
 from ..v1 import matcher_pb2 as pb
 from ..v1 import matcher_pb2_grpc as pb_grpc
-from .engine import (FRAME_LOW_QUALITY, FRAME_NO_FACE, FRAMES_DISAGREE, MAX_FRAMES, AlignedJob,
-                     Analysis, Frame, FrameOutcome, FusedProbe, ImageJob, MatchEngine,
-                     aligned_from_raw, frame_error)
+from . import outcome
+from .engine import (MAX_FRAMES, AlignedJob, Frame, FrameOutcome, ImageJob, MatchEngine,
+                     aligned_from_raw, frame_error, template_from_values)
+from .outcome import MatchCall, MatchOutcome, Verdict, request_log
+from .serving import ServingState
 
 log = logging.getLogger(__name__)
-# One line per answered request: ids, decision, scores and timings, never a face.
-request_log = logging.getLogger("matcher.requests")
 
 DEFAULT_TOP_K = 5
 MAX_TOP_K = 50
 MAX_CLIENT_ID_CHARS = 128        # request_id, lane_id: stored in the audit log and logged
 MAX_DETAILS_CHARS = 400          # status details never echo a long client string
-DEFAULT_WINDOW_S = 24 * 3600.0
 LANE_STREAM_IN_FLIGHT = 16   # requests one lane stream may have in the pipeline at once
 ENROLL_STREAM_IN_FLIGHT = 8
 
@@ -109,37 +104,26 @@ def _top_k(value: int) -> int:
     return value
 
 
-def probe_job(probe: pb.Probe, model_id: str) -> tuple[ImageJob | AlignedJob | None,
-                                                       np.ndarray | None, bytes]:
-    """(job for the model batcher, or a ready template; the bytes that identify the photo)."""
+def frame_input(probe: pb.Probe, model_id: str) -> Frame:
+    """A probe as the engine takes it: a job for the model batcher, or a ready template."""
     kind = probe.WhichOneof("kind")
     if kind == "image":
-        return ImageJob(probe.image), None, probe.image
+        return ImageJob(probe.image)
     if kind == "aligned":
         data = probe.aligned.data
         if probe.aligned.format == pb.AlignedFace.RAW_RGB:
-            return AlignedJob(aligned_from_raw(data)), None, data
-        return AlignedJob(None, data), None, data
+            return AlignedJob(aligned_from_raw(data))
+        return AlignedJob(None, data)
     if kind == "template":
         if probe.template.model_id and probe.template.model_id != model_id:
             raise ModelMismatch(f"the template was made by another model "
                                 f"({loggable(probe.template.model_id[:64])}); this server "
                                 f"runs {model_id} and cannot compare them")
-        values = np.asarray(probe.template.values, np.float32)
-        if values.shape != (EMBEDDING_DIM,):
-            raise InvalidInput(f"a template has {EMBEDDING_DIM} values, got {values.size}")
-        template = check_templates(values, what="the template")[0]
-        return None, template, template.tobytes()
+        return template_from_values(probe.template.values)
     raise InvalidInput("the request has no probe: set image, aligned or template")
 
 
-def frame_input(probe: pb.Probe, model_id: str) -> Frame:
-    """A probe as the engine takes it: a job for the model batcher, or a ready template."""
-    job, template, _ = probe_job(probe, model_id)
-    return job if job is not None else template
-
-
-# -- numpy -> protos ------------------------------------------------------------------
+# -- domain -> protos ------------------------------------------------------------------
 
 def face_info(face: Face) -> pb.FaceInfo:
     q = face.quality
@@ -151,22 +135,16 @@ def face_info(face: Face) -> pb.FaceInfo:
                        quality_reasons=list(q.reasons))
 
 
-def _candidates(decision: Decision) -> list[pb.Candidate]:
-    return [pb.Candidate(traveller_id=c.traveller_id, score=c.score)
-            for c in decision.candidates]
-
-
-def _fill_decision(resp: pb.MatchResponse, decision: Decision) -> None:
-    resp.decision = pb.MATCH if decision.outcome is Outcome.MATCH else pb.NO_MATCH
-    resp.reason = decision.reason.value
-    resp.traveller_id = decision.traveller_id or ""
-    if decision.score is not None and np.isfinite(decision.score):
-        resp.score = decision.score
-    resp.threshold = decision.threshold
-    resp.candidates.extend(_candidates(decision))
-    resp.claimed_traveller_id = decision.claimed_traveller_id or ""
-    resp.fallback_used = decision.fallback_used
-    resp.beyond_calibration = decision.mode == "identify" and not decision.supported
+def _fill_verdict(msg: pb.MatchResponse | pb.FaceMatch, verdict: Verdict) -> None:
+    """The fields a MatchResponse and a FaceMatch share, from one verdict."""
+    msg.decision = pb.Decision.Value(verdict.outcome)
+    msg.reason = verdict.reason
+    msg.traveller_id = verdict.traveller_id
+    if verdict.score is not None:
+        msg.score = verdict.score
+    msg.candidates.extend(pb.Candidate(traveller_id=c.traveller_id, score=c.score)
+                          for c in verdict.candidates)
+    msg.beyond_calibration = verdict.beyond_calibration
 
 
 def _frame_outcome(index: int, frame: FrameOutcome) -> pb.FrameOutcome:
@@ -178,19 +156,31 @@ def _frame_outcome(index: int, frame: FrameOutcome) -> pb.FrameOutcome:
     return out
 
 
-def _face_match(face: Face, decision: Decision | None) -> pb.FaceMatch:
+def _face_match(face: Face, verdict: Verdict) -> pb.FaceMatch:
     fm = pb.FaceMatch(face=face_info(face))
-    if decision is None:
-        fm.decision, fm.reason = pb.LOW_QUALITY, "low_quality"
-        return fm
-    fm.decision = pb.MATCH if decision.is_match else pb.NO_MATCH
-    fm.reason = decision.reason.value
-    fm.traveller_id = decision.traveller_id or ""
-    if decision.score is not None and np.isfinite(decision.score):
-        fm.score = decision.score
-    fm.candidates.extend(_candidates(decision))
-    fm.beyond_calibration = decision.mode == "identify" and not decision.supported
+    _fill_verdict(fm, verdict)
     return fm
+
+
+def match_response(answer: MatchOutcome) -> pb.MatchResponse:
+    call, probe, verdict = answer.call, answer.probe, answer.verdict
+    resp = pb.MatchResponse(request_id=call.request_id, model_id=answer.model_id,
+                            gallery_version=answer.gallery_version,
+                            faces_found=probe.faces_found, frames_used=probe.frames_used)
+    if call.as_frames:
+        resp.frames.extend(_frame_outcome(i, f) for i, f in enumerate(probe.frames))
+    if probe.face is not None:
+        resp.face.CopyFrom(face_info(probe.face))
+    _fill_verdict(resp, verdict)
+    resp.quality_reasons.extend(verdict.quality_reasons)
+    if verdict.threshold is not None:
+        resp.threshold = verdict.threshold
+    if verdict.decision is not None:
+        resp.claimed_traveller_id = verdict.decision.claimed_traveller_id or ""
+        resp.fallback_used = verdict.decision.fallback_used
+    resp.faces.extend(_face_match(face, v) for face, v in answer.faces)
+    resp.timings_ms.update(answer.timings_ms)
+    return resp
 
 
 def _epoch(ts) -> float:
@@ -231,18 +221,20 @@ class _Call:
 
 
 class MatcherServicer(pb_grpc.MatcherServicer):
-    """Thin: parse, hand to the engine, build the response, map errors."""
+    """Thin: parse, hand to the engine, build the response, map errors.
 
-    def __init__(self, role: str = "writer") -> None:
-        self.role = role
-        self.engine: MatchEngine | None = None   # set once models and gallery are loaded
-        self.snapshot_name = ""
-        self.publish: Callable[[], Awaitable[tuple[str, int]]] | None = None
+    ``serving``: what the running server serves now (engine, snapshot, publisher); the
+    servicer only reads it.
+    """
+
+    def __init__(self, serving: ServingState) -> None:
+        self.serving = serving
 
     def _engine(self) -> MatchEngine:
-        if self.engine is None:
+        engine = self.serving.engine
+        if engine is None:
             raise NotReady("models and gallery are still loading; retry shortly")
-        return self.engine
+        return engine
 
     def _failed(self, rpc: str, request_id: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code, message = status_for(exc)
@@ -252,13 +244,9 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                       exc_info=exc)
         else:
             request_log.info("rpc=%s request_id=%s status=%s", rpc, request_id, code.name)
-        engine = self.engine
+        engine = self.serving.engine
         if engine is not None:
-            reason = _REJECT_REASON.get(code)
-            if reason is not None:
-                engine.metrics.count_rejected(reason)
-            if rpc in ("Identify", "Verify", "Clear"):
-                engine.metrics.count_decision(rpc, "ERROR")
+            outcome.account_failure(engine, rpc, _REJECT_REASON.get(code))
         return code, f"{message} (request_id={request_id})"
 
     async def _unary(self, rpc: str, request_id: str, context: grpc.aio.ServicerContext,
@@ -275,13 +263,6 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
     # -- matching -----------------------------------------------------------------------
 
-    async def _analysis(self, engine: MatchEngine, probe: pb.Probe, deadline: float | None
-                        ) -> tuple[Analysis, bytes]:
-        job, template, identity = probe_job(probe, engine.model_id)
-        if job is None:
-            return Analysis([], template[None, :], False), identity
-        return await engine.analyse(job, deadline), identity
-
     def _frames(self, engine: MatchEngine, call: _Call) -> list[Frame]:
         probes = call.probes()
         if not call.as_frames:
@@ -293,91 +274,6 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             except MatcherError as exc:
                 raise frame_error(index, exc) from None
         return frames
-
-    async def _match(self, engine: MatchEngine, call: _Call, deadline: float | None
-                     ) -> pb.MatchResponse:
-        started = time.perf_counter()
-        if call.rpc == "Verify" or (call.rpc == "Clear" and call.traveller_id):
-            # Before any work, and whatever the photo holds: the id goes into the audit
-            # record even when no decision is made (no face, low quality).
-            check_traveller_id(call.traveller_id)
-        probe = await engine.analyse_frames(self._frames(engine, call), deadline)
-        resp = pb.MatchResponse(request_id=call.request_id, model_id=engine.model_id,
-                                gallery_version=engine.gallery.version,
-                                faces_found=probe.faces_found, frames_used=probe.frames_used)
-        if call.as_frames:
-            resp.frames.extend(_frame_outcome(i, f) for i, f in enumerate(probe.frames))
-        if probe.face is not None:
-            resp.face.CopyFrom(face_info(probe.face))
-        decision: Decision | None = None
-        t = time.perf_counter()
-        if probe.status == FRAME_NO_FACE:
-            resp.decision, resp.reason = pb.NO_FACE, "no_face"
-        elif probe.status == FRAME_LOW_QUALITY:
-            resp.decision, resp.reason = pb.LOW_QUALITY, "low_quality"
-            resp.quality_reasons.extend(probe.face.quality.reasons)
-        elif not probe.agree:
-            resp.decision, resp.reason = pb.NO_MATCH, FRAMES_DISAGREE
-            resp.threshold = engine.decider.point_1to1_for(1).threshold
-        else:
-            decision = await self._decide(engine, call, probe.template, deadline)
-            _fill_decision(resp, decision)
-        if call.all_faces and not call.as_frames:
-            resp.faces.extend(await self._all_faces(engine, probe, call.top_k, deadline))
-        search_ms = (time.perf_counter() - t) * 1e3
-        resp.timings_ms.update({k: float(v) for k, v in probe.timings_ms.items()})
-        resp.timings_ms["search"] = search_ms
-        total_ms = (time.perf_counter() - started) * 1e3
-        resp.timings_ms["total"] = total_ms
-        await self._account(engine, call, resp, decision)
-        return resp
-
-    async def _decide(self, engine: MatchEngine, call: _Call, template: np.ndarray,
-                      deadline: float | None) -> Decision:
-        if call.rpc == "Identify":
-            return (await engine.identify(template[None, :], call.top_k, deadline))[0]
-        if call.rpc == "Verify":
-            decision = await engine.verify(template, call.traveller_id)
-            if decision.reason is Reason.UNKNOWN_TRAVELLER:
-                raise UnknownTraveller(f"traveller {call.traveller_id!r} is not enrolled")
-            return decision
-        return await engine.clear(template, call.traveller_id, call.top_k)
-
-    async def _all_faces(self, engine: MatchEngine, probe: FusedProbe, k: int,
-                         deadline: float | None) -> list[pb.FaceMatch]:
-        analysis = probe.analyses[0]  # one photo: all_faces is refused with several frames
-        if not analysis.from_image or not analysis.faces:
-            return []
-        usable = [i for i, f in enumerate(analysis.faces) if not f.quality.reasons]
-        decisions = (await engine.identify(analysis.templates[usable], k, deadline)
-                     if usable else [])
-        by_face = dict(zip(usable, decisions))
-        return [_face_match(f, by_face.get(i)) for i, f in enumerate(analysis.faces)]
-
-    async def _account(self, engine: MatchEngine, call: _Call, resp: pb.MatchResponse,
-                       decision: Decision | None) -> None:
-        """Metrics, the audit record (durable before the answer leaves), one log line."""
-        name = pb.Decision.Name(resp.decision)
-        engine.metrics.count_decision(call.rpc, name)
-        engine.metrics.observe_stage("search", resp.timings_ms["search"] / 1e3)
-        engine.metrics.observe_stage("total", resp.timings_ms["total"] / 1e3)
-        score = float(resp.score) if resp.HasField("score") else None
-        await engine.record(
-            "decision", rpc=call.rpc, request_id=call.request_id, lane_id=call.lane_id,
-            decision=name, reason=resp.reason, traveller_id=resp.traveller_id or None,
-            claimed_traveller_id=call.traveller_id or None, score=score,
-            threshold=(float(resp.threshold) if resp.decision in (pb.MATCH, pb.NO_MATCH)
-                       else None),
-            gallery_version=int(resp.gallery_version), model_id=resp.model_id,
-            faces_found=int(resp.faces_found), fallback_used=bool(resp.fallback_used),
-            beyond_calibration=bool(resp.beyond_calibration),
-            frames_used=int(resp.frames_used))
-        request_log.info("rpc=%s request_id=%s lane_id=%s decision=%s reason=%s score=%s "
-                         "faces=%d frames_used=%d batch_queue_ms=%.1f total_ms=%.1f",
-                         call.rpc, call.request_id, call.lane_id or "-", name, resp.reason,
-                         "-" if score is None else f"{score:.3f}", resp.faces_found,
-                         resp.frames_used, resp.timings_ms.get("queue", 0.0),
-                         resp.timings_ms["total"])
 
     @staticmethod
     def _request_id(given: str) -> str:
@@ -398,8 +294,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                         ) -> pb.MatchResponse:
         client_id(call.request_id, "request_id")
         client_id(call.lane_id, "lane_id")
-        call.top_k = _top_k(call.top_k)
-        return await self._match(engine, call, deadline)
+        asked = MatchCall(call.rpc, call.request_id, call.lane_id, call.traveller_id,
+                          _top_k(call.top_k), call.all_faces, call.as_frames)
+        answer = await outcome.match(engine, asked, self._frames(engine, call), deadline)
+        return match_response(answer)
 
     async def Identify(self, request: pb.IdentifyRequest, context) -> pb.MatchResponse:
         call = self._call("identify", request)
@@ -469,35 +367,16 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             raise InvalidInput("the item is not a valid EnrollRequest message")
         client_id(request.request_id, "request_id")
         traveller_id = check_traveller_id(request.traveller_id)
-        photos = list(request.photos)
-        if not photos or len(photos) > MAX_TEMPLATES_PER_TRAVELLER:
+        if not request.photos or len(request.photos) > MAX_TEMPLATES_PER_TRAVELLER:
             raise InvalidInput(f"send 1 to {MAX_TEMPLATES_PER_TRAVELLER} photos, "
-                               f"got {len(photos)}")
-        analyses = await asyncio.gather(*(self._analysis(engine, p, deadline) for p in photos))
-        templates, shas = [], []
-        for number, (analysis, identity) in enumerate(analyses, 1):
-            template = analysis.templates[0] if not analysis.from_image else None
-            if analysis.from_image:
-                # The overnight re-index's rule and codes (matcher.face.enrolment).
-                face, reason = face_verdict(analysis.faces,
-                                            accept_low_quality=request.accept_low_quality)
-                if face is None:
-                    raise InvalidInput(f"photo {number} refused: {explain(reason)}")
-                template = face.template
-            templates.append(template)
-            shas.append(photo_sha256(identity))
-        now = time.time()
-        valid_from = _epoch(request.valid_from) if request.HasField("valid_from") else now
-        valid_to = (_epoch(request.valid_to) if request.HasField("valid_to")
-                    else valid_from + DEFAULT_WINDOW_S)
-        result = await engine.enroll(traveller_id, np.stack(templates), valid_from, valid_to,
-                                     shas, deadline)
-        await engine.record("enrol", request_id=request_id, traveller_id=traveller_id,
-                            gallery_version=result.gallery_version,
-                            added_templates=result.added_templates, changed=result.changed)
-        request_log.info("rpc=Enroll request_id=%s photos=%d added=%d gallery_version=%d",
-                         request_id, len(photos), result.added_templates,
-                         result.gallery_version)
+                               f"got {len(request.photos)}")
+        photos = [frame_input(photo, engine.model_id) for photo in request.photos]
+        result = await outcome.enrol(
+            engine, request_id, traveller_id, photos,
+            accept_low_quality=request.accept_low_quality,
+            valid_from=_epoch(request.valid_from) if request.HasField("valid_from") else None,
+            valid_to=_epoch(request.valid_to) if request.HasField("valid_to") else None,
+            deadline=deadline)
         return pb.EnrollResponse(request_id=request_id, traveller_id=traveller_id,
                                  gallery_version=result.gallery_version,
                                  added_templates=result.added_templates,
@@ -541,10 +420,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         async def body(engine: MatchEngine, deadline: float | None) -> pb.RemoveResponse:
             client_id(request.request_id, "request_id")
             traveller_id = check_traveller_id(request.traveller_id)
-            version = await engine.remove(traveller_id, deadline)
-            await engine.record("remove", request_id=rid, traveller_id=traveller_id,
-                                gallery_version=version)
-            request_log.info("rpc=Remove request_id=%s gallery_version=%d", rid, version)
+            version = await outcome.remove(engine, rid, traveller_id, deadline)
             return pb.RemoveResponse(gallery_version=version)
 
         return await self._unary("Remove", rid, context, body)
@@ -568,8 +444,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             return pb.GalleryInfo(
                 gallery_version=g.version, travellers=g.size, templates=g.templates,
                 searchable_travellers=searchable,
-                model_id=engine.model_id, index_kind=g.index_kind, role=self.role,
-                snapshot=self.snapshot_name,
+                model_id=engine.model_id, index_kind=g.index_kind, role=self.serving.role,
+                snapshot=self.serving.snapshot_name,
                 threshold_1to1=decider.point_1to1.threshold, threshold_1ton=many.threshold,
                 fmr_1to1=decider.policy.fmr_1to1, fpir_1ton=decider.policy.fpir_1toN,
                 max_supported_gallery_size=many.max_gallery_size,
@@ -580,9 +456,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
     async def PublishSnapshot(self, request, context) -> pb.PublishSnapshotResponse:
         async def body(engine: MatchEngine, deadline: float | None):
-            if self.publish is None:
+            publish = self.serving.publish
+            if publish is None:
                 raise GalleryError("this server cannot publish snapshots (it is a replica)")
-            name, version = await self.publish()
+            name, version = await publish()
             return pb.PublishSnapshotResponse(snapshot=name, gallery_version=version)
 
         return await self._unary("PublishSnapshot", self._request_id(""), context, body)

@@ -1,0 +1,254 @@
+"""What a call comes to, in domain terms: a matching call's verdict (NO_FACE, LOW_QUALITY,
+frames that disagree, or the gallery's decision), the enrolment policy, and the account of
+each (metrics, the audit record, one log line). servicer.py turns protos into these calls
+and their results back into protos.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import InvalidInput, UnknownTraveller
+from ..face.enrolment import explain, face_verdict
+from ..face.pipeline import Face
+from ..gallery.decision import Decision, Reason
+from ..gallery.store import EnrolResult
+from ..templates import Candidate, check_traveller_id, photo_sha256
+from .engine import FRAMES_DISAGREE, Frame, FusedProbe, MatchEngine, photo_bytes
+
+# One line per answered request: ids, decision, scores and timings, never a face.
+request_log = logging.getLogger("matcher.requests")
+
+DEFAULT_WINDOW_S = 24 * 3600.0   # an enrolment without valid_to is bookable for a day
+MATCHING_RPCS = ("Identify", "Verify", "Clear")
+
+# An answer's decision, named as matcher.v1.Decision names it (audit records, metrics).
+MATCH, NO_MATCH, NO_FACE, LOW_QUALITY = "MATCH", "NO_MATCH", "NO_FACE", "LOW_QUALITY"
+
+
+def as_answered(value: float) -> float:
+    """``value`` as the answer carries it (a proto float, float32), so that the audit
+    record and the log say what the caller was told."""
+    return float(np.float32(value))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the service answers about one probe or one face of a photo.
+
+    ``outcome`` MATCH, NO_MATCH, NO_FACE or LOW_QUALITY; ``decision`` the gallery's when
+    one was made; ``threshold`` what the score was compared with (MATCH and NO_MATCH only).
+    """
+
+    outcome: str
+    reason: str
+    decision: Decision | None = None
+    threshold: float | None = None
+    quality_reasons: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, decision: Decision) -> Verdict:
+        return cls(decision.outcome.value, decision.reason.value, decision, decision.threshold)
+
+    @property
+    def traveller_id(self) -> str:
+        """The matched traveller, "" for any other outcome."""
+        return (self.decision.traveller_id or "") if self.decision is not None else ""
+
+    @property
+    def score(self) -> float | None:
+        """The deciding score, None when there is none (or it is not finite)."""
+        score = self.decision.score if self.decision is not None else None
+        return score if score is not None and math.isfinite(score) else None
+
+    @property
+    def candidates(self) -> tuple[Candidate, ...]:
+        return self.decision.candidates if self.decision is not None else ()
+
+    @property
+    def beyond_calibration(self) -> bool:
+        """A 1:N decision whose threshold rests on an FMR below what calibration supports."""
+        d = self.decision
+        return d is not None and d.mode == "identify" and not d.supported
+
+
+NO_FACE_VERDICT = Verdict(NO_FACE, "no_face")
+
+
+@dataclass(frozen=True)
+class MatchCall:
+    """What one matching request asks: ``rpc`` Identify, Verify or Clear; ``traveller_id``
+    Verify's traveller or Clear's claim ("" for none); ``as_frames`` the probe came as
+    frames (answered frame by frame); ``all_faces`` every face of one photo (Identify).
+
+    A traveller id to check is checked here, before any work and whatever the photo holds:
+    it goes into the audit record even when no decision is made (no face, low quality).
+    """
+
+    rpc: str
+    request_id: str
+    lane_id: str
+    traveller_id: str = ""
+    top_k: int = 5
+    all_faces: bool = False
+    as_frames: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rpc == "Verify" or (self.rpc == "Clear" and self.traveller_id):
+            check_traveller_id(self.traveller_id)
+
+
+@dataclass
+class MatchOutcome:
+    """A matching call answered: its verdict, the probe it was about, and for
+    ``all_faces`` a verdict for every face of the photo (largest first)."""
+
+    call: MatchCall
+    verdict: Verdict
+    probe: FusedProbe
+    model_id: str
+    gallery_version: int
+    faces: list[tuple[Face, Verdict]] = field(default_factory=list)
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+async def match(engine: MatchEngine, call: MatchCall, frames: Sequence[Frame],
+                deadline: float | None) -> MatchOutcome:
+    """Analyse and fuse the frames, decide, account for it (the audit record is durable
+    before this returns)."""
+    started = time.perf_counter()
+    probe = await engine.analyse_frames(frames, deadline)
+    gallery_version = engine.gallery.version
+    t = time.perf_counter()
+    face = probe.face
+    if probe.template is None:  # no usable frame: FRAME_NO_FACE or FRAME_LOW_QUALITY
+        verdict = (NO_FACE_VERDICT if face is None else
+                   Verdict(LOW_QUALITY, "low_quality", quality_reasons=face.quality.reasons))
+    elif not probe.agree:
+        verdict = Verdict(NO_MATCH, FRAMES_DISAGREE,
+                          threshold=engine.decider.point_1to1_for(1).threshold)
+    else:
+        verdict = Verdict.of(await _decide(engine, call, probe.template, deadline))
+    faces = []
+    if call.all_faces and not call.as_frames:
+        faces = await _all_faces(engine, probe, call.top_k, deadline)
+    search_ms = (time.perf_counter() - t) * 1e3
+    timings = {k: float(v) for k, v in probe.timings_ms.items()}
+    timings["search"] = search_ms
+    timings["total"] = (time.perf_counter() - started) * 1e3
+    outcome = MatchOutcome(call, verdict, probe, engine.model_id, gallery_version, faces,
+                           timings)
+    await _account(engine, outcome)
+    return outcome
+
+
+async def _decide(engine: MatchEngine, call: MatchCall, template: np.ndarray,
+                  deadline: float | None) -> Decision:
+    if call.rpc == "Identify":
+        return (await engine.identify(template[None, :], call.top_k, deadline))[0]
+    if call.rpc == "Verify":
+        decision = await engine.verify(template, call.traveller_id)
+        if decision.reason is Reason.UNKNOWN_TRAVELLER:
+            raise UnknownTraveller(f"traveller {call.traveller_id!r} is not enrolled")
+        return decision
+    return await engine.clear(template, call.traveller_id, call.top_k)
+
+
+async def _all_faces(engine: MatchEngine, probe: FusedProbe, k: int, deadline: float | None
+                     ) -> list[tuple[Face, Verdict]]:
+    """Every face of one photo searched (1:N), a low-quality one answered LOW_QUALITY."""
+    analysis = probe.analyses[0]  # one photo: all_faces is refused with several frames
+    if not analysis.from_image or not analysis.faces:
+        return []
+    usable = [i for i, f in enumerate(analysis.faces) if not f.quality.reasons]
+    decisions = (await engine.identify(analysis.templates[usable], k, deadline)
+                 if usable else [])
+    by_face = dict(zip(usable, decisions))
+    low = Verdict(LOW_QUALITY, "low_quality")
+    return [(f, Verdict.of(by_face[i]) if i in by_face else low)
+            for i, f in enumerate(analysis.faces)]
+
+
+async def _account(engine: MatchEngine, outcome: MatchOutcome) -> None:
+    """Metrics, the audit record (durable before the answer leaves), one log line."""
+    call, verdict, probe = outcome.call, outcome.verdict, outcome.probe
+    engine.metrics.count_decision(call.rpc, verdict.outcome)
+    engine.metrics.observe_stage("search", outcome.timings_ms["search"] / 1e3)
+    engine.metrics.observe_stage("total", outcome.timings_ms["total"] / 1e3)
+    score = None if verdict.score is None else as_answered(verdict.score)
+    decision = verdict.decision
+    await engine.record(
+        "decision", rpc=call.rpc, request_id=call.request_id, lane_id=call.lane_id,
+        decision=verdict.outcome, reason=verdict.reason,
+        traveller_id=verdict.traveller_id or None,
+        claimed_traveller_id=call.traveller_id or None, score=score,
+        threshold=None if verdict.threshold is None else as_answered(verdict.threshold),
+        gallery_version=outcome.gallery_version, model_id=outcome.model_id,
+        faces_found=probe.faces_found,
+        fallback_used=decision is not None and decision.fallback_used,
+        beyond_calibration=verdict.beyond_calibration, frames_used=probe.frames_used)
+    request_log.info("rpc=%s request_id=%s lane_id=%s decision=%s reason=%s score=%s "
+                     "faces=%d frames_used=%d batch_queue_ms=%.1f total_ms=%.1f",
+                     call.rpc, call.request_id, call.lane_id or "-", verdict.outcome,
+                     verdict.reason, "-" if score is None else f"{score:.3f}",
+                     probe.faces_found, probe.frames_used,
+                     as_answered(outcome.timings_ms.get("queue", 0.0)),
+                     as_answered(outcome.timings_ms["total"]))
+
+
+def account_failure(engine: MatchEngine, rpc: str, rejected: str | None) -> None:
+    """Count a call that ended in an error; ``rejected`` says why it was turned away
+    (overload, deadline, not_ready), None for any other error."""
+    if rejected is not None:
+        engine.metrics.count_rejected(rejected)
+    if rpc in MATCHING_RPCS:
+        engine.metrics.count_decision(rpc, "ERROR")
+
+
+async def enrol(engine: MatchEngine, request_id: str, traveller_id: str,
+                photos: Sequence[Frame], *, accept_low_quality: bool,
+                valid_from: float | None, valid_to: float | None,
+                deadline: float | None) -> EnrolResult:
+    """Enrol a traveller's booking photos, answered once durable and audited.
+
+    A photo is enrolled by the overnight re-index's rule and codes (matcher.face.enrolment):
+    one clear face, or refused with the reason. ``valid_from`` None: now; ``valid_to``
+    None: DEFAULT_WINDOW_S after ``valid_from``.
+    """
+    analyses = await asyncio.gather(*(engine.analyse_one(p, deadline) for p in photos))
+    templates, shas = [], []
+    for number, (photo, analysis) in enumerate(zip(photos, analyses), 1):
+        if analysis.from_image:
+            face, reason = face_verdict(analysis.faces, accept_low_quality=accept_low_quality)
+            if face is None:
+                raise InvalidInput(f"photo {number} refused: {explain(reason)}")
+            templates.append(face.template)
+        else:
+            templates.append(analysis.templates[0])
+        shas.append(photo_sha256(photo_bytes(photo)))
+    valid_from = time.time() if valid_from is None else valid_from
+    valid_to = valid_from + DEFAULT_WINDOW_S if valid_to is None else valid_to
+    result = await engine.enroll(traveller_id, np.stack(templates), valid_from, valid_to,
+                                 shas, deadline)
+    await engine.record("enrol", request_id=request_id, traveller_id=traveller_id,
+                        gallery_version=result.gallery_version,
+                        added_templates=result.added_templates, changed=result.changed)
+    request_log.info("rpc=Enroll request_id=%s photos=%d added=%d gallery_version=%d",
+                     request_id, len(photos), result.added_templates, result.gallery_version)
+    return result
+
+
+async def remove(engine: MatchEngine, request_id: str, traveller_id: str,
+                 deadline: float | None) -> int:
+    """Remove a traveller (effective on return) and audit it; the new gallery_version."""
+    version = await engine.remove(traveller_id, deadline)
+    await engine.record("remove", request_id=request_id, traveller_id=traveller_id,
+                        gallery_version=version)
+    request_log.info("rpc=Remove request_id=%s gallery_version=%d", request_id, version)
+    return version

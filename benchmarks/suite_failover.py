@@ -31,8 +31,9 @@ import numpy as np
 from .harness import Report
 
 REPO = Path(__file__).resolve().parents[1]
-# The cluster and fault schedule are the failover test's (tests/reliability/_cluster.py).
-sys.path.insert(0, str(REPO / "tests" / "reliability"))
+# The cluster and fault schedule are the failover test's (tests/reliability/_cluster.py,
+# which imports tests/service_helpers.py).
+sys.path[:0] = [str(REPO / "tests" / "reliability"), str(REPO / "tests")]
 
 from _cluster import Cluster, Fault, run_with_faults  # noqa: E402
 

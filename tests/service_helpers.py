@@ -11,7 +11,32 @@ from matcher.service.server import RunningServer, ServerConfig, start_server
 from matcher.v1 import matcher_pb2 as pb
 
 
-class ServerThread:
+class Started:
+    """``with thing:`` starts it and stops it on the way out. A start that fails halfway
+    is undone by ``abandon`` (``stop`` unless a subclass knows a surer way) before its
+    error goes on. Servers in a thread, in a process, and clusters of them share it."""
+
+    def start(self):
+        raise NotImplementedError
+
+    def stop(self) -> object:
+        raise NotImplementedError
+
+    def abandon(self) -> None:
+        self.stop()
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.abandon()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServerThread(Started):
     """``with ServerThread(config, pipeline) as srv: MatcherClient(srv.address) ...``
 
     The port is picked by the OS (listen on 127.0.0.1:0) unless the config names one.
@@ -50,16 +75,6 @@ class ServerThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
-
-    def __enter__(self) -> "ServerThread":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def server_config(data_dir: Path, **overrides) -> ServerConfig:

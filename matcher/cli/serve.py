@@ -115,8 +115,8 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="CA for client certificates: turns on mutual TLS")
     p.add_argument("--tokens", type=Path, help="token file, one role:token per line")
     p.add_argument("--metrics-listen", default=ServerConfig.metrics_listen,
-                   help="Prometheus /metrics HOST:PORT, or 'off' "
-                        f"(default {ServerConfig.metrics_listen})")
+                   help="Prometheus /metrics HOST:PORT (port 0: a free one, logged), "
+                        f"or 'off' (default {ServerConfig.metrics_listen})")
     defaults = BatchConfig()
     p.add_argument("--audit-failure", choices=AUDIT_FAILURE_POLICIES,
                    default=ServerConfig.audit_failure,

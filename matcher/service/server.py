@@ -420,6 +420,8 @@ async def start_server(config: ServerConfig, pipeline: Pipeline | None = None
     if config.metrics_listen:
         host, mport = split_host_port(config.metrics_listen)
         metrics_server = start_metrics_server(metrics, host, mport)
+        # The bound port (port 0 picks a free one): what a scraper, or a test, reads back.
+        log.info("metrics on http://%s:%d/metrics", host, metrics_server.port)
     await server.start()
     running = RunningServer(config, server, port, serving, health_servicer, metrics,
                             metrics_server)

@@ -1,6 +1,7 @@
-"""A writer and read replicas as real ``matcher serve`` processes on fixed loopback ports,
-lanes driving them, and faults on a schedule: SIGKILL, SIGSTOP/SIGCONT, SIGTERM drains and
-restarts on the same port. Used by test_failover.py and the failover benchmark suite.
+"""A writer and read replicas as real ``matcher serve`` processes on loopback, lanes driving
+them, and faults on a schedule: SIGKILL, SIGSTOP/SIGCONT, SIGTERM drains and restarts on
+the same port (the one each server bound at its first start). Used by test_failover.py and
+the failover benchmark suite.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from _server import ServerProcess, free_port
+from _server import METRICS_ANY_PORT, ServerProcess
+from service_helpers import Started
 
 from matcher.client import MatcherClient
 from matcher.lane import LaneReport, run_lanes
@@ -20,13 +22,20 @@ from matcher.lane import LaneReport, run_lanes
 
 @dataclass
 class Member:
-    """One server of the cluster: its process, fixed port and role."""
+    """One server of the cluster: its process and role; its gRPC port stays the same
+    across restarts, its metrics port is the one the running process bound."""
 
     name: str
     role: str
-    port: int
-    metrics_port: int
     process: ServerProcess
+
+    @property
+    def port(self) -> int:
+        return self.process.port
+
+    @property
+    def metrics_port(self) -> int:
+        return self.process.metrics_port
 
     @property
     def address(self) -> str:
@@ -40,7 +49,7 @@ class Member:
         return self.process.alive()
 
 
-class Cluster:
+class Cluster(Started):
     """``writer`` (demo gallery, one snapshot published) and ``replicas`` read replicas.
 
     ``replica_args``: extra ``matcher serve`` options per replica (a list of lists) or
@@ -76,19 +85,14 @@ class Cluster:
     def addresses(self) -> list[str]:
         return [m.address for m in self.members]
 
-    def _process(self, name: str, port: int, metrics_port: int, args: list[str]
-                 ) -> ServerProcess:
+    def _process(self, name: str, args: list[str]) -> ServerProcess:
         return ServerProcess(self.root / name, self.root / f"{name}.log",
-                             [*args, "--listen", f"127.0.0.1:{port}",
-                              "--metrics-listen", f"127.0.0.1:{metrics_port}",
-                              "--grace", "10", "--drain-notice", "1"],
-                             env=self.env)
+                             [*args, *METRICS_ANY_PORT, "--grace", "10", "--drain-notice", "1"],
+                             env=self.env, keep_port=True)
 
     def start(self) -> "Cluster":
         for i, (name, role, args) in enumerate(self._specs):
-            port, metrics_port = free_port(), free_port()
-            member = Member(name, role, port, metrics_port,
-                            self._process(name, port, metrics_port, args))
+            member = Member(name, role, self._process(name, args))
             member.process.start()
             self.members.append(member)
             if i == 0:
@@ -121,16 +125,6 @@ class Cluster:
                 except ProcessLookupError:
                     pass
             member.process.stop()
-
-    def __enter__(self) -> "Cluster":
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 @dataclass

@@ -2,31 +2,30 @@
 
 Unlike tests/service_helpers.ServerThread (same process), a child process can be killed
 without warning and its memory measured on its own. Output goes to a log file (read by the
-privacy test); the gRPC port is chosen by the OS and read back from the "listening on" line.
+privacy test). Ports are bound by the server itself (port 0: the OS picks a free one) and
+read back from its log: gRPC from the "listening on" line, /metrics from "metrics on", so
+no other process can take a port between its choice and its bind.
 """
 from __future__ import annotations
 
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 from pathlib import Path
 
+from service_helpers import Started
+
 from matcher.client import MatcherClient
 
 REPO = Path(__file__).resolve().parents[2]
 _LISTENING = re.compile(rb"listening on 127\.0\.0\.1:(\d+)")
+_METRICS = re.compile(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 _RECENT_BYTES = 1 << 20
-
-
-def free_port() -> int:
-    """A loopback port free right now (for the metrics endpoint, whose port is not logged)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Serve /metrics on a port the server picks (read back as ServerProcess.metrics_port).
+METRICS_ANY_PORT = ("--metrics-listen", "127.0.0.1:0")
 
 
 def rss_kib(pid: int) -> int:
@@ -38,23 +37,28 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-class ServerProcess:
+class ServerProcess(Started):
     """``matcher -v serve --listen 127.0.0.1:0 --data DIR ...`` as a child process.
 
     ``client_kw`` are the MatcherClient options (token, ca, cert, key) for health checks.
+    ``keep_port``: a restart listens on the port the first start got (a client given the
+    address once finds the server again). ``metrics_port``: the /metrics port, when the
+    args serve it (METRICS_ANY_PORT), else None.
     """
 
     def __init__(self, data_dir: Path, log_path: Path, args: list[str] | tuple[str, ...] = (),
                  *, client_kw: dict | None = None, env: dict[str, str] | None = None,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, keep_port: bool = False) -> None:
         self.data_dir = data_dir
         self.log_path = log_path
         self.args = list(args)
         self.client_kw = client_kw or {}
         self.env = {**os.environ, **(env or {})}
         self.verbose = verbose
+        self.keep_port = keep_port
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
+        self.metrics_port: int | None = None
         self._port_seen = threading.Event()
         self._reader: threading.Thread | None = None
         self._output = threading.Condition()
@@ -69,10 +73,13 @@ class ServerProcess:
         return self.proc.pid
 
     def start(self, timeout: float = 90.0) -> "ServerProcess":
+        port = self.port if self.keep_port and self.port is not None else 0
         argv = [sys.executable, "-m", "matcher.cli", *(["-v"] if self.verbose else []),
-                "serve", "--listen", "127.0.0.1:0", "--data", str(self.data_dir), *self.args]
+                "serve", "--listen", f"127.0.0.1:{port}", "--data", str(self.data_dir),
+                *self.args]
         self._port_seen.clear()
         self.port = None
+        self.metrics_port = None
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, cwd=REPO, env=self.env,
                                      start_new_session=True)
@@ -108,6 +115,10 @@ class ServerProcess:
                     if len(self._recent) > 2 * _RECENT_BYTES:
                         del self._recent[:-_RECENT_BYTES]
                     self._output.notify_all()
+                if self.metrics_port is None:
+                    m = _METRICS.search(line)
+                    if m:  # logged before the listening line
+                        self.metrics_port = int(m.group(1))
                 if self.port is None:
                     m = _LISTENING.search(line)
                     if m:
@@ -155,12 +166,5 @@ class ServerProcess:
         self.proc.stdout.close()
         return code
 
-    def __enter__(self) -> "ServerProcess":
-        try:
-            return self.start()
-        except BaseException:
-            self.kill()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def abandon(self) -> None:
+        self.kill()

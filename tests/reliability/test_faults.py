@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from _server import ServerProcess, free_port
+from _server import METRICS_ANY_PORT, ServerProcess
 
 from matcher.client import make_probe
 from matcher.face.models import default_pack
@@ -79,8 +79,7 @@ def _fill(path: Path, leave: int) -> None:
 def test_disk_full_refuses_writes_loses_nothing_and_recovers_without_restart(
         small_disk, tmp_path, tally):
     data = small_disk / "data"
-    server = ServerProcess(data, tmp_path / "serve.log",
-                           ["--metrics-listen", f"127.0.0.1:{free_port()}"])
+    server = ServerProcess(data, tmp_path / "serve.log", METRICS_ANY_PORT)
     ref = _templates(1, seed=1)
     acked: dict[str, int] = {}
     with server:
@@ -214,11 +213,11 @@ def test_a_replica_keeps_serving_when_its_snapshot_share_disappears(tmp_path):
             writer.enroll(f"T{i}", x[i], 0.0, FAR_FUTURE, [f"{i:064x}"])
         writer.rebuild()  # a snapshot holds the built index, not the delta since
         first = writer.export_snapshot(share)
-        mport = free_port()
         replica = ServerProcess(tmp_path / "replica", tmp_path / "replica.log",
                                 ["--replica-of", str(share), "--watch-interval", "0.3",
-                                 "--metrics-listen", f"127.0.0.1:{mport}"])
+                                 *METRICS_ANY_PORT])
         with replica, replica.client() as client:
+            mport = replica.metrics_port
             assert client.gallery_info().snapshot == first.name
             gone = tmp_path / "share.gone"
             share.rename(gone)

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from _leaks import byte_forms, find_leaks, template_forms
 from _pki import make_pki
-from _server import ServerProcess, free_port
+from _server import METRICS_ANY_PORT, ServerProcess
 from service_helpers import CALLS  # one minimal call per RPC, shared with tests/test_auth.py
 
 from matcher.client import MatcherClient
@@ -83,13 +83,12 @@ def run(tmp_path_factory, faces_dir, pipeline) -> Run:
     pki = make_pki(folder / "pki")
     tokens = folder / "tokens.txt"
     tokens.write_text("".join(f"{role}:{token}\n" for role, token in TOKENS.items()))
-    metrics_port = free_port()
     data = folder / "data"
     tls = {"ca": pki.ca.cert_path, "cert": pki.client.cert_path, "key": pki.client.key_path}
     server = ServerProcess(data, folder / "server.log", [
         "--tls-cert", str(pki.server.cert_path), "--tls-key", str(pki.server.key_path),
         "--tls-client-ca", str(pki.ca.cert_path), "--tokens", str(tokens),
-        "--metrics-listen", f"127.0.0.1:{metrics_port}"],
+        *METRICS_ANY_PORT],
         client_kw={**tls, "token": TOKENS["admin"]}, verbose=True)
     r = Run()
     # A template made by the client, enrolled as is: its exact bytes are known up front.
@@ -157,7 +156,7 @@ def run(tmp_path_factory, faces_dir, pipeline) -> Run:
             found = lane.identify(template=removed_template, top_k=5).candidates
             r.after_removal["identify_candidates"] = [c.traveller_id for c in found]
             admin.publish_snapshot()
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics",
                                         timeout=10) as resp:
                 r.metrics = resp.read()
     # After a graceful stop SQLite has checkpointed the WAL into the main file.

@@ -320,7 +320,18 @@ class Store:
     def gallery_version(self) -> int:
         return int(self._meta("gallery_version") or 0)
 
-    # -- writes ---------------------------------------------------------------------
+    # -- transactions -----------------------------------------------------------------
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction on this thread's reader: every statement in the block sees
+        the same committed state, and the writer's fsync never waits on it (WAL)."""
+        c = self._reader()
+        c.execute("BEGIN")
+        try:
+            yield c
+        finally:
+            c.execute("COMMIT")
 
     @contextmanager
     def _write(self, wait_s: float | None = None) -> Iterator[sqlite3.Connection]:
@@ -360,6 +371,8 @@ class Store:
                 raise
         finally:
             self._write_lock.release()
+
+    # -- writes ---------------------------------------------------------------------
 
     @staticmethod
     def _bump(c: sqlite3.Connection, traveller_id: str, kind: str, now: float) -> int:
@@ -639,9 +652,7 @@ class Store:
         one read transaction."""
         pending: list[int] = []
         unknown: dict[str, int] = {}
-        c = self._reader()
-        c.execute("BEGIN")
-        try:
+        with self._read() as c:
             for tid, codec, blob in c.execute(
                     "SELECT template_id, codec, template FROM templates ORDER BY template_id"):
                 if self._is_current(codec, blob):
@@ -650,8 +661,6 @@ class Store:
                     pending.append(tid)
                 else:
                     unknown[codec] = unknown.get(codec, 0) + 1
-        finally:
-            c.execute("COMMIT")
         return pending, unknown
 
     def _rewrap_rows(self, c: sqlite3.Connection, template_ids: Sequence[int],
@@ -736,17 +745,13 @@ class Store:
     def get(self, traveller_id: str) -> Traveller:
         """One traveller with its intact templates (damaged ones quarantined, left out)."""
         traveller_id = check_traveller_id(traveller_id)
-        c = self._reader()
-        c.execute("BEGIN")  # one consistent read of the traveller and its templates
-        try:
+        with self._read() as c:  # one consistent read of the traveller and its templates
             row = c.execute("SELECT valid_from, valid_to, created_at, updated_at FROM travellers"
                             " WHERE traveller_id=?", (traveller_id,)).fetchone()
             rows = c.execute("SELECT template_id, photo_sha256, codec, template, model_id, "
                              "checksum FROM templates WHERE traveller_id=? ORDER BY "
                              "template_id", (traveller_id,)).fetchall()
             skip = self._quarantined_ids(c, traveller_id) if rows else set()
-        finally:
-            c.execute("COMMIT")
         if row is None:
             raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
         good, damaged = [], []
@@ -774,17 +779,13 @@ class Store:
         """Every traveller with window and photo digests, in one read; decodes no template.
 
         Photos of quarantined rows are left out, so a re-index run re-embeds them."""
-        c = self._reader()
-        c.execute("BEGIN")
-        try:
-            photos: dict[str, set[str]] = {}
+        photos: dict[str, set[str]] = {}
+        with self._read() as c:
             for tid, sha in c.execute("SELECT traveller_id, photo_sha256 FROM templates WHERE "
                                       "template_id NOT IN (SELECT template_id FROM quarantine)"):
                 photos.setdefault(tid, set()).add(sha)
             rows = c.execute("SELECT traveller_id, valid_from, valid_to FROM travellers "
                              "ORDER BY traveller_id").fetchall()
-        finally:
-            c.execute("COMMIT")
         return [TravellerSummary(tid, vf, vt, frozenset(photos.get(tid, ())))
                 for tid, vf, vt in rows]
 
@@ -809,10 +810,8 @@ class Store:
         """Every intact template (of travellers whose booking ends after ``valid_after``, if
         given), read in one transaction so the rows match the gallery_version returned with
         them. Rows failing their checksum are quarantined and left out."""
-        c = self._reader()
-        c.execute("BEGIN")
         damaged: list[DamagedRow] = []
-        try:
+        with self._read() as c:
             version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
                                     ).fetchone()[0])
             cutoff = -math.inf if valid_after is None else valid_after
@@ -840,8 +839,6 @@ class Store:
                 owner[m] = s
                 template_ids[m] = tid
                 m += 1
-        finally:
-            c.execute("COMMIT")
         self._quarantine(damaged, wait_s=self.write_wait_s)
         return GalleryRows(version, [t[0] for t in travellers],
                            np.array([t[1] for t in travellers], np.float64),
@@ -851,10 +848,8 @@ class Store:
     def verify_templates(self) -> list[DamagedRow]:
         """Check every template row's checksum (no decryption, no key needed); quarantine
         the rows that fail and return them (newly found ones only)."""
-        c = self._reader()
-        c.execute("BEGIN")
         damaged: list[DamagedRow] = []
-        try:
+        with self._read() as c:
             skip = self._quarantined_ids(c)
             for tid, trav, sha, codec, blob, checksum in c.execute(
                     "SELECT template_id, traveller_id, photo_sha256, codec, template, checksum "
@@ -864,8 +859,6 @@ class Store:
                 problem = row_problem(trav, sha, codec, blob, checksum)
                 if problem:
                     damaged.append(DamagedRow(tid, trav, sha, problem))
-        finally:
-            c.execute("COMMIT")
         self._quarantine(damaged, wait_s=self.write_wait_s)
         return damaged
 

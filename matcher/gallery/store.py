@@ -12,7 +12,6 @@ import math
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ from ..errors import (GalleryError, InvalidInput, StorageUnavailable, StoreBusy,
 from ..templates import (EMBEDDING_DIM, MAX_TEMPLATES_PER_TRAVELLER, check_templates,
                          check_traveller_id, to_epoch)
 from .codecs import PlainCodec, TemplateCodec, row_context
-from .integrity import (DamagedRow, damaged_store_message, plausible_plain, row_problem,
-                        storage_error, template_checksum)
-from .schema import MIGRATIONS, SCHEMA_VERSION
+from .integrity import (DamagedRow, damaged_store_message, row_problem, storage_error,
+                        template_checksum)
+from .schema import migrate
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +169,8 @@ class Store:
         try:
             if quick_check_s > 0:
                 self._check_file(quick_check_s)
-            self._migrate()
+            with self._write_lock:
+                migrate(self._conn, self.path)
             self._check_or_set_model(model_id)
             self.model_id = model_id
             self.store_id = self._meta("store_id")
@@ -244,58 +244,6 @@ class Store:
         self.close()
 
     # -- schema ---------------------------------------------------------------------
-
-    def _migrate(self) -> None:
-        with self._write_lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                c.execute("CREATE TABLE IF NOT EXISTS schema_version ("
-                          "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-                current = c.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
-                if current > SCHEMA_VERSION:
-                    raise GalleryError(
-                        f"store {self.path} has schema version {current}, newer than this "
-                        f"build understands ({SCHEMA_VERSION}); upgrade matcher")
-                for version, statements in MIGRATIONS:
-                    if version <= current:
-                        continue
-                    for sql in statements:
-                        c.execute(sql)
-                    if version == 1:
-                        c.execute("INSERT INTO meta VALUES ('gallery_version', '0')")
-                        c.execute("INSERT INTO meta VALUES ('store_id', ?)", (uuid.uuid4().hex,))
-                    if version == 2:
-                        self._backfill_checksums(c)
-                    c.execute("INSERT INTO schema_version VALUES (?, ?)", (version, time.time()))
-                    log.info("store %s migrated to schema version %d", self.path, version)
-                c.execute("COMMIT")
-            except BaseException:
-                c.execute("ROLLBACK")
-                raise
-
-    def _backfill_checksums(self, c: sqlite3.Connection) -> None:
-        """Give every existing row its checksum, inside the migration's transaction.
-
-        Computed now rather than when a row is next rewritten: rows are rarely rewritten,
-        and a row without a checksum would be searched unchecked for its whole life. A
-        digest taken now cannot vouch for bytes that rotted before the migration, so plain
-        rows must first look like a template (512 finite float32 of unit norm); one that
-        does not keeps a NULL checksum and is quarantined by the first read. Encrypted
-        rows are vouched for by their AES-GCM tag when they are decrypted.
-        """
-        updates, implausible = [], 0
-        for tid, trav, sha, codec, blob in c.execute(
-                "SELECT template_id, traveller_id, photo_sha256, codec, template FROM templates"
-        ).fetchall():
-            if codec == PlainCodec.name and not plausible_plain(blob):
-                implausible += 1
-                continue
-            updates.append((template_checksum(trav, sha, codec, blob), tid))
-        c.executemany("UPDATE templates SET checksum=? WHERE template_id=?", updates)
-        if implausible:
-            log.error("store %s: %d template rows do not look like templates and get no "
-                      "checksum; they will be quarantined", self.path.name, implausible)
 
     def _meta(self, key: str) -> str | None:
         row = self._reader().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

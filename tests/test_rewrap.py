@@ -17,6 +17,7 @@ from matcher.errors import GalleryError
 from matcher.gallery.codecs import (ENV_KEY, ENV_KEY_FILE, Keyring, PlainCodec, TemplateCipher,
                                     TemplateDecryptError)
 from matcher.gallery.primary import STORE_FILE, Gallery
+from matcher.gallery.rewrap import rewrap_templates
 from matcher.gallery.store import Enrolment, Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,11 +79,11 @@ def test_plain_store_is_encrypted_in_place(tmp_path):
     with writer, Store(db, MODEL, codec=cipher(key, "k1")) as store:
         with pytest.raises(GalleryError, match="stored with codec 'plain'"):
             store.read_all()  # what a server started with a key on a plain store hits
-        assert store.rewrap_templates(PlainCodec(), batch=3) == 11
+        assert rewrap_templates(store, PlainCodec(), batch=3) == 11
         # Checked while the store is open: the old plain pages must not linger in the WAL.
         on_disk = disk_bytes(db)
         assert store.gallery_version == version and store.changes_since(0) == changes
-        assert store.rewrap_templates(PlainCodec(), batch=3) == 0
+        assert rewrap_templates(store, PlainCodec(), batch=3) == 0
     for i in range(11):
         assert x[i].tobytes()[:64] not in on_disk and x[i].tobytes()[-64:] not in on_disk
 
@@ -107,9 +108,9 @@ def test_plain_rows_without_old_codec_are_refused_untouched(tmp_path):
     before = raw_rows(db)
     with Store(db, MODEL, codec=cipher({"k1": os.urandom(32)}, "k1")) as store:
         with pytest.raises(GalleryError, match="4 with codec 'plain'.*--from-plain"):
-            store.rewrap_templates()
+            rewrap_templates(store)
         with pytest.raises(ValueError, match="batch"):
-            store.rewrap_templates(PlainCodec(), batch=0)
+            rewrap_templates(store, PlainCodec(), batch=0)
     assert raw_rows(db) == before
 
 
@@ -122,9 +123,9 @@ def test_rotation_moves_every_row_to_the_new_key(tmp_path):
     with Store(db, MODEL, codec=cipher({"B": b, "A": a}, "B")) as store:
         fill(store, x[7:], first=7)  # written after the restart: already on B
         version = store.gallery_version
-        assert store.rewrap_templates(batch=2) == 7
+        assert rewrap_templates(store, batch=2) == 7
         assert store.gallery_version == version
-        assert store.rewrap_templates(batch=2) == 0
+        assert rewrap_templates(store, batch=2) == 0
     ring = cipher({"B": b}, "B")
     assert [ring.key_id_of(blob) for _, _, blob in raw_rows(db)] == ["B"] * 9
 
@@ -154,15 +155,15 @@ def test_a_failure_midway_leaves_rows_readable_and_a_rerun_finishes(tmp_path):
     ring = cipher({"B": b, "A": a}, "B")
     with Store(db, MODEL, codec=ring) as store:
         with pytest.raises(TemplateDecryptError, match=f"row {tid}: .*does not authenticate"):
-            store.rewrap_templates(batch=2)
+            rewrap_templates(store, batch=2)
     keys = [ring.key_id_of(row[2]) for row in raw_rows(db)]
     assert keys == ["B"] * 4 + ["A"] * 4  # two batches committed, the third rolled back
 
     with sqlite3.connect(db) as conn:  # the operator restores the row from a backup
         conn.execute("UPDATE templates SET template=? WHERE template_id=?", (blob, tid))
     with Store(db, MODEL, codec=ring) as store:
-        assert store.rewrap_templates(batch=2) == 4
-        assert store.rewrap_templates(batch=2) == 0
+        assert rewrap_templates(store, batch=2) == 4
+        assert rewrap_templates(store, batch=2) == 0
     with Store(db, MODEL, codec=cipher({"B": b}, "B")) as store:
         decoded = by_photo(store)
     for i in range(8):

@@ -128,6 +128,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     encrypt a store written without a key); prints the count as JSON."""
     from ..gallery.codecs import ENV_KEY, ENV_KEY_FILE, PlainCodec, codec_from_env
     from ..gallery.primary import STORE_FILE
+    from ..gallery.rewrap import rewrap_templates
     from ..gallery.store import Store
 
     store_path = args.data / STORE_FILE
@@ -141,7 +142,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
         return 2
     old_codec = PlainCodec() if args.from_plain else None
     with Store.open(store_path, _model_id(args, store_path), codec) as store:
-        rewrapped = store.rewrap_templates(old_codec, batch=args.batch)
+        rewrapped = rewrap_templates(store, old_codec, batch=args.batch)
         _, templates = store.counts()
     print(json.dumps({"rewrapped": rewrapped, "templates": templates,
                       "key_id": codec.key_id}))

@@ -320,6 +320,13 @@ class Store:
         finally:
             self._write_lock.release()
 
+    def _checkpoint_wal(self) -> bool:
+        """Copy the WAL into the database file and truncate it, so rewritten rows' old
+        bytes leave the -wal file; False if a reader kept it from finishing."""
+        with self._write_lock:
+            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return not busy
+
     # -- writes ---------------------------------------------------------------------
 
     @staticmethod
@@ -540,117 +547,6 @@ class Store:
             version = self._bump(c, traveller_id, "remove", time.time())
         log.info("removed a traveller at gallery_version %d", version)
         return version
-
-    # -- re-encryption ----------------------------------------------------------------
-
-    def _is_current(self, codec: str, blob: bytes) -> bool:
-        """True if a row is already written by this store's codec (and, for a keyed
-        codec such as TemplateCipher, under its current key)."""
-        if codec != self.codec.name:
-            return False
-        key_id_of = getattr(self.codec, "key_id_of", None)
-        return key_id_of is None or key_id_of(blob) == self.codec.key_id  # type: ignore[attr-defined]
-
-    def rewrap_templates(self, old_codec: TemplateCodec | None = None, batch: int = 500
-                         ) -> int:
-        """Re-encode every template row not yet written by the current codec / current key.
-
-        Rows whose ``codec`` column names ``old_codec`` are decoded with it, others with
-        the current codec; each is verified and rewritten in durable transactions of at
-        most ``batch`` rows. Idempotent and resumable: rerun after a crash to finish (0 once
-        nothing is left); ``gallery_version`` does not move. Procedure: docs/security.md.
-
-        Returns the number of rows rewritten. Raises GalleryError (nothing written) if a
-        row's codec can be decoded by neither codec, or (its batch rolled back, earlier
-        batches kept) if a row does not decode, e.g. its key is not in the keyring.
-        """
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive int, got: batch={batch!r}")
-        decoders: dict[str, TemplateCodec] = {self.codec.name: self.codec}
-        if old_codec is not None:
-            decoders[old_codec.name] = old_codec
-        pending, unknown = self._rows_to_rewrap(decoders)
-        if unknown:
-            names = ", ".join(f"{n} with codec {c!r}" for c, n in sorted(unknown.items()))
-            raise GalleryError(
-                f"cannot re-encode the store, nothing was written: templates stored as "
-                f"{names}; pass the codec they were written with as old_codec (a store "
-                f"written without a key: `matcher gallery rewrap --from-plain`)")
-        done = 0
-        for start in range(0, len(pending), batch):
-            ids = pending[start:start + batch]
-            with self._write() as c:
-                done += self._rewrap_rows(c, ids, decoders)
-            log.info("re-encoded %d of %d template rows", done, len(pending))
-        if done:
-            with self._write_lock:
-                busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            if busy:
-                # Only cosmetic for the data: every row is rewritten; the old blobs stay in
-                # the -wal file until a later checkpoint overwrites them.
-                log.warning("store %s: WAL checkpoint after re-encoding was blocked by a "
-                            "reader; the old template blobs leave the -wal file at the next "
-                            "checkpoint", self.path.name)
-        log.info("re-encoded %d template rows to codec %s", done, self.codec.name)
-        return done
-
-    def _rows_to_rewrap(self, decoders: dict[str, TemplateCodec]
-                        ) -> tuple[list[int], dict[str, int]]:
-        """(template_ids not yet current, {undecodable codec name: row count}), read in
-        one read transaction."""
-        pending: list[int] = []
-        unknown: dict[str, int] = {}
-        with self._read() as c:
-            for tid, codec, blob in c.execute(
-                    "SELECT template_id, codec, template FROM templates ORDER BY template_id"):
-                if self._is_current(codec, blob):
-                    continue
-                if codec in decoders:
-                    pending.append(tid)
-                else:
-                    unknown[codec] = unknown.get(codec, 0) + 1
-        return pending, unknown
-
-    def _rewrap_rows(self, c: sqlite3.Connection, template_ids: Sequence[int],
-                     decoders: dict[str, TemplateCodec]) -> int:
-        """Re-encode the given rows inside the caller's write transaction; rows deleted or
-        already current since they were listed are skipped (template ids are never
-        reused). Returns how many were rewritten."""
-        updates: list[tuple[str, bytes, int]] = []
-        for tid in template_ids:
-            row = c.execute("SELECT traveller_id, photo_sha256, codec, template, checksum "
-                            "FROM templates WHERE template_id=?", (tid,)).fetchone()
-            if row is None or self._is_current(row[2], row[3]):
-                continue
-            traveller_id, sha, codec, blob, checksum = row
-            if codec == PlainCodec.name and row_problem(traveller_id, sha, codec, blob,
-                                                          checksum):
-                # Sealing a damaged plain blob would give it a valid tag and checksum; an
-                # encrypted one is refused by its own tag below.
-                raise GalleryError(f"template row {tid} fails its checksum (damaged); "
-                                   f"re-enrol that traveller's photo or remove the row, "
-                                   f"then rerun; nothing of this batch was written")
-            decoder = decoders.get(codec)
-            if decoder is None:
-                raise GalleryError(f"template row {tid} is stored with codec {codec!r}, "
-                                   f"which neither the store's nor the old codec decodes")
-            context = row_context(traveller_id, sha)
-            try:
-                template = decoder.decode(blob, context)
-            except GalleryError as exc:
-                # Same error type (e.g. TemplateDecryptError), plus the row an operator has
-                # to restore or remove; the traveller id stays out of logs and messages.
-                raise type(exc)(f"template row {tid}: {exc}") from None
-            sealed = self.codec.encode(template, context)
-            # A codec bug must not cost a traveller's template: check before replacing it.
-            if not np.array_equal(self.codec.decode(sealed, context), template):
-                raise GalleryError(f"re-encoding template row {tid} does not round-trip; "
-                                   f"nothing of this batch was written")
-            updates.append((self.codec.name, sealed,
-                            template_checksum(traveller_id, sha, self.codec.name, sealed), tid))
-        c.executemany("UPDATE templates SET codec=?, template=?, checksum=? "
-                      "WHERE template_id=?", updates)
-        return len(updates)
 
     # -- reads ----------------------------------------------------------------------
 

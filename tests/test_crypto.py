@@ -146,6 +146,7 @@ def test_env_single_key_and_ambiguous_config(tmp_path):
 
 
 def test_store_with_cipher_keeps_templates_encrypted_and_bound_to_their_row(tmp_path):
+    from matcher.gallery.integrity import quarantined
     from matcher.gallery.store import Store
 
     cipher, _ = _cipher("k1")
@@ -171,7 +172,7 @@ def test_store_with_cipher_keeps_templates_encrypted_and_bound_to_their_row(tmp_
     with Store(db, "buffalo_l", codec=cipher) as store:
         # The row checksum catches it first: quarantined, never decoded nor searched.
         assert len(store.get("T-A").templates) == 0
-        assert [d.traveller_id for d in store.quarantined()] == ["T-A"]
+        assert [d.traveller_id for d in quarantined(store)] == ["T-A"]
     # And the cipher alone refuses the blob on the wrong row.
     with pytest.raises(TemplateDecryptError):
         cipher.decode(bb, f"T-A\x00{sha_a}".encode())

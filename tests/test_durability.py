@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from matcher.gallery.integrity import integrity_check
 from matcher.gallery.primary import Gallery
 
 MODEL = "test-model@000000000000"
@@ -66,7 +67,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_enrolment(tmp_path):
     for round_ in range(2):
         acked += enrol_until_killed(data_dir, f"r{round_}", 40)
         with Gallery.open(data_dir, MODEL) as g:
-            assert g.store.integrity_check() == "ok"
+            assert integrity_check(g.store) == "ok"
             for tid in acked:
                 t = g.get(tid)
                 assert len(t.templates) == 2

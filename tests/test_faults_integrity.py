@@ -18,6 +18,7 @@ from synthetic import MODEL, NOW, WINDOW, sha, unit
 
 from matcher.cli.gallery import add_parser
 from matcher.errors import StoreDamaged
+from matcher.gallery.integrity import integrity_check, quarantined
 from matcher.gallery.primary import STORE_FILE, Gallery
 from matcher.gallery.schema import MIGRATIONS, SCHEMA_VERSION
 from matcher.gallery.store import Store
@@ -76,7 +77,7 @@ def test_a_rotted_template_row_is_quarantined_listed_and_healed_by_re_enrolment(
         g.enroll("T1", x[1], *WINDOW, [sha(1)])     # the booking photo again heals it
         assert _top(g, x[1][None]) == "T1"
         assert g.stats()["quarantined"] == []
-    assert Store(data / STORE_FILE, MODEL).integrity_check() == "ok"
+    assert integrity_check(Store(data / STORE_FILE, MODEL)) == "ok"
 
 
 def test_a_blob_swapped_between_rows_is_caught_by_the_row_binding(tmp_path):
@@ -131,7 +132,7 @@ def test_migration_gives_existing_rows_checksums_and_quarantines_implausible_one
         rows = store.read_all()
         assert sorted(rows.traveller_ids[o] for o in rows.owner) == ["T0", "T1"]
         np.testing.assert_array_equal(store.get("T0").templates[0], x[0])
-        assert [(d.traveller_id, d.reason.split(" ")[0]) for d in store.quarantined()] == \
+        assert [(d.traveller_id, d.reason.split(" ")[0]) for d in quarantined(store)] == \
             [("T2", "no")]
 
 

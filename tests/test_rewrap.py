@@ -16,6 +16,7 @@ from synthetic import MODEL, sha
 from matcher.errors import GalleryError
 from matcher.gallery.codecs import (ENV_KEY, ENV_KEY_FILE, Keyring, PlainCodec, TemplateCipher,
                                     TemplateDecryptError)
+from matcher.gallery.integrity import integrity_check
 from matcher.gallery.primary import STORE_FILE, Gallery
 from matcher.gallery.rewrap import rewrap_templates
 from matcher.gallery.store import Enrolment, Store
@@ -240,7 +241,7 @@ def test_cli_killed_midway_leaves_every_row_readable_and_a_rerun_finishes(tmp_pa
     assert 100 <= on_b < 600, "the kill did not land mid-way"
 
     with Store(data / STORE_FILE, MODEL, codec=ring) as store:
-        assert store.integrity_check() == "ok"
+        assert integrity_check(store) == "ok"
         np.testing.assert_array_equal(store.read_all().vectors, x)  # every row readable
     done = _matcher(["gallery", "rewrap", "--data", str(data)], env)
     assert done.returncode == 0, done.stderr

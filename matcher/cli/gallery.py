@@ -27,6 +27,7 @@ def _model_id(args: argparse.Namespace, store_path: Path) -> str:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """Counts and versions from the store and the snapshots; builds no index."""
+    from ..gallery.integrity import quarantined, verify_templates
     from ..gallery.primary import SNAPSHOT_DIR, STORE_FILE
     from ..gallery.snapshot import list_snapshots, verify_snapshot
     from ..gallery.store import Store
@@ -47,10 +48,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "templates": templates, "snapshots": []}
         # Every row's checksum (no key needed); damaged rows are quarantined as they would
         # be at the service's next start, and listed by traveller for re-enrolment.
-        store.verify_templates()
+        verify_templates(store)
         out["quarantined"] = [{"template_id": d.template_id, "traveller_id": d.traveller_id,
                                "photo_sha256": d.photo_sha256, "reason": d.reason}
-                              for d in store.quarantined()]
+                              for d in quarantined(store)]
         for path in list_snapshots(data_dir / SNAPSHOT_DIR):
             entry: dict[str, object] = {"name": path.name}
             try:

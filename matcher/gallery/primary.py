@@ -21,6 +21,7 @@ from ..templates import (Candidate, check_templates, check_traveller_id, fuse_gr
                          fuse_templates)
 from .codecs import TemplateCodec
 from .index import IndexConfig, SearchIndex
+from .integrity import quarantined, verify_templates
 from .served import ClaimScore, check_claim_probe, epoch_now, score_claim
 from .snapshot import (SnapshotManifest, list_snapshots, prune_snapshots, read_snapshot,
                        write_snapshot)
@@ -141,7 +142,7 @@ class Gallery:
 
     def stats(self) -> dict[str, object]:
         travellers, templates = self.store.counts()
-        quarantined = self.store.quarantined()
+        damaged = quarantined(self.store)
         ix = self._index
         return {"model_id": self.model_id, "store_id": self.store.store_id,
                 "schema_version": self.store.schema_version,
@@ -153,7 +154,7 @@ class Gallery:
                 "searchable_now": ix.searchable(time.time()),  # the N of a 1:N search now
                 "delta_templates": ix.delta_templates,
                 "quarantined": [{"template_id": d.template_id, "traveller_id": d.traveller_id,
-                                 "reason": d.reason} for d in quarantined],
+                                 "reason": d.reason} for d in damaged],
                 "snapshots": [p.name for p in list_snapshots(self.snapshot_dir)]}
 
     # -- writes ---------------------------------------------------------------------
@@ -277,8 +278,8 @@ def _index_traveller(index: SearchIndex, t: Traveller) -> None:
 def _drop_damaged(store: Store, index: SearchIndex) -> None:
     """Check every store row and take damaged ones (new or already quarantined) out of
     ``index``: their travellers are re-read with their intact templates only."""
-    store.verify_templates()
-    for traveller_id in dict.fromkeys(d.traveller_id for d in store.quarantined()):
+    verify_templates(store)
+    for traveller_id in dict.fromkeys(d.traveller_id for d in quarantined(store)):
         t = store.find(traveller_id)
         if t is None:
             index.remove(traveller_id)

@@ -20,13 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import (GalleryError, InvalidInput, StorageUnavailable, StoreBusy, StoreDamaged,
-                      UnknownTraveller)
+from ..errors import GalleryError, InvalidInput, StoreBusy, UnknownTraveller
 from ..templates import (EMBEDDING_DIM, MAX_TEMPLATES_PER_TRAVELLER, check_templates,
                          check_traveller_id, to_epoch)
 from .codecs import PlainCodec, TemplateCodec, row_context
-from .integrity import (DamagedRow, damaged_store_message, row_problem, storage_error,
-                        template_checksum)
+from .integrity import (DamagedRow, check_file, drop_quarantined, quarantine, quarantined_ids,
+                        row_problem, storage_error, template_checksum)
 from .schema import migrate
 
 log = logging.getLogger(__name__)
@@ -34,9 +33,6 @@ log = logging.getLogger(__name__)
 # How long a write may wait for the store's write lock (ours or another process's) when the
 # caller gives no deadline; a write never hangs a request or a shutdown for longer.
 DEFAULT_WRITE_WAIT_S = 10.0
-# Quarantining a damaged row found by a read must not stall that read (a Verify) behind a
-# stuck writer; the row is skipped either way, only its record waits for a later read.
-QUARANTINE_WAIT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -147,7 +143,10 @@ class TravellerSummary:
 # -- the store --------------------------------------------------------------------------
 
 class Store:
-    """Thread-safe. Writes are serialised and return only after COMMIT has been fsynced."""
+    """Thread-safe. Writes are serialised and return only after COMMIT has been fsynced.
+
+    Its transactions (``_read``, ``_write``) are also the ones of the modules beside it
+    that work on stored rows: integrity.py (checks, quarantine) and rewrap.py."""
 
     def __init__(self, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
                  write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
@@ -168,7 +167,7 @@ class Store:
             raise storage_error(e, self.path) from None
         try:
             if quick_check_s > 0:
-                self._check_file(quick_check_s)
+                check_file(self, quick_check_s)
             with self._write_lock:
                 migrate(self._conn, self.path)
             self._check_or_set_model(model_id)
@@ -185,19 +184,6 @@ class Store:
              write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
              ) -> "Store":
         return cls(path, model_id, codec, write_wait_s, quick_check_s)
-
-    def _check_file(self, max_s: float) -> None:
-        started = time.monotonic()
-        result = self.quick_check(max_s)
-        if result is None:
-            log.warning("store %s: PRAGMA quick_check did not finish within %.0f s and was "
-                        "stopped; run `sqlite3 %s 'PRAGMA integrity_check'` off-line",
-                        self.path, max_s, self.path)
-        elif result != "ok":
-            raise StoreDamaged(damaged_store_message(self.path, f"PRAGMA quick_check: {result}"))
-        else:
-            log.info("store %s: quick_check ok in %.2f s", self.path.name,
-                     time.monotonic() - started)
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing is left in
@@ -355,7 +341,7 @@ class Store:
     def _apply_enrolment(self, c: sqlite3.Connection, e: _Checked, now: float
                          ) -> EnrolResult:
         """Write one checked enrolment inside the caller's transaction."""
-        healed = self._drop_quarantined(c, e.traveller_id, e.photo_sha256s)
+        healed = drop_quarantined(c, e.traveller_id, e.photo_sha256s)
         row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
                         (e.traveller_id,)).fetchone()
         stored = {r[0] for r in c.execute(
@@ -402,19 +388,6 @@ class Store:
         c.executemany(
             "INSERT INTO templates (traveller_id, model_id, photo_sha256, codec, template,"
             " checksum, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)", values)
-
-    @staticmethod
-    def _drop_quarantined(c: sqlite3.Connection, traveller_id: str,
-                          photo_sha256s: Sequence[str] | None = None) -> int:
-        """Delete the traveller's quarantined rows (those of ``photo_sha256s``, or all):
-        re-enrolling a photo is how a damaged row is healed. Returns how many."""
-        rows = c.execute("SELECT q.template_id, q.photo_sha256 FROM quarantine q "
-                         "WHERE q.traveller_id=?", (traveller_id,)).fetchall()
-        wanted = None if photo_sha256s is None else set(photo_sha256s)
-        drop = [(tid,) for tid, sha in rows if wanted is None or sha in wanted]
-        c.executemany("DELETE FROM templates WHERE template_id=?", drop)
-        c.executemany("DELETE FROM quarantine WHERE template_id=?", drop)
-        return len(drop)
 
     def enroll(self, traveller_id: str, templates: np.ndarray,
                valid_from: datetime | float, valid_to: datetime | float,
@@ -525,7 +498,7 @@ class Store:
                 return EnrolResult(traveller_id, self._version(c), 0, False)
             c.executemany("DELETE FROM templates WHERE traveller_id=? AND photo_sha256=?",
                           [(traveller_id, sha) for sha in stale])
-            self._drop_quarantined(c, traveller_id)
+            drop_quarantined(c, traveller_id)
             self._set_window(c, traveller_id, vf, vt, False, now)
             self._insert_templates(c, traveller_id, x, new, now)
             version = self._bump(c, traveller_id, "enrol", now)
@@ -556,36 +529,6 @@ class Store:
                                f"opened with {self.codec.name!r}")
         return self.codec.decode(blob, row_context(traveller_id, sha))
 
-    @staticmethod
-    def _quarantined_ids(c: sqlite3.Connection, traveller_id: str | None = None) -> set[int]:
-        if traveller_id is None:
-            return {r[0] for r in c.execute("SELECT template_id FROM quarantine")}
-        return {r[0] for r in c.execute("SELECT template_id FROM quarantine WHERE "
-                                        "traveller_id=?", (traveller_id,))}
-
-    def _quarantine(self, damaged: Sequence[DamagedRow], wait_s: float | None = None) -> None:
-        """Record damaged rows (outside any read transaction). They are skipped by every
-        read whether or not this record could be written (their checksum fails each time),
-        so a full disk or a held lock only delays the record."""
-        if not damaged:
-            return
-        for d in damaged:
-            # The row id is enough for the log; traveller ids stay out of logs and are
-            # listed by `matcher gallery stats` from the quarantine table.
-            log.error("store %s: template row %d is damaged (%s); quarantined, never "
-                      "searched. `matcher gallery stats` names its traveller; re-enrol that "
-                      "photo to heal it", self.path.name, d.template_id, d.reason)
-        try:
-            with self._write(QUARANTINE_WAIT_S if wait_s is None else wait_s) as c:
-                c.executemany(
-                    "INSERT OR IGNORE INTO quarantine SELECT ?, ?, ?, ?, ? WHERE EXISTS "
-                    "(SELECT 1 FROM templates WHERE template_id=?)",
-                    [(d.template_id, d.traveller_id, d.photo_sha256, d.reason, time.time(),
-                      d.template_id) for d in damaged])
-        except (StorageUnavailable, GalleryError) as exc:
-            log.warning("store %s: could not record %d damaged rows yet (%s); they stay "
-                        "unsearched", self.path.name, len(damaged), type(exc).__name__)
-
     def get(self, traveller_id: str) -> Traveller:
         """One traveller with its intact templates (damaged ones quarantined, left out)."""
         traveller_id = check_traveller_id(traveller_id)
@@ -595,7 +538,7 @@ class Store:
             rows = c.execute("SELECT template_id, photo_sha256, codec, template, model_id, "
                              "checksum FROM templates WHERE traveller_id=? ORDER BY "
                              "template_id", (traveller_id,)).fetchall()
-            skip = self._quarantined_ids(c, traveller_id) if rows else set()
+            skip = quarantined_ids(c, traveller_id) if rows else set()
         if row is None:
             raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
         good, damaged = [], []
@@ -607,7 +550,7 @@ class Store:
                 damaged.append(DamagedRow(r[0], traveller_id, r[1], problem))
             else:
                 good.append(r)
-        self._quarantine(damaged)
+        quarantine(self, damaged)
         templates = np.stack([self._decode(traveller_id, r[1], r[2], r[3]) for r in good]) \
             if good else np.empty((0, EMBEDDING_DIM), np.float32)
         return Traveller(traveller_id, row[0], row[1], row[2], row[3], templates,
@@ -663,7 +606,7 @@ class Store:
                                    "WHERE valid_to > ? ORDER BY traveller_id",
                                    (cutoff,)).fetchall()
             slot = {t[0]: i for i, t in enumerate(travellers)}
-            skip = self._quarantined_ids(c)
+            skip = quarantined_ids(c)
             n = c.execute("SELECT COUNT(*) FROM templates").fetchone()[0]
             vectors = np.empty((n, EMBEDDING_DIM), np.float32)
             owner = np.empty(n, np.int32)
@@ -683,54 +626,8 @@ class Store:
                 owner[m] = s
                 template_ids[m] = tid
                 m += 1
-        self._quarantine(damaged, wait_s=self.write_wait_s)
+        quarantine(self, damaged, wait_s=self.write_wait_s)
         return GalleryRows(version, [t[0] for t in travellers],
                            np.array([t[1] for t in travellers], np.float64),
                            np.array([t[2] for t in travellers], np.float64),
                            owner[:m], template_ids[:m], vectors[:m])
-
-    def verify_templates(self) -> list[DamagedRow]:
-        """Check every template row's checksum (no decryption, no key needed); quarantine
-        the rows that fail and return them (newly found ones only)."""
-        damaged: list[DamagedRow] = []
-        with self._read() as c:
-            skip = self._quarantined_ids(c)
-            for tid, trav, sha, codec, blob, checksum in c.execute(
-                    "SELECT template_id, traveller_id, photo_sha256, codec, template, checksum "
-                    "FROM templates"):
-                if tid in skip:
-                    continue
-                problem = row_problem(trav, sha, codec, blob, checksum)
-                if problem:
-                    damaged.append(DamagedRow(tid, trav, sha, problem))
-        self._quarantine(damaged, wait_s=self.write_wait_s)
-        return damaged
-
-    def quarantined(self) -> list[DamagedRow]:
-        """Rows in quarantine, oldest first (what `matcher gallery stats` lists)."""
-        return [DamagedRow(*r) for r in self._reader().execute(
-            "SELECT template_id, traveller_id, photo_sha256, reason FROM quarantine "
-            "ORDER BY found_at, template_id")]
-
-    def quick_check(self, max_s: float) -> str | None:
-        """SQLite's ``PRAGMA quick_check``: "ok", or its first problems joined by "; ".
-
-        None if it did not finish within ``max_s`` seconds (interrupted, so a huge store
-        never holds start-up hostage; the caller logs it)."""
-        conn = self._connect()
-        deadline = time.monotonic() + max_s
-        conn.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
-        try:
-            rows = conn.execute("PRAGMA quick_check(10)").fetchall()
-        except sqlite3.OperationalError as e:
-            if "interrupt" in str(e):
-                return None
-            return str(e)
-        except sqlite3.DatabaseError as e:
-            return str(e)
-        finally:
-            conn.close()
-        return "; ".join(str(r[0]) for r in rows)
-
-    def integrity_check(self) -> str:
-        return self._reader().execute("PRAGMA integrity_check").fetchone()[0]

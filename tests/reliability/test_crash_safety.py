@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 from _server import ServerProcess
 
+from matcher.gallery.integrity import integrity_check
 from matcher.gallery.snapshot import list_snapshots, verify_snapshot
 from matcher.gallery.store import Store
 from matcher.service.audit import read_records, verify_chain
@@ -295,7 +296,7 @@ def test_sigkill_during_writes_loses_nothing_acknowledged(tmp_path, budget, tall
         snap = _check_snapshot(data, model_id, store_id)
         server.stop()
         with Store(data / "gallery.sqlite3", model_id) as store:
-            assert store.integrity_check() == "ok"
+            assert integrity_check(store) == "ok"
     finally:
         server.kill()
     acked = sum(op.state == "acked" for op in ledger.ops)

@@ -229,7 +229,7 @@ class Store:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- schema ---------------------------------------------------------------------
+    # -- meta: model, schema and gallery versions -------------------------------------
 
     def _meta(self, key: str) -> str | None:
         row = self._reader().execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
@@ -316,9 +316,14 @@ class Store:
     # -- writes ---------------------------------------------------------------------
 
     @staticmethod
-    def _bump(c: sqlite3.Connection, traveller_id: str, kind: str, now: float) -> int:
-        version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
-                                ).fetchone()[0]) + 1
+    def _version(c: sqlite3.Connection) -> int:
+        """The gallery_version as seen by ``c``'s transaction."""
+        return int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
+                             ).fetchone()[0])
+
+    @classmethod
+    def _bump(cls, c: sqlite3.Connection, traveller_id: str, kind: str, now: float) -> int:
+        version = cls._version(c) + 1
         c.execute("UPDATE meta SET value=? WHERE key='gallery_version'", (str(version),))
         c.execute("INSERT INTO changes VALUES (?, ?, ?, ?)", (version, traveller_id, kind, now))
         return version
@@ -361,11 +366,6 @@ class Store:
         self._insert_templates(c, e.traveller_id, e.templates, new, now)
         version = self._bump(c, e.traveller_id, "enrol", now)
         return EnrolResult(e.traveller_id, version, len(new), True)
-
-    @staticmethod
-    def _version(c: sqlite3.Connection) -> int:
-        return int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
-                             ).fetchone()[0])
 
     @staticmethod
     def _set_window(c: sqlite3.Connection, traveller_id: str, vf: float, vt: float,
@@ -599,8 +599,7 @@ class Store:
         them. Rows failing their checksum are quarantined and left out."""
         damaged: list[DamagedRow] = []
         with self._read() as c:
-            version = int(c.execute("SELECT value FROM meta WHERE key='gallery_version'"
-                                    ).fetchone()[0])
+            version = self._version(c)
             cutoff = -math.inf if valid_after is None else valid_after
             travellers = c.execute("SELECT traveller_id, valid_from, valid_to FROM travellers "
                                    "WHERE valid_to > ? ORDER BY traveller_id",

@@ -2,7 +2,6 @@
 killed with SIGKILL in the middle of a stream of enrolments."""
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -10,12 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
+from synthetic import MODEL, NOW, enrol_each, templates
 
 from matcher.gallery.integrity import integrity_check
 from matcher.gallery.primary import Gallery
 
-MODEL = "test-model@000000000000"
 REPO = Path(__file__).resolve().parents[1]
 
 # Enrols travellers forever, printing each id only after enroll() has returned.
@@ -81,15 +79,12 @@ def test_sigkill_mid_stream_loses_no_acknowledged_enrolment(tmp_path):
 
 
 def test_close_and_reopen_keep_every_enrolment(tmp_path):
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((30, 512)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    x = templates(30)
     with Gallery.open(tmp_path / "g", MODEL) as g:
-        for i in range(30):
-            g.enroll(f"T{i}", x[i], 0.0, 4e9, [hashlib.sha256(bytes([i])).hexdigest()])
+        enrol_each(g, x)
         g.export_snapshot()
         g.remove("T0")
     with Gallery.open(tmp_path / "g", MODEL) as g:
         assert g.size == 29 and g.version == 31
-        got = [c[0].traveller_id for c in g.search(x, 1, 1e9)]
+        got = [c[0].traveller_id for c in g.search(x, 1, NOW)]
         assert got[1:] == [f"T{i}" for i in range(1, 30)] and got[0] != "T0"

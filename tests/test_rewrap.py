@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from synthetic import MODEL, sha
+from synthetic import MODEL, sha, templates
 
 from matcher.errors import GalleryError
 from matcher.gallery.codecs import (ENV_KEY, ENV_KEY_FILE, Keyring, PlainCodec, TemplateCipher,
@@ -22,12 +22,6 @@ from matcher.gallery.rewrap import rewrap_templates
 from matcher.gallery.store import Enrolment, Store
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def templates(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 512) float32, L2-normalised."""
-    x = np.random.default_rng(seed).standard_normal((n, 512)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
 def fill(store: Store, x: np.ndarray, first: int = 0) -> None:

@@ -5,7 +5,7 @@ import threading
 
 import numpy as np
 import pytest
-from synthetic import MODEL, NOW, WINDOW, sha, unit
+from synthetic import MODEL, NOW, WINDOW, enrol_each, sha, templates, unit
 
 from matcher.errors import GalleryError, InvalidInput, UnknownTraveller
 from matcher.gallery.index import IndexConfig
@@ -89,3 +89,31 @@ def test_search_and_score_inputs(tmp_path):
         assert g.search(np.empty((0, 512), np.float32)) == []
     with pytest.raises(GalleryError, match="closed"):
         g.enroll("B", x, *WINDOW, [sha(1)])
+
+
+def test_searchable_count_is_exact_as_the_clock_and_the_gallery_move(tmp_path):
+    """The count a 1:N search is calibrated for is kept between search batches; it must
+    still move at every booking-window edge (whole second or not) and with every change."""
+    windows = [(NOW - 10, NOW + 10), (NOW + 0.5, NOW + 20), (NOW - 5, NOW + 1.25),
+               (NOW + 30, NOW + 40)]
+    x = templates(4, seed=9)
+
+    def expected(now: float) -> int:
+        return sum(vf <= now < vt for vf, vt in windows)
+
+    with Gallery.open(tmp_path, MODEL) as g:
+        enrol_each(g, x, windows)
+        assert [g.searchable(NOW + dt) for dt in (0, 0.25, 0.5, 1, 1.25, 2)] == \
+            [2, 2, 3, 3, 2, 2]
+        # forwards, backwards and the same instant again, across every edge
+        times = [NOW + dt for dt in np.arange(-20, 50, 0.25)]
+        for now in times + times[::-1] + times:
+            assert g.searchable(now) == expected(now), now - NOW
+        assert g.searchable(NOW) == 2  # the count at NOW is kept...
+        g.remove("T0")
+        windows[0] = (NOW, NOW)  # never open
+        assert g.searchable(NOW) == expected(NOW) == 1  # ...and dropped by each change
+        g.enroll("T3", x[3], NOW - 1, NOW + 1, [sha(3)])  # its window moves to now
+        windows[3] = (NOW - 1, NOW + 1)
+        assert g.searchable(NOW) == expected(NOW) == 2
+        assert g.searchable(NOW + 30) == expected(NOW + 30) == 0

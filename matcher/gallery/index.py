@@ -391,6 +391,11 @@ class SearchIndex:
         self._slots: dict[str, int] = {tid: i for i, tid in enumerate(traveller_ids)}
         self._built_photos = dict(self._photos)
         self._view = _View(built, delta, table)
+        # Counts the writer's changes to the traveller table, after each one is in place.
+        self._table_changes = 0
+        # (table changes, lo, hi, count): ``count`` travellers are searchable at every now
+        # in [lo, hi). One tuple, replaced whole, so concurrent readers need no lock.
+        self._searchable_span: tuple[int, float, float, int] = (-1, 0.0, 0.0, 0)
 
     @classmethod
     def build(cls, vectors: np.ndarray, owner: np.ndarray, template_ids: np.ndarray,
@@ -417,11 +422,28 @@ class SearchIndex:
         return len(self._slots)
 
     def searchable(self, now: float) -> int:
-        """Travellers a search at ``now`` looks at: active, booking window open."""
+        """Travellers a search at ``now`` looks at: active, booking window open.
+
+        Asked for on every search batch, so the count is kept with the span of time it
+        holds for (up to the nearest booking-window edge) and counted again only once
+        ``now`` leaves that span or the table changes: always the exact count."""
+        changes, lo, hi, count = self._searchable_span
+        if changes == self._table_changes and lo <= now < hi:
+            return count
+        # Read before the table: a change made meanwhile moves the counter past this key.
+        changes = self._table_changes
         t = self._view.table
         n = t.count
-        return int(np.count_nonzero(t.active[:n] & (t.valid_from[:n] <= now)
-                                    & (now < t.valid_to[:n])))
+        active, vf, vt = t.active[:n], t.valid_from[:n], t.valid_to[:n]
+        opened, closed = vf <= now, vt <= now
+        count = int(np.count_nonzero(active & opened & (now < vt)))
+        # The count moves only when now crosses an active traveller's valid_from or valid_to.
+        lo = max(np.max(vf, where=active & opened, initial=-math.inf),
+                 np.max(vt, where=active & closed, initial=-math.inf))
+        hi = min(np.min(vf, where=active & ~opened, initial=math.inf),
+                 np.min(vt, where=active & ~closed, initial=math.inf))
+        self._searchable_span = (changes, float(lo), float(hi), count)
+        return count
 
     @property
     def templates(self) -> int:
@@ -481,12 +503,14 @@ class SearchIndex:
         if old is not None:
             active[old] = False
         self._slots[traveller_id] = slot
+        self._table_changes += 1
 
     def remove(self, traveller_id: str) -> bool:
         slot = self._slots.pop(traveller_id, None)
         if slot is None:
             return False
         self._view.table.active[slot] = False
+        self._table_changes += 1
         return True
 
     # -- reader side --------------------------------------------------------------

@@ -37,7 +37,7 @@ from matcher.face.models import default_pack
 from matcher.face.pipeline import Pipeline
 from matcher.gallery.store import Enrolment, Store
 from matcher.reindex.cache import hash_photos
-from matcher.reindex.embedding import embed_on_ray, face_verdict, start_ray
+from matcher.reindex.embedding import EmbeddingConfig, embed_on_ray, face_verdict, start_ray
 from matcher.reindex.job import ReindexConfig, run_reindex
 
 from ._faces import faces_dir
@@ -75,7 +75,7 @@ def _single_process(paths: list[Path], threads: int) -> tuple[float, int]:
     return len(paths) / (time.perf_counter() - started), ok
 
 
-def _ray_run(work: list[tuple[str, str]], config: ReindexConfig, actors: int
+def _ray_run(work: list[tuple[str, str]], config: EmbeddingConfig, actors: int
              ) -> dict[str, float]:
     """One embed_on_ray pass with Ray already up: first-result latency and steady rate.
 
@@ -191,7 +191,7 @@ def run(report: Report, quick: bool) -> None:
                          f"{ok}/{n}")
 
         config = ReindexConfig(manifest=work_dir / "unused.csv", data_dir=work_dir / "data",
-                               progress=False)
+                               progress=False).embedding
         t = time.perf_counter()
         owned = start_ray(config)
         ray_init_s = time.perf_counter() - t

@@ -441,3 +441,15 @@ def test_a_hard_crash_loses_only_the_uncommitted_store_batch(faces_dir: Path,
                                   store_batch_travellers=2))
     assert (s.embedded, s.skipped, s.enrolled) == (3, 2, 3)
     assert s.gallery_travellers == len(photos) == s.gallery_templates
+
+
+def test_the_ray_actors_get_only_the_workers_small_settings(tmp_path: Path) -> None:
+    import pickle
+
+    config = ReindexConfig(tmp_path / "bookings.csv", tmp_path / "data", flip=True,
+                           ray_address="127.0.0.1:6379").embedding
+    shipped = pickle.dumps(config.worker_kwargs())
+    assert len(shipped) < 2048
+    assert pickle.loads(shipped) == config.worker_kwargs()
+    assert set(config.worker_kwargs()) == {"ort_threads", "second_face_area_ratio",
+                                           "detector", "quality", "flip"}

@@ -295,7 +295,7 @@ import json, sys
 from pathlib import Path
 from matcher.reindex.embedding import start_ray
 from matcher.reindex.job import ReindexConfig
-start_ray(ReindexConfig(Path("unused.csv"), Path("unused"), num_cpus=1))
+start_ray(ReindexConfig(Path("unused.csv"), Path("unused"), num_cpus=1).embedding)
 import ray
 ray.get(ray.remote(lambda: None).remote())  # a worker process up as well
 print(json.dumps([n["NodeManagerAddress"] for n in ray.nodes()]), flush=True)

@@ -9,6 +9,7 @@ matcher.face.enrolment's ``face_verdict``, the rule Enroll follows too.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import math
@@ -18,21 +19,19 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from ..errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError
 from ..face.enrolment import SECOND_FACE_AREA_RATIO, face_verdict
+from ..face.models import default_pack
 from ..face.pipeline import DecodedPhoto, DetectorConfig, Face
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
 from ..templates import EMBEDDING_DIM, photo_sha256
 from ..transport import is_loopback
 from .cache import unreadable_file_reason
 from .manifest import UNREADABLE_IMAGE
-
-if TYPE_CHECKING:
-    from .job import ReindexConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,41 @@ RAY_ENV_DEFAULTS = {
 # name is about Windows/macOS, on Linux "0" changes only this and `ray start` of a worker).
 RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """How the embedders run: the part of the re-index settings this module reads, built
+    by ``ReindexConfig.embedding`` (the meanings and defaults live there). Ray actors get
+    only the worker's own settings (``worker_kwargs``), never this whole.
+    """
+
+    ort_threads: int
+    batch_size: int
+    second_face_area_ratio: float
+    detector: DetectorConfig
+    quality: QualityPolicy
+    flip: bool
+    ray_address: str | None
+    num_cpus: int | None
+    object_store_mb: int
+    actors: int | None
+    cpus_per_actor: float
+    memory_per_actor_mb: int | None
+    actor_start_timeout_s: float
+
+    def worker_kwargs(self) -> dict[str, Any]:
+        """``PhotoEmbedder``'s arguments: small frozen values, cheap to pickle to actors."""
+        return {"ort_threads": self.ort_threads,
+                "second_face_area_ratio": self.second_face_area_ratio,
+                "detector": self.detector, "quality": self.quality, "flip": self.flip}
+
+    @property
+    def outcome_key(self) -> str:
+        """Identifies everything that decides a photo's verdict besides its bytes."""
+        text = repr((default_pack().model_id, self.detector, self.quality,
+                     self.second_face_area_ratio) + ((True,) if self.flip else ()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # -- the embedding worker (a Ray actor, or a plain object for --no-ray) -----------------
@@ -189,12 +223,11 @@ def _to_results(shas: list[str], reasons: list[str], blobs: list[bytes],
 
 # -- running the embedders ------------------------------------------------------------
 
-def embed_inline(work: list[tuple[str, str]], config: ReindexConfig,
+def embed_inline(work: list[tuple[str, str]], config: EmbeddingConfig,
                  timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
     """The same worker in this process, one batch at a time (no Ray, no pyarrow)."""
     started = time.perf_counter()
-    worker = PhotoEmbedder(config.ort_threads, config.second_face_area_ratio,
-                           config.detector, config.quality, config.flip)
+    worker = PhotoEmbedder(**config.worker_kwargs())
     timings["embedder_start"] = time.perf_counter() - started
     for i in range(0, len(work), config.batch_size):
         shas = [sha for sha, _ in work[i:i + config.batch_size]]
@@ -248,7 +281,7 @@ def _check_reachable(address: str, host: str, port: int) -> None:
                            ) from None
 
 
-def start_ray(config: ReindexConfig) -> bool:
+def start_ray(config: EmbeddingConfig) -> bool:
     """Connect to ``config.ray_address`` or start a private local Ray; True if we started
     (or connected) it here and so must shut it down, False if the caller already had.
 
@@ -294,7 +327,7 @@ def _quiet_ray_data() -> None:
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
-def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
+def embed_on_ray(work: list[tuple[str, str]], config: EmbeddingConfig,
                  timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
     """Ray Data: blocks of (sha256, path) -> actor pool of PhotoEmbedder -> driver."""
     started = time.perf_counter()
@@ -324,10 +357,7 @@ def embed_on_ray(work: list[tuple[str, str]], config: ReindexConfig,
         blocks = [table.slice(i, block_rows) for i in range(0, len(work), block_rows)]
         ds = ray.data.from_arrow(blocks).map_batches(
             PhotoEmbedder,
-            fn_constructor_kwargs={"ort_threads": config.ort_threads,
-                                   "second_face_area_ratio": config.second_face_area_ratio,
-                                   "detector": config.detector, "quality": config.quality,
-                                   "flip": config.flip},
+            fn_constructor_kwargs=config.worker_kwargs(),
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=config.batch_size, num_cpus=config.cpus_per_actor,
             memory=(config.memory_per_actor_mb * 1024 * 1024

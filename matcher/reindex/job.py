@@ -7,14 +7,13 @@ publishes a snapshot, which a running ``matcher serve`` on the same data dir pic
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ from ..gallery.snapshot import SnapshotManifest, verify_snapshot
 from ..gallery.store import Enrolment, Store, TravellerSummary
 from ..templates import EMBEDDING_DIM
 from .cache import OUTCOMES_FILE, OutcomeCache, hash_photos, remember_reject
-from .embedding import PhotoResult, check_ray_installed, embed_inline, embed_on_ray
+from .embedding import EmbeddingConfig, PhotoResult, check_ray_installed, embed_inline, embed_on_ray
 from .manifest import Booking, Manifest, Reject, load_manifest
 from .report import REJECTS_FILE, SUMMARY_FILE, Progress, Summary, write_rejects, write_summary
 
@@ -38,6 +37,9 @@ log = logging.getLogger(__name__)
 
 LOCK_FILE = "reindex.lock"
 MIN_STEADY_S = 1.0  # a steady rate measured over less than this is noise
+# The embedders: (sha256, path) work, their config, the timings dict -> result batches.
+Embed = Callable[[list[tuple[str, str]], EmbeddingConfig, dict[str, float]],
+                 Iterator[list[PhotoResult]]]
 
 
 @dataclass(frozen=True)
@@ -102,18 +104,19 @@ class ReindexConfig:
             raise InvalidInput("actor_start_timeout_s must be > 0")
 
     @property
-    def outcome_key(self) -> str:
-        """Identifies everything that decides a photo's verdict besides its bytes."""
-        text = repr((default_pack().model_id, self.detector, self.quality,
-                     self.second_face_area_ratio) + ((True,) if self.flip else ()))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    def embedding(self) -> EmbeddingConfig:
+        """What the embedders (matcher.reindex.embedding) are run with."""
+        # Each of its fields is one of ours, of the same name.
+        return EmbeddingConfig(**{f.name: getattr(self, f.name)
+                                  for f in fields(EmbeddingConfig)})
 
 
 def run_reindex(config: ReindexConfig,
-                embed: Callable[..., Iterator[list[PhotoResult]]] | None = None) -> Summary:
+                embed: Embed | None = None) -> Summary:
     """Run the whole job; returns its Summary (also written to the data dir).
 
-    ``embed`` defaults to ``embed_on_ray`` (or ``embed_inline`` when ``use_ray`` is off).
+    ``embed`` defaults to ``embed_on_ray`` (or ``embed_inline`` when ``use_ray`` is off);
+    it is called with ``config.embedding``.
     Raises only for a job that cannot run at all (unreadable manifest, store of another
     model); bad rows become rejects.
     """
@@ -131,7 +134,7 @@ def run_reindex(config: ReindexConfig,
         return _run_locked(config, embed, manifest, data_dir, summary, t0)
 
 
-def _run_locked(config: ReindexConfig, embed: Callable[..., Iterator[list[PhotoResult]]],
+def _run_locked(config: ReindexConfig, embed: Embed,
                 manifest: Manifest, data_dir: Path, summary: Summary, t0: float) -> Summary:
     seconds = summary.seconds
     rejects_path = Path(config.rejects_path or data_dir / REJECTS_FILE)
@@ -148,7 +151,8 @@ def _run_locked(config: ReindexConfig, embed: Callable[..., Iterator[list[PhotoR
     # template in its in-memory index, which a night of millions cannot afford. The index
     # is built once, from the store, at the end.
     store = Store.open(data_dir / STORE_FILE, model_id, codec)
-    cache = OutcomeCache(data_dir / OUTCOMES_FILE, config.outcome_key)
+    embedding = config.embedding
+    cache = OutcomeCache(data_dir / OUTCOMES_FILE, embedding.outcome_key)
     try:
         stored = {t.traveller_id: t for t in store.list_travellers()}
         plans, work = _plan(manifest.bookings, digests, stored, cache, summary, rejects)
@@ -166,7 +170,7 @@ def _run_locked(config: ReindexConfig, embed: Callable[..., Iterator[list[PhotoR
         by_node: Counter[str] = Counter()
         # closing(): an error while writing must stop the embedders (and our Ray) now.
         # No work: no embedder (and no Ray) is started at all.
-        with progress, (closing(embed(list(work.items()), config, seconds)) if work
+        with progress, (closing(embed(list(work.items()), embedding, seconds)) if work
                         else nullcontext(())) as batches:
             steady = _embed_and_enrol(batches, waiting, plans, writer, cache, rejects,
                                       progress, by_node)

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -405,6 +406,7 @@ def test_two_runs_on_one_data_dir_do_not_overlap(faces_dir: Path, tmp_path: Path
 POWER_CUT = """
 import os, sys
 from pathlib import Path
+from typing import Any
 from matcher.reindex.embedding import embed_inline
 from matcher.reindex.job import ReindexConfig, run_reindex
 
@@ -441,6 +443,31 @@ def test_a_hard_crash_loses_only_the_uncommitted_store_batch(faces_dir: Path,
                                   store_batch_travellers=2))
     assert (s.embedded, s.skipped, s.enrolled) == (3, 2, 3)
     assert s.gallery_travellers == len(photos) == s.gallery_templates
+
+
+def test_the_outcome_key_is_the_pipeline_fingerprint_and_the_second_face_rule(
+        tmp_path: Path, monkeypatch) -> None:
+    """Remembered refusals are reused only under the same verdict settings: the pipeline's
+    own fingerprint (Pipeline.settings_hash) and the enrolment rule's second-face ratio;
+    how the embedders run does not enter it."""
+    from dataclasses import replace
+
+    from matcher.face import pipeline
+    from matcher.face.pipeline import DetectorConfig
+    from matcher.face.quality import DEFAULT_POLICY
+
+    def key(**changes: Any) -> str:
+        return ReindexConfig(tmp_path / "bookings.csv", tmp_path / "data",
+                             **changes).embedding.outcome_key
+
+    same = key()
+    assert key(use_ray=False, ort_threads=2, batch_size=1, actors=3) == same
+    changed = [key(flip=True), key(second_face_area_ratio=0.5),
+               key(detector=DetectorConfig(max_side=640)),
+               key(quality=replace(DEFAULT_POLICY, min_det_score=0.7))]
+    monkeypatch.setattr(pipeline, "SCORE_REVISION", pipeline.SCORE_REVISION + 1)
+    changed.append(key())
+    assert same not in changed and len(set(changed)) == len(changed)
 
 
 def test_the_ray_actors_get_only_the_workers_small_settings(tmp_path: Path) -> None:

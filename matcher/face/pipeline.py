@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -168,6 +169,25 @@ class StageTimings:
         self.ms[stage] = self.ms.get(stage, 0.0) + (self.clock() - started) * 1e3
 
 
+def score_settings(pack: ModelPack, detector: DetectorConfig, quality: QualityPolicy,
+                   scaling: DecodeScaling = DecodeScaling(), flip: bool = False
+                   ) -> dict[str, Any]:
+    """Everything that moves a template's score or decides which faces are searched, for a
+    pipeline built with these settings. A function, so that a driver which never loads
+    the models (the re-index on Ray) can fingerprint the pipeline its workers build."""
+    return {"model_id": pack.model_id, "detector_sha256": pack.detector.sha256,
+            "embedder_sha256": pack.embedder.sha256, "revision": SCORE_REVISION,
+            "detector": asdict(detector), "quality": asdict(quality),
+            **({"decode_scaling": asdict(scaling)} if scaling.enabled else {}),
+            **({"flip": True} if flip else {})}
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    """The one fingerprint of pipeline settings (``score_settings``): 16 hex digits."""
+    text = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def letterbox_geometry(height: int, width: int, config: DetectorConfig
                        ) -> tuple[int, int, int, int, float]:
     """(input_h, input_w, new_h, new_w, det_scale) for an image of this size."""
@@ -211,18 +231,14 @@ class Pipeline:
     def model_id(self) -> str:
         return self.pack.model_id
 
-    def score_settings(self) -> dict:
+    def score_settings(self) -> dict[str, Any]:
         """Everything that moves a template's score or decides which faces are searched."""
-        return {"model_id": self.model_id, "detector_sha256": self.pack.detector.sha256,
-                "embedder_sha256": self.pack.embedder.sha256, "revision": SCORE_REVISION,
-                "detector": asdict(self.detector_config),
-                "quality": asdict(self.quality_policy),
-                **({"decode_scaling": asdict(self.scaling)} if self.scaling.enabled else {}),
-                **({"flip": True} if self.flip else {})}
+        return score_settings(self.pack, self.detector_config, self.quality_policy,
+                              self.scaling, self.flip)
 
     def settings_hash(self) -> str:
-        text = json.dumps(self.score_settings(), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """The fingerprint of ``score_settings`` (16 hex digits)."""
+        return settings_hash(self.score_settings())
 
     # -- stages -------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError
 from ..face.enrolment import SECOND_FACE_AREA_RATIO, face_verdict
 from ..face.models import default_pack
-from ..face.pipeline import DecodedPhoto, DetectorConfig, Face
+from ..face.pipeline import DecodedPhoto, DetectorConfig, Face, score_settings, settings_hash
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
 from ..templates import EMBEDDING_DIM, photo_sha256
 from ..transport import is_loopback
@@ -77,9 +77,12 @@ class EmbeddingConfig:
 
     @property
     def outcome_key(self) -> str:
-        """Identifies everything that decides a photo's verdict besides its bytes."""
-        text = repr((default_pack().model_id, self.detector, self.quality,
-                     self.second_face_area_ratio) + ((True,) if self.flip else ()))
+        """Identifies everything that decides a photo's verdict besides its bytes: the
+        fingerprint of the pipeline the workers build (``Pipeline.settings_hash``) and the
+        enrolment rule's second-face ratio, which is not a pipeline setting."""
+        pipeline = settings_hash(score_settings(default_pack(), self.detector, self.quality,
+                                                flip=self.flip))
+        text = f"{pipeline} {self.second_face_area_ratio!r}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -92,7 +92,6 @@ class Analysis:
     templates: np.ndarray              # (n, 512) float32, rows match ``faces`` (or 1 row)
     from_image: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
-    batch_size: int = 1
 
 
 @dataclass
@@ -383,8 +382,7 @@ class MatchEngine:
                 templates = (np.stack([f.template for f in faces]) if faces
                              else np.empty((0, EMBEDDING_DIM), np.float32))
                 results[slot] = Analysis(faces, templates, True,
-                                         {**timings.ms, "decode": decode_ms + finer_decode_ms},
-                                         len(jobs))
+                                         {**timings.ms, "decode": decode_ms + finer_decode_ms})
         if crops:
             t = time.perf_counter()
             templates = self.pipeline.embed_aligned(np.stack(crops))
@@ -392,7 +390,7 @@ class MatchEngine:
             shared["aligned"] = {"embed": embed_ms}
             for row, slot in enumerate(crop_slots):
                 results[slot] = Analysis([], templates[row:row + 1], False,
-                                         {"embed": embed_ms}, len(jobs))
+                                         {"embed": embed_ms})
         return results, shared  # type: ignore[return-value]
 
     def _decode_aligned(self, data: bytes) -> np.ndarray:

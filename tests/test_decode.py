@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from image_bombs import ispe_bomb, webp_bomb
 from PIL import Image
 
 from matcher.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, UnsupportedImage
@@ -248,26 +249,6 @@ def _as_bytes(fmt: str, image: Image.Image, **kwargs) -> bytes:
     return _encode(image, fmt, **{"quality": 90, **kwargs})
 
 
-def _webp_canvas(width: int, height: int, frame: bytes) -> bytes:
-    """An extended WebP (VP8X) declaring a ``width`` x ``height`` canvas around a real
-    frame: how a 30,000 x 30,000 WebP header looks (the simple form stops at 16,383)."""
-    vp8x = (b"VP8X" + struct.pack("<I", 10) + bytes(4)
-            + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little"))
-    body = b"WEBP" + vp8x + frame[12:]
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
-
-def _with_ispe(data: bytes, width: int, height: int) -> bytes:
-    """A real HEIF/AVIF file whose image spatial extents ('ispe') now declare another size."""
-    raw = bytearray(data)
-    pos = raw.find(b"ispe")
-    assert pos > 0, "the encoder wrote no ispe property"
-    while pos > 0:
-        raw[pos + 8:pos + 16] = struct.pack(">II", width, height)
-        pos = raw.find(b"ispe", pos + 4)
-    return bytes(raw)
-
-
 @pytest.mark.parametrize("fmt", MODERN)
 def test_modern_formats_decode_to_the_same_pixels(fmt: str) -> None:
     pixels = _gradient(96, 128)
@@ -341,7 +322,7 @@ def test_10_bit_rgb_heic_keeps_its_colours() -> None:
 @pytest.mark.parametrize("size", [(30_000, 30_000), (DEFAULT_LIMITS.max_side + 1, 64)])
 def test_modern_bomb_headers_are_refused_from_the_header(fmt: str, size) -> None:
     small = _as_bytes(fmt, Image.fromarray(_gradient(64, 64)))
-    bomb = _webp_canvas(*size, small) if fmt == "WEBP" else _with_ispe(small, *size)
+    bomb = webp_bomb(small, *size) if fmt == "WEBP" else ispe_bomb(small, *size)
     with pytest.raises(ImageTooLarge, match=f"{size[0]}x{size[1]} pixels"):
         decode_image(bomb)
 
@@ -358,14 +339,15 @@ def test_lossy_webp_at_its_largest_simple_size_is_refused() -> None:
 _BOMBS_UNDER_AN_ADDRESS_SPACE_LIMIT = r"""
 import io, resource, struct, sys
 sys.path.insert(0, sys.argv[1])
-from test_decode import _as_bytes, _gradient, _webp_canvas, _with_ispe
+from image_bombs import ispe_bomb, webp_bomb
+from test_decode import _as_bytes, _gradient
 from PIL import Image
 from matcher.face.decode import decode_image
 from matcher.errors import ImageTooLarge
 small = {f: _as_bytes(f, Image.fromarray(_gradient(64, 64))) for f in ("WEBP", "AVIF", "HEIF")}
-bombs = {"WEBP": _webp_canvas(30000, 30000, small["WEBP"]),
-         "AVIF": _with_ispe(small["AVIF"], 30000, 30000),
-         "HEIF": _with_ispe(small["HEIF"], 30000, 30000)}
+bombs = {"WEBP": webp_bomb(small["WEBP"], 30000, 30000),
+         "AVIF": ispe_bomb(small["AVIF"], 30000, 30000),
+         "HEIF": ispe_bomb(small["HEIF"], 30000, 30000)}
 # From here no allocation may come near one 30,000 x 30,000 canvas (2.7 GB as RGB).
 limit = 1 << 30
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

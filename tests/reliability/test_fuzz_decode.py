@@ -15,12 +15,15 @@ import io
 import struct
 import time
 import zlib
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from image_bombs import ispe_bomb, webp_bomb
 from PIL import Image
 
 from matcher.errors import ImageTooLarge, InvalidInput, UnsupportedImage
@@ -137,6 +140,25 @@ def _fuzz_settings(budget, name: str):
                                            HealthCheck.filter_too_much])
 
 
+def _run_mutations(bases, budget, tally, case: str, prefixes: str | tuple[str, ...],
+                   mutate: Callable[[bytes, st.DataObject], bytes]) -> None:
+    """Fuzz ``mutate`` over the bases whose names start with ``prefixes``: each mutated file
+    is decoded and counted by outcome (budget and tally under ``decode.<case>``). The
+    mutations must reach both a decode and a refusal, or they never got past the header
+    checks (or never hit them)."""
+    names = sorted(k for k in bases if k.startswith(prefixes))
+    counts: Counter[str] = Counter()
+
+    @_fuzz_settings(budget, f"decode.{case}")
+    @given(base=st.sampled_from(names), data=st.data())
+    def run(base: str, data: st.DataObject) -> None:
+        counts[_decode_outcome(mutate(bases[base], data), tally)] += 1
+        tally.add(f"fuzz.decode.{case}")
+
+    run()
+    assert len(counts) >= 2, f"the mutations never reached both outcomes: {dict(counts)}"
+
+
 def test_bases_cover_every_decoder_the_service_accepts(bases, tally):
     """The mutation bases reach every decoder decode_image accepts, stills decode, and the
     animated WebP and AVIF are refused from their header."""
@@ -150,13 +172,8 @@ def test_bases_cover_every_decoder_the_service_accepts(bases, tally):
 
 def test_png_chunk_mutations(bases, budget, tally):
     """Mutate PNG chunks with valid CRCs: IHDR fields, IDAT bytes, chunk order and count."""
-    pngs = sorted(k for k in bases if k.startswith("png"))
-    outcomes: dict[str, int] = {}
-
-    @_fuzz_settings(budget, "decode.png_chunks")
-    @given(base=st.sampled_from(pngs), data=st.data())
-    def run(base: str, data: st.DataObject) -> None:
-        chunks = _png_chunks(bases[base])
+    def mutate(base: bytes, data: st.DataObject) -> bytes:
+        chunks = _png_chunks(base)
         op = data.draw(st.sampled_from(["ihdr", "idat_flip", "drop", "duplicate", "swap",
                                         "idat_trunc", "plte", "inject"]))
         i = data.draw(st.integers(0, len(chunks) - 1))
@@ -192,12 +209,9 @@ def test_png_chunk_mutations(bases, budget, tally):
             kind = data.draw(st.sampled_from([b"tEXt", b"zTXt", b"iCCP", b"eXIf", b"acTL",
                                               b"fcTL", b"sBIT", b"gAMA", b"xYzW"]))
             chunks.insert(max(1, i), (kind, data.draw(st.binary(max_size=300))))
-        outcome = _decode_outcome(_png_build(chunks), tally)
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        tally.add("fuzz.decode.png_chunks")
+        return _png_build(chunks)
 
-    run()
-    assert len(outcomes) >= 2, f"the mutations never reached both outcomes: {outcomes}"
+    _run_mutations(bases, budget, tally, "png_chunks", "png", mutate)
 
 
 def test_jpeg_marker_mutations(bases, budget, tally):
@@ -253,9 +267,9 @@ def test_header_bombs_are_refused_from_the_header(bases, budget, tally):
         # draw must not count as a case (Hypothesis draws again until max_examples ran).
         assume(too_large)
         data = {"png": _png_bomb, "jpeg": _jpeg_bomb,
-                "webp": lambda w, h: _webp_bomb(bases["webp_lossy"], w, h),
-                "heic": lambda w, h: _ispe_bomb(bases["heic"], w, h),
-                "avif": lambda w, h: _ispe_bomb(bases["avif"], w, h)}[fmt](width, height)
+                "webp": lambda w, h: webp_bomb(bases["webp_lossy"], w, h),
+                "heic": lambda w, h: ispe_bomb(bases["heic"], w, h),
+                "avif": lambda w, h: ispe_bomb(bases["avif"], w, h)}[fmt](width, height)
         start = time.monotonic()
         with pytest.raises(ImageTooLarge):
             decode_image(data)
@@ -283,24 +297,6 @@ def _jpeg_bomb(width: int, height: int) -> bytes:
     raw = bytearray(_SMALL_JPEG)
     sof = raw.find(b"\xff\xc0")
     raw[sof + 5:sof + 9] = struct.pack(">HH", height, width)
-    return bytes(raw)
-
-
-def _webp_bomb(frame: bytes, width: int, height: int) -> bytes:
-    """An extended (VP8X) WebP declaring a width x height canvas around a real small frame."""
-    vp8x = (b"VP8X" + struct.pack("<I", 10) + bytes(4)
-            + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little"))
-    body = b"WEBP" + vp8x + frame[12:]
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
-
-def _ispe_bomb(data: bytes, width: int, height: int) -> bytes:
-    """A real HEIC/AVIF whose every image spatial extents property declares width x height."""
-    raw = bytearray(data)
-    pos = raw.find(b"ispe")
-    while pos > 0:
-        raw[pos + 8:pos + 16] = struct.pack(">II", width, height)
-        pos = raw.find(b"ispe", pos + 4)
     return bytes(raw)
 
 
@@ -332,13 +328,8 @@ def _all_boxes(data: bytes) -> list[tuple[int, int, bytes]]:
 
 def test_heif_and_avif_box_mutations(bases, budget, tally):
     """Damage HEIC/AVIF boxes: sizes, ispe/pixi/irot contents, item tables, coded data."""
-    names = sorted(k for k in bases if k.startswith(("heic", "avif")))
-    outcomes: dict[str, int] = {}
-
-    @_fuzz_settings(budget, "decode.isobmff_boxes")
-    @given(base=st.sampled_from(names), data=st.data())
-    def run(base: str, data: st.DataObject) -> None:
-        raw = bytearray(bases[base])
+    def mutate(base: bytes, data: st.DataObject) -> bytes:
+        raw = bytearray(base)
         boxes = _all_boxes(bytes(raw))
         pos, size, kind = data.draw(st.sampled_from(boxes))
         op = data.draw(st.sampled_from(["size", "contents", "ispe", "mdat", "cut", "drop"]))
@@ -350,8 +341,8 @@ def test_heif_and_avif_box_mutations(bases, budget, tally):
                 raw[data.draw(st.integers(pos + 8, pos + size - 1))] = data.draw(
                     st.integers(0, 255))
         elif op == "ispe":
-            raw = bytearray(_ispe_bomb(bytes(raw), data.draw(st.integers(0, 12_000)),
-                                       data.draw(st.integers(0, 12_000))))
+            raw = bytearray(ispe_bomb(bytes(raw), data.draw(st.integers(0, 12_000)),
+                                      data.draw(st.integers(0, 12_000))))
         elif op == "mdat":
             mdat = raw.find(b"mdat")
             for _ in range(data.draw(st.integers(1, 16))):
@@ -361,23 +352,15 @@ def test_heif_and_avif_box_mutations(bases, budget, tally):
             raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
         else:
             del raw[pos:pos + size]
-        outcome = _decode_outcome(bytes(raw), tally)
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        tally.add("fuzz.decode.isobmff_boxes")
+        return bytes(raw)
 
-    run()
-    assert len(outcomes) >= 2, f"the mutations never reached both outcomes: {outcomes}"
+    _run_mutations(bases, budget, tally, "isobmff_boxes", ("heic", "avif"), mutate)
 
 
 def test_webp_chunk_mutations(bases, budget, tally):
     """Damage WebP RIFF chunks: sizes, the VP8X canvas and flags, the coded frame."""
-    names = sorted(k for k in bases if k.startswith("webp"))
-    outcomes: dict[str, int] = {}
-
-    @_fuzz_settings(budget, "decode.webp_chunks")
-    @given(base=st.sampled_from(names), data=st.data())
-    def run(base: str, data: st.DataObject) -> None:
-        raw = bytearray(bases[base])
+    def mutate(base: bytes, data: st.DataObject) -> bytes:
+        raw = bytearray(base)
         op = data.draw(st.sampled_from(["riff_size", "chunk_size", "canvas", "flags",
                                         "frame", "cut", "anim"]))
         if op == "riff_size":
@@ -385,8 +368,8 @@ def test_webp_chunk_mutations(bases, budget, tally):
         elif op == "chunk_size":
             raw[16:20] = struct.pack("<I", data.draw(st.integers(0, 2**32 - 1)))
         elif op == "canvas":
-            raw = bytearray(_webp_bomb(bytes(raw), data.draw(st.integers(1, 12_000)),
-                                       data.draw(st.integers(1, 12_000))))
+            raw = bytearray(webp_bomb(bytes(raw), data.draw(st.integers(1, 12_000)),
+                                      data.draw(st.integers(1, 12_000))))
         elif op == "flags" and raw[12:16] == b"VP8X":
             raw[20] = data.draw(st.integers(0, 255))
         elif op == "frame":
@@ -398,12 +381,9 @@ def test_webp_chunk_mutations(bases, budget, tally):
             anim = b"ANIM" + struct.pack("<I", 6) + bytes(6)
             raw[12:12] = anim
             raw[4:8] = struct.pack("<I", len(raw) - 8)
-        outcome = _decode_outcome(bytes(raw), tally)
-        outcomes[outcome] = outcomes.get(outcome, 0) + 1
-        tally.add("fuzz.decode.webp_chunks")
+        return bytes(raw)
 
-    run()
-    assert len(outcomes) >= 2, f"the mutations never reached both outcomes: {outcomes}"
+    _run_mutations(bases, budget, tally, "webp_chunks", "webp", mutate)
 
 
 def test_random_bytes_behind_real_magic_numbers(budget, tally):

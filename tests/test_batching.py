@@ -4,6 +4,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
@@ -11,15 +14,23 @@ import pytest
 from matcher.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
 from matcher.service.batching import BatchConfig, BatchContractError, MicroBatcher
 
+if TYPE_CHECKING:  # imported where used: the batcher's own tests need no gallery
+    from matcher.gallery.primary import Gallery
+    from matcher.service.engine import MatchEngine
+
 
 class Recorder:
-    """A batch function that doubles its inputs and remembers every batch it saw;
-    ``gate`` (if set) holds each call until released, to fill the queue deliberately."""
+    """A batch function that doubles its inputs and remembers every batch it saw; when
+    ``held``, each call waits for ``release()``, to fill the queue deliberately."""
 
-    def __init__(self, gate: threading.Event | None = None) -> None:
+    def __init__(self, held: bool = False) -> None:
         self.batches: list[list[int]] = []
-        self.gate = gate
+        self.gate = threading.Event() if held else None
         self.entered = threading.Event()
+
+    def release(self) -> None:
+        assert self.gate is not None, "only a held Recorder is released"
+        self.gate.set()
 
     def __call__(self, items: list[int]) -> list[int]:
         self.batches.append(list(items))
@@ -33,18 +44,62 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def _wait_until(event: threading.Event) -> None:
-    await asyncio.to_thread(event.wait, 10)
+def run_on_engine(engine: MatchEngine, gallery: Gallery,
+                  calls: Callable[[], Awaitable[list[Any]]]) -> list[Any]:
+    """What ``calls()`` returns, run on the started engine; the engine is then stopped
+    and the gallery closed."""
+    async def main() -> list[Any]:
+        engine.start()
+        try:
+            return await calls()
+        finally:
+            await engine.stop()
+
+    try:
+        return run(main())
+    finally:
+        gallery.close()
+
+
+def one_worker(max_batch: int = 1, max_queue: int = 64) -> BatchConfig:
+    """One worker that takes what is queued without waiting for company: a batch holds
+    what queued while the worker was busy, so a test decides how batches form."""
+    return BatchConfig(max_batch=max_batch, max_wait_s=0, max_queue=max_queue, workers=1)
+
+
+@asynccontextmanager
+async def started(fn: Callable[[list[Any]], list[Any]], config: BatchConfig | None = None,
+                  **kwargs: Any) -> AsyncIterator[MicroBatcher]:
+    """A started MicroBatcher over ``fn``, stopped (its queued work finished) on the way out."""
+    b = MicroBatcher(fn, config or BatchConfig(), **kwargs)
+    b.start()
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+@asynccontextmanager
+async def worker_held(b: MicroBatcher, fn: Recorder, item: int = 0
+                      ) -> AsyncIterator[asyncio.Task]:
+    """While the block runs the worker is inside ``fn`` (held) with ``item``, so what is
+    submitted waits in the queue; on the way out ``fn`` is released and the held item's
+    task (the one yielded) has its answer."""
+    first = asyncio.create_task(b.submit(item))
+    await asyncio.to_thread(fn.entered.wait, 10)
+    try:
+        yield first
+    finally:
+        fn.release()
+    await first
 
 
 def test_concurrent_requests_share_batches_and_get_their_own_results():
     fn = Recorder()
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=8, max_wait_s=0.05, max_queue=64, workers=1))
-        b.start()
-        out = await asyncio.gather(*(b.submit(i) for i in range(20)))
-        await b.stop()
+        async with started(fn, BatchConfig(max_batch=8, max_wait_s=0.05, workers=1)) as b:
+            out = await asyncio.gather(*(b.submit(i) for i in range(20)))
         return out
 
     out = run(main())
@@ -59,10 +114,8 @@ def test_a_lone_request_is_served_after_max_wait_without_company():
     fn = Recorder()
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=8, max_wait_s=0.01))
-        b.start()
-        out = await b.submit(21)
-        await b.stop()
+        async with started(fn, BatchConfig(max_batch=8, max_wait_s=0.01)) as b:
+            out = await b.submit(21)
         return out
 
     result, stats = run(main())
@@ -70,47 +123,34 @@ def test_a_lone_request_is_served_after_max_wait_without_company():
 
 
 def test_full_queue_refuses_at_once_with_overloaded():
-    gate = threading.Event()
-    fn = Recorder(gate)
+    fn = Recorder(held=True)
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=2, workers=1))
-        b.start()
-        first = asyncio.create_task(b.submit(0))
-        await _wait_until(fn.entered)             # the worker holds item 0
-        queued = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
-        await asyncio.sleep(0)                    # let them enqueue
-        with pytest.raises(Overloaded, match="queue is full"):
-            await b.submit(3)
-        gate.set()
-        results = await asyncio.gather(first, *queued)
-        await b.stop()
-        return results
+        async with started(fn, one_worker(1, max_queue=2)) as b:
+            async with worker_held(b, fn) as first:
+                queued = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+                await asyncio.sleep(0)                # let them enqueue
+                with pytest.raises(Overloaded, match="queue is full"):
+                    await b.submit(3)
+            return await asyncio.gather(first, *queued)
 
     assert [r for r, _ in run(main())] == [0, 2, 4]
 
 
 def test_requests_whose_deadline_passed_in_the_queue_are_dropped_before_compute():
-    gate = threading.Event()
-    fn = Recorder(gate)
+    fn = Recorder(held=True)
     expired = []
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8, workers=1),
-                         on_expired=lambda: expired.append(1))
-        b.start()
-        first = asyncio.create_task(b.submit(0))
-        await _wait_until(fn.entered)
-        doomed = asyncio.create_task(b.submit(7, deadline=time.monotonic() + 0.05))
-        alive = asyncio.create_task(b.submit(8, deadline=time.monotonic() + 30))
-        await asyncio.sleep(0.1)                  # the doomed deadline passes while queued
-        gate.set()
-        await first
-        with pytest.raises(DeadlineExpired):
-            await doomed
-        result = await alive
-        await b.stop()
-        return result
+        async with started(fn, one_worker(4, max_queue=8),
+                           on_expired=lambda: expired.append(1)) as b:
+            async with worker_held(b, fn):
+                doomed = asyncio.create_task(b.submit(7, deadline=time.monotonic() + 0.05))
+                alive = asyncio.create_task(b.submit(8, deadline=time.monotonic() + 30))
+                await asyncio.sleep(0.1)              # the doomed deadline passes while queued
+            with pytest.raises(DeadlineExpired):
+                await doomed
+            return await alive
 
     assert run(main())[0] == 16
     assert [7 in batch for batch in fn.batches] == [False] * len(fn.batches)
@@ -120,22 +160,16 @@ def test_requests_whose_deadline_passed_in_the_queue_are_dropped_before_compute(
 def test_a_weighted_request_joins_one_batch_whole_and_counts_its_units():
     """Items standing for several units of work (a probe's frames): gathered up to
     max_batch units, never split, and the cost estimates count units."""
-    gate = threading.Event()
-    fn = Recorder(gate)
+    fn = Recorder(held=True)
     units = []
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8, workers=1),
-                         on_batch=units.append, weight=lambda item: item)
-        b.start()
-        first = asyncio.create_task(b.submit(1))
-        await _wait_until(fn.entered)             # the worker holds a batch of [1]
-        waiting = [asyncio.create_task(b.submit(w)) for w in (3, 2, 5, 1)]
-        await asyncio.sleep(0)
-        gate.set()
-        out = await asyncio.gather(first, *waiting)
-        await b.stop()
-        return out
+        async with started(fn, one_worker(4, max_queue=8),
+                           on_batch=units.append, weight=lambda item: item) as b:
+            async with worker_held(b, fn, 1) as first:  # a batch of [1]
+                waiting = [asyncio.create_task(b.submit(w)) for w in (3, 2, 5, 1)]
+                await asyncio.sleep(0)
+            return await asyncio.gather(first, *waiting)
 
     out = run(main())
     assert [r for r, _ in out] == [2, 6, 4, 10, 2]
@@ -148,12 +182,8 @@ def test_a_weighted_request_joins_one_batch_whole_and_counts_its_units():
 
 
 async def _submit_weighted(weight: int):
-    b = MicroBatcher(Recorder(), BatchConfig(), weight=lambda item: item)
-    b.start()
-    try:
+    async with started(Recorder(), weight=lambda item: item) as b:
         await b.submit(weight)
-    finally:
-        await b.stop()
 
 
 def test_a_heavier_request_expects_a_longer_wait():
@@ -162,14 +192,12 @@ def test_a_heavier_request_expects_a_longer_wait():
         return items
 
     async def main():
-        b = MicroBatcher(slow, BatchConfig(max_batch=1, max_wait_s=0, workers=1),
-                         weight=lambda item: item)
-        b.start()
-        await b.submit(2)                         # learns what a unit costs (~10 ms)
-        one, eight = b.expected_wait_s(1), b.expected_wait_s(8)
-        with pytest.raises(DeadlineExpired, match="shorter than one probe's compute"):
-            await b.submit(8, deadline=time.monotonic() + 4 * one)
-        await b.stop()
+        async with started(slow, one_worker(1),
+                           weight=lambda item: item) as b:
+            await b.submit(2)                         # learns what a unit costs (~10 ms)
+            one, eight = b.expected_wait_s(1), b.expected_wait_s(8)
+            with pytest.raises(DeadlineExpired, match="shorter than one probe's compute"):
+                await b.submit(8, deadline=time.monotonic() + 4 * one)
         return one, eight
 
     one, eight = run(main())
@@ -178,11 +206,9 @@ def test_a_heavier_request_expects_a_longer_wait():
 
 def test_a_deadline_already_passed_on_arrival_is_refused():
     async def main():
-        b = MicroBatcher(Recorder(), BatchConfig())
-        b.start()
-        with pytest.raises(DeadlineExpired):
-            await b.submit(1, deadline=time.monotonic() - 1)
-        await b.stop()
+        async with started(Recorder(), BatchConfig()) as b:
+            with pytest.raises(DeadlineExpired):
+                await b.submit(1, deadline=time.monotonic() - 1)
 
     run(main())
 
@@ -192,10 +218,8 @@ def test_every_request_of_a_failed_batch_fails_with_the_error():
         raise RuntimeError("model crashed")
 
     async def main():
-        b = MicroBatcher(explode, BatchConfig(max_batch=8, max_wait_s=0.05))
-        b.start()
-        out = await asyncio.gather(*(b.submit(i) for i in range(5)), return_exceptions=True)
-        await b.stop()
+        async with started(explode, BatchConfig(max_batch=8, max_wait_s=0.05)) as b:
+            out = await asyncio.gather(*(b.submit(i) for i in range(5)), return_exceptions=True)
         return out
 
     out = run(main())
@@ -204,10 +228,9 @@ def test_every_request_of_a_failed_batch_fails_with_the_error():
 
 def test_a_batch_function_returning_the_wrong_count_fails_the_batch():
     async def main():
-        b = MicroBatcher(lambda items: items[:-1], BatchConfig(max_batch=8, max_wait_s=0.05))
-        b.start()
-        out = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
-        await b.stop()
+        short = BatchConfig(max_batch=8, max_wait_s=0.05)
+        async with started(lambda items: items[:-1], short) as b:
+            out = await asyncio.gather(*(b.submit(i) for i in range(3)), return_exceptions=True)
         return out
 
     assert all(isinstance(e, BatchContractError) for e in run(main()))
@@ -218,10 +241,8 @@ def test_an_exception_result_fails_only_its_own_request():
         return [InvalidInput("odd") if x % 2 else x for x in items]
 
     async def main():
-        b = MicroBatcher(picky, BatchConfig(max_batch=8, max_wait_s=0.05))
-        b.start()
-        out = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
-        await b.stop()
+        async with started(picky, BatchConfig(max_batch=8, max_wait_s=0.05)) as b:
+            out = await asyncio.gather(*(b.submit(i) for i in range(4)), return_exceptions=True)
         return out
 
     out = run(main())
@@ -230,44 +251,34 @@ def test_an_exception_result_fails_only_its_own_request():
 
 
 def test_stop_finishes_queued_work_then_refuses():
-    gate = threading.Event()
-    fn = Recorder(gate)
+    fn = Recorder(held=True)
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=8, workers=1))
-        b.start()
-        tasks = [asyncio.create_task(b.submit(i)) for i in range(3)]
-        await _wait_until(fn.entered)
-        stopping = asyncio.create_task(b.stop())
-        await asyncio.sleep(0)
-        with pytest.raises(NotReady):
-            await b.submit(99)
-        gate.set()
-        await stopping
-        return [r for r, _ in await asyncio.gather(*tasks)]
+        async with started(fn, one_worker(1, max_queue=8)) as b:
+            async with worker_held(b, fn) as first:
+                tasks = [first, *(asyncio.create_task(b.submit(i)) for i in (1, 2))]
+                stopping = asyncio.create_task(b.stop())
+                await asyncio.sleep(0)
+                with pytest.raises(NotReady):
+                    await b.submit(99)
+            await stopping
+            return [r for r, _ in await asyncio.gather(*tasks)]
 
     assert run(main()) == [0, 2, 4]
 
 
 def test_a_cancelled_request_is_not_computed():
-    gate = threading.Event()
-    fn = Recorder(gate)
+    fn = Recorder(held=True)
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=4, max_wait_s=0, max_queue=8, workers=1))
-        b.start()
-        first = asyncio.create_task(b.submit(0))
-        await _wait_until(fn.entered)
-        gone = asyncio.create_task(b.submit(5))
-        await asyncio.sleep(0)
-        gone.cancel()
-        kept = asyncio.create_task(b.submit(6))
-        await asyncio.sleep(0)
-        gate.set()
-        await first
-        result = await kept
-        await b.stop()
-        return result
+        async with started(fn, one_worker(4, max_queue=8)) as b:
+            async with worker_held(b, fn):
+                gone = asyncio.create_task(b.submit(5))
+                await asyncio.sleep(0)
+                gone.cancel()
+                kept = asyncio.create_task(b.submit(6))
+                await asyncio.sleep(0)
+            return await kept
 
     assert run(main())[0] == 12
     assert all(5 not in batch for batch in fn.batches)
@@ -294,18 +305,9 @@ def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeli
     sizes = []
     engine.batcher._on_batch = sizes.append  # observe batch sizes as the metrics hook does
 
-    async def main():
-        engine.start()
-        out = await asyncio.gather(*(engine.analyse(ImageJob(d), None) for d in data),
-                                   engine.analyse(ImageJob(b"junk"), None),
-                                   return_exceptions=True)
-        await engine.stop()
-        return out
-
-    try:
-        out = run(main())
-    finally:
-        gallery.close()
+    out = run_on_engine(engine, gallery, lambda: asyncio.gather(
+        *(engine.analyse(ImageJob(d), None) for d in data),
+        engine.analyse(ImageJob(b"junk"), None), return_exceptions=True))
     assert isinstance(out[-1], InvalidInput)
     assert max(sizes) > 1
     for d, analysis in zip(data, out[:-1]):
@@ -332,17 +334,8 @@ def test_concurrent_searches_share_one_gallery_call_and_keep_their_own_k(pipelin
     real = engine.decider.identify_many
     engine.decider.identify_many = lambda x, k: calls.append((len(x), k)) or real(x, k)
 
-    async def main():
-        engine.start()
-        out = await asyncio.gather(*(engine.identify(t[None, :], k)
-                                     for k, t in zip((1, 2, 3, 4), templates.values())))
-        await engine.stop()
-        return out
-
-    try:
-        out = run(main())
-    finally:
-        gallery.close()
+    out = run_on_engine(engine, gallery, lambda: asyncio.gather(
+        *(engine.identify(t[None, :], k) for k, t in zip((1, 2, 3, 4), templates.values()))))
     for (f, _), k, decisions in zip(templates.items(), (1, 2, 3, 4), out):
         assert decisions[0].traveller_id == f and len(decisions[0].candidates) == k
     assert sum(n for n, _ in calls) == 4 and len(calls) < 4  # at least two shared a call
@@ -354,19 +347,17 @@ def test_a_request_the_queue_cannot_serve_before_its_deadline_is_refused_at_once
         return items
 
     async def main():
-        b = MicroBatcher(slow, BatchConfig(max_batch=1, max_wait_s=0, max_queue=32, workers=1))
-        b.start()
-        await b.submit(0)                        # learns what an item costs (~50 ms)
-        cost = b.expected_wait_s()               # one item ahead of nobody
-        backlog = [asyncio.create_task(b.submit(i)) for i in range(10)]
-        await asyncio.sleep(0)
-        assert b.expected_wait_s() >= 5 * cost
-        with pytest.raises(Overloaded, match="more than the call's remaining"):
-            await b.submit(99, deadline=time.monotonic() + 2 * cost)
-        refused_before_the_backlog_ran = sum(t.done() for t in backlog) < len(backlog)
-        patient = await b.submit(7, deadline=time.monotonic() + 30)
-        await asyncio.gather(*backlog)
-        await b.stop()
+        async with started(slow, one_worker(1, max_queue=32)) as b:
+            await b.submit(0)                        # learns what an item costs (~50 ms)
+            cost = b.expected_wait_s()               # one item ahead of nobody
+            backlog = [asyncio.create_task(b.submit(i)) for i in range(10)]
+            await asyncio.sleep(0)
+            assert b.expected_wait_s() >= 5 * cost
+            with pytest.raises(Overloaded, match="more than the call's remaining"):
+                await b.submit(99, deadline=time.monotonic() + 2 * cost)
+            refused_before_the_backlog_ran = sum(t.done() for t in backlog) < len(backlog)
+            patient = await b.submit(7, deadline=time.monotonic() + 30)
+            await asyncio.gather(*backlog)
         return refused_before_the_backlog_ran, patient
 
     at_once, patient = run(main())
@@ -379,13 +370,11 @@ def test_a_deadline_shorter_than_the_work_itself_is_deadline_exceeded_not_overlo
         return items
 
     async def main():
-        b = MicroBatcher(slow, BatchConfig(max_batch=1, max_wait_s=0, workers=1))
-        b.start()
-        await b.submit(0)                        # learns what an item costs (~50 ms)
-        cost = b.expected_wait_s()
-        with pytest.raises(DeadlineExpired, match="shorter than one probe's compute"):
-            await b.submit(1, deadline=time.monotonic() + cost / 2)
-        await b.stop()
+        async with started(slow, one_worker(1)) as b:
+            await b.submit(0)                        # learns what an item costs (~50 ms)
+            cost = b.expected_wait_s()
+            with pytest.raises(DeadlineExpired, match="shorter than one probe's compute"):
+                await b.submit(1, deadline=time.monotonic() + cost / 2)
 
     run(main())
 
@@ -394,30 +383,23 @@ def test_a_server_waking_to_a_backlog_drops_the_dead_calls_and_admits_live_ones(
     """A stall (the worker held) while calls queue up and their deadlines pass: when the
     next call comes, the dead ones are failed without work and it is admitted, although
     the queue had been full of them."""
-    gate = threading.Event()
-    fn = Recorder(gate)
+    fn = Recorder(held=True)
     expired = []
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=4, workers=1),
-                         on_expired=lambda: expired.append(1))
-        b.start()
-        first = asyncio.create_task(b.submit(0))
-        await _wait_until(fn.entered)            # the worker is stuck in item 0
-        doomed = [asyncio.create_task(b.submit(i, deadline=time.monotonic() + 0.05))
-                  for i in (1, 2, 3, 4)]
-        await asyncio.sleep(0.1)                 # their deadlines pass; the queue is full
-        assert b.queue_depth == 4
-        live = asyncio.create_task(b.submit(5, deadline=time.monotonic() + 30))
-        # Failed while the worker is still stuck: by the admission of the live call.
-        outcomes = await asyncio.gather(*doomed, return_exceptions=True)
-        assert all(isinstance(o, DeadlineExpired) for o in outcomes), outcomes
-        assert b.queue_depth == 1
-        gate.set()
-        await first
-        result = await live
-        await b.stop()
-        return result
+        async with started(fn, one_worker(1, max_queue=4),
+                           on_expired=lambda: expired.append(1)) as b:
+            async with worker_held(b, fn):           # the worker is stuck in item 0
+                doomed = [asyncio.create_task(b.submit(i, deadline=time.monotonic() + 0.05))
+                          for i in (1, 2, 3, 4)]
+                await asyncio.sleep(0.1)             # their deadlines pass; the queue is full
+                assert b.queue_depth == 4
+                live = asyncio.create_task(b.submit(5, deadline=time.monotonic() + 30))
+                # Failed while the worker is still stuck: by the admission of the live call.
+                outcomes = await asyncio.gather(*doomed, return_exceptions=True)
+                assert all(isinstance(o, DeadlineExpired) for o in outcomes), outcomes
+                assert b.queue_depth == 1
+            return await live
 
     assert run(main())[0] == 10
     assert sorted(x for batch in fn.batches for x in batch) == [0, 5]
@@ -425,28 +407,21 @@ def test_a_server_waking_to_a_backlog_drops_the_dead_calls_and_admits_live_ones(
 
 
 def test_a_caller_that_leaves_stops_counting_against_the_queue_at_once():
-    gate = threading.Event()
-    fn = Recorder(gate)
+    fn = Recorder(held=True)
 
     async def main():
-        b = MicroBatcher(fn, BatchConfig(max_batch=1, max_wait_s=0, max_queue=2, workers=1))
-        b.start()
-        first = asyncio.create_task(b.submit(0))
-        await _wait_until(fn.entered)
-        left = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
-        await asyncio.sleep(0)
-        assert b.queue_depth == 2
-        for task in left:                        # answered elsewhere: the hedge won
-            task.cancel()
-        await asyncio.gather(*left, return_exceptions=True)
-        assert b.queue_depth == 0
-        admitted = asyncio.create_task(b.submit(3))
-        await asyncio.sleep(0)
-        gate.set()
-        await first
-        result = await admitted
-        await b.stop()
-        return result
+        async with started(fn, one_worker(1, max_queue=2)) as b:
+            async with worker_held(b, fn):
+                left = [asyncio.create_task(b.submit(i)) for i in (1, 2)]
+                await asyncio.sleep(0)
+                assert b.queue_depth == 2
+                for task in left:                    # answered elsewhere: the hedge won
+                    task.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
+                assert b.queue_depth == 0
+                admitted = asyncio.create_task(b.submit(3))
+                await asyncio.sleep(0)
+            return await admitted
 
     assert run(main())[0] == 6
     assert sorted(x for batch in fn.batches for x in batch) == [0, 3]
@@ -463,15 +438,13 @@ def test_a_batch_that_spans_a_stall_moves_the_cost_estimate_only_so_far():
         return items
 
     async def main():
-        b = MicroBatcher(work, BatchConfig(max_batch=1, max_wait_s=0, workers=1))
-        b.start()
-        for i in range(5):
-            await b.submit(i)
-        before = b.expected_wait_s()
-        pause.set()
-        await b.submit(99)
-        after = b.expected_wait_s()
-        await b.stop()
+        async with started(work, one_worker(1)) as b:
+            for i in range(5):
+                await b.submit(i)
+            before = b.expected_wait_s()
+            pause.set()
+            await b.submit(99)
+            after = b.expected_wait_s()
         return before, after
 
     from matcher.service.batching import STALL_FACTOR

@@ -5,6 +5,8 @@ import numpy as np
 
 from matcher.gallery.scoremodel import gpd_sf
 
+from ._accuracy_lfw import OLD_THRESHOLD
+
 
 def plot_lfw(axes, lfw: dict) -> None:
     """axes: 7 matplotlib axes; lfw: what _accuracy_lfw.lfw_accuracy returned."""
@@ -30,7 +32,7 @@ def _scores(ax, one: dict) -> None:
     ax.semilogy(x, gen / gen.sum(), color="tab:green",
                 label=f"genuine ({len(ver.genuine):,} pairs)")
     ax.axvline(one["threshold"], color="k", lw=1, label=f"shipped 1:1 {one['threshold']:.3f}")
-    ax.axvline(0.322, color="k", ls=":", lw=1, label="today's 0.322")
+    ax.axvline(OLD_THRESHOLD, color="k", ls=":", lw=1, label=f"old Gaussian {OLD_THRESHOLD}")
     ax.set_xlim(-0.3, 1.0)
     ax.set_xlabel("cosine")
     ax.set_ylabel("fraction of pairs (log)")

@@ -25,7 +25,7 @@ import numpy as np
 
 from matcher.calibrate import capped_rows
 
-from ._threshold_cv import clopper_pearson
+from ._binomial import clopper_pearson
 from .harness import Report
 
 SINGLES_BOOKED = 0.7

@@ -20,7 +20,6 @@ uncertainty, not its measure.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-import math
 
 import numpy as np
 
@@ -30,6 +29,8 @@ from matcher.calibrate import (FUSED_BOOKING_PHOTOS, PairScores,
 from matcher.gallery.scoremodel import FUSED, SINGLE, ScoreModel
 from matcher.gallery.decision import DecisionPolicy
 from matcher.templates import fuse_templates
+
+from ._binomial import clopper_pearson
 
 SIZES = (250, 500, 1_000)       # plus the largest gallery a half allows
 CONFIDENCES = (0.5, 0.75, 0.9, 0.95)
@@ -215,28 +216,6 @@ def evaluate(calibrated: Calibrated, gallery: Gallery, probes: Probes, sizes: li
 
 
 # -- the whole cross-validation -------------------------------------------------------
-
-def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Exact binomial interval for k events in n trials, by bisection on the binomial
-    distribution function (summed in log space: n runs to tens of thousands here)."""
-    tail = (1.0 - confidence) / 2
-
-    def cdf(p: float, upto: int) -> float:  # P(X <= upto)
-        lp, lq = math.log(p), math.log1p(-p)
-        return sum(math.exp(math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                            + i * lp + (n - i) * lq) for i in range(upto + 1))
-
-    def solve(below) -> float:  # the p where ``below`` turns from True to False
-        lo, hi = 0.0, 1.0
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if below(mid) else (lo, mid)
-        return (lo + hi) / 2
-
-    lower = 0.0 if k == 0 else solve(lambda p: 1.0 - cdf(p, k - 1) < tail)
-    upper = 1.0 if k >= n else solve(lambda p: cdf(p, k) > tail)
-    return lower, upper
-
 
 def pooled(rows: list[dict], families: set[frozenset] = frozenset()) -> list[dict]:
     """Sum the counts of every split per (bookings, method, size label). False matches

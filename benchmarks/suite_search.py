@@ -93,9 +93,9 @@ def latency(ix: SearchIndex, probes: np.ndarray, singles: int, batches: int
 
 
 def run(report: Report, quick: bool) -> None:
-    # One OpenMP thread: on a shared 2-core machine, OpenMP's spinning workers turn a
-    # 0.15 ms binary scan into 50 ms whenever the other core is busy (measured). The binary
-    # index uses both cores through its own shard threads instead.
+    # One OpenMP thread: on a shared 2-core machine, OpenMP's spinning workers make a
+    # sub-millisecond binary scan hundreds of times slower whenever the other core is busy.
+    # The binary index uses both cores through its own shard threads instead.
     omp = int(os.environ.get("MATCHER_BENCH_OMP_THREADS", "1"))
     faiss.omp_set_num_threads(omp)
     env = os.environ.get("MATCHER_BENCH_SEARCH_SIZES")
@@ -103,8 +103,8 @@ def run(report: Report, quick: bool) -> None:
                                                           else [100_000, 1_000_000])
     report.param(sizes=sizes, dim=D, templates_per_identity=2, batch=BATCH, omp_threads=omp,
                  genuine_noise="s^2 ~ U[0.1, 1.0]", cpus=os.cpu_count(),
-                 # numpy's OpenBLAS threads spin like OpenMP's: batched probe encoding went
-                 # from 1 ms to 0.1 ms per query with OPENBLAS_NUM_THREADS=1 (measured).
+                 # numpy's OpenBLAS threads spin like OpenMP's: batched probe encoding is
+                 # many times faster per query with OPENBLAS_NUM_THREADS=1.
                  openblas_threads=os.environ.get("OPENBLAS_NUM_THREADS", "default"))
     report.param(loadavg_start=os.getloadavg())
     fig, axes = report.plot(1, len(sizes), figsize=(6.5 * len(sizes), 4.8))

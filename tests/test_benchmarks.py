@@ -42,3 +42,23 @@ def test_matcher_bench_command_passes_its_options_to_the_harness(tmp_path: Path)
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "accuracy.json").exists() and (out / "summary.md").exists()
+
+
+def test_the_binomial_tail_and_interval_agree_with_the_closed_forms() -> None:
+    """benchmarks/_binomial.py, the one home of the accuracy suites' exact binomial figures:
+    the tail equals the textbook sum, and each Clopper-Pearson bound is where that tail
+    (or its mirror) reaches half the miss rate."""
+    import math
+
+    from benchmarks._binomial import binomial_cdf, binomial_tail, clopper_pearson
+
+    def textbook_tail(k: int, n: int, p: float) -> float:
+        return 1.0 - sum(math.comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k))
+
+    for k, n, p in [(0, 10, 0.3), (1, 1_500, 1e-3), (4, 1_500, 1e-3), (7, 40, 0.2)]:
+        assert binomial_tail(k, n, p) == pytest.approx(textbook_tail(k, n, p), abs=1e-12)
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(1 - 0.025 ** 0.1, abs=1e-12))
+    assert clopper_pearson(10, 10) == (pytest.approx(0.025 ** 0.1, abs=1e-12), 1.0)
+    lower, upper = clopper_pearson(3, 1_000)
+    assert binomial_tail(3, 1_000, lower) == pytest.approx(0.025, abs=1e-9)
+    assert binomial_cdf(3, 1_000, upper) == pytest.approx(0.025, abs=1e-9)

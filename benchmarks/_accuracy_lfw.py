@@ -9,16 +9,30 @@ import numpy as np
 from matcher.calibrate import LOW_QUALITY, Embedded, capped_rows, pair_scores_for, score_pairs
 from matcher.face.models import default_pack
 from matcher.face.pipeline import DetectorConfig, Pipeline
-from matcher.gallery.decision import (DecisionPolicy, decide_identification, operating_point_1to1,
-                                      operating_point_1toN)
+from matcher.gallery.decision import (
+    DecisionPolicy,
+    decide_identification,
+    operating_point_1to1,
+    operating_point_1toN,
+)
 from matcher.gallery.scoremodel import SINGLE, ScoreModel, load_score_model
 from matcher.templates import Candidate
 
 from . import _openset as ops
 from ._binomial import binomial_tail
-from ._lfw import (Verification, det_band, embedded_lfw, genuine_rows, identity_weights,
-                   merge_label_noise, pair_templates_scores, read_pairs, rows_of, ten_fold_accuracy,
-                   with_ci)
+from ._lfw import (
+    Verification,
+    det_band,
+    embedded_lfw,
+    genuine_rows,
+    identity_weights,
+    merge_label_noise,
+    pair_templates_scores,
+    read_pairs,
+    rows_of,
+    ten_fold_accuracy,
+    with_ci,
+)
 from .harness import Report
 
 FPIRS = (0.01, 0.003, 0.001)

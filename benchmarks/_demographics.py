@@ -41,14 +41,21 @@ import re
 
 import numpy as np
 
-from matcher.calibrate import (GROUP_CONFIDENCE, MIN_GROUP_PEOPLE, MIN_RESOLVED_PAIRS,
-                               attach_groups, capped_rows, fit_score_model, group_report,
-                               kind_pairs, score_pairs)
+from matcher.calibrate import (
+    GROUP_CONFIDENCE,
+    MIN_GROUP_PEOPLE,
+    MIN_RESOLVED_PAIRS,
+    attach_groups,
+    capped_rows,
+    fit_score_model,
+    group_report,
+    kind_pairs,
+    score_pairs,
+)
 from matcher.errors import InvalidInput
+from matcher.face.pipeline import Pipeline
 from matcher.gallery.decision import operating_point_1to1, operating_point_1toN
 from matcher.gallery.scoremodel import FUSED, SINGLE
-
-from matcher.face.pipeline import Pipeline
 
 from . import _openset as ops
 from ._lfw import Verification, det_band, embedded_lfw, with_ci

@@ -11,7 +11,6 @@ split to split, so it is indicative, not exact.
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from matcher.calibrate import score_pairs

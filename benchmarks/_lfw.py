@@ -17,8 +17,17 @@ import numpy as np
 
 # _tail_fit is calibrate's own peaks-over-threshold fit: refitting it per resample here
 # is the same method, not a second copy of it
-from matcher.calibrate import (MAX_PHOTOS_PER_PERSON, MIN_EXCEEDANCES, TAIL_FMR, TAIL_KEEP_SCORE,
-                               Embedded, PairScores, _tail_fit, embed_folder, read_labels)
+from matcher.calibrate import (
+    MAX_PHOTOS_PER_PERSON,
+    MIN_EXCEEDANCES,
+    TAIL_FMR,
+    TAIL_KEEP_SCORE,
+    Embedded,
+    PairScores,
+    _tail_fit,
+    embed_folder,
+    read_labels,
+)
 from matcher.face.pipeline import Pipeline
 from matcher.gallery.scoremodel import ScoreModel, gpd_isf
 

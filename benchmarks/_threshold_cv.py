@@ -23,11 +23,19 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from matcher.calibrate import (FUSED_BOOKING_PHOTOS, PairScores,
-                               drop_identity_pairs, fit_population, fit_score_model,
-                               fused_pairs, label_noise, raw_kind_pairs, score_pairs)
-from matcher.gallery.scoremodel import FUSED, SINGLE, ScoreModel
+from matcher.calibrate import (
+    FUSED_BOOKING_PHOTOS,
+    PairScores,
+    drop_identity_pairs,
+    fit_population,
+    fit_score_model,
+    fused_pairs,
+    label_noise,
+    raw_kind_pairs,
+    score_pairs,
+)
 from matcher.gallery.decision import DecisionPolicy
+from matcher.gallery.scoremodel import FUSED, SINGLE, ScoreModel
 from matcher.templates import fuse_templates
 
 from ._binomial import clopper_pearson

@@ -98,8 +98,11 @@ def _eer(genuine: np.ndarray, impostor: np.ndarray) -> tuple[float, float]:
 def _operating_points(model_id: str, impostor: np.ndarray) -> list[tuple[str, float, str]]:
     """(name, threshold, where it comes from) for 1:1 and 1:N at several gallery sizes."""
     try:
-        from matcher.gallery.decision import (DecisionPolicy, operating_point_1to1,
-                                              operating_point_1toN)
+        from matcher.gallery.decision import (
+            DecisionPolicy,
+            operating_point_1to1,
+            operating_point_1toN,
+        )
         from matcher.gallery.scoremodel import load_score_model
     except ImportError:  # the decision module is not there: report the empirical points
         return [("empirical_fmr_0", float(impostor.max()) + 1e-6,

@@ -8,15 +8,24 @@ to show what the kernels are worth end to end (the ONNX models dominate there).
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from matcher import _native, _reference
 from matcher.face import pipeline as pipeline_module
 from matcher.face.alignment import alignment_transforms
-from matcher.face.pipeline import (ANCHORS_PER_CELL, DET_INV_STD, DET_MEAN, EMB_INV_STD, EMB_MEAN,
-                                   STRIDES, DetectorConfig, Pipeline, letterbox_geometry)
+from matcher.face.pipeline import (
+    ANCHORS_PER_CELL,
+    DET_INV_STD,
+    DET_MEAN,
+    EMB_INV_STD,
+    EMB_MEAN,
+    STRIDES,
+    DetectorConfig,
+    Pipeline,
+    letterbox_geometry,
+)
 
 from ._faces import faces_dir
 from .harness import Report, measure

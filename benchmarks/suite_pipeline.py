@@ -26,8 +26,13 @@ from PIL import Image
 
 from matcher.face.decode import decode_image
 from matcher.face.models import session_options
-from matcher.face.pipeline import (DecodeScaling, DetectorConfig, Pipeline, StageTimings,
-                                   largest_face)
+from matcher.face.pipeline import (
+    DecodeScaling,
+    DetectorConfig,
+    Pipeline,
+    StageTimings,
+    largest_face,
+)
 from matcher.gallery.primary import Gallery
 from matcher.gallery.scoremodel import load_score_model
 from matcher.service.batching import BatchConfig

@@ -41,8 +41,13 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .hedging import HedgeDelay, HedgePolicy, hedged_call
-from .transport import (CLIENT_OPTIONS, LANE_HEALTH_SERVICE, MAX_REQUEST_BYTES, SERVICE,
-                        channel_credentials)
+from .transport import (
+    CLIENT_OPTIONS,
+    LANE_HEALTH_SERVICE,
+    MAX_REQUEST_BYTES,
+    SERVICE,
+    channel_credentials,
+)
 from .v1 import matcher_pb2 as pb
 from .v1 import matcher_pb2_grpc as pb_grpc
 
@@ -235,7 +240,7 @@ class MatcherClient:
             if channel is not None:
                 channel.close()
 
-    def __enter__(self) -> "MatcherClient":
+    def __enter__(self) -> MatcherClient:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -61,7 +61,7 @@ class ServerThread(Started):
     def address(self) -> str:
         return self.running.address
 
-    def start(self) -> "ServerThread":
+    def start(self) -> ServerThread:
         self.thread.start()
         self.running = self.call(start_server(self.config, self.pipeline))
         if self.wait:

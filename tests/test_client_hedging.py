@@ -15,8 +15,7 @@ import pytest
 from matcher.client import MatcherClient, WriterUnavailable, channel_options, service_config
 from matcher.hedging import HedgeDelay, HedgePolicy, hedged_call
 from matcher.service.server import SERVER_OPTIONS
-from matcher.transport import (KEEPALIVE_TIME_MS, LANE_HEALTH_SERVICE, MIN_PING_INTERVAL_MS,
-                               SERVICE)
+from matcher.transport import KEEPALIVE_TIME_MS, LANE_HEALTH_SERVICE, MIN_PING_INTERVAL_MS, SERVICE
 
 
 class ToyServers:
@@ -53,7 +52,7 @@ class ToyServers:
         return grpc.method_handlers_generic_handler(
             "t.S", {"M": grpc.unary_unary_rpc_method_handler(answer)})
 
-    def __enter__(self) -> "ToyServers":
+    def __enter__(self) -> ToyServers:
         self.thread.start()
 
         async def start() -> None:

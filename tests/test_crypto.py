@@ -9,8 +9,17 @@ import sqlite3
 import numpy as np
 import pytest
 
-from matcher.gallery.codecs import (ENV_KEY, ENV_KEY_FILE, KeyConfigError, Keyring, TemplateCipher,
-                                    TemplateDecryptError, codec_from_env, generate_key, parse_key)
+from matcher.gallery.codecs import (
+    ENV_KEY,
+    ENV_KEY_FILE,
+    KeyConfigError,
+    Keyring,
+    TemplateCipher,
+    TemplateDecryptError,
+    codec_from_env,
+    generate_key,
+    parse_key,
+)
 
 CTX_A = b"T-0001\x00" + b"a" * 64
 CTX_B = b"T-0002\x00" + b"b" * 64

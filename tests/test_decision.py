@@ -8,9 +8,15 @@ import pytest
 
 from matcher.errors import GalleryError, InvalidInput
 from matcher.face.models import default_pack
-from matcher.gallery.decision import (DecisionPolicy, Outcome, Reason, decide_identification,
-                                      operating_point_1to1, operating_point_1toN,
-                                      per_comparison_fmr)
+from matcher.gallery.decision import (
+    DecisionPolicy,
+    Outcome,
+    Reason,
+    decide_identification,
+    operating_point_1to1,
+    operating_point_1toN,
+    per_comparison_fmr,
+)
 from matcher.gallery.scoremodel import ScoreModel, check_settings, load_score_model
 from matcher.templates import Candidate
 

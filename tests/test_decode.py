@@ -23,8 +23,13 @@ from image_bombs import ispe_bomb, webp_bomb
 from PIL import Image
 
 from matcher.errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, UnsupportedImage
-from matcher.face.decode import (DEFAULT_LIMITS, DecodeLimits, decode_image, decode_reduced,
-                                 sniff_format)
+from matcher.face.decode import (
+    DEFAULT_LIMITS,
+    DecodeLimits,
+    decode_image,
+    decode_reduced,
+    sniff_format,
+)
 
 
 def _gradient(h: int = 96, w: int = 128) -> np.ndarray:

@@ -12,9 +12,18 @@ import numpy as np
 import pytest
 
 import matcher.calibrate as calibrate_module
-from matcher.calibrate import (GROUP_CONFIDENCE, MIN_GROUP_PEOPLE, OK, Embedded, attach_groups,
-                               calibrate, fit_with_kinds, group_report, read_groups,
-                               score_pairs)
+from matcher.calibrate import (
+    GROUP_CONFIDENCE,
+    MIN_GROUP_PEOPLE,
+    OK,
+    Embedded,
+    attach_groups,
+    calibrate,
+    fit_with_kinds,
+    group_report,
+    read_groups,
+    score_pairs,
+)
 from matcher.errors import InvalidInput
 from matcher.gallery.decision import DecisionPolicy, operating_point_1to1, operating_point_1toN
 from matcher.gallery.scoremodel import FUSED, SINGLE, ScoreModel

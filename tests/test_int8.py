@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from matcher.errors import ModelIntegrityError
-from matcher.face.models import (EMBEDDER_INT8_FILE, EMBEDDER_INT8_SHA256, EMBEDDER_SHA256,
-                                 VARIANT_DIR, ModelFile, ModelPack, default_pack, load_sessions)
+from matcher.face.models import (
+    EMBEDDER_INT8_FILE,
+    EMBEDDER_INT8_SHA256,
+    EMBEDDER_SHA256,
+    VARIANT_DIR,
+    ModelFile,
+    ModelPack,
+    default_pack,
+    load_sessions,
+)
 from matcher.face.pipeline import Pipeline
 from matcher.gallery.scoremodel import check_settings, load_score_model
 

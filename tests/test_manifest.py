@@ -2,20 +2,25 @@
 from __future__ import annotations
 
 import csv
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from matcher.reindex.manifest import (ManifestError, load_manifest, parse_instant, photo_path,
-                                      read_rows)
+from matcher.reindex.manifest import (
+    ManifestError,
+    load_manifest,
+    parse_instant,
+    photo_path,
+    read_rows,
+)
 from matcher.templates import MAX_TEMPLATES_PER_TRAVELLER
 
-NOW = datetime(2026, 11, 25, 22, 0, tzinfo=timezone.utc).timestamp()
+NOW = datetime(2026, 11, 25, 22, 0, tzinfo=UTC).timestamp()
 
 
 def _epoch(*args: int) -> float:
-    return datetime(*args, tzinfo=timezone.utc).timestamp()
+    return datetime(*args, tzinfo=UTC).timestamp()
 
 
 def _write_csv(path: Path, rows: list[list[str]],

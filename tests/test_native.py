@@ -20,8 +20,17 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 from matcher import _native, _reference
 from matcher.face.alignment import alignment_transforms
-from matcher.face.pipeline import (ANCHORS_PER_CELL, DET_INV_STD, DET_MEAN, EMB_INV_STD, EMB_MEAN,
-                                   STRIDES, DetectorConfig, largest_face, letterbox_geometry)
+from matcher.face.pipeline import (
+    ANCHORS_PER_CELL,
+    DET_INV_STD,
+    DET_MEAN,
+    EMB_INV_STD,
+    EMB_MEAN,
+    STRIDES,
+    DetectorConfig,
+    largest_face,
+    letterbox_geometry,
+)
 
 # Per output dtype: the kernels and twins round identically in practice; the slack covers
 # a compiler that evaluates float32 expressions in a different order.

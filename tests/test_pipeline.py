@@ -10,8 +10,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from matcher.face.pipeline import (DecodeScaling, DetectorConfig, Face, Pipeline, StageTimings,
-                                   largest_face, letterbox_geometry)
+from matcher.face.pipeline import (
+    DecodeScaling,
+    DetectorConfig,
+    Face,
+    Pipeline,
+    StageTimings,
+    largest_face,
+    letterbox_geometry,
+)
 
 GENUINE_FLOOR = 0.50
 IMPOSTOR_CEILING = 0.20

@@ -11,8 +11,13 @@ from PIL import Image, ImageFilter
 
 from matcher.face.alignment import ARCFACE_TEMPLATE
 from matcher.face.pipeline import Pipeline, largest_face
-from matcher.face.quality import (DEFAULT_POLICY, QualityPolicy, assess, laplacian_variance,
-                                  pose_from_landmarks)
+from matcher.face.quality import (
+    DEFAULT_POLICY,
+    QualityPolicy,
+    assess,
+    laplacian_variance,
+    pose_from_landmarks,
+)
 
 # In the ArcFace template the eyes are ~35 px apart in the 112x112 crop: a blur of
 # ``k * inter_eye / 35`` image pixels is a blur of k pixels on the crop the embedder sees.

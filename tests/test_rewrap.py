@@ -14,8 +14,14 @@ import pytest
 from synthetic import MODEL, sha, templates
 
 from matcher.errors import GalleryError
-from matcher.gallery.codecs import (ENV_KEY, ENV_KEY_FILE, Keyring, PlainCodec, TemplateCipher,
-                                    TemplateDecryptError)
+from matcher.gallery.codecs import (
+    ENV_KEY,
+    ENV_KEY_FILE,
+    Keyring,
+    PlainCodec,
+    TemplateCipher,
+    TemplateDecryptError,
+)
 from matcher.gallery.integrity import integrity_check
 from matcher.gallery.primary import STORE_FILE, Gallery
 from matcher.gallery.rewrap import rewrap_templates

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pytest
@@ -22,7 +22,7 @@ def store(tmp_path):
     s.close()
 
 
-T0 = datetime(2026, 11, 25, 6, 0, tzinfo=timezone.utc)
+T0 = datetime(2026, 11, 25, 6, 0, tzinfo=UTC)
 T1 = T0 + timedelta(hours=12)
 
 

@@ -63,7 +63,7 @@ class DetectorConfig:
         if self.max_side < 32:
             raise ValueError(f"max_side must be >= 32, got: {self.max_side}")
 
-    def fallback(self) -> "DetectorConfig | None":
+    def fallback(self) -> DetectorConfig | None:
         """The config of the second, larger pass; None when there is none."""
         if self.input_size is not None or self.fallback_max_side is None \
                 or self.fallback_max_side <= self.max_side:
@@ -103,7 +103,7 @@ class DecodedPhoto:
     data: bytes = b""
 
     @classmethod
-    def full(cls, image: np.ndarray) -> "DecodedPhoto":
+    def full(cls, image: np.ndarray) -> DecodedPhoto:
         """An already decoded (H, W, 3) uint8 RGB image at full size."""
         return cls(ReducedImage(image, 1, (image.shape[1], image.shape[0])))
 
@@ -129,7 +129,7 @@ class Detections:
     def __len__(self) -> int:
         return len(self.scores)
 
-    def to_full_size(self, reduced: ReducedImage) -> "Detections":
+    def to_full_size(self, reduced: ReducedImage) -> Detections:
         """These detections, made on ``reduced.pixels``, in full-size image pixels."""
         if reduced.reduction == 1:
             return self

@@ -185,7 +185,7 @@ class BuiltIndex:
 
     @classmethod
     def build(cls, vectors: np.ndarray, owner: np.ndarray, template_ids: np.ndarray,
-              config: IndexConfig) -> "BuiltIndex":
+              config: IndexConfig) -> BuiltIndex:
         n = len(vectors)
         kind = config.kind_for(n)
         if kind != "flat" and (n == 0 or (kind == "ivf" and _ivf_nlist(n, config) < 2)):
@@ -282,7 +282,7 @@ class BuiltIndex:
         return names
 
     @classmethod
-    def read_files(cls, folder: Path, kind: str, params: dict[str, int | bool]) -> "BuiltIndex":
+    def read_files(cls, folder: Path, kind: str, params: dict[str, int | bool]) -> BuiltIndex:
         positions = np.load(folder / "positions.npy")
         if kind == "binary":
             projection = np.load(folder / "projection.npy")
@@ -401,7 +401,7 @@ class SearchIndex:
     def build(cls, vectors: np.ndarray, owner: np.ndarray, template_ids: np.ndarray,
               traveller_ids: list[str], valid_from: np.ndarray, valid_to: np.ndarray,
               built_version: int, config: IndexConfig,
-              photos: np.ndarray | None = None) -> "SearchIndex":
+              photos: np.ndarray | None = None) -> SearchIndex:
         built = BuiltIndex.build(np.ascontiguousarray(vectors, np.float32), owner,
                                  template_ids, config)
         return cls(built, traveller_ids, valid_from, valid_to, built_version, config, photos)

@@ -17,14 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GalleryError, InvalidInput, SnapshotError
-from ..templates import (Candidate, check_templates, check_traveller_id, fuse_groups,
-                         fuse_templates)
+from ..templates import Candidate, check_templates, check_traveller_id, fuse_groups, fuse_templates
 from .codecs import TemplateCodec
 from .index import IndexConfig, SearchIndex
 from .integrity import quarantined, verify_templates
 from .served import ClaimScore, check_claim_probe, epoch_now, score_claim
-from .snapshot import (SnapshotManifest, list_snapshots, prune_snapshots, read_snapshot,
-                       write_snapshot)
+from .snapshot import (
+    SnapshotManifest,
+    list_snapshots,
+    prune_snapshots,
+    read_snapshot,
+    write_snapshot,
+)
 from .store import EnrolResult, Store, Traveller
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,7 @@ class Gallery:
 
     @classmethod
     def open(cls, data_dir: str | Path, model_id: str, config: GalleryConfig | None = None,
-             codec: TemplateCodec | None = None, use_snapshots: bool = True) -> "Gallery":
+             codec: TemplateCodec | None = None, use_snapshots: bool = True) -> Gallery:
         """Open (or create) the gallery in ``data_dir``.
 
         Loads the newest snapshot that verifies (a corrupt or mismatched one is logged and
@@ -102,7 +106,7 @@ class Gallery:
             worker.join()
         self.store.close()
 
-    def __enter__(self) -> "Gallery":
+    def __enter__(self) -> Gallery:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -61,7 +61,7 @@ class ReplicaGallery:
 
     @classmethod
     def open(cls, snapshot_dir: str | Path, model_id: str,
-             config: IndexConfig | None = None) -> "ReplicaGallery":
+             config: IndexConfig | None = None) -> ReplicaGallery:
         """Load the newest snapshot that verifies; SnapshotError if there is none."""
         config = config or IndexConfig()
         for path in list_snapshots(snapshot_dir):

@@ -21,11 +21,24 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GalleryError, InvalidInput, StoreBusy, UnknownTraveller
-from ..templates import (EMBEDDING_DIM, MAX_TEMPLATES_PER_TRAVELLER, check_templates,
-                         check_traveller_id, to_epoch)
+from ..templates import (
+    EMBEDDING_DIM,
+    MAX_TEMPLATES_PER_TRAVELLER,
+    check_templates,
+    check_traveller_id,
+    to_epoch,
+)
 from .codecs import PlainCodec, TemplateCodec, row_context
-from .integrity import (DamagedRow, check_file, drop_quarantined, quarantine, quarantined_ids,
-                        row_problem, storage_error, template_checksum)
+from .integrity import (
+    DamagedRow,
+    check_file,
+    drop_quarantined,
+    quarantine,
+    quarantined_ids,
+    row_problem,
+    storage_error,
+    template_checksum,
+)
 from .schema import migrate
 
 log = logging.getLogger(__name__)
@@ -182,7 +195,7 @@ class Store:
     @classmethod
     def open(cls, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
              write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
-             ) -> "Store":
+             ) -> Store:
         return cls(path, model_id, codec, write_wait_s, quick_check_s)
 
     def _connect(self) -> sqlite3.Connection:
@@ -223,7 +236,7 @@ class Store:
             if hasattr(self, "_conn"):
                 self._conn.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:

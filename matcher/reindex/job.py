@@ -406,7 +406,7 @@ class JobLock:
         self.path = data_dir / LOCK_FILE
         self._file = None
 
-    def __enter__(self) -> "JobLock":
+    def __enter__(self) -> JobLock:
         import fcntl
 
         f = open(self.path, "a+")

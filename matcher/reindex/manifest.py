@@ -17,7 +17,7 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -161,11 +161,11 @@ def parse_instant(value: object, *, end_of_day: bool) -> float:
             value = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if isinstance(value, datetime):
         if value.tzinfo is None or value.utcoffset() is None:
-            value = value.replace(tzinfo=timezone.utc)
+            value = value.replace(tzinfo=UTC)
         epoch = value.timestamp()
     elif isinstance(value, date):
         day = value + timedelta(days=1) if end_of_day else value
-        epoch = datetime.combine(day, time(0), tzinfo=timezone.utc).timestamp()
+        epoch = datetime.combine(day, time(0), tzinfo=UTC).timestamp()
     else:
         raise ValueError(f"not a date or time: {type(value).__name__}")
     if not math.isfinite(epoch):

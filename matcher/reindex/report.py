@@ -140,7 +140,7 @@ class Progress:
             self._redirect.__exit__(None, None, None)
             self._redirect = None
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -29,10 +29,11 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from ..durable import fsync_path
 from ..errors import AuditUnavailable, MatcherError
@@ -101,7 +102,7 @@ def record_hash(record: dict[str, Any]) -> str:
 
 
 def _utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _check_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -146,7 +147,7 @@ class AuditLog:
             raise
         self._written_seq = self._synced_seq = self._seq
 
-    def __enter__(self) -> "AuditLog":
+    def __enter__(self) -> AuditLog:
         return self
 
     def __exit__(self, *exc: object) -> None:

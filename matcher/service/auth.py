@@ -48,7 +48,7 @@ class TokenBook:
     entries: tuple[tuple[str, bytes], ...]
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TokenBook":
+    def from_file(cls, path: str | Path) -> TokenBook:
         entries = []
         for number, raw in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
             line = raw.split("#", 1)[0].strip()

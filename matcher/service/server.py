@@ -41,8 +41,14 @@ from ..gallery.codecs import codec_from_env
 from ..gallery.decision import DecisionPolicy
 from ..gallery.replica import ReplicaGallery, SnapshotWatcher
 from ..gallery.scoremodel import check_settings, load_score_model
-from ..transport import (DEFAULT_LISTEN, LANE_HEALTH_SERVICE, SERVER_OPTIONS, SERVICE,
-                         server_credentials, split_host_port)
+from ..transport import (
+    DEFAULT_LISTEN,
+    LANE_HEALTH_SERVICE,
+    SERVER_OPTIONS,
+    SERVICE,
+    server_credentials,
+    split_host_port,
+)
 from ..v1 import matcher_pb2 as pb
 from .audit import AuditLog
 from .auth import TokenAuthInterceptor, TokenBook, check_exposure

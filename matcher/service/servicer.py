@@ -16,15 +16,33 @@ from dataclasses import dataclass
 
 import grpc
 
-from ..errors import (DeadlineExpired, DiskFull, GalleryError, InvalidInput, MatcherError,
-                      NotReady, Overloaded, StorageUnavailable, UnknownTraveller)
+from ..errors import (
+    DeadlineExpired,
+    DiskFull,
+    GalleryError,
+    InvalidInput,
+    MatcherError,
+    NotReady,
+    Overloaded,
+    StorageUnavailable,
+    UnknownTraveller,
+)
 from ..face.pipeline import Face
 from ..templates import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
 from ..v1 import matcher_pb2 as pb
 from ..v1 import matcher_pb2_grpc as pb_grpc
 from . import outcome
-from .engine import (MAX_FRAMES, AlignedJob, Frame, FrameOutcome, ImageJob, MatchEngine,
-                     aligned_from_raw, frame_error, template_from_values)
+from .engine import (
+    MAX_FRAMES,
+    AlignedJob,
+    Frame,
+    FrameOutcome,
+    ImageJob,
+    MatchEngine,
+    aligned_from_raw,
+    frame_error,
+    template_from_values,
+)
 from .outcome import MatchCall, MatchOutcome, Verdict, request_log
 from .serving import ServingState
 

@@ -90,7 +90,7 @@ class Cluster(Started):
                              [*args, *METRICS_ANY_PORT, "--grace", "10", "--drain-notice", "1"],
                              env=self.env, keep_port=True)
 
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         for i, (name, role, args) in enumerate(self._specs):
             member = Member(name, role, self._process(name, args))
             member.process.start()

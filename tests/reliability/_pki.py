@@ -92,7 +92,7 @@ def _leaf(folder: Path, stem: str, cn: str, issuer: x509.Certificate,
 
 def make_pki(folder: Path) -> Pki:
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     valid = {"not_before": now - dt.timedelta(hours=1), "not_after": now + dt.timedelta(days=7)}
     ca, ca_cert, ca_key = _ca(folder, "ca", "matcher test CA", now)
     rogue_ca, rogue_cert, rogue_key = _ca(folder, "rogue-ca", "someone else's CA", now)

@@ -72,7 +72,7 @@ class ServerProcess(Started):
     def pid(self) -> int:
         return self.proc.pid
 
-    def start(self, timeout: float = 90.0) -> "ServerProcess":
+    def start(self, timeout: float = 90.0) -> ServerProcess:
         port = self.port if self.keep_port and self.port is not None else 0
         argv = [sys.executable, "-m", "matcher.cli", *(["-v"] if self.verbose else []),
                 "serve", "--listen", f"127.0.0.1:{port}", "--data", str(self.data_dir),

@@ -54,7 +54,7 @@ from .v1 import matcher_pb2_grpc as pb_grpc
 try:  # optional: only for aligned-face arrays and template arrays
     import numpy as np
 except ImportError:  # the matcher-client distribution without numpy
-    np = None
+    np = None  # type: ignore[assignment]  # every numpy use is behind a check for None
 
 DEFAULT_TIMEOUT_S = 5.0
 READS = ("Identify", "Verify", "Clear", "GetTraveller", "GetGalleryInfo")

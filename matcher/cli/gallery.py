@@ -45,7 +45,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "gallery_version": store.gallery_version, "travellers": travellers,
             # the N of a 1:N search now (one fused template per traveller)
             "searchable_now": store.booked_at(time.time()),
-            "templates": templates, "snapshots": []}
+            "templates": templates}
+        snapshots: list[dict[str, object]] = []
         # Every row's checksum (no key needed); damaged rows are quarantined as they would
         # be at the service's next start, and listed by traveller for re-enrolment.
         verify_templates(store)
@@ -62,7 +63,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                              templates=m.templates)
             except SnapshotError as e:
                 entry.update(ok=False, error=str(e))
-            out["snapshots"].append(entry)  # type: ignore[union-attr]
+            snapshots.append(entry)
+        out["snapshots"] = snapshots
     print(json.dumps(out, indent=2))
     return 0
 

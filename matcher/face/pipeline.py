@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -274,12 +274,12 @@ class Pipeline:
         results = self._detect_at(images, config)
         second = config.fallback()
         if second is not None:
-            retry = [i for i, (im, d) in enumerate(zip(images, results))
+            retry = [i for i, (im, d) in enumerate(zip(images, results, strict=True))
                      if _best_score(d) < config.confident_score
                      and max(im.shape[:2]) > config.max_side]
             if retry:
                 again = self._detect_at([images[i] for i in retry], second)
-                for i, d in zip(retry, again):
+                for i, d in zip(retry, again, strict=True):
                     if _best_score(d) > _best_score(results[i]):
                         results[i] = d
         return results
@@ -358,8 +358,9 @@ class Pipeline:
         return out / norms
 
     def _embed_raw(self, chunk: np.ndarray) -> np.ndarray:
-        run = (lambda x: self.sessions.embedder.run(
-            None, {self.sessions.embedder_input: x})[0])
+        def run(x: np.ndarray) -> np.ndarray:
+            return self.sessions.embedder.run(None, {self.sessions.embedder_input: x})[0]
+
         if not self.flip:
             return run(chunk)
         both = run(np.concatenate([chunk, chunk[:, :, :, ::-1]]))
@@ -380,7 +381,7 @@ class Pipeline:
                 timings: StageTimings | None = None) -> list[Face]:
         return self.analyse_many([image], timings)[0]
 
-    def analyse_many(self, images: list[np.ndarray | DecodedPhoto],
+    def analyse_many(self, images: Sequence[np.ndarray | DecodedPhoto],
                      timings: StageTimings | None = None) -> list[list[Face]]:
         """Every face of every image with quality and template; one embedder batch for all.
 
@@ -391,18 +392,18 @@ class Pipeline:
         photos = [im if isinstance(im, DecodedPhoto) else DecodedPhoto.full(im)
                   for im in images]
         t = timings.clock()
-        detections = [d.to_full_size(p.reduced) for p, d in
-                      zip(photos, self.detect_many([p.reduced.pixels for p in photos]))]
+        found = self.detect_many([p.reduced.pixels for p in photos])
+        detections = [d.to_full_size(p.reduced) for p, d in zip(photos, found, strict=True)]
         timings.add("detect", t)
         t = timings.clock()
         transforms = [alignment_transforms(d.kps) for d in detections]
         timings.add("align", t)
         t = timings.clock()
-        sources = [self._crop_source(p, m) for p, m in zip(photos, transforms)]
-        if any(src is not p.reduced for src, p in zip(sources, photos)):
+        sources = [self._crop_source(p, m) for p, m in zip(photos, transforms, strict=True)]
+        if any(src is not p.reduced for src, p in zip(sources, photos, strict=True)):
             timings.add("decode", t)  # finer decodes for faces too small in the reduced one
         t = timings.clock()
-        blobs = [self._warp(src, m) for src, m in zip(sources, transforms)]
+        blobs = [self._warp(src, m) for src, m in zip(sources, transforms, strict=True)]
         blob = np.concatenate(blobs) if blobs else np.empty((0, 3, 112, 112), np.float32)
         timings.add("align", t)
         t = timings.clock()
@@ -411,7 +412,7 @@ class Pipeline:
         t = timings.clock()
         grey = blob.mean(axis=1) * (1.0 / EMB_INV_STD) + EMB_MEAN
         results, row = [], 0
-        for im, d in zip(photos, detections):
+        for im, d in zip(photos, detections, strict=True):
             faces = []
             for j in range(len(d)):
                 q = assess(float(d.scores[j]), d.boxes[j], d.kps[j], im.shape, grey[row],

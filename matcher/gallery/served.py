@@ -28,7 +28,8 @@ class ClaimScore:
 class ServedGallery(Protocol):
     """Implemented by gallery.primary.Gallery and gallery.replica.ReplicaGallery."""
 
-    model_id: str
+    @property
+    def model_id(self) -> str: ...
 
     @property
     def version(self) -> int: ...

@@ -185,7 +185,11 @@ class Store:
                 migrate(self._conn, self.path)
             self._check_or_set_model(model_id)
             self.model_id = model_id
-            self.store_id = self._meta("store_id")
+            store_id = self._meta("store_id")
+            if store_id is None:  # written by the first migration: gone only from a damaged file
+                raise GalleryError(f"{self.path}: the gallery store has lost its store_id; "
+                                   "restore the store from a backup")
+            self.store_id = store_id
         except BaseException as e:
             self.close()
             if isinstance(e, sqlite3.Error):

@@ -47,7 +47,7 @@ def hash_photos(paths: Iterable[Path], threads: int) -> dict[Path, tuple[str | N
     """sha256 of every distinct photo; hashlib releases the GIL, so threads overlap I/O."""
     unique = list(dict.fromkeys(paths))
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        return dict(zip(unique, pool.map(sha256_file, unique)))
+        return dict(zip(unique, pool.map(sha256_file, unique), strict=True))
 
 
 def remember_reject(reason: str) -> bool:

@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -140,7 +140,7 @@ class PhotoEmbedder:
         reasons = [""] * len(paths)
         templates = [b""] * len(paths)
         images, slots = [], []
-        for i, (sha, path) in enumerate(zip(shas, paths)):
+        for i, (sha, path) in enumerate(zip(shas, paths, strict=True)):
             data, reason = read_photo(path)
             if data is None:
                 reasons[i] = reason
@@ -155,7 +155,7 @@ class PhotoEmbedder:
                 slots.append(i)
             except InvalidInput as exc:
                 reasons[i] = _decode_reason(exc)
-        for i, faces in zip(slots, self._analyse(images, [paths[i] for i in slots])):
+        for i, faces in zip(slots, self._analyse(images, [paths[i] for i in slots]), strict=True):
             if faces is None:
                 reasons[i] = f"{UNREADABLE_IMAGE}:pipeline_error"
                 continue
@@ -173,7 +173,7 @@ class PhotoEmbedder:
         except Exception:  # noqa: BLE001 - isolated below, each failure is reported
             log.warning("a batch of %d photos failed; retrying one by one", len(images))
         results: list[list[Face] | None] = []
-        for image, path in zip(images, paths):
+        for image, path in zip(images, paths, strict=True):
             try:
                 results.append(self.pipeline.analyse(image))
             except Exception as exc:  # noqa: BLE001 - becomes a reject with a reason
@@ -227,7 +227,7 @@ def _to_results(shas: list[str], reasons: list[str], blobs: list[bytes],
 # -- running the embedders ------------------------------------------------------------
 
 def embed_inline(work: list[tuple[str, str]], config: EmbeddingConfig,
-                 timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
+                 timings: dict[str, float]) -> Generator[list[PhotoResult], None, None]:
     """The same worker in this process, one batch at a time (no Ray, no pyarrow)."""
     started = time.perf_counter()
     worker = PhotoEmbedder(**config.worker_kwargs())
@@ -293,13 +293,14 @@ def start_ray(config: EmbeddingConfig) -> bool:
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     check_ray_installed()
-    target = ray_host_port(config.ray_address) if config.ray_address else None
-    if not config.ray_address or (target is not None and is_loopback(target[0])):
+    address = config.ray_address
+    target = ray_host_port(address) if address else None
+    if not address or (target is not None and is_loopback(target[0])):
         # Ray wholly on this host (a private instance, or a cluster whose nodes were
         # started on 127.0.0.1): everything it sends then stays on loopback.
         _keep_ray_on_loopback()
-    if target is not None:
-        _check_reachable(config.ray_address, *target)
+    if address and target is not None:
+        _check_reachable(address, *target)
     import ray
 
     if ray.is_initialized():
@@ -331,7 +332,7 @@ def _quiet_ray_data() -> None:
 
 
 def embed_on_ray(work: list[tuple[str, str]], config: EmbeddingConfig,
-                 timings: dict[str, float]) -> Iterator[list[PhotoResult]]:
+                 timings: dict[str, float]) -> Generator[list[PhotoResult], None, None]:
     """Ray Data: blocks of (sha256, path) -> actor pool of PhotoEmbedder -> driver."""
     started = time.perf_counter()
     owned = start_ray(config)

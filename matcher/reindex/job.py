@@ -11,10 +11,11 @@ import logging
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -39,7 +40,7 @@ LOCK_FILE = "reindex.lock"
 MIN_STEADY_S = 1.0  # a steady rate measured over less than this is noise
 # The embedders: (sha256, path) work, their config, the timings dict -> result batches.
 Embed = Callable[[list[tuple[str, str]], EmbeddingConfig, dict[str, float]],
-                 Iterator[list[PhotoResult]]]
+                 Generator[list[PhotoResult], None, None]]
 
 
 @dataclass(frozen=True)
@@ -404,7 +405,7 @@ class JobLock:
 
     def __init__(self, data_dir: Path) -> None:
         self.path = data_dir / LOCK_FILE
-        self._file = None
+        self._file: IO[str] | None = None
 
     def __enter__(self) -> JobLock:
         import fcntl

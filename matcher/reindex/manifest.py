@@ -239,7 +239,10 @@ def load_manifest(path: str | Path, now: float) -> Manifest:
     for row, raw in read_rows(path):
         rows = row
         result = parse_row(row, raw, base)
-        (parsed if isinstance(result, Booking) else rejects).append(result)
+        if isinstance(result, Booking):
+            parsed.append(result)
+        else:
+            rejects.append(result)
 
     by_traveller: dict[str, list[Booking]] = defaultdict(list)
     for b in parsed:

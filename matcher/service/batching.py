@@ -139,8 +139,9 @@ class MicroBatcher(Generic[In, Out]):
         self._on_batch = on_batch
         self._on_queue_depth = on_queue_depth
         self._on_expired = on_expired
-        self._queue: asyncio.Queue[_Request] | None = None
-        self._arrived: asyncio.Event | None = None
+        # Made again by start(): asyncio binds them to the loop that first waits on them.
+        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
+        self._arrived = asyncio.Event()
         self._workers: list[asyncio.Task] = []
         self._executor: ThreadPoolExecutor | None = None
         self._accepting = False
@@ -170,8 +171,7 @@ class MicroBatcher(Generic[In, Out]):
     async def stop(self) -> None:
         """Refuse new requests, finish the queued ones, then end the workers."""
         self._accepting = False
-        if self._queue is not None:
-            await self._queue.join()
+        await self._queue.join()
         for task in self._workers:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
@@ -186,7 +186,7 @@ class MicroBatcher(Generic[In, Out]):
         Raises Overloaded (queue full), DeadlineExpired (deadline passed before compute),
         NotReady (not started or stopping), or whatever the batch function produced.
         """
-        if not self._accepting or self._queue is None:
+        if not self._accepting:
             raise NotReady("the service is starting or shutting down; retry shortly")
         weight = 1 if self._weight is None else self._weight(item)
         if weight < 1:
@@ -208,7 +208,7 @@ class MicroBatcher(Generic[In, Out]):
             if refusal is not None:
                 raise Overloaded(refusal)
         future = asyncio.get_running_loop().create_future()
-        req = _Request(item, future, deadline, now, weight)
+        req: _Request[In, Out] = _Request(item, future, deadline, now, weight)
         self._queue.put_nowait(req)
         self._pending.add(req)
         self._queued += weight
@@ -262,7 +262,7 @@ class MicroBatcher(Generic[In, Out]):
     def expected_wait_s(self, weight: int = 1) -> float:
         """Roughly how long a request of ``weight`` units queued now waits before and
         during its compute."""
-        if self._item_cost_s is None or self._queue is None:
+        if self._item_cost_s is None:
             return 0.0
         ahead = self._queued + self._computing + weight
         return ahead * self._item_cost_s / self.config.workers
@@ -363,7 +363,7 @@ class MicroBatcher(Generic[In, Out]):
         else:
             cost = min(cost, STALL_FACTOR * self._item_cost_s)
             self._item_cost_s = 0.8 * self._item_cost_s + 0.2 * cost
-        for req, result in zip(live, results):
+        for req, result in zip(live, results, strict=True):
             if req.future.done():
                 continue
             stats = BatchStats((started - req.enqueued) * 1e3, units)
@@ -373,5 +373,5 @@ class MicroBatcher(Generic[In, Out]):
                 req.future.set_result((result, stats))
 
     def _report_depth(self) -> None:
-        if self._on_queue_depth is not None and self._queue is not None:
+        if self._on_queue_depth is not None:
             self._on_queue_depth(len(self._pending))

@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Union
 
 import numpy as np
 
@@ -73,9 +72,9 @@ class FramesJob:
     positions: tuple[int, ...]
 
 
-Job = Union[ImageJob, AlignedJob, FramesJob]
+Job = ImageJob | AlignedJob | FramesJob
 # One frame as the engine takes it: a job for the models, or a ready (512,) template.
-Frame = Union[ImageJob, AlignedJob, np.ndarray]
+Frame = ImageJob | AlignedJob | np.ndarray
 
 
 def job_weight(job: Job) -> int:
@@ -190,7 +189,7 @@ def fuse_frames(analyses: list[Analysis], timings_ms: dict[str, float] | None = 
     skips the check.
     """
     frames = [frame_outcome(a) for a in analyses]
-    used = [a.templates[0] for a, f in zip(analyses, frames) if f.status == FRAME_USED]
+    used = [a.templates[0] for a, f in zip(analyses, frames, strict=True) if f.status == FRAME_USED]
     template = fuse_templates(np.stack(used)) if used else None
     agree = not used or same_person is None or frames_agree(np.stack(used), same_person)
     return FusedProbe(template, frames, _best_frame(frames), analyses,
@@ -337,11 +336,12 @@ class MatchEngine:
                 continue
             mine = analysed[start:start + len(job.frames)]
             start += len(job.frames)
-            failed = next((i for i, a in enumerate(mine) if isinstance(a, BaseException)), None)
+            failed = next(((i, a) for i, a in enumerate(mine) if isinstance(a, BaseException)),
+                          None)
             if failed is not None:  # a bad frame is a bad request, as a bad single probe is
-                results.append(frame_error(job.positions[failed], mine[failed]))
+                results.append(frame_error(job.positions[failed[0]], failed[1]))
                 continue
-            frames: list[Analysis] = mine  # type: ignore[assignment]  # none failed
+            frames = [a for a in mine if isinstance(a, Analysis)]  # all of them: none failed
             results.append(FramesAnalysis(frames, _frames_timings(frames, shared)))
         return results
 
@@ -377,7 +377,7 @@ class MatchEngine:
             # the batch's finer decodes (DecodeScaling), if any, are shared like its other stages
             finer_decode_ms = timings.ms.get("decode", 0.0)
             shared["image"] = dict(timings.ms)
-            for slot, faces, decode_ms in zip(image_slots, per_image, image_decode_ms):
+            for slot, faces, decode_ms in zip(image_slots, per_image, image_decode_ms, strict=True):
                 faces = sorted(faces, key=lambda f: f.area, reverse=True)
                 templates = (np.stack([f.template for f in faces]) if faces
                              else np.empty((0, EMBEDDING_DIM), np.float32))
@@ -419,6 +419,8 @@ class MatchEngine:
 
     async def analyse(self, job: ImageJob | AlignedJob, deadline: float | None) -> Analysis:
         analysis, stats = await self.batcher.submit(job, deadline)
+        if not isinstance(analysis, Analysis):  # one image or face in, one analysis out
+            raise TypeError(f"an image job was analysed as {type(analysis).__name__}")
         analysis.timings_ms["queue"] = stats.queue_ms
         self._observe_stages(analysis.timings_ms)
         return analysis
@@ -447,7 +449,7 @@ class MatchEngine:
             raise InvalidInput(f"send 1 to {MAX_FRAMES} frames of one traveller, "
                                f"got {len(frames)}")
         positions = [i for i, f in enumerate(frames) if not isinstance(f, np.ndarray)]
-        jobs = [frames[i] for i in positions]
+        jobs = [f for f in frames if not isinstance(f, np.ndarray)]
         if len(frames) == 1:
             analysis = await self.analyse_one(frames[0], deadline)
             return fuse_frames([analysis], analysis.timings_ms)
@@ -456,6 +458,8 @@ class MatchEngine:
         if jobs:
             result, stats = await self.batcher.submit(
                 FramesJob(tuple(jobs), tuple(positions)), deadline)
+            if not isinstance(result, FramesAnalysis):  # a frames job is analysed frame by frame
+                raise TypeError(f"a frames job was analysed as {type(result).__name__}")
             timings = {**result.timings_ms, "queue": stats.queue_ms}
             self._observe_stages(timings)
             analysed = result.frames

@@ -169,7 +169,7 @@ async def _all_faces(engine: MatchEngine, probe: FusedProbe, k: int, deadline: f
     usable = [i for i, f in enumerate(analysis.faces) if not f.quality.reasons]
     decisions = (await engine.identify(analysis.templates[usable], k, deadline)
                  if usable else [])
-    by_face = dict(zip(usable, decisions))
+    by_face = dict(zip(usable, decisions, strict=True))
     low = Verdict(LOW_QUALITY, "low_quality")
     return [(f, Verdict.of(by_face[i]) if i in by_face else low)
             for i, f in enumerate(analysis.faces)]
@@ -223,7 +223,7 @@ async def enrol(engine: MatchEngine, request_id: str, traveller_id: str,
     """
     analyses = await asyncio.gather(*(engine.analyse_one(p, deadline) for p in photos))
     templates, shas = [], []
-    for number, (photo, analysis) in enumerate(zip(photos, analyses), 1):
+    for number, (photo, analysis) in enumerate(zip(photos, analyses, strict=True), 1):
         if analysis.from_image:
             face, reason = face_verdict(analysis.faces, accept_low_quality=accept_low_quality)
             if face is None:

@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -58,6 +59,10 @@ from .engine import AUDIT_FAILURE_POLICIES, MatchEngine
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .servicer import MatcherServicer
 from .serving import ServingState
+
+if TYPE_CHECKING:  # the writer's gallery is imported only by a writer
+    from ..gallery.primary import Gallery
+    from ..gallery.scoremodel import ScoreModel
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +107,13 @@ class ServerConfig:
     # never). Set it above the writer's publishing interval.
     max_snapshot_age_s: float | None = None
     max_concurrent_rpcs: int = 256
+
+    @property
+    def snapshot_folder(self) -> Path:
+        """The snapshots a replica serves, or those the writer publishes."""
+        if self.role == "replica" and self.snapshot_source is not None:
+            return self.snapshot_source
+        return self.data_dir / "snapshots"
 
     def __post_init__(self) -> None:
         if self.role not in ("writer", "replica"):
@@ -191,8 +203,8 @@ class RunningServer:
         self.metrics = metrics
         self.metrics_server = metrics_server
         self.engine: MatchEngine | None = None
-        self.gallery = None
-        self.score_model = None
+        self.gallery: Gallery | ReplicaGallery | None = None
+        self.score_model: ScoreModel | None = None
         self.audit: AuditLog | None = None
         self.watcher: SnapshotWatcher | None = None
         self._loader: asyncio.Task | None = None
@@ -256,12 +268,12 @@ class RunningServer:
 
     # -- loading --------------------------------------------------------------------
 
-    def _open_gallery(self, pipeline: Pipeline):
+    def _open_gallery(self, pipeline: Pipeline) -> Gallery | ReplicaGallery:
         config = self.config
         if config.role == "replica":
             while True:
                 try:
-                    return ReplicaGallery.open(config.snapshot_source, pipeline.model_id)
+                    return ReplicaGallery.open(config.snapshot_folder, pipeline.model_id)
                 except SnapshotError as exc:
                     log.info("replica waiting for a snapshot: %s", exc)
                 if self._cancel_load.wait(config.watch_interval_s):
@@ -274,14 +286,15 @@ class RunningServer:
             enrol_demo_gallery(pipeline, gallery)
         return gallery
 
-    def _load(self, pipeline: Pipeline | None) -> tuple[Pipeline, object, AuditLog]:
+    def _load(self, pipeline: Pipeline | None
+              ) -> tuple[Pipeline, Gallery | ReplicaGallery, ScoreModel, AuditLog]:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         pipeline = pipeline or Pipeline(config.model_pack, threads=config.ort_threads,
                                         flip=config.flip_augment)
         # Refuse before the gallery loads: thresholds from another pipeline would not hold.
-        self.score_model = load_score_model(pipeline.model_id, config.score_model)
-        check_settings(self.score_model, pipeline.settings_hash(), pipeline.model_id)
+        score_model = load_score_model(pipeline.model_id, config.score_model)
+        check_settings(score_model, pipeline.settings_hash(), pipeline.model_id)
         # The audit log before the gallery: a damaged one refuses start-up at once, and a
         # gallery that fails to open leaves no log file open behind it.
         audit = AuditLog(config.audit_path or config.data_dir / "audit.log")
@@ -290,30 +303,28 @@ class RunningServer:
         except BaseException:
             audit.close()
             raise
-        return pipeline, gallery, audit
+        return pipeline, gallery, score_model, audit
 
     async def _load_and_serve(self, pipeline: Pipeline | None) -> None:
         config = self.config
         started = time.monotonic()
-        pipeline, self.gallery, self.audit = await asyncio.to_thread(self._load, pipeline)
-        engine = MatchEngine(pipeline, self.gallery, config.batch, config.policy,
-                             self.metrics, self.audit, config.search_threads, self.score_model,
+        models, gallery, score_model, audit = await asyncio.to_thread(self._load, pipeline)
+        self.gallery, self.score_model, self.audit = gallery, score_model, audit
+        engine = MatchEngine(models, gallery, config.batch, config.policy,
+                             self.metrics, audit, config.search_threads, score_model,
                              audit_failure=config.audit_failure)
         engine.start()
         self.engine = engine
-        folder = (config.snapshot_source if config.role == "replica"
-                  else config.data_dir / "snapshots")
         replica = config.role == "replica"
-        self.watcher = SnapshotWatcher(self.gallery, folder, config.watch_interval_s,
+        self.watcher = SnapshotWatcher(gallery, config.snapshot_folder, config.watch_interval_s,
                                        self._on_swap, track_source=replica,
                                        on_source=self.metrics.set_snapshot_source
                                        if replica else None)
-        if replica:
-            self.metrics.set_snapshot_source(True)
-            self.metrics.set_snapshot(self.gallery.snapshot_created_at)
         # Before the watcher starts, so a swap it makes at once is not overwritten.
-        if replica:
-            self.serving.loaded(engine, snapshot_name=self.gallery.snapshot_name)
+        if isinstance(gallery, ReplicaGallery):
+            self.metrics.set_snapshot_source(True)
+            self.metrics.set_snapshot(gallery.snapshot_created_at)
+            self.serving.loaded(engine, snapshot_name=gallery.snapshot_name)
         else:
             self.serving.loaded(engine, publish=self._publish)
         self.watcher.start()
@@ -324,24 +335,31 @@ class RunningServer:
                                                   name="snapshot-freshness")
         log.info("serving %s as %s: model %s, gallery_version %d, %d travellers (%s), "
                  "ready in %.1f s", self.address, config.role, engine.model_id,
-                 self.gallery.version, self.gallery.size, self.gallery.index_kind,
+                 gallery.version, gallery.size, gallery.index_kind,
                  time.monotonic() - started)
         point = engine.decider.point_1toN()
         log.info("operating points: 1:1 FMR %g -> threshold %.4f; 1:N FPIR %g over the %d "
                  "travellers whose booking is open now (of %d in the gallery) -> threshold "
                  "%.4f; the calibration data supports FPIR %g up to %d travellers%s",
                  config.policy.fmr_1to1, engine.decider.point_1to1.threshold,
-                 config.policy.fpir_1toN, point.gallery_size, self.gallery.size,
+                 config.policy.fpir_1toN, point.gallery_size, gallery.size,
                  point.threshold, config.policy.fpir_1toN, point.max_gallery_size,
                  "" if point.supported else " (EXCEEDED: 1:N answers are flagged; use Clear)")
 
+    def _replica(self) -> ReplicaGallery:
+        if not isinstance(self.gallery, ReplicaGallery):
+            raise RuntimeError("not a loaded replica: only a replica serves another's snapshots")
+        return self.gallery
+
     def snapshot_age_s(self) -> float:
         """Age of the served snapshot (a replica's), from its manifest's created_at."""
-        return max(0.0, time.time() - self.gallery.snapshot_created_at)
+        return max(0.0, time.time() - self._replica().snapshot_created_at)
 
     async def _watch_freshness(self) -> None:
         """Replica: step aside from lane traffic while the served snapshot is too old."""
         limit = self.config.max_snapshot_age_s
+        if limit is None:
+            return
         interval = min(self.config.watch_interval_s, limit / 4)
         serving, not_serving = (health_pb2.HealthCheckResponse.SERVING,
                                 health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -359,11 +377,11 @@ class RunningServer:
                                 "writer publishing, is %s reachable?); NOT_SERVING for lane "
                                 "traffic (%s) until a newer one arrives; clients use this "
                                 "server only while no fresher one is SERVING",
-                                self.gallery.snapshot_name, age, limit,
+                                self._replica().snapshot_name, age, limit,
                                 self.config.snapshot_source, LANE_HEALTH_SERVICE)
                 else:
                     log.warning("replica fresh again: snapshot %s is %.0f s old; SERVING for "
-                                "lane traffic", self.gallery.snapshot_name, age)
+                                "lane traffic", self._replica().snapshot_name, age)
             await asyncio.sleep(interval)
 
     def _on_swap(self, manifest) -> None:
@@ -379,10 +397,16 @@ class RunningServer:
                               model_id=manifest.model_id)
 
     async def _publish(self) -> tuple[str, int]:
+        from ..gallery.primary import Gallery
+
+        gallery, watcher = self.gallery, self.watcher
+        if not isinstance(gallery, Gallery) or watcher is None:
+            raise RuntimeError("not a loaded writer: only the writer publishes snapshots")
+
         def publish() -> tuple[str, int]:
-            self.gallery.rebuild()
-            path = self.watcher.publish(self.gallery.export_snapshot)
-            return path.name, self.gallery.version
+            gallery.rebuild()
+            path = watcher.publish(gallery.export_snapshot)
+            return path.name, gallery.version
 
         name, version = await asyncio.to_thread(publish)
         self.serving.snapshot_served(name)
@@ -411,7 +435,7 @@ async def start_server(config: ServerConfig, pipeline: Pipeline | None = None
         (pb.DESCRIPTOR.services_by_name["Matcher"].full_name,
          health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
          reflection.SERVICE_NAME), server)
-    if tls:
+    if config.tls_cert is not None and config.tls_key is not None:  # both or neither
         port = server.add_secure_port(config.listen, server_credentials(
             config.tls_cert, config.tls_key, config.tls_client_ca))
     else:

@@ -280,7 +280,7 @@ def _check_margin_rule(report: Report, r: ops.Ranked, n: int = 300) -> None:
     ours = ops.matches(r, t, margin)[:n]
     theirs = np.array([decide_identification(
         [Candidate("a", float(a)), Candidate("b", float(b))], t, margin)[0].value == "MATCH"
-        for a, b in zip(r.top1[:n], r.top2[:n])])
+        for a, b in zip(r.top1[:n], r.top2[:n], strict=True)])
     report.check("open_set_rule_matches_decide_identification", bool((ours == theirs).all()),
                  f"{int((ours != theirs).sum())} of {n} probes decided otherwise")
 
@@ -309,7 +309,7 @@ def _gallery_growth(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
             trials = int((~sub.mated).sum())
             false = ops.matches(sub, point.threshold, lfw.policy.margin) & ~sub.mated
             pairs = [(str(lfw.names[a]), str(lfw.names[b]))
-                     for a, b in zip(sub.probe_person[false], sub.top1_person[false])]
+                     for a, b in zip(sub.probe_person[false], sub.top1_person[false], strict=True)]
             alike = [p for p in pairs if frozenset(p) in _look_alikes(lfw)]
             seen = len(pairs) - len(alike)
             p_value = binomial_tail(seen, trials, lfw.policy.fpir_1toN)
@@ -339,7 +339,8 @@ def _modelled(report: Report, lfw: Lfw, g: int) -> list[dict]:
     cap = lfw.model.max_gallery_size(lfw.policy.fpir_1toN)
     report.figure("lfw_max_supported_gallery_size", cap, "travellers", summary=True,
                   note=f"largest N whose per-comparison FMR (FPIR {lfw.policy.fpir_1toN:g} / N) "
-                       f"the score model's data supports (fmr_floor {lfw.model.for_search.supported_floor:.3g})")
+                       "the score model's data supports "
+                       f"(fmr_floor {lfw.model.for_search.supported_floor:.3g})")
     rows = []
     for n in [s for s in MODELLED_SIZES if s > g]:
         point = operating_point_1toN(lfw.model, lfw.policy.fpir_1toN, n,

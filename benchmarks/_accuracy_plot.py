@@ -41,7 +41,9 @@ def _scores(ax, one: dict) -> None:
 
 
 def _det(ax, one: dict, curves: dict) -> None:
-    for (label, c), colour in zip(curves.items(), ("tab:blue", "tab:orange")):
+    # The 640x640 reference curve is there only when its variant was measured, so there
+    # may be fewer curves than colours.
+    for (label, c), colour in zip(curves.items(), ("tab:blue", "tab:orange"), strict=False):
         ax.loglog(c["fmr"], c["fnmr"], color=colour, label=label)
         ax.fill_between(c["fmr"], np.maximum(c["lo"], 1e-4), np.maximum(c["hi"], 1e-4),
                         color=colour, alpha=0.2, lw=0)
@@ -107,7 +109,7 @@ def _growth(ax, o) -> None:
                     color=colour, capsize=3, label=f"measured {key.upper()} (95% CI)")
     m = [(r["n"], r["upper"]) for r in o.modelled]
     if m:
-        ax.loglog(*zip(*m), "s--", color="tab:red", alpha=0.6,
+        ax.loglog(*zip(*m, strict=True), "s--", color="tab:red", alpha=0.6,
                   label="modelled FPIR (N x upper FMR)")
     ax.axhline(1e-3, color="grey", ls="--", lw=1, label="promised FPIR 1e-3")
     ax.set_xscale("log")

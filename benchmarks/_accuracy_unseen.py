@@ -201,7 +201,7 @@ def both_booked(report: Report, lfw) -> dict:
             if not len(probe_rows):
                 continue
             top1, at, top2 = _top2(x[probe_rows] @ gallery.T)
-            for s1, col, s2 in zip(top1, at, top2):
+            for s1, col, s2 in zip(top1, at, top2, strict=True):
                 if s1 < point.threshold:
                     outcome["below_threshold"] += 1
                 elif s1 - s2 < lfw.policy.margin:

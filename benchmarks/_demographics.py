@@ -249,7 +249,7 @@ def _placebo(report: Report, lfw, x, ids, groups, drop, quick: bool) -> dict:
     def rates(mask: np.ndarray) -> np.ndarray:
         p = score_pairs(x[mask], ids[mask])
         keep = np.array([frozenset((p.identity_names[a], p.identity_names[b])) not in bad
-                         for a, b in zip(p.tail_a, p.tail_b)], bool)
+                         for a, b in zip(p.tail_a, p.tail_b, strict=True)], bool)
         total = p.impostor_pairs - int((~keep).sum())
         return np.array([(p.tail[keep] >= t).sum() / total for t in thresholds.values()])
 

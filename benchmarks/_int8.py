@@ -8,6 +8,7 @@ running ``analyse_many``.
 """
 from __future__ import annotations
 
+import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,7 +36,8 @@ def measure(datas: list[bytes], rounds: int) -> dict:
     pipes = {p: Pipeline(default_pack(p), threads=1) for p in PRECISIONS}
     ref = pipes["fp32"]
     images = [ref.decode(d) for d in datas]
-    blob = np.concatenate([ref.align(im, d.kps) for im, d in zip(images, ref.detect_many(images))])
+    blob = np.concatenate([ref.align(im, d.kps)
+                           for im, d in zip(images, ref.detect_many(images), strict=True)])
     templates = {p: pipe.embed(blob) for p, pipe in pipes.items()}
     cosine = np.einsum("ij,ij->i", templates["fp32"], templates["int8"])
     chunks = [datas[i:i + MICRO_BATCH] for i in range(0, len(datas), MICRO_BATCH)]
@@ -48,14 +50,14 @@ def measure(datas: list[bytes], rounds: int) -> dict:
     cpu_ms: dict[str, list[float]] = {p: [] for p in PRECISIONS}
     with ThreadPoolExecutor(WORKERS) as pool:
         for pipe in pipes.values():  # warm-up
-            list(pool.map(lambda c: micro_batch(pipe, c), chunks[:2]))
+            list(pool.map(functools.partial(micro_batch, pipe), chunks[:2]))
         for _ in range(rounds):
             for p, pipe in pipes.items():
                 started = time.thread_time()
                 pipe.embed(blob)  # single-threaded session: runs on this thread
                 embed_ms[p].append((time.thread_time() - started) * 1e3 / len(blob))
                 started, cpu = time.perf_counter(), time.process_time()
-                list(pool.map(lambda c: micro_batch(pipe, c), chunks))
+                list(pool.map(functools.partial(micro_batch, pipe), chunks))
                 per_s[p].append(len(datas) / (time.perf_counter() - started))
                 cpu_ms[p].append((time.process_time() - cpu) * 1e3 / len(datas))
     return {"embed_ms": embed_ms, "images_per_s": per_s, "cpu_ms_per_image": cpu_ms,

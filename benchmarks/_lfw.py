@@ -207,7 +207,9 @@ def read_pairs(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
     one of mismatched lines each: a new fold starts where a matched line follows a
     mismatched one.
     """
-    name = (lambda who, n: f"images/{who}/{who}_{int(n):04d}.jpg")
+    def name(who: str, n: str) -> str:
+        return f"images/{who}/{who}_{int(n):04d}.jpg"
+
     a, b, same = [], [], []
     for line in (Path(folder) / "pairs.txt").read_text().splitlines():
         f = line.split("\t")

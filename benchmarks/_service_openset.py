@@ -77,7 +77,7 @@ def run_gallery(folder: Path, files: np.ndarray, plan_: dict, booking: str,
         requests = [client.enroll_request(name, [photo(i) for i in b[booking]])
                     for name, b in sorted(plan_["booked"].items())]
         enrolled = set()
-        for req, resp in zip(requests, client.enroll_stream(requests, timeout=3600)):
+        for req, resp in zip(requests, client.enroll_stream(requests, timeout=3600), strict=True):
             if resp.HasField("error"):
                 counts["booking_refused"] += 1
             else:

@@ -124,9 +124,9 @@ def _plot(report: Report, timeline, faults, starts) -> None:
     ok = [(t, lat) for t, lat, o in timeline if o == "MATCH"]
     bad = [(t, lat) for t, lat, o in timeline if o != "MATCH"]
     if ok:
-        ax.scatter(*zip(*ok), s=6, alpha=0.5, label="answered")
+        ax.scatter(*zip(*ok, strict=True), s=6, alpha=0.5, label="answered")
     if bad:
-        ax.scatter(*zip(*bad), s=40, marker="x", color="red", label="failed")
+        ax.scatter(*zip(*bad, strict=True), s=40, marker="x", color="red", label="failed")
     for i, name in enumerate(PHASES):
         end = starts[i + 1] if starts[i + 1] != float("inf") else (
             max(t for t, _, _ in timeline) if timeline else starts[i])

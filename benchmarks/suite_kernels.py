@@ -92,7 +92,7 @@ def _snapshot(result):
 def _agree(a, b) -> tuple[bool, str]:
     """(outputs agree, how closely): indices exactly, floats to rtol = atol = 1e-5."""
     if isinstance(a, tuple):
-        parts = [_agree(x, y) for x, y in zip(a, b)]
+        parts = [_agree(x, y) for x, y in zip(a, b, strict=True)]
         return all(ok for ok, _ in parts), "; ".join(detail for _, detail in parts)
     if a.shape != b.shape:
         return False, f"shapes {a.shape} vs {b.shape}"
@@ -154,8 +154,8 @@ def run(report: Report, quick: bool) -> None:
     for label, call, number in cases:
         ok, detail = _agree(_snapshot(call(_native)), _snapshot(call(_reference)))
         report.check(f"{label}: native output equals numpy twin", ok, detail)
-        t_native, t_numpy = _side_by_side(lambda: call(_native), lambda: call(_reference),
-                                          repeats, number)
+        t_native, t_numpy = _side_by_side(lambda call=call: call(_native),
+                                          lambda call=call: call(_reference), repeats, number)
         a = report.times_ms(f"{label} native", t_native)
         b = report.times_ms(f"{label} numpy", t_numpy)
         speedup = b["median"] / a["median"]
@@ -201,10 +201,10 @@ def _plot(report: Report, labels, native_ms, numpy_ms, speedups) -> None:
     for offset, entries, name, colour in ((-width / 2, native_ms, "native (Cython)", "tab:blue"),
                                           (width / 2, numpy_ms, "numpy twin", "tab:orange")):
         med = np.array([e["median"] for e in entries])
-        err = np.array([[m - e["min"] for m, e in zip(med, entries)],
-                        [e["max"] - m for m, e in zip(med, entries)]])
+        err = np.array([[m - e["min"] for m, e in zip(med, entries, strict=True)],
+                        [e["max"] - m for m, e in zip(med, entries, strict=True)]])
         ax.bar(x + offset, med, width, yerr=err, capsize=3, label=name, color=colour)
-    for xi, s, e in zip(x, speedups, numpy_ms):
+    for xi, s, e in zip(x, speedups, numpy_ms, strict=True):
         ax.annotate(f"{s:.1f}x", (xi, e["max"]), textcoords="offset points", xytext=(0, 6),
                     ha="center", fontsize=9, fontweight="bold")
     ax.set_yscale("log")

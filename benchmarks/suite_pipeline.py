@@ -126,7 +126,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def _parity(report: Report, ours_640: Pipeline, peer: FaceAnalysisPeer, photos: list[Photo],
             images: list[np.ndarray]) -> None:
     cosines, count_mismatch = [], []
-    for photo, image in zip(photos, images):
+    for photo, image in zip(photos, images, strict=True):
         mine, theirs = ours_640.analyse(image), peer.get(image)
         if len(mine) != len(theirs):
             count_mismatch.append(photo.file)
@@ -159,9 +159,10 @@ def _size_sweep(report: Report, ours: Pipeline, photos: list[Photo], images: lis
         per_image = [pipe.analyse(im) for im in images]
         if name == "fixed640x640":
             reference_faces = per_image
-        wrong = [p.file for p, faces in zip(photos, per_image) if len(faces) != p.faces]
+        wrong = [p.file for p, faces in zip(photos, per_image, strict=True)
+                 if len(faces) != p.faces]
         templates = {p.file: largest_face(faces).template
-                     for p, faces in zip(photos, per_image) if p.faces == 1 and faces}
+                     for p, faces in zip(photos, per_image, strict=True) if p.faces == 1 and faces}
         genuine, impostor = pair_scores(templates, identity)
         detect_s = _detect_s_per_image(pipe, images, repeats)
         rows.append({"name": name, "config": config, "faces": per_image, "wrong": wrong,
@@ -169,7 +170,8 @@ def _size_sweep(report: Report, ours: Pipeline, photos: list[Photo], images: lis
                      "mean_genuine": float(genuine.mean()), "detect_ms": detect_s})
     for row in rows:
         drift = [float(f.template @ max(ref, key=lambda r: _iou(f.bbox, r.bbox)).template)
-                 for faces, ref in zip(row["faces"], reference_faces) for f in faces if ref]
+                 for faces, ref in zip(row["faces"], reference_faces, strict=True)
+                 for f in faces if ref]
         key = f"size_{row['name']}"
         report.figure(f"{key}_wrong_face_counts", len(row["wrong"]), "images",
                       note=", ".join(row["wrong"]))
@@ -211,7 +213,7 @@ def _lane_portraits(report: Report, ours: Pipeline, ours_640: Pipeline, photos: 
     face found at 640x640, grey where the crop leaves the photo, resized to 640x480.
     """
     frames, identity = [], {}
-    for p, image in zip(photos, images):
+    for p, image in zip(photos, images, strict=True):
         if p.faces != 1 or "partial" in p.file:
             continue
         identity[str(len(frames))] = p.identities[0]

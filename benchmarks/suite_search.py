@@ -109,7 +109,7 @@ def run(report: Report, quick: bool) -> None:
     report.param(loadavg_start=os.getloadavg())
     fig, axes = report.plot(1, len(sizes), figsize=(6.5 * len(sizes), 4.8))
     axes = np.atleast_1d(axes).ravel()
-    for ax, n in zip(axes, sizes):
+    for ax, n in zip(axes, sizes, strict=True):
         curves = run_size(report, n, quick)
         lowest = 1.0
         for kind, pts in curves.items():  # points in sweep order: cheapest setting first

@@ -198,11 +198,11 @@ def _start_large_gallery(stack: contextlib.ExitStack, report: Report, root: Path
     # Rank-1 is what the index must get right; whether top-1 clears the 1:N threshold at
     # this size is the operating point's business (docs/operating-points.md).
     correct = sum(bool(a.candidates) and a.candidates[0].traveller_id == who
-                  for a, who in zip(answers, identities))
+                  for a, who in zip(answers, identities, strict=True))
     report.check(f"large gallery ({n} templates): every probe ranked first",
                  correct == len(probes), f"{correct}/{len(probes)}")
     report.figure("large_gallery_match_share",
-                  sum(a.traveller_id == who for a, who in zip(answers, identities))
+                  sum(a.traveller_id == who for a, who in zip(answers, identities, strict=True))
                   / len(probes), "share",
                   note="MATCH decisions at the service's 1:N threshold for this size")
     return functools.partial(_lanes_over_grpc, address, probes), vectors, ids
@@ -341,7 +341,7 @@ def run(report: Report, quick: bool) -> None:
     if default not in layouts:
         layouts = (*layouts, default)
     report.param(seconds_per_point=seconds, rounds=rounds, lanes=list(lane_counts),
-                 layouts=[l.name for l in layouts], default_layout=default.name,
+                 layouts=[layout.name for layout in layouts], default_layout=default.name,
                  large_gallery_size=size)
     probes, identities, enrol = _single_face_probes()
     with tempfile.TemporaryDirectory(prefix="bench_service_") as tmp, \
@@ -391,7 +391,7 @@ def run(report: Report, quick: bool) -> None:
         ours = [r.throughput for r in runs["large gallery"][lanes]]
         theirs = [r.throughput for r in runs["FaceAnalysis+FAISS"][lanes]]
         report.figure(f"throughput_ratio_service_vs_baseline_lanes{lanes}",
-                      [a / max(b, 1e-9) for a, b in zip(ours, theirs)], "x",
+                      [a / max(b, 1e-9) for a, b in zip(ours, theirs, strict=True)], "x",
                       summary=lanes == top,
                       note=f"{size} synthetic + 6 real templates; service over gRPC (default "
                            "layout, gallery's own index) vs FaceAnalysis + FAISS flat "

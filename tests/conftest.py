@@ -1,4 +1,5 @@
-"""Shared fixtures: the real face photos and one real pipeline per test session."""
+"""Shared fixtures: the real face photos, one real pipeline per test session, and a real
+server with the test photos enrolled (one per module that asks for it)."""
 from __future__ import annotations
 
 import csv
@@ -46,3 +47,34 @@ def pipeline():
     from matcher.face.pipeline import Pipeline
 
     return Pipeline()
+
+
+# Module scope: each test module that asks gets its own server, data directory and
+# gallery, so one module's enrolments and removals never reach another's.
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, pipeline):
+    from service_helpers import ServerThread, server_config
+
+    data = tmp_path_factory.mktemp("e2e")
+    with ServerThread(server_config(data), pipeline) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from matcher.client import MatcherClient
+
+    with MatcherClient(server.address, timeout=30.0, lane_id="K-01") as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def enrolled(client, faces_dir) -> dict[str, str]:
+    """identity -> enrolled file; enrolled through the Enroll RPC."""
+    from service_helpers import enrolment_plan
+
+    plan = enrolment_plan(faces_dir)
+    for identity, file in plan.items():
+        resp = client.enroll(identity, [(faces_dir / file).read_bytes()])
+        assert resp.traveller_id == identity and resp.added_templates == 1
+    return plan

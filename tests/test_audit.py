@@ -1,6 +1,7 @@
 """Audit log: the chain verifies, every kind of tampering is caught, reopening continues it."""
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_records_chain_and_verify(tmp_path):
     records = _write_log(path, 5)
     assert [r["seq"] for r in records] == [1, 2, 3, 4, 5]
     assert records[0]["prev_hash"] == GENESIS_HASH
-    assert all(b["prev_hash"] == a["hash"] for a, b in zip(records, records[1:]))
+    assert all(b["prev_hash"] == a["hash"] for a, b in itertools.pairwise(records))
     ok, count, bad = verify_chain(path)
     assert (ok, count, bad) == (True, 5, None)
     assert verify_chain(path).head_hash == records[-1]["hash"]

@@ -310,7 +310,7 @@ def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeli
         engine.analyse(ImageJob(b"junk"), None), return_exceptions=True))
     assert isinstance(out[-1], InvalidInput)
     assert max(sizes) > 1
-    for d, analysis in zip(data, out[:-1]):
+    for d, analysis in zip(data, out[:-1], strict=True):
         alone = sorted(pipeline.analyse_bytes(d), key=lambda f: f.area, reverse=True)
         assert len(alone) == len(analysis.faces)
         np.testing.assert_allclose(analysis.templates, np.stack([f.template for f in alone]),
@@ -335,8 +335,9 @@ def test_concurrent_searches_share_one_gallery_call_and_keep_their_own_k(pipelin
     engine.decider.identify_many = lambda x, k: calls.append((len(x), k)) or real(x, k)
 
     out = run_on_engine(engine, gallery, lambda: asyncio.gather(
-        *(engine.identify(t[None, :], k) for k, t in zip((1, 2, 3, 4), templates.values()))))
-    for (f, _), k, decisions in zip(templates.items(), (1, 2, 3, 4), out):
+        *(engine.identify(t[None, :], k)
+          for k, t in zip((1, 2, 3, 4), templates.values(), strict=True))))
+    for (f, _), k, decisions in zip(templates.items(), (1, 2, 3, 4), out, strict=True):
         assert decisions[0].traveller_id == f and len(decisions[0].candidates) == k
     assert sum(n for n, _ in calls) == 4 and len(calls) < 4  # at least two shared a call
 

@@ -43,7 +43,7 @@ def test_pairs_are_every_pair_exactly_once():
     expected_tail = np.sort([s for s in impostor if s > 0.1])
     np.testing.assert_allclose(np.sort(pairs.tail), expected_tail, atol=1e-5)
     assert all(pairs.identity_names[a] != pairs.identity_names[b]
-               for a, b in zip(pairs.tail_a, pairs.tail_b))
+               for a, b in zip(pairs.tail_a, pairs.tail_b, strict=True))
 
 
 @pytest.mark.parametrize("xi,sigma", [(0.25, 0.02), (-0.3, 0.05), (0.0, 0.03)])
@@ -83,7 +83,8 @@ def test_calibrate_runs_the_served_pipeline_and_refuses_too_little_data(
         pipeline, faces_dir, face_labels, tmp_path):
     embedded = embed_folder(faces_dir, pipeline, cache_dir=tmp_path, workers=1)
     assert list(embedded.files) == list(face_labels)
-    for file, status, template in zip(embedded.files, embedded.status, embedded.templates):
+    for file, status, template in zip(embedded.files, embedded.status, embedded.templates,
+                                      strict=True):
         assert status in (OK, LOW_QUALITY), file
         assert abs(float(np.linalg.norm(template)) - 1.0) < 1e-4
     # the cache is reused: same labels, same settings

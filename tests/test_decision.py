@@ -56,7 +56,7 @@ def test_thresholds_are_conservative_and_monotone(shipped):
         assert upper == sorted(upper)
     upper = [shipped.threshold_at_fmr(f, 0.95) for f in fmrs]
     population = shipped.with_worst_group(False)
-    for f, t in zip(fmrs, upper):
+    for f, t in zip(fmrs, upper, strict=True):
         # the groups are held at their own level (group_confidence), so the bound is
         # compared with the population's estimate, and the group rule only ever raises it
         assert t >= population.threshold_estimate(f) - 1e-12

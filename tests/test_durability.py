@@ -21,9 +21,9 @@ CHILD = textwrap.dedent("""
     import hashlib, sys
     import numpy as np
     from matcher.gallery.primary import Gallery
-    data_dir, prefix = sys.argv[1], sys.argv[2]
-    g = Gallery.open(data_dir, "%s")
-    rng = np.random.default_rng(abs(hash(prefix)) %% 2**32)
+    data_dir, prefix, model_id = sys.argv[1], sys.argv[2], sys.argv[3]
+    g = Gallery.open(data_dir, model_id)
+    rng = np.random.default_rng(abs(hash(prefix)) % 2**32)
     i = 0
     while True:
         x = rng.standard_normal((2, 512)).astype(np.float32)
@@ -33,12 +33,12 @@ CHILD = textwrap.dedent("""
         g.enroll(tid, x, 0.0, 4e9, shas)
         print(tid, flush=True)
         i += 1
-""" % MODEL)
+""")
 
 
 def enrol_until_killed(data_dir: Path, prefix: str, acknowledged_before_kill: int) -> list[str]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data_dir), prefix], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data_dir), prefix, MODEL],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     acked = []
     try:
         for line in proc.stdout:

@@ -43,7 +43,7 @@ def reindex_reasons(refused: dict[str, Path]) -> dict[str, str]:
     names = list(refused)
     shas = [hashlib.sha256(refused[n].read_bytes()).hexdigest() for n in names]
     reasons, _ = PhotoEmbedder().embed(shas, [str(refused[n]) for n in names])
-    return dict(zip(names, reasons))
+    return dict(zip(names, reasons, strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_the_reindex_refuses_them(reindex_reasons):
 def test_enroll_refuses_them_with_the_reindex_code(client, refused, reindex_reasons,
                                                    faces_dir):
     for name, path in refused.items():
-        details = _refusal(lambda: client.enroll("T-REFUSED", [path.read_bytes()]))
+        details = _refusal(lambda path=path: client.enroll("T-REFUSED", [path.read_bytes()]))
         assert _code(details) == reindex_reasons[name], (name, details)
         assert "request_id=" in details
     two = _refusal(lambda: client.enroll("T-REFUSED", [refused["group_two_people.jpg"]

@@ -20,7 +20,7 @@ def face_templates(pipeline, faces_dir: Path, face_labels) -> dict[str, np.ndarr
     """file -> (faces, 512) templates of every face found in it."""
     out = {}
     images = {f: pipeline.decode((faces_dir / f).read_bytes()) for f in face_labels}
-    for f, faces in zip(images, pipeline.analyse_many(list(images.values()))):
+    for f, faces in zip(images, pipeline.analyse_many(list(images.values())), strict=True):
         out[f] = np.stack([x.template for x in faces])
     return out
 
@@ -57,7 +57,7 @@ def test_every_other_single_face_photo_identifies_at_rank1(
     assert len(probes) >= 15
     decisions = decider.identify_many(np.concatenate([face_templates[f] for f in probes]),
                                       k=5, now=NOW)
-    for f, d in zip(probes, decisions):
+    for f, d in zip(probes, decisions, strict=True):
         want = face_labels[f]["identity"]
         assert d.candidates[0].traveller_id == want, f
         assert d.outcome is Outcome.MATCH and d.traveller_id == want, (f, d.reason, d.score)

@@ -72,7 +72,8 @@ def test_snapshot_swaps_during_a_lane_simulation_fail_no_request(tmp_path, pipel
                                [f"{round_:064x}"])
                     job.rebuild()
                     name = job.export_snapshot().name
-                    wait_for(lambda: client.gallery_info().snapshot == name, what=name)
+                    wait_for(lambda name=name: client.gallery_info().snapshot == name,
+                             what=name)
                     swapped.append(name)
                     more_answers()
                     # And the service's own publish, which also swaps its index.

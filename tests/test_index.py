@@ -1,6 +1,8 @@
 """The search index: every kind agrees with exact numpy search; filters, removals, delta."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from synthetic import NOW, unit
@@ -42,7 +44,7 @@ def test_every_kind_finds_the_exact_top1(kind, sq8):
     assert ix.kind == kind
     got = [c[0].traveller_id for c in ix.search(probes, 3, NOW)]
     want = exact_top1(probes, gallery, owner, ids)
-    agree = np.mean([g == w for g, w in zip(got, want)])
+    agree = np.mean([g == w for g, w in zip(got, want, strict=True)])
     assert agree >= (1.0 if kind == "flat" else 0.98), agree
     assert np.mean([g == f"T{i:05d}" for i, g in enumerate(got)]) >= 0.98
 
@@ -51,9 +53,9 @@ def test_every_kind_finds_the_exact_top1(kind, sq8):
 def test_scores_are_exact_best_template_per_traveller(kind, sq8):
     ix, gallery, owner, probes, ids = build(kind, sq8=sq8)
     res = ix.search(probes[:20], 5, NOW)
-    for p, cands in zip(probes[:20], res):
+    for p, cands in zip(probes[:20], res, strict=True):
         assert len({c.traveller_id for c in cands}) == len(cands) == 5
-        assert all(a.score >= b.score for a, b in zip(cands, cands[1:]))
+        assert all(a.score >= b.score for a, b in itertools.pairwise(cands))
         for c in cands[:1]:
             slot = ids.index(c.traveller_id)
             best = (gallery[owner == slot] @ p).max()

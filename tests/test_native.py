@@ -224,7 +224,7 @@ def test_decode_matches_twin_on_real_detector_outputs(detector_outputs, threshol
     # 0.7 is not a float32: both must compare in float32 the same way; 1.5 keeps nothing.
     for scores, boxes, kps, input_w, det_scale in detector_outputs:
         native, twin = decode_both(scores, boxes, kps, input_w, threshold, det_scale)
-        for a, b in zip(native, twin):
+        for a, b in zip(native, twin, strict=True):
             assert a.shape == b.shape
             assert_close(a, b)
         if threshold < 1:
@@ -240,7 +240,7 @@ def test_decode_matches_twin_on_random_outputs():
     boxes = [rng.random((n, 4), dtype=np.float32) * 5 for n in grids]
     kps = [rng.normal(size=(n, 10)).astype(np.float32) for n in grids]
     native, twin = decode_both(scores, boxes, kps, input_w, 0.7, 0.37, num_anchors=3)
-    for a, b in zip(native, twin):
+    for a, b in zip(native, twin, strict=True):
         assert_close(a, b)
 
 

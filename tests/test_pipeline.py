@@ -116,10 +116,10 @@ def test_analyse_many_equals_one_by_one(pipeline: Pipeline, faces_dir: Path) -> 
     files = ["obama_small.jpg", "group_two_people.jpg", "obama_240p.jpg", "obama_4.jpg"]
     images = [pipeline.decode((faces_dir / f).read_bytes()) for f in files]
     batched = pipeline.analyse_many(images)
-    for image, faces in zip(images, batched):
+    for image, faces in zip(images, batched, strict=True):
         alone = pipeline.analyse(image)
         assert len(alone) == len(faces)
-        for a, b in zip(alone, faces):
+        for a, b in zip(alone, faces, strict=True):
             np.testing.assert_allclose(a.bbox, b.bbox, atol=1e-3)
             assert float(a.template @ b.template) > 0.9999
 
@@ -263,9 +263,9 @@ def test_concurrent_callers_get_the_same_faces_as_one_caller(pipeline: Pipeline,
     alone = [pipeline.analyse_bytes(d) for d in datas]
     with ThreadPoolExecutor(3) as pool:
         together = list(pool.map(pipeline.analyse_bytes, datas))
-    for a, b in zip(alone, together):
+    for a, b in zip(alone, together, strict=True):
         assert len(a) == len(b)
-        for fa, fb in zip(a, b):
+        for fa, fb in zip(a, b, strict=True):
             np.testing.assert_array_equal(fa.bbox, fb.bbox)
             np.testing.assert_array_equal(fa.template, fb.template)
 

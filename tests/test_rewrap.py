@@ -45,7 +45,7 @@ def by_photo(store: Store) -> dict[str, np.ndarray]:
     out = {}
     for t in store.list_travellers():
         trav = store.get(t.traveller_id)
-        out.update(zip(trav.photo_sha256s, trav.templates))
+        out.update(zip(trav.photo_sha256s, trav.templates, strict=True))
     return out
 
 
@@ -91,7 +91,7 @@ def test_plain_store_is_encrypted_in_place(tmp_path):
     rows = raw_rows(db)
     assert len(rows) == 11 and all(codec == "aesgcm-v1" for _, codec, _ in rows)
     check = cipher(key, "k1")
-    for photo, _, blob in rows:
+    for _photo, _, blob in rows:
         assert check.key_id_of(blob) == "k1" and x[0].tobytes()[:64] not in blob
     with Store(db, MODEL, codec=cipher(key, "k1")) as store:
         decoded = by_photo(store)
@@ -203,7 +203,7 @@ def test_cli_rewrap_from_plain_then_the_gallery_loads_with_the_key(tmp_path):
                       ) as gallery:
         rows = gallery.store.read_all()
     assert len(rows.vectors) == 6
-    for vector, owner in zip(rows.vectors, rows.owner):
+    for vector, owner in zip(rows.vectors, rows.owner, strict=True):
         i = int(rows.traveller_ids[owner].split("-")[1])
         np.testing.assert_array_equal(vector, x[i])
 

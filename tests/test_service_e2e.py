@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image, ImageFilter
-from service_helpers import ServerThread, enrolment_plan, read_labels, server_config
+from service_helpers import ServerThread, read_labels, server_config
 
 from matcher.client import MatcherClient, make_probe
 from matcher.face.models import demo_photo
@@ -20,29 +20,6 @@ from matcher.service.audit import read_records, verify_chain
 from matcher.v1 import matcher_pb2 as pb
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, pipeline):
-    data = tmp_path_factory.mktemp("e2e")
-    with ServerThread(server_config(data), pipeline) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with MatcherClient(server.address, timeout=30.0, lane_id="K-01") as c:
-        yield c
-
-
-@pytest.fixture(scope="module")
-def enrolled(client, faces_dir) -> dict[str, str]:
-    """identity -> enrolled file; enrolled through the Enroll RPC."""
-    plan = enrolment_plan(faces_dir)
-    for identity, file in plan.items():
-        resp = client.enroll(identity, [(faces_dir / file).read_bytes()])
-        assert resp.traveller_id == identity and resp.added_templates == 1
-    return plan
 
 
 def _png(image: Image.Image) -> bytes:

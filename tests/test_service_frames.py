@@ -10,7 +10,6 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image, ImageFilter
-from test_service_e2e import client, enrolled, server  # noqa: F401 - the shared fixtures
 
 from matcher.client import make_probe
 from matcher.service.audit import read_records

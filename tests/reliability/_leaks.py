@@ -8,6 +8,7 @@ by chance in logs or metrics is negligible.
 from __future__ import annotations
 
 import base64
+import itertools
 from collections.abc import Iterable
 
 import numpy as np
@@ -45,7 +46,7 @@ def template_forms(template: np.ndarray, label: str) -> list[tuple[str, bytes]]:
         forms.append((f"{label} repr({v!r})", repr(v).encode()))           # 0.0123456789...
         forms.append((f"{label} float32 str", str(np.float32(v)).encode()))  # 0.01234568
     # Two neighbours as numpy or a JSON list would print them.
-    pairs = [(float(a), float(b)) for a, b in zip(t, t[1:]) if abs(a) >= 0.01][:3]
+    pairs = [(float(a), float(b)) for a, b in itertools.pairwise(t) if abs(a) >= 0.01][:3]
     for a, b in pairs:
         forms.append((f"{label} json pair", f"{a}, {b}".encode()))
     return forms

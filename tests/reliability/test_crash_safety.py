@@ -18,6 +18,7 @@ a failure can be replayed.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 import sqlite3
@@ -99,13 +100,14 @@ def _writer(server: ServerProcess, cycle: int, w: int, ledger: Ledger, killed: t
             elif roll < 0.3 and alive_ids:
                 tid = alive_ids.pop(rng.randrange(len(alive_ids)))
                 op = ledger.add(Op("remove", tid, f"c{cycle}-w{w}-{i}-rm"))
-                call = lambda op=op: client.remove(op.traveller_id, request_id=op.request_id)
+                call = functools.partial(client.remove, op.traveller_id,
+                                         request_id=op.request_id)
             else:
                 tid = f"k{cycle}-w{w}-{i}"
                 op = ledger.add(Op("enrol", tid, f"c{cycle}-w{w}-{i}-en"))
-                call = lambda op=op: client.enroll(op.traveller_id, [_probe(op.traveller_id)],
-                                                   valid_from=0.0, valid_to=4e9,
-                                                   request_id=op.request_id)
+                call = functools.partial(client.enroll, op.traveller_id,
+                                         [_probe(op.traveller_id)], valid_from=0.0,
+                                         valid_to=4e9, request_id=op.request_id)
             try:
                 call()
             except grpc.RpcError as exc:

@@ -90,9 +90,12 @@ def test_a_killed_and_a_stalled_replica_cost_the_lanes_nothing(tmp_path, probe, 
         faults = []
         for c in range(cycles):
             t0 = 16.0 * c
-            faults += [Fault(t0 + 4, "SIGKILL replica1", lambda: cluster.signal(r1, signal.SIGKILL)),
-                       Fault(t0 + 8, "SIGSTOP replica2", lambda: cluster.signal(r2, signal.SIGSTOP)),
-                       Fault(t0 + 13, "SIGCONT replica2", lambda: cluster.signal(r2, signal.SIGCONT))]
+            faults += [Fault(t0 + 4, "SIGKILL replica1",
+                             lambda: cluster.signal(r1, signal.SIGKILL)),
+                       Fault(t0 + 8, "SIGSTOP replica2",
+                             lambda: cluster.signal(r2, signal.SIGSTOP)),
+                       Fault(t0 + 13, "SIGCONT replica2",
+                             lambda: cluster.signal(r2, signal.SIGCONT))]
             if c + 1 < cycles:  # bring replica1 back for the next round
                 faults.append(Fault(t0 + 13.5, "restart replica1",
                                     lambda: cluster.restart(r1, how="kill")))

@@ -16,6 +16,7 @@ Checks:
 """
 from __future__ import annotations
 
+import functools
 import sqlite3
 import urllib.request
 from pathlib import Path
@@ -131,9 +132,10 @@ def run(tmp_path_factory, faces_dir, pipeline) -> Run:
             # Access: every role x every RPC, then no token and a wrong one.
             for role in TOKENS:
                 with client(role) as c:
+                    options = {"metadata": c.metadata, "timeout": 60}
                     for method, call in CALLS.items():
                         r.access[(role, method)] = r.code_of(
-                            lambda: call(c.stub, {"metadata": c.metadata, "timeout": 60}))
+                            functools.partial(call, c.stub, options))
             for name, token in (("none", None), ("wrong", TOKENS["admin"][:-1] + "x")):
                 with MatcherClient(server.address, token=token, timeout=30.0, **tls) as c:
                     r.refused[f"token:{name}"] = r.code_of(lambda: c.gallery_info())

@@ -33,7 +33,7 @@ from matcher.face.pipeline import (
     StageTimings,
     largest_face,
 )
-from matcher.gallery.primary import Gallery
+from matcher.gallery.primary import PrimaryGallery
 from matcher.gallery.scoremodel import load_score_model
 from matcher.service.batching import BatchConfig
 from matcher.service.engine import ImageJob, MatchEngine
@@ -255,7 +255,7 @@ class _ServiceLayout:
 
     def __init__(self, pipe: Pipeline) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="bench-service-layout-")
-        self.gallery = Gallery.open(self._folder.name, pipe.model_id)
+        self.gallery = PrimaryGallery.open(self._folder.name, pipe.model_id)
         # Nothing is decided here: the score model only has to accept the pipeline's
         # settings (DecodeScaling changes them).
         score_model = replace(load_score_model(pipe.model_id),

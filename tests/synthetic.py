@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from matcher.gallery.primary import Gallery
+    from matcher.gallery.primary import PrimaryGallery
 
 MODEL = "test-model@000000000000"
 NOW = 1_800_000_000.0
@@ -31,7 +31,7 @@ def sha(i: object) -> str:
     return hashlib.sha256(str(i).encode()).hexdigest()
 
 
-def enrol_each(gallery: Gallery, x: np.ndarray,
+def enrol_each(gallery: PrimaryGallery, x: np.ndarray,
                windows: Sequence[tuple[float, float]] | None = None) -> list[str]:
     """Enrol traveller ``T{i}`` with template ``x[i]`` from photo ``sha(i)``, booked for
     ``windows[i]`` (every one for WINDOW by default); returns the traveller ids."""

@@ -15,7 +15,7 @@ from matcher.errors import DeadlineExpired, InvalidInput, NotReady, Overloaded
 from matcher.service.batching import BatchConfig, BatchContractError, MicroBatcher
 
 if TYPE_CHECKING:  # imported where used: the batcher's own tests need no gallery
-    from matcher.gallery.primary import Gallery
+    from matcher.gallery.primary import PrimaryGallery
     from matcher.service.engine import MatchEngine
 
 
@@ -44,7 +44,7 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def run_on_engine(engine: MatchEngine, gallery: Gallery,
+def run_on_engine(engine: MatchEngine, gallery: PrimaryGallery,
                   calls: Callable[[], Awaitable[list[Any]]]) -> list[Any]:
     """What ``calls()`` returns, run on the started engine; the engine is then stopped
     and the gallery closed."""
@@ -294,13 +294,13 @@ def test_config_rejects_nonsense():
 def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeline,
                                                                            faces_dir, tmp_path):
     """The real batch function: templates from a batch equal the unbatched pipeline's."""
-    from matcher.gallery.primary import Gallery
+    from matcher.gallery.primary import PrimaryGallery
     from matcher.service.engine import ImageJob, MatchEngine
 
     files = ["obama_1.jpg", "biden_2.jpg", "kit_harington_1.jpg", "rose_leslie_1.jpg",
              "alex_lacamoire_1.jpg", "group_two_people.jpg"]
     data = [(faces_dir / f).read_bytes() for f in files]
-    gallery = Gallery.open(tmp_path, pipeline.model_id)
+    gallery = PrimaryGallery.open(tmp_path, pipeline.model_id)
     engine = MatchEngine(pipeline, gallery, BatchConfig(max_batch=8, max_wait_s=0.2, workers=1))
     sizes = []
     engine.batcher._on_batch = sizes.append  # observe batch sizes as the metrics hook does
@@ -320,10 +320,10 @@ def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeli
 def test_concurrent_searches_share_one_gallery_call_and_keep_their_own_k(pipeline,
                                                                         faces_dir, tmp_path):
     """The search batcher: one identify_many per batch, each answer cut to its own k."""
-    from matcher.gallery.primary import Gallery
+    from matcher.gallery.primary import PrimaryGallery
     from matcher.service.engine import MatchEngine
 
-    gallery = Gallery.open(tmp_path, pipeline.model_id)
+    gallery = PrimaryGallery.open(tmp_path, pipeline.model_id)
     files = ["obama_1.jpg", "biden_2.jpg", "kit_harington_1.jpg", "rose_leslie_1.jpg"]
     templates = {f: pipeline.analyse_bytes((faces_dir / f).read_bytes())[0].template
                  for f in files}

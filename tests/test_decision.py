@@ -141,14 +141,14 @@ def test_a_traveller_is_one_fused_template_and_n_counts_who_is_booked_now(tmp_pa
     from synthetic import sha, unit
 
     from matcher.gallery.decision import Decider
-    from matcher.gallery.primary import Gallery
+    from matcher.gallery.primary import PrimaryGallery
     from matcher.gallery.scoremodel import FUSED, SINGLE
     from matcher.templates import fuse_templates
 
     model_id = default_pack().model_id
     rng = np.random.default_rng(0)
     day = 86_400.0
-    gallery = Gallery.open(tmp_path, model_id)
+    gallery = PrimaryGallery.open(tmp_path, model_id)
     four = unit(rng.standard_normal((4, 512)))
     gallery.enroll("ONE", unit(rng.standard_normal((1, 512))), 0.0, day, [sha("a")])
     gallery.enroll("FOUR", four, 0.0, day, [sha(c) for c in "bcde"])

@@ -12,7 +12,7 @@ from pathlib import Path
 from synthetic import MODEL, NOW, enrol_each, templates
 
 from matcher.gallery.integrity import integrity_check
-from matcher.gallery.primary import Gallery
+from matcher.gallery.primary import PrimaryGallery
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,9 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 CHILD = textwrap.dedent("""
     import hashlib, sys
     import numpy as np
-    from matcher.gallery.primary import Gallery
+    from matcher.gallery.primary import PrimaryGallery
     data_dir, prefix, model_id = sys.argv[1], sys.argv[2], sys.argv[3]
-    g = Gallery.open(data_dir, model_id)
+    g = PrimaryGallery.open(data_dir, model_id)
     rng = np.random.default_rng(abs(hash(prefix)) % 2**32)
     i = 0
     while True:
@@ -64,7 +64,7 @@ def test_sigkill_mid_stream_loses_no_acknowledged_enrolment(tmp_path):
     acked = []
     for round_ in range(2):
         acked += enrol_until_killed(data_dir, f"r{round_}", 40)
-        with Gallery.open(data_dir, MODEL) as g:
+        with PrimaryGallery.open(data_dir, MODEL) as g:
             assert integrity_check(g.store) == "ok"
             for tid in acked:
                 t = g.get(tid)
@@ -80,11 +80,11 @@ def test_sigkill_mid_stream_loses_no_acknowledged_enrolment(tmp_path):
 
 def test_close_and_reopen_keep_every_enrolment(tmp_path):
     x = templates(30)
-    with Gallery.open(tmp_path / "g", MODEL) as g:
+    with PrimaryGallery.open(tmp_path / "g", MODEL) as g:
         enrol_each(g, x)
         g.export_snapshot()
         g.remove("T0")
-    with Gallery.open(tmp_path / "g", MODEL) as g:
+    with PrimaryGallery.open(tmp_path / "g", MODEL) as g:
         assert g.size == 29 and g.version == 31
         got = [c[0].traveller_id for c in g.search(x, 1, NOW)]
         assert got[1:] == [f"T{i}" for i in range(1, 30)] and got[0] != "T0"

@@ -19,7 +19,7 @@ from synthetic import MODEL, NOW, WINDOW, sha, unit
 from matcher.cli.gallery import add_parser
 from matcher.errors import StoreDamaged
 from matcher.gallery.integrity import integrity_check, quarantined
-from matcher.gallery.primary import STORE_FILE, Gallery
+from matcher.gallery.primary import STORE_FILE, PrimaryGallery
 from matcher.gallery.schema import MIGRATIONS, SCHEMA_VERSION
 from matcher.gallery.store import Store
 
@@ -31,7 +31,7 @@ def _templates(n: int, seed: int = 0) -> np.ndarray:
 
 
 def _gallery(data: Path, x: np.ndarray) -> None:
-    with Gallery.open(data, MODEL) as g:
+    with PrimaryGallery.open(data, MODEL) as g:
         for i, t in enumerate(x):
             g.enroll(f"T{i}", t, *WINDOW, [sha(i)])
     # Closing the last connection checkpoints the WAL: the rows are in the main file now.
@@ -45,7 +45,7 @@ def _flip_in_file(path: Path, needle: bytes, offset: int = 100) -> None:
     path.write_bytes(bytes(data))
 
 
-def _top(g: Gallery, probe: np.ndarray) -> str | None:
+def _top(g: PrimaryGallery, probe: np.ndarray) -> str | None:
     found = g.search(probe, k=1, now=NOW)[0]
     return found[0].traveller_id if found else None
 
@@ -69,7 +69,7 @@ def test_a_rotted_template_row_is_quarantined_listed_and_healed_by_re_enrolment(
     stats = _stats(data, capsys)
     assert [(q["traveller_id"], q["reason"]) for q in stats["quarantined"]] == \
         [("T1", "checksum mismatch")]
-    with Gallery.open(data, MODEL) as g:
+    with PrimaryGallery.open(data, MODEL) as g:
         assert _top(g, x[1][None]) != "T1"          # never searched
         assert _top(g, x[2][None]) == "T2"          # the others are
         assert len(g.get("T1").templates) == 0      # nor used for 1:1
@@ -89,7 +89,7 @@ def test_a_blob_swapped_between_rows_is_caught_by_the_row_binding(tmp_path):
                                "('T0', 'T1') ORDER BY traveller_id")
         c.execute("UPDATE templates SET template=? WHERE traveller_id='T0'", (b,))
         c.execute("UPDATE templates SET template=? WHERE traveller_id='T1'", (a,))
-    with Gallery.open(data, MODEL) as g:
+    with PrimaryGallery.open(data, MODEL) as g:
         assert sorted(d["traveller_id"] for d in g.stats()["quarantined"]) == ["T0", "T1"]
         assert _top(g, x[0][None]) not in ("T0", "T1")
         assert _top(g, x[2][None]) == "T2"
@@ -99,10 +99,10 @@ def test_rows_are_checked_when_the_index_comes_from_a_snapshot(tmp_path):
     data = tmp_path / "g"
     x = _templates(4, seed=2)
     _gallery(data, x)
-    with Gallery.open(data, MODEL) as g:
+    with PrimaryGallery.open(data, MODEL) as g:
         g.export_snapshot()
     _flip_in_file(data / STORE_FILE, x[3].tobytes())
-    with Gallery.open(data, MODEL) as g:
+    with PrimaryGallery.open(data, MODEL) as g:
         assert g.version == 4  # served from the snapshot, which holds T3's true template
         assert _top(g, x[3][None]) != "T3"  # yet the damaged row's traveller is not searched
         assert [d["traveller_id"] for d in g.stats()["quarantined"]] == ["T3"]
@@ -144,27 +144,27 @@ def test_a_structurally_damaged_store_is_refused_with_the_file_and_the_way_back(
     raw[4096 + 8:4096 + 2000] = b"\xa5" * 1992  # the b-tree page after the header page
     db.write_bytes(bytes(raw))
     with pytest.raises(StoreDamaged) as info:
-        Gallery.open(data, MODEL)
+        PrimaryGallery.open(data, MODEL)
     message = str(info.value)
     assert str(db) in message and "matcher reindex" in message and "--replica-of" in message
 
     db.write_bytes(b"this is not a database at all" * 200)
     with pytest.raises(StoreDamaged, match="is damaged"):
-        Gallery.open(data, MODEL)
+        PrimaryGallery.open(data, MODEL)
 
 
 def test_a_damaged_snapshot_is_not_served_and_the_log_names_it(tmp_path, caplog):
     data = tmp_path / "g"
     x = _templates(3, seed=5)
     _gallery(data, x)
-    with Gallery.open(data, MODEL) as g:
+    with PrimaryGallery.open(data, MODEL) as g:
         path = g.export_snapshot()
     positions = path / "positions.npy"
     raw = bytearray(positions.read_bytes())
     raw[-1] ^= 1
     positions.write_bytes(bytes(raw))
     with caplog.at_level(logging.ERROR, logger="matcher.gallery.primary"):
-        with Gallery.open(data, MODEL) as g:
+        with PrimaryGallery.open(data, MODEL) as g:
             assert _top(g, x[1][None]) == "T1"  # built from the store instead
     text = caplog.text
     assert str(path) in text and "verify-snapshot" in text and "export-snapshot" in text

@@ -1,4 +1,4 @@
-"""The Gallery facade: background rebuild, concurrent writers and readers, refresh, inputs."""
+"""PrimaryGallery: background rebuild, concurrent writers and readers, refresh, inputs."""
 from __future__ import annotations
 
 import threading
@@ -9,13 +9,13 @@ from synthetic import MODEL, NOW, WINDOW, enrol_each, sha, templates, unit
 
 from matcher.errors import GalleryError, InvalidInput, UnknownTraveller
 from matcher.gallery.index import IndexConfig
-from matcher.gallery.primary import Gallery, GalleryConfig
+from matcher.gallery.primary import GalleryConfig, PrimaryGallery
 
 
 def test_background_rebuild_folds_the_delta_into_the_index(tmp_path):
     cfg = GalleryConfig(IndexConfig(index_kind="binary", delta_max_templates=8))
     x = unit(np.random.default_rng(0).standard_normal((10, 512)))
-    with Gallery.open(tmp_path, MODEL, cfg) as g:
+    with PrimaryGallery.open(tmp_path, MODEL, cfg) as g:
         for i in range(10):
             g.enroll(f"T{i}", x[i], *WINDOW, [sha(i)])
         g._rebuilding.join()
@@ -28,7 +28,7 @@ def test_background_rebuild_folds_the_delta_into_the_index(tmp_path):
 def test_concurrent_enrolments_and_searches(tmp_path):
     x = unit(np.random.default_rng(1).standard_normal((60, 512)))
     errors: list[BaseException] = []
-    with Gallery.open(tmp_path, MODEL) as g:
+    with PrimaryGallery.open(tmp_path, MODEL) as g:
         def writer(offset: int) -> None:
             try:
                 for i in range(offset, 60, 3):
@@ -57,7 +57,8 @@ def test_concurrent_enrolments_and_searches(tmp_path):
 
 def test_refresh_picks_up_another_writers_changes(tmp_path):
     x = unit(np.random.default_rng(2).standard_normal((2, 512)))
-    with Gallery.open(tmp_path, MODEL) as service, Gallery.open(tmp_path, MODEL) as job:
+    with (PrimaryGallery.open(tmp_path, MODEL) as service,
+          PrimaryGallery.open(tmp_path, MODEL) as job):
         job.enroll("A", x[0], *WINDOW, [sha(0)])
         assert service.search(x[:1], 1, NOW)[0] == []
         assert service.refresh() == 1
@@ -69,7 +70,7 @@ def test_refresh_picks_up_another_writers_changes(tmp_path):
 
 def test_search_and_score_inputs(tmp_path):
     x = unit(np.random.default_rng(3).standard_normal((1, 512)))
-    with Gallery.open(tmp_path, MODEL) as g:
+    with PrimaryGallery.open(tmp_path, MODEL) as g:
         g.enroll("A", x, *WINDOW, [sha(0)])
         with pytest.raises(InvalidInput, match="float32"):
             g.search(x.astype(np.float64))
@@ -101,7 +102,7 @@ def test_searchable_count_is_exact_as_the_clock_and_the_gallery_move(tmp_path):
     def expected(now: float) -> int:
         return sum(vf <= now < vt for vf, vt in windows)
 
-    with Gallery.open(tmp_path, MODEL) as g:
+    with PrimaryGallery.open(tmp_path, MODEL) as g:
         enrol_each(g, x, windows)
         assert [g.searchable(NOW + dt) for dt in (0, 0.25, 0.5, 1, 1.25, 2)] == \
             [2, 2, 3, 3, 2, 2]

@@ -9,7 +9,7 @@ import pytest
 from synthetic import MODEL, enrol_each, templates
 
 from matcher.cli.gallery import add_parser
-from matcher.gallery.primary import Gallery
+from matcher.gallery.primary import PrimaryGallery
 
 # `gallery stats` counts the travellers booked at the wall clock's now.
 HOUR, DAY = 3600.0, 86400.0
@@ -32,7 +32,7 @@ def data_dir(tmp_path):
     now = time.time()
     windows = [(now - HOUR, now + DAY) if i % 2 == 0 else (now + DAY, now + 2 * DAY)
                for i in range(12)]
-    with Gallery.open(tmp_path / "g", MODEL) as g:
+    with PrimaryGallery.open(tmp_path / "g", MODEL) as g:
         enrol_each(g, templates(12), windows)
         g.remove("T11")
     return tmp_path / "g"

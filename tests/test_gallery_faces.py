@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from matcher.gallery.decision import Decider, Outcome, Reason
-from matcher.gallery.primary import Gallery
+from matcher.gallery.primary import PrimaryGallery
 
 NOW = 1_800_000_000.0
 WINDOW = (NOW - 3600, NOW + 8 * 3600)
@@ -36,7 +36,7 @@ def enrolment_files(single_face_files, face_labels) -> dict[str, str]:
 
 @pytest.fixture
 def gallery(tmp_path, pipeline, faces_dir, face_templates, enrolment_files):
-    g = Gallery.open(tmp_path / "gallery", pipeline.model_id)
+    g = PrimaryGallery.open(tmp_path / "gallery", pipeline.model_id)
     for identity, f in enrolment_files.items():
         single = only_face(face_templates[f])
         g.enroll(identity, single, *WINDOW,
@@ -98,7 +98,8 @@ def test_removed_traveller_is_never_returned_again(gallery, face_templates, tmp_
         assert decider.verify(probe[0], "obama", NOW).reason is Reason.UNKNOWN_TRAVELLER
         gallery.rebuild(now=NOW)  # nor after a rebuild
     gallery.close()
-    with Gallery.open(tmp_path / "gallery", pipeline.model_id) as reopened:  # nor after restart
+    # nor after a restart
+    with PrimaryGallery.open(tmp_path / "gallery", pipeline.model_id) as reopened:
         assert "obama" not in {c.traveller_id for c in
                                reopened.search(probe, 6, NOW)[0]}
 

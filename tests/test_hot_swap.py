@@ -11,7 +11,7 @@ import pytest
 from service_helpers import ServerThread, enrolment_plan, server_config
 
 from matcher.client import MatcherClient
-from matcher.gallery.primary import Gallery
+from matcher.gallery.primary import PrimaryGallery
 from matcher.lane import run_lanes
 from matcher.service.audit import read_records
 
@@ -66,7 +66,7 @@ def test_snapshot_swaps_during_a_lane_simulation_fail_no_request(tmp_path, pipel
             rng = np.random.default_rng(7)
             booked = [_random_template(rng) for _ in range(3)]
             swapped = []
-            with Gallery.open(data_dir, pipeline.model_id) as job:
+            with PrimaryGallery.open(data_dir, pipeline.model_id) as job:
                 for round_ in range(3):
                     job.enroll(f"booked-{round_}", booked[round_][None, :], 0.0, 4e9,
                                [f"{round_:064x}"])
@@ -116,7 +116,7 @@ def test_a_corrupt_snapshot_is_refused_and_the_old_gallery_keeps_serving(tmp_pat
             MatcherClient(srv.address, timeout=30) as client:
         client.enroll("obama", [(faces_dir / "obama_1.jpg").read_bytes()])
         good = client.publish_snapshot().snapshot
-        with Gallery.open(data_dir, pipeline.model_id) as job:
+        with PrimaryGallery.open(data_dir, pipeline.model_id) as job:
             biden = pipeline.analyse_bytes((faces_dir / "biden_1.jpg").read_bytes())[0]
             job.enroll("biden", biden.template[None, :], 0.0, 4e9, ["b" * 64])
             job.rebuild()

@@ -28,7 +28,7 @@ from service_helpers import ServerThread, server_config
 
 from matcher.client import MatcherClient
 from matcher.face.models import default_pack
-from matcher.gallery.primary import SNAPSHOT_DIR, STORE_FILE, Gallery
+from matcher.gallery.primary import SNAPSHOT_DIR, STORE_FILE, PrimaryGallery
 from matcher.gallery.snapshot import list_snapshots, verify_snapshot
 from matcher.reindex.cache import OUTCOMES_FILE
 from matcher.reindex.embedding import PhotoEmbedder, embed_inline
@@ -183,7 +183,7 @@ def test_the_night_job_enrols_good_rows_and_rejects_each_bad_one(night: Night,
 
     snapshot = Path(s["snapshot"])
     assert list_snapshots(night.data_dir / SNAPSHOT_DIR)[0] == snapshot
-    with Gallery.open(night.data_dir, default_pack().model_id) as gallery:
+    with PrimaryGallery.open(night.data_dir, default_pack().model_id) as gallery:
         m = verify_snapshot(snapshot, gallery.model_id, gallery.store.store_id)
         # the store keeps every photo's template; the snapshot one fused per traveller
         assert (m.travellers, m.templates) == (len(GOOD), len(GOOD))
@@ -310,7 +310,7 @@ def test_cancelled_expired_moved_and_rephotographed_bookings(night: Night, faces
     assert _template_rows(data_dir, "KZ-LIN") == 0
     assert _template_rows(data_dir, "KZ-ROSE") == 0
     new_sha = hashlib.sha256((faces_dir / "biden_2.jpg").read_bytes()).hexdigest()
-    with Gallery.open(data_dir, default_pack().model_id) as gallery:
+    with PrimaryGallery.open(data_dir, default_pack().model_id) as gallery:
         assert gallery.get("KZ-BIDEN").photo_sha256s == (new_sha,)
         alex = gallery.get("KZ-ALEX")
         assert (alex.valid_from, alex.valid_to) == pytest.approx(moved, abs=1.0)
@@ -342,7 +342,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(faces_dir: Path, tmp_path: 
 
     with pytest.raises(_Interrupted):
         run_reindex(config, embed=dies_after_two)
-    with Gallery.open(config.data_dir, default_pack().model_id, use_snapshots=False) as g:
+    with PrimaryGallery.open(config.data_dir, default_pack().model_id, use_snapshots=False) as g:
         assert g.store.counts() == (2, 2)  # what was acknowledged is durable
     s = run_reindex(config)
     assert (s.embedded, s.skipped, s.enrolled) == (3, 2, 3)

@@ -23,7 +23,7 @@ from matcher.gallery.codecs import (
     TemplateDecryptError,
 )
 from matcher.gallery.integrity import integrity_check
-from matcher.gallery.primary import STORE_FILE, Gallery
+from matcher.gallery.primary import STORE_FILE, PrimaryGallery
 from matcher.gallery.rewrap import rewrap_templates
 from matcher.gallery.store import Enrolment, Store
 
@@ -179,7 +179,7 @@ def _matcher(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 def test_cli_rewrap_from_plain_then_the_gallery_loads_with_the_key(tmp_path):
     data = tmp_path / "g"
     x = templates(6, seed=3)
-    with Gallery.open(data, MODEL) as gallery:
+    with PrimaryGallery.open(data, MODEL) as gallery:
         for i in range(6):
             gallery.enroll(f"T-{i}", x[i], 0.0, 4e9, [sha(i)])
     env = {k: v for k, v in os.environ.items() if k not in (ENV_KEY, ENV_KEY_FILE)}
@@ -199,7 +199,7 @@ def test_cli_rewrap_from_plain_then_the_gallery_loads_with_the_key(tmp_path):
     done = _matcher(["gallery", "rewrap", "--data-dir", str(data)], env)
     assert done.returncode == 0 and json.loads(done.stdout)["rewrapped"] == 0
 
-    with Gallery.open(data, MODEL, codec=TemplateCipher.from_env({ENV_KEY: env[ENV_KEY]})
+    with PrimaryGallery.open(data, MODEL, codec=TemplateCipher.from_env({ENV_KEY: env[ENV_KEY]})
                       ) as gallery:
         rows = gallery.store.read_all()
     assert len(rows.vectors) == 6

@@ -10,13 +10,13 @@ from synthetic import MODEL, NOW, WINDOW, sha, unit
 
 from matcher.errors import SnapshotError
 from matcher.gallery.index import IndexConfig
-from matcher.gallery.primary import Gallery, GalleryConfig
+from matcher.gallery.primary import GalleryConfig, PrimaryGallery
 from matcher.gallery.snapshot import list_snapshots, verify_snapshot
 
 
 def filled(path, n=200, kind="flat", seed=0, sq8=False):
     rng = np.random.default_rng(seed)
-    g = Gallery.open(path, MODEL, GalleryConfig(IndexConfig(index_kind=kind, sq8=sq8)))
+    g = PrimaryGallery.open(path, MODEL, GalleryConfig(IndexConfig(index_kind=kind, sq8=sq8)))
     centres = unit(rng.standard_normal((n, 512)))
     for i in range(n):
         g.enroll(f"T{i}", unit(centres[i] + 0.05 * rng.standard_normal(512)), *WINDOW, [sha(i)])
@@ -41,7 +41,7 @@ def test_roundtrip_then_replay_of_later_changes(tmp_path, kind, sq8):
     g.enroll("LATE", centres[7:8], *WINDOW, [sha("late")])
     g.remove("T7")
     g.close()
-    with Gallery.open(tmp_path / "g", MODEL) as again:
+    with PrimaryGallery.open(tmp_path / "g", MODEL) as again:
         assert again.index_kind == kind and again.version == 203
         got = top1(again, centres[:10])
         assert got[3] != "T3" and got[7] == "LATE"
@@ -62,7 +62,7 @@ def test_corrupt_newest_snapshot_is_skipped_for_the_last_good_one(tmp_path, capl
         f.write(b"\xff\xfe\xfd")
     with pytest.raises(SnapshotError, match="checksum"):
         verify_snapshot(bad)
-    with Gallery.open(tmp_path / "g", MODEL) as again:
+    with PrimaryGallery.open(tmp_path / "g", MODEL) as again:
         # opened from `good`, then replayed the change made after it
         assert again.stats()["index_built_version"] == 50
         assert top1(again, unit(np.ones((1, 512)))) == ["NEW"]
@@ -99,7 +99,7 @@ def test_failed_hot_swap_keeps_serving_and_good_swap_never_fails_a_search(tmp_pa
         g.load_snapshot(foreign)
     assert top1(g, centres[:3]) == ["T0", "T1", "T2"]
 
-    g2 = Gallery.open(tmp_path / "g", MODEL, GalleryConfig(IndexConfig(index_kind="hnsw")),
+    g2 = PrimaryGallery.open(tmp_path / "g", MODEL, GalleryConfig(IndexConfig(index_kind="hnsw")),
                       use_snapshots=False)
     g2.rebuild(now=NOW)
     hnsw_snapshot = g2.export_snapshot()
@@ -136,7 +136,7 @@ def test_snapshot_newer_than_its_store_is_refused(tmp_path):
     g, _ = filled(tmp_path / "g", n=20)
     g.close()
     shutil.copy(tmp_path / "g" / "gallery.sqlite3", tmp_path / "backup.sqlite3")  # at v20
-    g = Gallery.open(tmp_path / "g", MODEL)
+    g = PrimaryGallery.open(tmp_path / "g", MODEL)
     g.remove("T0")
     g.rebuild(now=NOW)
     newer = g.export_snapshot()
@@ -150,6 +150,6 @@ def test_snapshot_newer_than_its_store_is_refused(tmp_path):
 
         with Store.open(tmp_path / "g" / "gallery.sqlite3", MODEL) as store:
             read_snapshot(newer, MODEL, store.store_id, IndexConfig(), store.gallery_version)
-    with Gallery.open(tmp_path / "g", MODEL) as restored:  # falls back to a store build
+    with PrimaryGallery.open(tmp_path / "g", MODEL) as restored:  # falls back to a store build
         assert restored.version == 20
         assert restored.search(restored.get("T0").templates, 1, NOW)[0][0].traveller_id == "T0"

@@ -72,7 +72,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Rebuild the index from the store (unless --no-rebuild) and write a snapshot."""
     from ..gallery.index import IndexConfig
-    from ..gallery.primary import STORE_FILE, Gallery, GalleryConfig
+    from ..gallery.primary import STORE_FILE, GalleryConfig, PrimaryGallery
     from ..gallery.snapshot import verify_snapshot
 
     data_dir = args.data
@@ -81,7 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         return 2
     config = GalleryConfig(IndexConfig(index_kind=args.index_kind, sq8=args.sq8))
     # A fresh build from the store is the snapshot; loading an old one first is wasted work.
-    with Gallery.open(data_dir, _model_id(args, data_dir / STORE_FILE), config,
+    with PrimaryGallery.open(data_dir, _model_id(args, data_dir / STORE_FILE), config,
                       use_snapshots=args.no_rebuild) as gallery:
         if not args.no_rebuild:
             gallery.rebuild()

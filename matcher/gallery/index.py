@@ -377,7 +377,7 @@ def _grow(a: np.ndarray, needed: int) -> np.ndarray:
 
 
 class SearchIndex:
-    """One writer at a time (the Gallery's lock); any number of concurrent searches."""
+    """One writer at a time (the PrimaryGallery's lock); any number of concurrent searches."""
 
     def __init__(self, built: BuiltIndex, traveller_ids: list[str], valid_from: np.ndarray,
                  valid_to: np.ndarray, built_version: int, config: IndexConfig,

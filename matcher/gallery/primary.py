@@ -48,7 +48,11 @@ class GalleryConfig:
     quick_check_s: float = 30.0
 
 
-class Gallery:
+class PrimaryGallery:
+    """The writer's gallery: the store every template is committed to first, the search
+    index of one fused template per traveller built from it, and the snapshots replicas
+    serve. ``ReplicaGallery`` is its read-only twin."""
+
     def __init__(self, data_dir: Path, store: Store, index: SearchIndex,
                  config: GalleryConfig) -> None:
         self.data_dir = data_dir
@@ -61,7 +65,7 @@ class Gallery:
 
     @classmethod
     def open(cls, data_dir: str | Path, model_id: str, config: GalleryConfig | None = None,
-             codec: TemplateCodec | None = None, use_snapshots: bool = True) -> Gallery:
+             codec: TemplateCodec | None = None, use_snapshots: bool = True) -> PrimaryGallery:
         """Open (or create) the gallery in ``data_dir``.
 
         Loads the newest snapshot that verifies (a corrupt or mismatched one is logged and
@@ -106,7 +110,7 @@ class Gallery:
             worker.join()
         self.store.close()
 
-    def __enter__(self) -> Gallery:
+    def __enter__(self) -> PrimaryGallery:
         return self
 
     def __exit__(self, *exc: object) -> None:

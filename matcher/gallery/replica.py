@@ -1,6 +1,6 @@
 """Read replicas and hot swaps: serve from published snapshots, pick up new ones.
 
-One writer owns the SQLite store and publishes snapshots (``Gallery.export_snapshot``).
+One writer owns the SQLite store and publishes snapshots (``PrimaryGallery.export_snapshot``).
 A ``ReplicaGallery`` serves searches and 1:1 checks from the newest snapshot in a folder
 (the writer's ``snapshots/`` on a shared or synced disk) and refuses writes. A
 ``SnapshotWatcher`` notices a newer snapshot and swaps it in: the new index is loaded and
@@ -50,7 +50,7 @@ def _state(manifest: SnapshotManifest, index: SearchIndex) -> _State:
 
 
 class ReplicaGallery:
-    """The read side of a Gallery, from snapshots only. Thread-safe; writes raise."""
+    """The read side of a PrimaryGallery, from snapshots only. Thread-safe; writes raise."""
 
     def __init__(self, model_id: str, manifest: SnapshotManifest, index: SearchIndex,
                  config: IndexConfig) -> None:
@@ -155,7 +155,7 @@ class ReplicaGallery:
 class SnapshotWatcher:
     """Polls a snapshot folder every ``interval_s`` and hot-swaps newer snapshots in.
 
-    ``gallery`` is anything with ``load_snapshot(path) -> SnapshotManifest`` (Gallery on the
+    ``gallery`` is anything with ``load_snapshot(path) -> SnapshotManifest`` (PrimaryGallery on the
     writer, ReplicaGallery on a replica). A snapshot that fails verification is logged
     once and skipped; the gallery keeps serving what it had.
 

@@ -26,7 +26,7 @@ class ClaimScore:
 
 
 class ServedGallery(Protocol):
-    """Implemented by gallery.primary.Gallery and gallery.replica.ReplicaGallery."""
+    """Implemented by gallery.primary.PrimaryGallery and gallery.replica.ReplicaGallery."""
 
     @property
     def model_id(self) -> str: ...

@@ -25,7 +25,7 @@ from ..face.models import default_pack
 from ..face.pipeline import DetectorConfig
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
 from ..gallery.codecs import TemplateCodec, codec_from_env
-from ..gallery.primary import STORE_FILE, Gallery, GalleryConfig
+from ..gallery.primary import STORE_FILE, GalleryConfig, PrimaryGallery
 from ..gallery.snapshot import SnapshotManifest, verify_snapshot
 from ..gallery.store import Enrolment, Store, TravellerSummary
 from ..templates import EMBEDDING_DIM
@@ -148,7 +148,7 @@ def _run_locked(config: ReindexConfig, embed: Embed,
     seconds["hash"] = time.perf_counter() - t
 
     model_id, codec = default_pack().model_id, codec_from_env()
-    # Writes go to the Store, not through a Gallery: a Gallery would also hold every new
+    # Writes go to the Store, not through a PrimaryGallery: it would also hold every new
     # template in its in-memory index, which a night of millions cannot afford. The index
     # is built once, from the store, at the end.
     store = Store.open(data_dir / STORE_FILE, model_id, codec)
@@ -436,7 +436,7 @@ def publish_snapshot(data_dir: Path, model_id: str, codec: TemplateCodec | None
                      ) -> SnapshotManifest:
     """Build the index from the store (bookings already over are left out), write the
     snapshot atomically where ``matcher serve`` watches, and verify it from disk."""
-    with Gallery.open(data_dir, model_id, GalleryConfig(auto_rebuild=False), codec=codec,
+    with PrimaryGallery.open(data_dir, model_id, GalleryConfig(auto_rebuild=False), codec=codec,
                       use_snapshots=False) as gallery:
         path = gallery.export_snapshot()
         return verify_snapshot(path, gallery.model_id, gallery.store.store_id)

@@ -61,7 +61,7 @@ from .servicer import MatcherServicer
 from .serving import ServingState
 
 if TYPE_CHECKING:  # the writer's gallery is imported only by a writer
-    from ..gallery.primary import Gallery
+    from ..gallery.primary import PrimaryGallery
     from ..gallery.scoremodel import ScoreModel
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,7 @@ class RunningServer:
         self.metrics = metrics
         self.metrics_server = metrics_server
         self.engine: MatchEngine | None = None
-        self.gallery: Gallery | ReplicaGallery | None = None
+        self.gallery: PrimaryGallery | ReplicaGallery | None = None
         self.score_model: ScoreModel | None = None
         self.audit: AuditLog | None = None
         self.watcher: SnapshotWatcher | None = None
@@ -268,7 +268,7 @@ class RunningServer:
 
     # -- loading --------------------------------------------------------------------
 
-    def _open_gallery(self, pipeline: Pipeline) -> Gallery | ReplicaGallery:
+    def _open_gallery(self, pipeline: Pipeline) -> PrimaryGallery | ReplicaGallery:
         config = self.config
         if config.role == "replica":
             while True:
@@ -278,16 +278,16 @@ class RunningServer:
                     log.info("replica waiting for a snapshot: %s", exc)
                 if self._cancel_load.wait(config.watch_interval_s):
                     raise MatcherError("stopped while waiting for a first snapshot")
-        from ..gallery.primary import Gallery
+        from ..gallery.primary import PrimaryGallery
 
         # Encrypted at rest when MATCHER_TEMPLATE_KEY(_FILE) is set, as the overnight job.
-        gallery = Gallery.open(config.data_dir, pipeline.model_id, codec=codec_from_env())
+        gallery = PrimaryGallery.open(config.data_dir, pipeline.model_id, codec=codec_from_env())
         if config.demo:
             enrol_demo_gallery(pipeline, gallery)
         return gallery
 
     def _load(self, pipeline: Pipeline | None
-              ) -> tuple[Pipeline, Gallery | ReplicaGallery, ScoreModel, AuditLog]:
+              ) -> tuple[Pipeline, PrimaryGallery | ReplicaGallery, ScoreModel, AuditLog]:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         pipeline = pipeline or Pipeline(config.model_pack, threads=config.ort_threads,
@@ -397,10 +397,10 @@ class RunningServer:
                               model_id=manifest.model_id)
 
     async def _publish(self) -> tuple[str, int]:
-        from ..gallery.primary import Gallery
+        from ..gallery.primary import PrimaryGallery
 
         gallery, watcher = self.gallery, self.watcher
-        if not isinstance(gallery, Gallery) or watcher is None:
+        if not isinstance(gallery, PrimaryGallery) or watcher is None:
             raise RuntimeError("not a loaded writer: only the writer publishes snapshots")
 
         def publish() -> tuple[str, int]:

@@ -21,7 +21,7 @@ from _server import METRICS_ANY_PORT, ServerProcess
 
 from matcher.client import make_probe
 from matcher.face.models import default_pack
-from matcher.gallery.primary import Gallery
+from matcher.gallery.primary import PrimaryGallery
 from matcher.service.audit import verify_chain
 from matcher.v1 import matcher_pb2 as pb
 
@@ -208,7 +208,7 @@ def test_a_replica_keeps_serving_when_its_snapshot_share_disappears(tmp_path):
     share = tmp_path / "share"
     x = _templates(4, seed=11)
     model_id = default_pack().model_id  # what the replica's pipeline runs
-    with Gallery.open(tmp_path / "writer", model_id) as writer:
+    with PrimaryGallery.open(tmp_path / "writer", model_id) as writer:
         for i in range(3):
             writer.enroll(f"T{i}", x[i], 0.0, FAR_FUTURE, [f"{i:064x}"])
         writer.rebuild()  # a snapshot holds the built index, not the delta since

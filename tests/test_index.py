@@ -100,7 +100,7 @@ def test_delta_upsert_replaces_a_travellers_templates():
     rng = np.random.default_rng(9)
     newcomer = unit(rng.standard_normal((2, 512)))
     ix.upsert("NEW", NOW - 1, NOW + 10, newcomer, [1000, 1001])
-    assert ix.delta_templates == 2 and ix.travellers == 301
+    assert ix.delta_template_count == 2 and ix.travellers == 301
     assert ix.search(newcomer[1:], 1, NOW)[0][0].traveller_id == "NEW"
     # re-enrolled with a different photo: the old templates no longer match it
     other = unit(rng.standard_normal((1, 512)))

@@ -186,7 +186,7 @@ def test_the_night_job_enrols_good_rows_and_rejects_each_bad_one(night: Night,
     with PrimaryGallery.open(night.data_dir, default_pack().model_id) as gallery:
         m = verify_snapshot(snapshot, gallery.model_id, gallery.store.store_id)
         # the store keeps every photo's template; the snapshot one fused per traveller
-        assert (m.travellers, m.templates) == (len(GOOD), len(GOOD))
+        assert (m.travellers, m.template_count) == (len(GOOD), len(GOOD))
         assert gallery.store.counts() == (len(GOOD), n_good)
         assert m.gallery_version == gallery.store.gallery_version
         assert {t.traveller_id for t in gallery.store.list_travellers()} == set(GOOD)

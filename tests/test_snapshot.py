@@ -34,7 +34,8 @@ def test_roundtrip_then_replay_of_later_changes(tmp_path, kind, sq8):
     g, centres = filled(tmp_path / "g", kind=kind, sq8=sq8)
     path = g.export_snapshot()
     m = verify_snapshot(path, MODEL, g.store.store_id)
-    assert (m.gallery_version, m.templates, m.travellers, m.index_kind) == (200, 200, 200, kind)
+    assert (m.gallery_version, m.template_count, m.travellers, m.index_kind) == (
+        200, 200, 200, kind)
     assert not any(p.name.startswith(".tmp") for p in path.parent.iterdir())
     # changes after the snapshot live only in the store; reopening must replay them
     g.remove("T3")

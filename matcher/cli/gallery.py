@@ -60,7 +60,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 entry.update(ok=True, gallery_version=m.gallery_version,
                              behind=store.gallery_version - m.gallery_version,
                              index_kind=m.index_kind, travellers=m.travellers,
-                             templates=m.templates)
+                             templates=m.template_count)
             except SnapshotError as e:
                 entry.update(ok=False, error=str(e))
             snapshots.append(entry)
@@ -89,7 +89,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         m = verify_snapshot(path, gallery.model_id, gallery.store.store_id)
     print(json.dumps({"snapshot": str(path), "gallery_version": m.gallery_version,
                       "index_kind": m.index_kind, "travellers": m.travellers,
-                      "templates": m.templates}))
+                      "templates": m.template_count}))
     return 0
 
 
@@ -114,7 +114,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"REFUSED: {e}")
         return 1
     print(f"ok: {m.path.name}: gallery_version {m.gallery_version}, {m.travellers} travellers,"
-          f" {m.templates} templates, {m.index_kind} index, model {m.model_id}"
+          f" {m.template_count} templates, {m.index_kind} index, model {m.model_id}"
           + ("" if behind is None else f", {behind} store changes newer (replayed on load)"))
     return 0
 

@@ -453,18 +453,18 @@ class SearchIndex:
         return count
 
     @property
-    def templates(self) -> int:
+    def template_count(self) -> int:
         """Templates held, including those of removed travellers not yet rebuilt away."""
         v = self._view
         return v.built.ntotal + v.delta.count
 
     @property
-    def delta_templates(self) -> int:
+    def delta_template_count(self) -> int:
         return self._view.delta.count
 
     @property
     def needs_rebuild(self) -> bool:
-        return self.delta_templates >= self.config.delta_max_templates
+        return self.delta_template_count >= self.config.delta_max_templates
 
     def built_table(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """The traveller table as it was at build time (what a snapshot stores)."""

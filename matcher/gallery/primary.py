@@ -133,8 +133,8 @@ class PrimaryGallery:
         return self._index.travellers
 
     @property
-    def templates(self) -> int:
-        return self._index.templates
+    def template_count(self) -> int:
+        return self._index.template_count
 
     def searchable(self, now: datetime | float | None = None) -> int:
         """Travellers whose booking window is open at ``now``: who a search can match."""
@@ -158,9 +158,9 @@ class PrimaryGallery:
                 "index_version": ix.applied_version, "index_built_version": ix.built_version,
                 "index_kind": ix.kind, "index_params": ix.built.params,
                 "travellers": travellers, "templates": templates,
-                "index_travellers": ix.travellers, "index_templates": ix.templates,
+                "index_travellers": ix.travellers, "index_templates": ix.template_count,
                 "searchable_now": ix.searchable(time.time()),  # the N of a 1:N search now
-                "delta_templates": ix.delta_templates,
+                "delta_templates": ix.delta_template_count,
                 "quarantined": [{"template_id": d.template_id, "traveller_id": d.traveller_id,
                                  "reason": d.reason} for d in damaged],
                 "snapshots": [p.name for p in list_snapshots(self.snapshot_dir)]}

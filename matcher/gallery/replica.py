@@ -84,8 +84,8 @@ class ReplicaGallery:
         return self._state.index.travellers
 
     @property
-    def templates(self) -> int:
-        return self._state.index.templates
+    def template_count(self) -> int:
+        return self._state.index.template_count
 
     def searchable(self, now=None) -> int:
         """Travellers whose booking window is open at ``now``: who a search can match."""

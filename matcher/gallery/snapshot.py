@@ -39,7 +39,7 @@ class SnapshotManifest:
     index_kind: str
     index_params: dict
     travellers: int
-    templates: int
+    template_count: int  # "templates" in the manifest file
     created_at: float
     files: dict[str, dict]
 
@@ -174,12 +174,12 @@ def read_snapshot(path: str | Path, model_id: str, store_id: str | None,
         raise SnapshotError(f"snapshot {path.name} cannot be loaded: {e}") from None
     if (len(ids) != m.travellers or windows.shape != (2, m.travellers)
             or photos.shape != (m.travellers,)
-            or built.ntotal != m.templates
+            or built.ntotal != m.template_count
             or (len(built.owner) and int(built.owner.max()) >= len(ids))):
         raise SnapshotError(f"snapshot {path.name} contents disagree with its manifest")
     index = SearchIndex(built, ids, windows[0], windows[1], m.gallery_version, config, photos)
     log.info("loaded snapshot %s (gallery_version %d, %d templates, %s)", path.name,
-             m.gallery_version, m.templates, m.index_kind)
+             m.gallery_version, m.template_count, m.index_kind)
     return m, index
 
 

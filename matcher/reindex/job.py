@@ -194,7 +194,7 @@ def _run_locked(config: ReindexConfig, embed: Embed,
     verified = publish_snapshot(data_dir, model_id, codec)
     seconds["index_and_publish"] = time.perf_counter() - t
     summary.gallery_travellers = verified.travellers
-    summary.gallery_templates = verified.templates
+    summary.gallery_templates = verified.template_count
     summary.gallery_version = verified.gallery_version
     summary.snapshot = str(verified.path)
 

@@ -317,7 +317,7 @@ class MatchEngine:
         self._write_pool.shutdown(wait=True)
 
     def publish_gallery_metrics(self) -> None:
-        self.metrics.set_gallery(self.gallery.templates, self.gallery.version)
+        self.metrics.set_gallery(self.gallery.template_count, self.gallery.version)
 
     # -- the batch function (runs in a worker thread) ---------------------------------
 

@@ -460,7 +460,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             searchable = await engine.searchable_travellers()
             many = decider.point_1toN(gallery_size=searchable)  # the N a search uses now
             return pb.GalleryInfo(
-                gallery_version=g.version, travellers=g.size, templates=g.templates,
+                gallery_version=g.version, travellers=g.size, templates=g.template_count,
                 searchable_travellers=searchable,
                 model_id=engine.model_id, index_kind=g.index_kind, role=self.serving.role,
                 snapshot=self.serving.snapshot_name,

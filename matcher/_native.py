@@ -34,7 +34,8 @@ def _check(x: object, name: str, dtype: np.dtype, shape: tuple[int | None, ...],
     got = x.shape
     if len(got) != len(shape):
         _bad_shape(name, got, shape)
-    for have, want in zip(got, shape, strict=True):  # same length: checked above
+    # Not strict: the lengths are checked just above, and this runs on every kernel call.
+    for have, want in zip(got, shape, strict=False):
         if want is not None and have != want:
             _bad_shape(name, got, shape)
     flags = x.flags

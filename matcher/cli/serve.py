@@ -75,6 +75,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
     # The defaults live with the server: imported only when serve or demo is the command.
+    from ..gallery.decision import DecisionPolicy
     from ..service.batching import BatchConfig
     from ..service.engine import AUDIT_FAILURE_POLICIES
     from ..service.server import ServerConfig, default_data_dir
@@ -82,12 +83,15 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", default=ServerConfig.listen,
                    help=f"HOST:PORT (default {ServerConfig.listen})")
     # Targets, not thresholds (docs/operating-points.md); None: the policy's defaults.
-    p.add_argument("--fmr", type=float, help="1:1 target false-match rate (default 1e-5)")
-    p.add_argument("--fpir", type=float,
-                   help="1:N target false-positive identification rate (default 1e-3)")
+    policy = DecisionPolicy()
+    p.add_argument("--fmr", type=float,
+                   help=f"1:1 target false-match rate (default {policy.fmr_1to1:g})")
+    p.add_argument("--fpir", type=float, help="1:N target false-positive identification rate "
+                                              f"(default {policy.fpir_1toN:g})")
     p.add_argument("--confidence-1ton", type=float, metavar="LEVEL",
                    help="confidence of the score model's bound 1:N thresholds are taken at "
-                        "(default: the level the cross-validation chose, 0.5)")
+                        "(default: the level the cross-validation chose, "
+                        f"{policy.confidence_1toN:g})")
     add_data_option(p, default=str(default_data_dir()),
                     help="data directory: gallery.sqlite3, snapshots/, audit.log "
                          "(default $MATCHER_DATA or ~/.matcher)")

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import InvalidInput, UnknownTraveller
 from ..face.enrolment import explain, face_verdict
 from ..face.pipeline import Face
-from ..gallery.decision import Decision, Reason
+from ..gallery.decision import Decision, Outcome, Reason
 from ..gallery.store import EnrolResult
 from ..templates import Candidate, check_traveller_id, photo_sha256
 from .engine import FRAMES_DISAGREE, Frame, FusedProbe, MatchEngine, photo_bytes
@@ -28,8 +28,9 @@ request_log = logging.getLogger("matcher.requests")
 DEFAULT_WINDOW_S = 24 * 3600.0   # an enrolment without valid_to is bookable for a day
 MATCHING_RPCS = ("Identify", "Verify", "Clear")
 
-# An answer's decision, named as matcher.v1.Decision names it (audit records, metrics).
-MATCH, NO_MATCH, NO_FACE, LOW_QUALITY = "MATCH", "NO_MATCH", "NO_FACE", "LOW_QUALITY"
+# The answers no gallery decision makes, named as matcher.v1.Decision names them (audit
+# records, metrics); MATCH and NO_MATCH are the gallery's Outcome values.
+NO_FACE, LOW_QUALITY = "NO_FACE", "LOW_QUALITY"
 
 
 def as_answered(value: float) -> float:
@@ -131,7 +132,7 @@ async def match(engine: MatchEngine, call: MatchCall, frames: Sequence[Frame],
         verdict = (NO_FACE_VERDICT if face is None else
                    Verdict(LOW_QUALITY, "low_quality", quality_reasons=face.quality.reasons))
     elif not probe.agree:
-        verdict = Verdict(NO_MATCH, FRAMES_DISAGREE,
+        verdict = Verdict(Outcome.NO_MATCH.value, FRAMES_DISAGREE,
                           threshold=engine.decider.point_1to1_for(1).threshold)
     else:
         verdict = Verdict.of(await _decide(engine, call, probe.template, deadline))

@@ -10,7 +10,8 @@ served pipeline's templates (matcher.calibrate.embed_folder, cached), at most 10
 person, and every figure with a 95 % interval from resampling identities (_lfw.py):
 1:1 DET and the impostor tail against the shipped score model, LFW's 10-fold accuracy on
 its own pairs, the open-set 1:N protocol (_openset.py) at the service's thresholds as the
-gallery grows, and the design choices of issue 10 item 4, each measured on the same data.
+gallery grows, the design choices of issue 10 item 4, each measured on the same data, and
+the enrolment rule (which face of a booking photo is enrolled, _enrolment_lfw.py).
 ``--quick`` uses 600 people drawn with a fixed seed.
 """
 from __future__ import annotations
@@ -19,7 +20,10 @@ from statistics import NormalDist
 
 import numpy as np
 
+from matcher.face.models import default_pack
 from matcher.face.pipeline import Pipeline, largest_face
+from matcher.gallery.decision import DecisionPolicy, consistency_threshold
+from matcher.gallery.scoremodel import load_score_model
 
 from ._faces import lfw_dir, load_photos, pair_scores
 from .harness import Report
@@ -37,8 +41,14 @@ def run(report: Report, quick: bool) -> None:
         _plot(report, shared, None)
         return
     from ._accuracy_lfw import lfw_accuracy  # only when there is data to run it on
+    from ._enrolment_lfw import enrolment_accuracy
 
-    _plot(report, shared, lfw_accuracy(report, folder, quick))
+    lfw = lfw_accuracy(report, folder, quick)
+    policy = DecisionPolicy()
+    model = load_score_model(default_pack().model_id)
+    lfw["enrolment"] = enrolment_accuracy(report, folder, consistency_threshold(model, policy),
+                                          policy.fmr_consistency)
+    _plot(report, shared, lfw)
 
 
 def _shared_photos(report: Report) -> tuple:
@@ -157,13 +167,16 @@ def _plot(report: Report, shared: tuple, lfw: dict | None) -> None:
         return
     from ._accuracy_plot import plot_lfw
     from ._accuracy_unseen import plot_probe_options, plot_unseen
+    from ._enrolment_lfw import plot as plot_enrolment
 
-    _, axes = report.plot(4, 3, figsize=(20, 21))
+    _, axes = report.plot(5, 3, figsize=(20, 26))
     axes = axes.ravel()
     _plot_shared(axes[0], axes[1], *shared)
     plot_lfw(axes[2:9], lfw)
     plot_unseen(axes[9], axes[10], lfw["unseen"], lfw["target_fpir"])
     plot_probe_options(axes[11], lfw["unseen"])
+    plot_enrolment(axes[12], axes[13], lfw["enrolment"])
+    axes[14].axis("off")
 
 
 def _plot_shared(ax_hist, ax_det, genuine: np.ndarray, impostor: np.ndarray,

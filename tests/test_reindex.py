@@ -31,7 +31,7 @@ from matcher.face.models import default_pack
 from matcher.gallery.primary import SNAPSHOT_DIR, STORE_FILE, PrimaryGallery
 from matcher.gallery.snapshot import list_snapshots, verify_snapshot
 from matcher.reindex.cache import OUTCOMES_FILE
-from matcher.reindex.embedding import PhotoEmbedder, embed_inline
+from matcher.reindex.embedding import PhotoEmbedder, embed_inline, unpack_faces
 from matcher.reindex.job import ReindexConfig, run_reindex
 from matcher.reindex.report import SUMMARY_FILE
 from matcher.v1 import matcher_pb2 as pb
@@ -359,12 +359,16 @@ def test_photo_embedder_refuses_bad_photos_with_reasons(faces_dir: Path, tmp_pat
              (empty, "EMPTY"), (tmp_path / "missing.jpg", "MISSING"), (tmp_path, "DIR")]
     shas = [hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "0" * 64
             for p, _ in cases]
-    reasons, templates = worker.embed(shas, [str(p) for p, _ in cases])
-    assert reasons == ["", "multiple_faces", "unreadable_image:empty", "missing_file",
+    reasons, packed = worker.embed(shas, [str(p) for p, _ in cases])
+    # a group photo is judged with the rest of its booking, on the driver
+    assert reasons == ["", "", "unreadable_image:empty", "missing_file",
                        "missing_file:is_a_directory"]
-    t = np.frombuffer(templates[0], "<f4")
-    assert t.shape == (512,) and abs(float(np.linalg.norm(t)) - 1.0) < 1e-4
-    assert all(b == b"" for b in templates[1:])
+    (face,), shape = unpack_faces(packed[0])
+    assert face.template.shape == (512,) and abs(float(np.linalg.norm(face.template)) - 1) < 1e-4
+    assert shape == Image.open(good).size[::-1] and face.quality.accepted
+    group, _ = unpack_faces(packed[1])
+    assert len(group) == 3 and all(0 < f.area for f in group)
+    assert all(b == b"" for b in packed[2:])
     # The file no longer has the bytes the driver hashed.
     reasons, _ = worker.embed(["f" * 64], [str(good)])
     assert reasons == ["unreadable_image:changed_during_run"]
@@ -445,11 +449,9 @@ def test_a_hard_crash_loses_only_the_uncommitted_store_batch(faces_dir: Path,
     assert s.gallery_travellers == len(photos) == s.gallery_templates
 
 
-def test_the_outcome_key_is_the_pipeline_fingerprint_and_the_second_face_rule(
-        tmp_path: Path, monkeypatch) -> None:
+def test_the_outcome_key_is_the_pipeline_fingerprint(tmp_path: Path, monkeypatch) -> None:
     """Remembered refusals are reused only under the same verdict settings: the pipeline's
-    own fingerprint (Pipeline.settings_hash) and the enrolment rule's second-face ratio;
-    how the embedders run does not enter it."""
+    own fingerprint (Pipeline.settings_hash); how the embedders run does not enter it."""
     from dataclasses import replace
 
     from matcher.face import pipeline
@@ -462,7 +464,7 @@ def test_the_outcome_key_is_the_pipeline_fingerprint_and_the_second_face_rule(
 
     same = key()
     assert key(use_ray=False, ort_threads=2, batch_size=1, actors=3) == same
-    changed = [key(flip=True), key(second_face_area_ratio=0.5),
+    changed = [key(flip=True),
                key(detector=DetectorConfig(max_side=640)),
                key(quality=replace(DEFAULT_POLICY, min_det_score=0.7))]
     monkeypatch.setattr(pipeline, "SCORE_REVISION", pipeline.SCORE_REVISION + 1)
@@ -478,5 +480,4 @@ def test_the_ray_actors_get_only_the_workers_small_settings(tmp_path: Path) -> N
     shipped = pickle.dumps(config.worker_kwargs())
     assert len(shipped) < 2048
     assert pickle.loads(shipped) == config.worker_kwargs()
-    assert set(config.worker_kwargs()) == {"ort_threads", "second_face_area_ratio",
-                                           "detector", "quality", "flip"}
+    assert set(config.worker_kwargs()) == {"ort_threads", "detector", "quality", "flip"}

@@ -82,6 +82,13 @@ def operating_point_1toN(model: ScoreModel, fpir: float, gallery_size: int, floo
                           model.supports_fmr(fmr), model.max_gallery_size(fpir))
 
 
+def consistency_threshold(model: ScoreModel, policy: DecisionPolicy) -> float:
+    """The cosine at which two booking photos' faces are one traveller's (the enrolment
+    rule's, matcher.face.enrolment): one photo against one photo at ``fmr_consistency``."""
+    return operating_point_1to1(model, policy.fmr_consistency, policy.min_threshold,
+                                policy.confidence_1to1, SINGLE).threshold
+
+
 # Chosen by identity-disjoint cross-validation on lfw-dev (benchmarks/_threshold_cv.py).
 CONFIDENCE_1TON = 0.5
 
@@ -98,6 +105,10 @@ class DecisionPolicy:
 
     fmr_1to1: float = 1e-5
     fpir_1toN: float = 1e-3
+    # Two booking photos' faces are taken for one traveller at the 1:1 threshold of this
+    # FMR: a booking of two people's photos passes no more often than a never-booked
+    # stranger is matched at the gate (fpir_1toN); docs/operating-points.md#enrolment.
+    fmr_consistency: float = 1e-3
     margin: float = 0.10
     min_threshold: float = 0.20
     fallback_to_search: bool = True  # claim-then-search: try 1:N when the claim fails
@@ -105,7 +116,8 @@ class DecisionPolicy:
     confidence_1toN: float = CONFIDENCE_1TON
 
     def __post_init__(self) -> None:
-        for name in ("fmr_1to1", "fpir_1toN", "confidence_1to1", "confidence_1toN"):
+        for name in ("fmr_1to1", "fpir_1toN", "fmr_consistency", "confidence_1to1",
+                     "confidence_1toN"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise InvalidInput(f"{name} must be in (0, 1)")
         if not 0.0 <= self.margin < 1.0:

@@ -7,18 +7,21 @@ unchanged manifest embeds nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..durable import file_sha256
-from .manifest import LOW_QUALITY, MISSING_FILE, MULTIPLE_FACES, NO_FACE, UNREADABLE_IMAGE
+from .manifest import MISSING_FILE, NO_FACE, UNREADABLE_IMAGE
 
 OUTCOMES_FILE = "reindex-outcomes.sqlite3"
 # Reject reasons that depend only on the photo's bytes and the pipeline settings: safe to
 # remember by sha256. A missing file may appear tomorrow, so it is never remembered.
-CACHEABLE_CODES = (UNREADABLE_IMAGE, NO_FACE, MULTIPLE_FACES, LOW_QUALITY)
+# (The enrolment rule's refusals depend on the booking's other photos too: remembered per
+# booking, see OutcomeCache.put_many_in.)
+CACHEABLE_CODES = (UNREADABLE_IMAGE, NO_FACE)
 # ...except these two, which say something about this run, not about the photo.
 TRANSIENT_REASONS = (f"{UNREADABLE_IMAGE}:changed_during_run",
                      f"{UNREADABLE_IMAGE}:pipeline_error")
@@ -48,6 +51,11 @@ def hash_photos(paths: Iterable[Path], threads: int) -> dict[Path, tuple[str | N
     unique = list(dict.fromkeys(paths))
     with ThreadPoolExecutor(max_workers=threads) as pool:
         return dict(zip(unique, pool.map(sha256_file, unique), strict=True))
+
+
+def booking_key(shas: Iterable[str]) -> str:
+    """A short digest of a booking's set of photos."""
+    return hashlib.sha256(" ".join(sorted(shas)).encode()).hexdigest()[:16]
 
 
 def remember_reject(reason: str) -> bool:
@@ -83,6 +91,30 @@ class OutcomeCache:
                 f"AND photo_sha256 IN ({marks})", (self.key, *chunk)))
         return found
 
+    def get_many_in(self, pairs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """(sha256, booking key) -> reason for photos refused within that booking."""
+        by_key: dict[str, list[str]] = {}
+        for sha, booking in pairs:
+            by_key.setdefault(booking, []).append(sha)
+        found = {}
+        for booking, shas in by_key.items():
+            key = f"{self.key}:{booking}"
+            marks = ",".join("?" * len(shas))
+            for sha, reason in self._conn.execute(
+                    f"SELECT photo_sha256, reason FROM rejected_photos WHERE outcome_key=? "
+                    f"AND photo_sha256 IN ({marks})", (key, *shas)):
+                found[(sha, booking)] = reason
+        return found
+
+    def put_many_in(self, items: list[tuple[str, str, str]]) -> None:
+        """Remember (sha256, booking key, reason): a refusal that holds for that booking."""
+        if items:
+            self._conn.execute("BEGIN")
+            self._conn.executemany("INSERT OR REPLACE INTO rejected_photos VALUES (?, ?, ?)",
+                                   [(sha, f"{self.key}:{booking}", reason)
+                                    for sha, booking, reason in items])
+            self._conn.execute("COMMIT")
+
     def put_many(self, items: list[tuple[str, str]]) -> None:
         if items:
             self._conn.execute("BEGIN")
@@ -94,7 +126,7 @@ class OutcomeCache:
         self._conn.execute("BEGIN")
         stale = [(s, k) for s, k in self._conn.execute(
             "SELECT photo_sha256, outcome_key FROM rejected_photos")
-            if s not in shas or k != self.key]
+            if s not in shas or k.split(":", 1)[0] != self.key]
         self._conn.executemany("DELETE FROM rejected_photos WHERE photo_sha256=? "
                                "AND outcome_key=?", stale)
         self._conn.execute("COMMIT")

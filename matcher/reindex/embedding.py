@@ -1,11 +1,12 @@
-"""Embedding booking photos: photo path in, one template or one reject reason out.
+"""Embedding booking photos: photo path in, its faces or one reject reason out.
 
 ``PhotoEmbedder`` is the worker: a Ray Data actor on a cluster, or a plain object in this
 process for ``--no-ray``; both give the same verdict for the same photo. ``embed_on_ray``
 and ``embed_inline`` feed it the driver's work and hand back ``PhotoResult`` batches.
 Everything Ray runs lives at module top level, since Ray workers import it by name.
-Which face of a photo is enrolled, and why one is refused, is decided by
-matcher.face.enrolment's ``face_verdict``, the rule Enroll follows too.
+Which face of a photo is enrolled is decided on the driver, once all of a booking's photos
+are back (matcher.face.enrolment's ``choose_faces``, the rule Enroll follows too); a worker
+refuses only what no booking could use (an unreadable photo, no face).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError
-from ..face.enrolment import SECOND_FACE_AREA_RATIO, face_verdict
+from ..face.enrolment import NO_FACE, GivenFace, QualityVerdict
 from ..face.models import default_pack
 from ..face.pipeline import DecodedPhoto, DetectorConfig, Face, score_settings, settings_hash
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
@@ -57,7 +58,6 @@ class EmbeddingConfig:
 
     ort_threads: int
     batch_size: int
-    second_face_area_ratio: float
     detector: DetectorConfig
     quality: QualityPolicy
     flip: bool
@@ -72,18 +72,15 @@ class EmbeddingConfig:
     def worker_kwargs(self) -> dict[str, Any]:
         """``PhotoEmbedder``'s arguments: small frozen values, cheap to pickle to actors."""
         return {"ort_threads": self.ort_threads,
-                "second_face_area_ratio": self.second_face_area_ratio,
                 "detector": self.detector, "quality": self.quality, "flip": self.flip}
 
     @property
     def outcome_key(self) -> str:
         """Identifies everything that decides a photo's verdict besides its bytes: the
-        fingerprint of the pipeline the workers build (``Pipeline.settings_hash``) and the
-        enrolment rule's second-face ratio, which is not a pipeline setting."""
+        fingerprint of the pipeline the workers build (``Pipeline.settings_hash``)."""
         pipeline = settings_hash(score_settings(default_pack(), self.detector, self.quality,
                                                 flip=self.flip))
-        text = f"{pipeline} {self.second_face_area_ratio!r}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return hashlib.sha256(f"{pipeline} faces".encode()).hexdigest()[:16]
 
 
 # -- the embedding worker (a Ray actor, or a plain object for --no-ray) -----------------
@@ -118,13 +115,11 @@ class PhotoEmbedder:
     Used as the Ray Data actor class (``__call__`` takes and returns a pyarrow Table) and,
     without Ray, through ``embed``. In: columns ``sha256`` (string, as hashed by the
     driver), ``path`` (binary, ``os.fsencode``). Out: ``sha256``, ``reason`` (string, ""
-    when enrolable), ``template`` (binary, 512 little-endian float32, L2-normalised;
-    empty when refused), ``node_id`` (string, the Ray node that embedded it, "" without
-    Ray).
+    when it has a face), ``faces`` (binary, ``pack_faces``; empty when refused),
+    ``node_id`` (string, the Ray node that embedded it, "" without Ray).
     """
 
     def __init__(self, ort_threads: int = 1,
-                 second_face_area_ratio: float = SECOND_FACE_AREA_RATIO,
                  detector: DetectorConfig | None = None,
                  quality: QualityPolicy | None = None, flip: bool = False) -> None:
         from ..face.pipeline import Pipeline
@@ -132,13 +127,12 @@ class PhotoEmbedder:
         self.pipeline = Pipeline(detector=detector or DetectorConfig(),
                                  quality=quality or DEFAULT_POLICY, threads=ort_threads,
                                  flip=flip)
-        self.second_face_area_ratio = second_face_area_ratio
         self.node_id = ray_node_id()  # an actor never moves: ask once
 
     def embed(self, shas: list[str], paths: list[str]) -> tuple[list[str], list[bytes]]:
-        """(reasons, template bytes) for each photo, in order."""
+        """(reasons, packed faces) for each photo, in order."""
         reasons = [""] * len(paths)
-        templates = [b""] * len(paths)
+        packed = [b""] * len(paths)
         images, slots = [], []
         for i, (sha, path) in enumerate(zip(shas, paths, strict=True)):
             data, reason = read_photo(path)
@@ -155,14 +149,15 @@ class PhotoEmbedder:
                 slots.append(i)
             except InvalidInput as exc:
                 reasons[i] = _decode_reason(exc)
-        for i, faces in zip(slots, self._analyse(images, [paths[i] for i in slots]), strict=True):
+        for i, image, faces in zip(slots, images, self._analyse(images, [paths[i] for i in slots]),
+                                   strict=True):
             if faces is None:
                 reasons[i] = f"{UNREADABLE_IMAGE}:pipeline_error"
-                continue
-            face, reasons[i] = face_verdict(faces, self.second_face_area_ratio)
-            if face is not None:
-                templates[i] = np.ascontiguousarray(face.template, "<f4").tobytes()
-        return reasons, templates
+            elif not faces:
+                reasons[i] = NO_FACE
+            else:
+                packed[i] = pack_faces(faces, image.shape[:2])
+        return reasons, packed
 
     def _analyse(self, images: list[DecodedPhoto], paths: list[str]
                  ) -> list[list[Face] | None]:
@@ -186,10 +181,10 @@ class PhotoEmbedder:
 
         shas = batch.column("sha256").to_pylist()
         paths = [os.fsdecode(p) for p in batch.column("path").to_pylist()]
-        reasons, templates = self.embed(shas, paths)
+        reasons, packed = self.embed(shas, paths)
         return pa.table({"sha256": pa.array(shas, pa.string()),
                          "reason": pa.array(reasons, pa.string()),
-                         "template": pa.array(templates, pa.binary()),
+                         "faces": pa.array(packed, pa.binary()),
                          "node_id": pa.array([self.node_id] * len(shas), pa.string())})
 
 
@@ -198,15 +193,55 @@ class PhotoResult:
     """One embedded photo as the driver sees it: a template, or the reason there is none."""
 
     sha256: str
-    reason: str                     # "" when the photo gave a template
-    template: np.ndarray | None     # (512,) float32 L2-normalised, or None
+    reason: str                     # "" when the photo has faces
+    faces: list[GivenFace]          # every face, for the booking's enrolment rule
+    shape: tuple[int, int] = (0, 0)  # the photo's full-size (height, width)
     node_id: str = ""               # the Ray node that embedded it; "" without Ray
+
+
+# Per face: box (4), quality passed (1), then the template; little-endian float32.
+_FACE_VALUES = 5 + EMBEDDING_DIM
+
+
+def pack_faces(faces: list[Face], shape: tuple[int, int]) -> bytes:
+    """A photo's faces as bytes for the driver: (height, width), then per face its box,
+    whether it passes the quality gate and its template (float32), then the quality
+    reasons as text. Boxes and reasons are what the enrolment rule reads; no image."""
+    values = np.zeros((len(faces), _FACE_VALUES), "<f4")
+    for row, face in zip(values, faces, strict=True):
+        row[:4] = face.bbox[:4]
+        row[4] = face.quality.accepted
+        row[5:] = face.template
+    reasons = "|".join("+".join(f.quality.reasons) for f in faces).encode()
+    return (np.array(shape, "<f4").tobytes() + np.int32(len(faces)).tobytes()
+            + values.tobytes() + reasons)
+
+
+def unpack_faces(blob: bytes) -> tuple[list[GivenFace], tuple[int, int]]:
+    """``pack_faces``'s faces (with their quality verdicts) and photo shape."""
+    head = 12
+    if len(blob) < head:
+        raise MatcherError(f"an embedder returned {len(blob)} bytes of faces")
+    height, width = np.frombuffer(blob[:8], "<f4")
+    count = int(np.frombuffer(blob[8:12], "<i4")[0])
+    end = head + count * _FACE_VALUES * 4
+    if count < 1 or len(blob) < end:
+        raise MatcherError(f"an embedder returned {len(blob)} bytes for {count} faces")
+    values = np.frombuffer(blob[head:end], "<f4").reshape(count, _FACE_VALUES)
+    reasons = blob[end:].decode().split("|")
+    faces = []
+    for row, why in zip(values, reasons, strict=True):
+        box = row[:4].astype(np.float32)
+        quality = QualityVerdict(bool(row[4]), tuple(r for r in why.split("+") if r))
+        faces.append(GivenFace(row[5:].astype(np.float32), box,
+                               float((box[2] - box[0]) * (box[3] - box[1])), quality))
+    return faces, (int(height), int(width))
 
 
 def _results(table) -> list[PhotoResult]:
     """An embedder's output table -> PhotoResults."""
     return _to_results(table.column("sha256").to_pylist(), table.column("reason").to_pylist(),
-                       table.column("template").to_pylist(),
+                       table.column("faces").to_pylist(),
                        table.column("node_id").to_pylist())
 
 
@@ -215,12 +250,11 @@ def _to_results(shas: list[str], reasons: list[str], blobs: list[bytes],
     out = []
     for sha, reason, blob, node in zip(shas, reasons, blobs, nodes or [""] * len(shas),
                                        strict=True):
-        template = None
-        if not reason:
-            if len(blob) != EMBEDDING_DIM * 4:
-                raise MatcherError(f"an embedder returned a {len(blob)}-byte template")
-            template = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        out.append(PhotoResult(sha, reason, template, node))
+        if reason:
+            out.append(PhotoResult(sha, reason, [], (0, 0), node))
+        else:
+            faces, shape = unpack_faces(blob)
+            out.append(PhotoResult(sha, reason, faces, shape, node))
     return out
 
 

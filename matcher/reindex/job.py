@@ -20,16 +20,24 @@ from typing import IO
 import numpy as np
 
 from ..errors import InvalidInput, MatcherError, UnknownTraveller
-from ..face.enrolment import SECOND_FACE_AREA_RATIO
+from ..face.enrolment import (
+    PHOTOS_DISAGREE,
+    BookingPhoto,
+    EnrolmentRule,
+    GivenFace,
+    choose_faces,
+)
 from ..face.models import default_pack
 from ..face.pipeline import DetectorConfig
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
 from ..gallery.codecs import TemplateCodec, codec_from_env
+from ..gallery.decision import DecisionPolicy, consistency_threshold
 from ..gallery.primary import STORE_FILE, GalleryConfig, PrimaryGallery
+from ..gallery.scoremodel import load_score_model
 from ..gallery.snapshot import SnapshotManifest, verify_snapshot
 from ..gallery.store import Enrolment, Store, TravellerSummary
 from ..templates import EMBEDDING_DIM
-from .cache import OUTCOMES_FILE, OutcomeCache, hash_photos, remember_reject
+from .cache import OUTCOMES_FILE, OutcomeCache, booking_key, hash_photos, remember_reject
 from .embedding import EmbeddingConfig, PhotoResult, check_ray_installed, embed_inline, embed_on_ray
 from .manifest import Booking, Manifest, Reject, load_manifest
 from .report import REJECTS_FILE, SUMMARY_FILE, Progress, Summary, write_rejects, write_summary
@@ -53,9 +61,9 @@ class ReindexConfig:
     num_cpus: CPUs of the local Ray instance (default: what Ray detects, cgroup-aware);
         ignored with ``ray_address``.
     now: UTC epoch seconds deciding which bookings are over (default: the clock at start).
-    second_face_area_ratio: a second face at least this fraction of the largest face's
-        area makes the photo ambiguous (``multiple_faces``); smaller faces are bystanders.
-        The default is Enroll's (matcher.face.enrolment), so both refuse the same photos.
+    policy: the decision targets; ``fmr_consistency`` sets the enrolment rule's
+        consistency threshold, with the shipped score model of the model pack, as Enroll's
+        (matcher.face.enrolment), so both judge a booking the same way.
     store_batch_travellers, store_batch_ms: completed travellers are committed to the
         store together, one fsynced transaction per batch, once this many are waiting or
         the oldest has waited this long (checked as results arrive). A hard crash
@@ -80,7 +88,7 @@ class ReindexConfig:
     hash_threads: int = 8
     now: float | None = None
     progress: bool = True
-    second_face_area_ratio: float = SECOND_FACE_AREA_RATIO
+    policy: DecisionPolicy = field(default_factory=DecisionPolicy)
     store_batch_travellers: int = 256
     store_batch_ms: float = 1000.0
     actor_start_timeout_s: float = 600.0
@@ -97,8 +105,6 @@ class ReindexConfig:
             raise InvalidInput("cpus_per_actor must be > 0")
         if self.memory_per_actor_mb is not None and self.memory_per_actor_mb < 1:
             raise InvalidInput("memory_per_actor_mb must be >= 1")
-        if not 0.0 < self.second_face_area_ratio <= 1.0:
-            raise InvalidInput("second_face_area_ratio must be in (0, 1]")
         if self.store_batch_travellers < 1 or not self.store_batch_ms >= 0:
             raise InvalidInput("store_batch_travellers must be >= 1 and store_batch_ms >= 0")
         if not self.actor_start_timeout_s > 0:
@@ -154,12 +160,14 @@ def _run_locked(config: ReindexConfig, embed: Embed,
     store = Store.open(data_dir / STORE_FILE, model_id, codec)
     embedding = config.embedding
     cache = OutcomeCache(data_dir / OUTCOMES_FILE, embedding.outcome_key)
+    rule = EnrolmentRule(consistency_threshold(load_score_model(model_id), config.policy))
     try:
         stored = {t.traveller_id: t for t in store.list_travellers()}
         plans, work = _plan(manifest.bookings, digests, stored, cache, summary, rejects)
         waiting: dict[str, list[str]] = defaultdict(list)
         writer = _Writer(store, stored, summary, config.store_batch_travellers,
                          config.store_batch_ms)
+        judge = _Judge(rule, store, cache, rejects)
         for traveller_id, plan in plans.items():
             for sha in plan.pending:
                 waiting[sha].append(traveller_id)
@@ -173,7 +181,7 @@ def _run_locked(config: ReindexConfig, embed: Embed,
         # No work: no embedder (and no Ray) is started at all.
         with progress, (closing(embed(list(work.items()), embedding, seconds)) if work
                         else nullcontext(())) as batches:
-            steady = _embed_and_enrol(batches, waiting, plans, writer, cache, rejects,
+            steady = _embed_and_enrol(batches, waiting, plans, writer, judge, cache, rejects,
                                       progress, by_node)
         summary.embedded = progress.done
         summary.photos_by_node = dict(sorted(by_node.items()))
@@ -218,8 +226,15 @@ class _Plan:
     valid_to: float
     rows: dict[str, Booking] = field(default_factory=dict)  # sha256 -> first row with it
     pending: set[str] = field(default_factory=set)
+    embedded: dict[str, PhotoResult] = field(default_factory=dict)  # back with faces
     new: dict[str, np.ndarray] = field(default_factory=dict)
     kept: set[str] = field(default_factory=set)
+
+    @property
+    def booking_key(self) -> str:
+        """Names this exact set of photos: a refusal that depends on the booking's other
+        photos is remembered for it alone."""
+        return booking_key(self.rows)
 
 
 def _plan(bookings: list[Booking], digests: dict[Path, tuple[str | None, str]],
@@ -239,15 +254,17 @@ def _plan(bookings: list[Booking], digests: dict[Path, tuple[str | None, str]],
         else:
             plan.rows[sha] = b
     remembered = cache.get_many({s for p in plans.values() for s in p.rows})
+    in_booking = cache.get_many_in({(s, p.booking_key) for p in plans.values() for s in p.rows})
     work: dict[str, str] = {}
     for traveller_id, plan in plans.items():
         have = stored.get(traveller_id)
         for sha, b in plan.rows.items():
+            reason = remembered.get(sha) or in_booking.get((sha, plan.booking_key), "")
             if have is not None and sha in have.photo_sha256s:
                 plan.kept.add(sha)
                 summary.skipped += 1
-            elif sha in remembered:
-                rejects.append(Reject(b.row, traveller_id, remembered[sha]))
+            elif reason:
+                rejects.append(Reject(b.row, traveller_id, reason))
                 summary.remembered_rejects += 1
             else:
                 plan.pending.add(sha)
@@ -353,9 +370,47 @@ class _Writer:
                 self._remove(traveller_id)
 
 
+class _Judge:
+    """Applies the enrolment rule to a booking once all its photos are back: the photos
+    embedded tonight, checked against the traveller's photos already stored."""
+
+    def __init__(self, rule: EnrolmentRule, store: Store, cache: OutcomeCache,
+                 rejects: list[Reject]) -> None:
+        self.rule = rule
+        self.store = store
+        self.cache = cache
+        self.rejects = rejects
+
+    def __call__(self, traveller_id: str, plan: _Plan) -> None:
+        if not plan.embedded:
+            return
+        shas = list(plan.embedded)
+        anchors = []
+        if plan.kept:
+            have = self.store.get(traveller_id)
+            anchors = [BookingPhoto([GivenFace(t)], (0, 0), enrolled=True)
+                       for t, sha in zip(have.templates, have.photo_sha256s, strict=True)
+                       if sha in plan.kept]
+        booking = anchors + [BookingPhoto(plan.embedded[s].faces, plan.embedded[s].shape)
+                             for s in shas]
+        verdicts = choose_faces(booking, self.rule)[len(anchors):]
+        refused = []
+        for sha, verdict in zip(shas, verdicts, strict=True):
+            if verdict.face is not None:
+                plan.new[sha] = verdict.face.template
+            else:
+                self.rejects.append(Reject(plan.rows[sha].row, traveller_id, verdict.reason))
+                refused.append((sha, verdict.reason))
+        if any(reason == PHOTOS_DISAGREE for _, reason in refused):
+            log.warning("booking refused (%s): its %d photos show different people; "
+                        "see rejects.csv", PHOTOS_DISAGREE, len(booking))
+        self.cache.put_many_in([(sha, plan.booking_key, reason) for sha, reason in refused])
+        plan.embedded.clear()
+
+
 def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, list[str]],
-                     plans: dict[str, _Plan], writer: _Writer, cache: OutcomeCache,
-                     rejects: list[Reject], progress: Progress,
+                     plans: dict[str, _Plan], writer: _Writer, judge: _Judge,
+                     cache: OutcomeCache, rejects: list[Reject], progress: Progress,
                      by_node: Counter[str]) -> float | None:
     """Consume the embedders' results: queue each traveller for the store once all its
     photos are back; committed in batches, the last one (also on the way out of an error)
@@ -379,12 +434,13 @@ def _embed_and_enrol(batches: Iterable[list[PhotoResult]], waiting: dict[str, li
                 for traveller_id in waiting.pop(result.sha256, ()):
                     plan = plans[traveller_id]
                     plan.pending.discard(result.sha256)
-                    if result.template is not None:
-                        plan.new[result.sha256] = result.template
+                    if not result.reason:
+                        plan.embedded[result.sha256] = result
                     else:
                         rejects.append(Reject(plan.rows[result.sha256].row, traveller_id,
                                               result.reason))
                     if not plan.pending:
+                        judge(traveller_id, plan)
                         writer.finish(traveller_id, plan)
             writer.flush_if_due()
     except BaseException:

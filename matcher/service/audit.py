@@ -40,7 +40,8 @@ from ..errors import AuditUnavailable, MatcherError
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("decision", "enrol", "remove", "deletion", "snapshot_swap")
+KINDS: tuple[str, ...] = ("decision", "enrol", "enrol_refused", "remove", "deletion",
+                          "snapshot_swap")
 GENESIS_HASH = "0" * 64
 MAX_FIELDS = 32
 MAX_STRING = 256

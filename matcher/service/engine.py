@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import AuditUnavailable, DeadlineExpired, InvalidInput, MatcherError
 from ..face.pipeline import Face, Pipeline, StageTimings
-from ..gallery.decision import Decider, Decision, DecisionPolicy
+from ..gallery.decision import Decider, Decision, DecisionPolicy, consistency_threshold
 from ..gallery.scoremodel import ScoreModel, check_settings
 from ..gallery.served import ServedGallery
 from ..gallery.store import EnrolResult, Traveller
@@ -91,6 +91,7 @@ class Analysis:
     templates: np.ndarray              # (n, 512) float32, rows match ``faces`` (or 1 row)
     from_image: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
+    shape: tuple[int, int] = (0, 0)    # the photo's full-size (height, width); images only
 
 
 @dataclass
@@ -279,6 +280,8 @@ class MatchEngine:
         self.pipeline = pipeline
         self.gallery = gallery
         self.decider = Decider(gallery, policy, score_model)
+        self.consistency_threshold = consistency_threshold(self.decider.score_model,
+                                                           self.decider.policy)
         # Thresholds only hold for the pipeline settings the score model was made with.
         check_settings(self.decider.score_model, pipeline.settings_hash(), pipeline.model_id)
         self.metrics = metrics or Metrics()
@@ -377,12 +380,14 @@ class MatchEngine:
             # the batch's finer decodes (DecodeScaling), if any, are shared like its other stages
             finer_decode_ms = timings.ms.get("decode", 0.0)
             shared["image"] = dict(timings.ms)
-            for slot, faces, decode_ms in zip(image_slots, per_image, image_decode_ms, strict=True):
+            for slot, image, faces, decode_ms in zip(image_slots, images, per_image,
+                                                     image_decode_ms, strict=True):
                 faces = sorted(faces, key=lambda f: f.area, reverse=True)
                 templates = (np.stack([f.template for f in faces]) if faces
                              else np.empty((0, EMBEDDING_DIM), np.float32))
                 results[slot] = Analysis(faces, templates, True,
-                                         {**timings.ms, "decode": decode_ms + finer_decode_ms})
+                                         {**timings.ms, "decode": decode_ms + finer_decode_ms},
+                                         image.shape[:2])
         if crops:
             t = time.perf_counter()
             templates = self.pipeline.embed_aligned(np.stack(crops))

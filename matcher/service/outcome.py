@@ -15,15 +15,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InvalidInput, UnknownTraveller
-from ..face.enrolment import explain, face_verdict
+from ..face.enrolment import (
+    PHOTOS_DISAGREE,
+    BookingPhoto,
+    EnrolmentRule,
+    GivenFace,
+    choose_faces,
+    explain,
+)
 from ..face.pipeline import Face
 from ..gallery.decision import Decision, Outcome, Reason
 from ..gallery.store import EnrolResult
-from ..templates import Candidate, check_traveller_id, photo_sha256
+from ..templates import EMBEDDING_DIM, Candidate, check_traveller_id, photo_sha256
 from .engine import FRAMES_DISAGREE, Frame, FusedProbe, MatchEngine, photo_bytes
 
 # One line per answered request: ids, decision, scores and timings, never a face.
 request_log = logging.getLogger("matcher.requests")
+# Refusals that may be an attempt to book under someone else's face.
+security_log = logging.getLogger("matcher.security")
 
 DEFAULT_WINDOW_S = 24 * 3600.0   # an enrolment without valid_to is bookable for a day
 MATCHING_RPCS = ("Identify", "Verify", "Clear")
@@ -212,37 +221,73 @@ def account_failure(engine: MatchEngine, rpc: str, rejected: str | None) -> None
         engine.metrics.count_decision(rpc, "ERROR")
 
 
+@dataclass(frozen=True)
+class EnrolOutcome:
+    """What Enroll did: the store's result and, per photo in order, "" (enrolled) or the
+    reason it was refused."""
+
+    result: EnrolResult
+    photo_reasons: list[str]
+
+
 async def enrol(engine: MatchEngine, request_id: str, traveller_id: str,
                 photos: Sequence[Frame], *, accept_low_quality: bool,
                 valid_from: float | None, valid_to: float | None,
-                deadline: float | None) -> EnrolResult:
-    """Enrol a traveller's booking photos, answered once durable and audited.
+                deadline: float | None) -> EnrolOutcome:
+    """Enrol a traveller's usable booking photos, answered once durable and audited.
 
-    A photo is enrolled by the overnight re-index's rule and codes (matcher.face.enrolment):
-    one clear face, or refused with the reason. ``valid_from`` None: now; ``valid_to``
-    None: DEFAULT_WINDOW_S after ``valid_from``.
+    The photos are judged together by the overnight re-index's rule and codes
+    (matcher.face.enrolment), against the traveller's stored templates if it is booked
+    already. InvalidInput when no photo is usable, or when the photos show different
+    people (audited as a refused enrolment, nothing stored). ``valid_from`` None: now;
+    ``valid_to`` None: DEFAULT_WINDOW_S after ``valid_from``.
     """
     analyses = await asyncio.gather(*(engine.analyse_one(p, deadline) for p in photos))
-    templates, shas = [], []
-    for number, (photo, analysis) in enumerate(zip(photos, analyses, strict=True), 1):
-        if analysis.from_image:
-            face, reason = face_verdict(analysis.faces, accept_low_quality=accept_low_quality)
-            if face is None:
-                raise InvalidInput(f"photo {number} refused: {explain(reason)}")
-            templates.append(face.template)
-        else:
-            templates.append(analysis.templates[0])
-        shas.append(photo_sha256(photo_bytes(photo)))
+    try:
+        stored = (await engine.get_traveller(traveller_id)).templates
+    except UnknownTraveller:
+        stored = np.empty((0, EMBEDDING_DIM), np.float32)
+    booking = [BookingPhoto([GivenFace(t) for t in stored[i:i + 1]], (0, 0), enrolled=True)
+               for i in range(len(stored))]
+    for analysis in analyses:
+        booking.append(BookingPhoto(analysis.faces, analysis.shape) if analysis.from_image
+                       else BookingPhoto([GivenFace(analysis.templates[0])], (0, 0)))
+    rule = EnrolmentRule(engine.consistency_threshold, accept_low_quality=accept_low_quality)
+    verdicts = choose_faces(booking, rule)[len(stored):]
+    reasons = [v.reason for v in verdicts]
+    if PHOTOS_DISAGREE in reasons or all(reasons):
+        await _refuse_enrolment(engine, request_id, traveller_id, reasons)
+    kept = [n for n, v in enumerate(verdicts) if v.face is not None]
+    templates = np.stack([verdicts[n].face.template for n in kept])  # type: ignore[union-attr]
+    shas = [photo_sha256(photo_bytes(photos[n])) for n in kept]
     valid_from = time.time() if valid_from is None else valid_from
     valid_to = valid_from + DEFAULT_WINDOW_S if valid_to is None else valid_to
-    result = await engine.enroll(traveller_id, np.stack(templates), valid_from, valid_to,
-                                 shas, deadline)
+    result = await engine.enroll(traveller_id, templates, valid_from, valid_to, shas, deadline)
     await engine.record("enrol", request_id=request_id, traveller_id=traveller_id,
                         gallery_version=result.gallery_version,
-                        added_templates=result.added_templates, changed=result.changed)
-    request_log.info("rpc=Enroll request_id=%s photos=%d added=%d gallery_version=%d",
-                     request_id, len(photos), result.added_templates, result.gallery_version)
-    return result
+                        added_templates=result.added_templates, changed=result.changed,
+                        photos_refused=len(photos) - len(kept))
+    request_log.info("rpc=Enroll request_id=%s photos=%d refused=%d added=%d "
+                     "gallery_version=%d", request_id, len(photos), len(photos) - len(kept),
+                     result.added_templates, result.gallery_version)
+    return EnrolOutcome(result, reasons)
+
+
+async def _refuse_enrolment(engine: MatchEngine, request_id: str, traveller_id: str,
+                            reasons: list[str]) -> None:
+    """Nothing to enrol: raise InvalidInput naming each photo's reason. Photos of
+    different people are a security event: audited and logged, never trimmed to one."""
+    disagree = PHOTOS_DISAGREE in reasons
+    if disagree:
+        await engine.record("enrol_refused", request_id=request_id,
+                            traveller_id=traveller_id, reason=PHOTOS_DISAGREE,
+                            photos=len(reasons))
+        security_log.warning("rpc=Enroll request_id=%s refused=%s photos=%d: the booking's "
+                             "photos show different people", request_id, PHOTOS_DISAGREE,
+                             len(reasons))
+        raise InvalidInput(f"booking refused, nothing enrolled: {explain(PHOTOS_DISAGREE)}")
+    detail = "; ".join(f"photo {n} refused: {explain(r)}" for n, r in enumerate(reasons, 1))
+    raise InvalidInput(f"no photo could be enrolled: {detail}")
 
 
 async def remove(engine: MatchEngine, request_id: str, traveller_id: str,

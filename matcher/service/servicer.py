@@ -389,16 +389,18 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             raise InvalidInput(f"send 1 to {MAX_TEMPLATES_PER_TRAVELLER} photos, "
                                f"got {len(request.photos)}")
         photos = [frame_input(photo, engine.model_id) for photo in request.photos]
-        result = await outcome.enrol(
+        done = await outcome.enrol(
             engine, request_id, traveller_id, photos,
             accept_low_quality=request.accept_low_quality,
             valid_from=_epoch(request.valid_from) if request.HasField("valid_from") else None,
             valid_to=_epoch(request.valid_to) if request.HasField("valid_to") else None,
             deadline=deadline)
-        return pb.EnrollResponse(request_id=request_id, traveller_id=traveller_id,
-                                 gallery_version=result.gallery_version,
-                                 added_templates=result.added_templates,
-                                 changed=result.changed)
+        return pb.EnrollResponse(
+            request_id=request_id, traveller_id=traveller_id,
+            gallery_version=done.result.gallery_version,
+            added_templates=done.result.added_templates, changed=done.result.changed,
+            photos=[pb.PhotoOutcome(index=n, enrolled=not reason, reason=reason)
+                    for n, reason in enumerate(done.photo_reasons)])
 
     async def Enroll(self, request: pb.EnrollRequest, context) -> pb.EnrollResponse:
         rid = self._request_id(request.request_id)

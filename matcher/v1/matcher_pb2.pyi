@@ -265,20 +265,32 @@ class EnrollRequest(_message.Message):
     def __init__(self, traveller_id: _Optional[str] = ..., photos: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., valid_from: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., valid_to: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accept_low_quality: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class EnrollResponse(_message.Message):
-    __slots__ = ("request_id", "traveller_id", "gallery_version", "added_templates", "changed", "error")
+    __slots__ = ("request_id", "traveller_id", "gallery_version", "added_templates", "changed", "error", "photos")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TRAVELLER_ID_FIELD_NUMBER: _ClassVar[int]
     GALLERY_VERSION_FIELD_NUMBER: _ClassVar[int]
     ADDED_TEMPLATES_FIELD_NUMBER: _ClassVar[int]
     CHANGED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PHOTOS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     traveller_id: str
     gallery_version: int
     added_templates: int
     changed: bool
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., traveller_id: _Optional[str] = ..., gallery_version: _Optional[int] = ..., added_templates: _Optional[int] = ..., changed: _Optional[bool] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    photos: _containers.RepeatedCompositeFieldContainer[PhotoOutcome]
+    def __init__(self, request_id: _Optional[str] = ..., traveller_id: _Optional[str] = ..., gallery_version: _Optional[int] = ..., added_templates: _Optional[int] = ..., changed: _Optional[bool] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., photos: _Optional[_Iterable[_Union[PhotoOutcome, _Mapping]]] = ...) -> None: ...
+
+class PhotoOutcome(_message.Message):
+    __slots__ = ("index", "enrolled", "reason")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    ENROLLED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    enrolled: bool
+    reason: str
+    def __init__(self, index: _Optional[int] = ..., enrolled: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RemoveRequest(_message.Message):
     __slots__ = ("traveller_id", "request_id")

@@ -219,10 +219,13 @@ def _tracks(photos: Sequence[BookingPhoto], usable: list[int], threshold: float
     of two photos that reach ``threshold``: each other photo adds its face with the best
     mean cosine to the set's faces, if that reaches ``threshold``."""
     templates = {i: np.stack([f.template for f in photos[i].faces]) for i in usable}
-    tracks, seen = [], set()
+    tracks: list[dict[int, int]] = []
+    seen: set[tuple[tuple[int, int], ...]] = set()
     for a, b in combinations(usable, 2):
         scores = templates[a] @ templates[b].T
         for fa, fb in zip(*np.nonzero(scores >= threshold), strict=True):
+            if any(t.get(a) == fa and t.get(b) == fb for t in tracks):
+                continue  # grown already: a track holding both faces
             track = {a: int(fa), b: int(fb)}
             for c in usable:
                 if c in track:

@@ -47,7 +47,7 @@ def run(report: Report, quick: bool) -> None:
     policy = DecisionPolicy()
     model = load_score_model(default_pack().model_id)
     lfw["enrolment"] = enrolment_accuracy(report, folder, consistency_threshold(model, policy),
-                                          policy.fmr_consistency)
+                                          policy.fmr_consistency, quick)
     _plot(report, shared, lfw)
 
 

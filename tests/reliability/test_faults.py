@@ -33,6 +33,13 @@ def _templates(n: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def _one_traveller(n: int, seed: int) -> np.ndarray:
+    """n templates of one person (one direction, a little noise each): a booking's photos
+    must show one traveller (the enrolment rule refuses a mix as photos_disagree)."""
+    x = _templates(1, seed) + 0.02 * np.random.default_rng(seed + 1).standard_normal((n, 512))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
 def _probes(x: np.ndarray) -> list[pb.Probe]:
     return [make_probe(template=t) for t in x]
 
@@ -90,7 +97,7 @@ def test_disk_full_refuses_writes_loses_nothing_and_recovers_without_restart(
             for i in range(400):
                 tid = f"T-{i:04d}"
                 try:
-                    client.enroll(tid, _probes(_templates(16, seed=100 + i)), valid_from=0,
+                    client.enroll(tid, _probes(_one_traveller(16, seed=100 + i)), valid_from=0,
                                   valid_to=FAR_FUTURE)
                     acked[tid] = 16
                 except grpc.RpcError as exc:
@@ -120,7 +127,7 @@ def test_disk_full_refuses_writes_loses_nothing_and_recovers_without_restart(
             (small_disk / "filler").unlink()
             (small_disk / "filler2").unlink()
             # Space is back: the refused enrolment goes through, no restart.
-            client.enroll("T-again", _probes(_templates(16, seed=99)), valid_from=0,
+            client.enroll("T-again", _probes(_one_traveller(16, seed=99)), valid_from=0,
                           valid_to=FAR_FUTURE)
             acked["T-again"] = 16
             assert client.identify(template=ref[0]).traveller_id == "T-ref"

@@ -94,7 +94,7 @@ def _ray_run(work: list[tuple[str, str]], config: EmbeddingConfig, actors: int
         if not first_size:
             first, first_size = last, len(batch)
         count += len(batch)
-        ok += sum(r.template is not None for r in batch)
+        ok += sum(not r.reason for r in batch)
     if count != len(work) or last <= first:
         raise RuntimeError(f"Ray returned {count} results for {len(work)} photos")
     return {"first_result_s": first - submitted, "total_s": last - submitted,

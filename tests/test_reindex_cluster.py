@@ -34,7 +34,7 @@ from matcher.face.models import default_pack
 from matcher.gallery.primary import STORE_FILE
 from matcher.gallery.snapshot import verify_snapshot
 from matcher.gallery.store import Store
-from matcher.reindex.embedding import PhotoEmbedder
+from matcher.reindex.embedding import PhotoEmbedder, unpack_faces
 from matcher.reindex.report import SUMMARY_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -272,7 +272,8 @@ def test_night_on_a_two_node_loopback_cluster(tmp_path: Path, faces_dir: Path,
     for i, (path, reason, blob) in enumerate(zip(paths, reasons, blobs, strict=True)):
         assert not reason, (path, reason)
         (template,) = rows.vectors[rows.owner == i]
-        assert float(np.dot(template, np.frombuffer(blob, "<f4"))) > 0.999, path
+        (face,), _ = unpack_faces(blob)
+        assert float(np.dot(template, face.template)) > 0.999, path
 
 
 def test_an_address_nobody_answers_at_fails_at_once(tmp_path: Path, faces_dir: Path) -> None:

@@ -82,3 +82,13 @@ class DeadlineExpired(MatcherError):
 
 class NotReady(MatcherError):
     """Models or gallery are still loading."""
+
+
+class DocumentUnreadable(InvalidInput):
+    """A travel document's data group (ICAO 9303 DG2) or its facial record cannot be read
+    safely. ``reason`` is a short code (``truncated``, ``too_deep``, ...); the message
+    starts ``document_unreadable:<reason>`` and says what is wrong, never the bytes."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"document_unreadable:{reason} ({detail})")
+        self.reason = reason

@@ -29,3 +29,20 @@ def ispe_bomb(data: bytes, width: int, height: int) -> bytes:
         raw[pos + 8:pos + 16] = struct.pack(">II", width, height)
         pos = raw.find(b"ispe", pos + 4)
     return bytes(raw)
+
+
+def j2k_bomb(data: bytes, width: int, height: int, tile: tuple[int, int] | None = None
+             ) -> bytes:
+    """A real JPEG 2000 file (JP2 or raw J2K codestream) whose SIZ marker (and JP2 image
+    header box) declare ``width`` x ``height``; its tile grid one tile of that size unless
+    ``tile`` (width, height) is given (a fine grid is a bomb of its own: one record per
+    tile)."""
+    raw = bytearray(data)
+    siz = raw.find(b"\xff\x4f\xff\x51") + 4   # SOC, SIZ: then Lsiz, Rsiz, Xsiz, Ysiz, ...
+    assert siz >= 4, "no codestream in the file"
+    tw, th = tile or (width, height)
+    raw[siz + 4:siz + 36] = struct.pack(">IIIIIIII", width, height, 0, 0, tw, th, 0, 0)
+    ihdr = raw.find(b"ihdr")
+    if ihdr > 0 and ihdr < siz:
+        raw[ihdr + 4:ihdr + 12] = struct.pack(">II", height, width)
+    return bytes(raw)

@@ -74,7 +74,8 @@ def test_random_bytes_are_not_an_image() -> None:
 
 
 def test_text_is_not_an_image() -> None:
-    with pytest.raises(UnsupportedImage, match="not a JPEG, PNG, WebP, HEIC/HEIF or AVIF"):
+    with pytest.raises(UnsupportedImage,
+                       match="not a JPEG, PNG, WebP, HEIC/HEIF, AVIF or JPEG 2000"):
         decode_image(b"this is a booking confirmation, not a photo" * 10)
     with pytest.raises(UnsupportedImage, match="is a PDF file"):
         decode_image(b"%PDF-1.7 this is a document, not a photo" * 10)
@@ -344,15 +345,18 @@ def test_lossy_webp_at_its_largest_simple_size_is_refused() -> None:
 _BOMBS_UNDER_AN_ADDRESS_SPACE_LIMIT = r"""
 import io, resource, struct, sys
 sys.path.insert(0, sys.argv[1])
-from image_bombs import ispe_bomb, webp_bomb
-from test_decode import _as_bytes, _gradient
+from image_bombs import ispe_bomb, j2k_bomb, webp_bomb
+from test_decode import _as_bytes, _encode, _gradient
 from PIL import Image
 from matcher.face.decode import decode_image
 from matcher.errors import ImageTooLarge
 small = {f: _as_bytes(f, Image.fromarray(_gradient(64, 64))) for f in ("WEBP", "AVIF", "HEIF")}
 bombs = {"WEBP": webp_bomb(small["WEBP"], 30000, 30000),
          "AVIF": ispe_bomb(small["AVIF"], 30000, 30000),
-         "HEIF": ispe_bomb(small["HEIF"], 30000, 30000)}
+         "HEIF": ispe_bomb(small["HEIF"], 30000, 30000),
+         "J2K": j2k_bomb(_encode(Image.fromarray(_gradient(64, 64)), "JPEG2000", no_jp2=True),
+                         30000, 30000),
+         "JP2": j2k_bomb(_encode(Image.fromarray(_gradient(64, 64)), "JPEG2000"), 30000, 30000)}
 # From here no allocation may come near one 30,000 x 30,000 canvas (2.7 GB as RGB).
 limit = 1 << 30
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -374,7 +378,8 @@ def test_bomb_headers_are_refused_before_any_canvas_is_allocated(tmp_path: Path)
     proc = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["WEBP", "refused", "AVIF", "refused", "HEIF", "refused"]
+    assert proc.stdout.split() == ["WEBP", "refused", "AVIF", "refused", "HEIF", "refused",
+                                   "J2K", "refused", "JP2", "refused"]
 
 
 @pytest.mark.parametrize("fmt", MODERN)
@@ -419,6 +424,9 @@ _FUZZ_SOURCES = {
     "webp": _encode(Image.fromarray(_gradient(64, 80)), "WEBP", quality=80),
     "avif": _encode(Image.fromarray(_gradient(64, 80)), "AVIF", quality=80),
     "heic": _encode(Image.fromarray(_gradient(64, 80)), "HEIF", quality=80),
+    "jp2": _encode(Image.fromarray(_gradient(64, 80)), "JPEG2000", quality_mode="rates",
+                   quality_layers=[20], irreversible=True),
+    "j2k": _encode(Image.fromarray(_gradient(64, 80)), "JPEG2000", no_jp2=True),
 }
 
 

@@ -1,14 +1,18 @@
 """Image bytes -> (H, W, 3) uint8 RGB, refusing anything unsafe before it is decoded.
 
-Accepted: JPEG, PNG, WebP, HEIC/HEIF and AVIF, told apart by their first bytes (a WebP
-named ``.jpg`` is a WebP). The header is read first: byte and pixel limits are checked
-there, so a 30,000 x 30,000 "decompression bomb" costs a few hundred bytes of parsing and
-no allocation. EXIF orientation (and HEIF/AVIF irot/imir) is applied, so a phone photo
-stored sideways is matched upright.
+Accepted: JPEG, PNG, WebP, HEIC/HEIF, AVIF and JPEG 2000 (JP2 files and raw J2K
+codestreams), told apart by their first bytes (a WebP named ``.jpg`` is a WebP); and a
+passport chip's DG2 (or a bare ISO/IEC 19794-5 facial record), whose portrait is unwrapped
+(matcher.face.document) and decoded as the image it is. The header is read first: byte
+and pixel limits are checked there, so a 30,000 x 30,000 "decompression bomb" costs a few
+hundred bytes of parsing and no allocation (for JPEG 2000 also its tiles, components and
+levels: matcher.face.jpeg2000). EXIF orientation (and HEIF/AVIF irot/imir) is applied, so
+a phone photo stored sideways is matched upright.
 
 ``decode_reduced`` decodes a large JPEG at 1/2, 1/4 or 1/8 of its size instead (libjpeg's
 DCT scaling: the reduction is done inside the IDCT, so the full-size pixels are never
-made) and says how its pixels map back to the full-size image's.
+made), and a JPEG 2000 at a lower resolution level of its wavelet pyramid (the finer
+levels are never decoded), and says how its pixels map back to the full-size image's.
 """
 from __future__ import annotations
 
@@ -18,13 +22,22 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, Jpeg2KImagePlugin, UnidentifiedImageError
 from pillow_heif import register_heif_opener
 
-from ..errors import CorruptImage, EmptyImage, ImageTooLarge, UnsupportedImage
+from ..errors import (
+    CorruptImage,
+    DocumentUnreadable,
+    EmptyImage,
+    ImageTooLarge,
+    InvalidInput,
+    UnsupportedImage,
+)
+from . import jpeg2000
+from .document import is_document, read_portrait
 
-ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF")
-ACCEPTED_NAMES = "JPEG, PNG, WebP, HEIC/HEIF or AVIF"
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "HEIF", "AVIF", "JPEG2000")
+ACCEPTED_NAMES = "JPEG, PNG, WebP, HEIC/HEIF, AVIF or JPEG 2000"
 
 # Thumbnails, depth maps and auxiliary images are never looked at: do not list them.
 register_heif_opener(thumbnails=False, depth_images=False, aux_images=False)
@@ -35,11 +48,12 @@ _HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", 
 _AVIF_BRANDS = frozenset({b"avif", b"avis"})
 # Formats we recognise only to name them in the refusal.
 _OTHER_MAGIC = ((b"GIF8", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-                (b"%PDF", "PDF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"))
+                (b"%PDF", "PDF"))
 
 # What decoders raise on damaged data. pillow-heif reports libheif errors as RuntimeError.
+# Pillow's JPEG 2000 header parser asserts on some damage (and -O would strip the assert).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
-                  RuntimeError, struct.error, Image.DecompressionBombError)
+                  RuntimeError, struct.error, AssertionError, Image.DecompressionBombError)
 
 
 @dataclass(frozen=True)
@@ -58,7 +72,8 @@ DEFAULT_LIMITS = DecodeLimits()
 Image.MAX_IMAGE_PIXELS = DEFAULT_LIMITS.max_pixels
 
 
-# JPEG DCT scaling factors libjpeg offers (and Pillow's ``draft`` picks from), largest first.
+# JPEG DCT scaling factors libjpeg offers (and Pillow's ``draft`` picks from), largest first;
+# JPEG 2000 offers the same powers of two as resolution levels (2**levels at most).
 JPEG_REDUCTIONS = (8, 4, 2)
 
 # Output axes that EXIF orientation reverses relative to the stored pixels (x, y); values
@@ -72,12 +87,16 @@ class ReducedImage:
     """A photo decoded at 1/``reduction`` of its size per side.
 
     pixels:    (h, w, 3) uint8 RGB, C-contiguous, orientation applied.
-    reduction: 1 (every format but JPEG, or a JPEG too small to reduce), 2, 4 or 8.
+    reduction: 1 (every format but JPEG and JPEG 2000, or one too small to reduce), 2, 4
+               or 8.
     full_size: (width, height) the full-size decode has, orientation applied.
     offset:    (x, y) in full-size pixels: pixel centre ``p`` of ``pixels`` is the full-size
                point ``reduction * p + (reduction - 1) / 2 + offset``. libjpeg averages
                each ``reduction``-square block into one pixel; an axis that the
                orientation reverses starts with the last, partial block, hence the offset.
+               JPEG 2000's low-pass sample ``p`` sits on full-size pixel ``reduction * p``
+               (its wavelet filters are centred on the even samples): offset
+               ``-(reduction - 1) / 2`` on both axes.
     """
 
     pixels: np.ndarray
@@ -87,21 +106,23 @@ class ReducedImage:
 
 
 def decode_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> np.ndarray:
-    """Decode JPEG, PNG, WebP, HEIC/HEIF or AVIF bytes to a C-contiguous (H, W, 3) uint8 RGB
-    array.
+    """Decode JPEG, PNG, WebP, HEIC/HEIF, AVIF or JPEG 2000 bytes, or a DG2's portrait, to a
+    C-contiguous (H, W, 3) uint8 RGB array.
 
-    Raises EmptyImage, ImageTooLarge, UnsupportedImage or CorruptImage (all InvalidInput).
+    Raises EmptyImage, ImageTooLarge, UnsupportedImage, CorruptImage or DocumentUnreadable
+    (all InvalidInput).
     """
     return _decode(data, limits, 1, 0).pixels
 
 
 def decode_reduced(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, *,
                    max_reduction: int = 8, min_long_side: int = 0) -> ReducedImage:
-    """Like ``decode_image``, but a JPEG is decoded at the largest DCT reduction (2, 4 or 8,
-    at most ``max_reduction``) that leaves its long side >= ``min_long_side`` pixels.
+    """Like ``decode_image``, but a JPEG or JPEG 2000 is decoded at the largest reduction
+    (2, 4 or 8, at most ``max_reduction``; for JPEG 2000 at most 2**levels) that leaves its
+    long side >= ``min_long_side`` pixels.
 
     Limits are checked on the full size the header declares, exactly as decode_image does.
-    Other formats, and JPEGs no reduction fits, decode at full size (reduction 1).
+    Other formats, and images no reduction fits, decode at full size (reduction 1).
     """
     if max_reduction < 1:
         raise ValueError(f"max_reduction must be >= 1, got: {max_reduction}")
@@ -115,8 +136,22 @@ def _decode(data: bytes, limits: DecodeLimits, max_reduction: int,
     if len(data) > limits.max_bytes:
         raise ImageTooLarge(
             f"the image is {len(data) / 1e6:.1f} MB; the limit is {limits.max_bytes / 1e6:.1f} MB")
+    if is_document(data):
+        portrait = read_portrait(data)
+        try:
+            return _decode_image(portrait.image, limits, max_reduction, min_long_side)
+        except InvalidInput as exc:
+            raise DocumentUnreadable("image", f"its portrait: {exc}") from None
+    return _decode_image(data, limits, max_reduction, min_long_side)
+
+
+def _decode_image(data: bytes, limits: DecodeLimits, max_reduction: int,
+                  min_long_side: int) -> ReducedImage:
+    if not data:
+        raise EmptyImage("the image is empty (0 bytes)")
     fmt = sniff_format(data)
-    declared = _declared_size(fmt, data)
+    j2k = jpeg2000.read_header(data) if fmt == "JPEG2000" else None
+    declared = j2k.size if j2k is not None else _declared_size(fmt, data)
     if declared is not None:
         # Before any decoder sees the bytes: libwebp allocates the whole canvas when it opens
         # a file, and a HEIF/AVIF parser may size buffers from the same header.
@@ -128,7 +163,12 @@ def _decode(data: bytes, limits: DecodeLimits, max_reduction: int,
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             stored = image.size
-            reduction = _draft(image, max_reduction, min_long_side) if fmt == "JPEG" else 1
+            if fmt == "JPEG":
+                reduction = _draft(image, max_reduction, min_long_side)
+            elif j2k is not None:
+                reduction = _reduce_jpeg2000(image, j2k, max_reduction, min_long_side)
+            else:
+                reduction = 1
             # The header's EXIF (exif_transpose reads the same cached copy below).
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1) \
                 if reduction > 1 else 1
@@ -146,6 +186,9 @@ def _decode(data: bytes, limits: DecodeLimits, max_reduction: int,
             "it is truncated or damaged, please capture it again") from None
     if reduction == 1:
         return ReducedImage(pixels, 1, (pixels.shape[1], pixels.shape[0]))
+    if j2k is not None:  # no EXIF orientation; the low-pass samples sit on even pixels
+        shift = -(reduction - 1) / 2
+        return ReducedImage(pixels, reduction, stored, (shift, shift))
     swap = orientation in (5, 6, 7, 8)
     full_w, full_h = (stored[1], stored[0]) if swap else stored
     reversed_x, reversed_y = _REVERSED_AXES.get(orientation, (False, False))
@@ -168,6 +211,30 @@ def _draft(image: Image.Image, max_reduction: int, min_long_side: int) -> int:
     return 1
 
 
+def _reduce_jpeg2000(image: Image.Image, header: jpeg2000.Jpeg2000Header, max_reduction: int,
+                     min_long_side: int) -> int:
+    """Ask OpenJPEG for a lower resolution level before any pixel is decoded; returns the
+    reduction (1 when none fits).
+
+    Only where Pillow's size for the reduced image is OpenJPEG's: Pillow 13 rounds
+    size / 2**r half up, OpenJPEG takes the ceiling (of the image area on the reference
+    grid), and where they differ the decode fails. So the image must sit at the grid's
+    origin and each side round the same way.
+    """
+    if header.origin != (0, 0) or not isinstance(image, Jpeg2KImagePlugin.Jpeg2KImageFile):
+        return 1
+    for reduction in JPEG_REDUCTIONS:
+        levels = reduction.bit_length() - 1
+        if reduction > max_reduction or levels > header.levels \
+                or -(-max(header.size) // reduction) < min_long_side:
+            continue
+        if all((side + reduction // 2) // reduction == -(-side // reduction)
+               for side in header.size):
+            image.reduce = levels
+            return reduction
+    return 1
+
+
 def sniff_format(data: bytes) -> str:
     """The Pillow format name of ``data`` from its magic bytes (never a file name).
 
@@ -179,6 +246,8 @@ def sniff_format(data: bytes) -> str:
         return "PNG"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if jpeg2000.is_jpeg2000(data):
+        return "JPEG2000"
     if data[4:8] == b"ftyp":
         (box_size,) = struct.unpack(">I", data[:4])
         major = data[8:12]

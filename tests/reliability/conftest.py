@@ -26,10 +26,11 @@ REPO = Path(__file__).resolve().parents[2]
 FUZZ_CI_CASES = {
     "decode.png_chunks": 600, "decode.jpeg_markers": 600, "decode.bombs": 300,
     "decode.isobmff_boxes": 400, "decode.webp_chunks": 400, "decode.magic_random": 600,
+    "decode.j2k_markers": 400, "decode.documents": 400,
     "rpc.messages": 700, "rpc.raw_bytes": 60,
 }
 SOAK_KILLS = 25
-SOAK_FUZZ = 10 * sum(FUZZ_CI_CASES.values())   # 36,600
+SOAK_FUZZ = 10 * sum(FUZZ_CI_CASES.values())   # 44,600
 SOAK_OVERLOAD_S = 60.0
 
 

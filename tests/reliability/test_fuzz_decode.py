@@ -4,10 +4,12 @@ tests/test_decode.py flips raw bytes; here the mutations keep the container vali
 CRCs recomputed, JPEG markers kept in place, WebP chunks and HEIF/AVIF boxes walked) so the
 damage reaches the pixel decoders, and the bases are crops of the real test photos,
 encoded at test time by the real encoders, in every format the service accepts (JPEG, PNG,
-WebP still and animated, HEIC/HEIF, AVIF still and animated). Every case must end as a
-(H, W, 3) uint8 array within the limits or as an InvalidInput; anything else (MemoryError,
-a raw zlib.error, a libheif RuntimeError, a hang) fails. Each case is counted by the decoder
-its bytes reach (the format sniffed from them) and its outcome.
+WebP still and animated, HEIC/HEIF, AVIF still and animated, JPEG 2000 as JP2 file and raw
+codestream), and passport DG2s around JPEG and JPEG 2000 portraits (tests/dg2_writer.py).
+Every case must end as a (H, W, 3) uint8 array within the limits or as an InvalidInput;
+anything else (MemoryError, a raw zlib.error, a libheif RuntimeError, a hang) fails.
+Each case is counted by the decoder its bytes reach (the format sniffed from them) and its
+outcome.
 """
 from __future__ import annotations
 
@@ -21,13 +23,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from dg2_writer import JPEG, JPEG2000, dg2, facial_record
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from image_bombs import ispe_bomb, webp_bomb
+from image_bombs import ispe_bomb, j2k_bomb, webp_bomb
 from PIL import Image
 
 from matcher.errors import ImageTooLarge, InvalidInput, UnsupportedImage
 from matcher.face.decode import DEFAULT_LIMITS, decode_image, sniff_format
+from matcher.face.document import is_document
 
 # Refusing a bomb means reading a header, not decoding pixels (a 40+ megapixel decode takes
 # seconds). The default run reports the slowest refusal; only --soak holds it to this bound,
@@ -91,7 +95,21 @@ def bases(faces_dir: Path) -> dict[str, bytes]:
         "heic": _encode(face, "HEIF", quality=85),
         "heic_grey10": _encode(grey16, "HEIF", quality=-1),
         "heic_rotated": _encode(face, "HEIF", quality=85, exif=_orientation_exif(6)),
+        "jp2": _encode(face, "JPEG2000", quality_mode="rates", quality_layers=[15],
+                       irreversible=True),
+        "j2k": _encode(face, "JPEG2000", no_jp2=True),
+        "j2k_tiled": _encode(face, "JPEG2000", no_jp2=True, tile_size=(32, 32),
+                             quality_mode="rates", quality_layers=[30, 10]),
+        "j2k_grey": _encode(face.convert("L"), "JPEG2000", no_jp2=True),
     }
+
+
+def _documents(bases: dict[str, bytes]) -> dict[str, bytes]:
+    """DG2s around the JPEG and JPEG 2000 bases, as a passport chip holds a portrait."""
+    w, h = Image.open(io.BytesIO(bases["jpeg"])).size
+    return {"dg2_jpeg": dg2(facial_record(bases["jpeg"], JPEG, w, h)),
+            "dg2_j2k": dg2(facial_record(bases["j2k"], JPEG2000, w, h)),
+            "dg2_jp2": dg2(facial_record(bases["jp2"], JPEG2000, w, h))}
 
 
 def _orientation_exif(value: int) -> bytes:
@@ -109,7 +127,10 @@ def _adam7_supported() -> bool:
 
 
 def _decoder(data: bytes) -> str:
-    """The decoder the service hands these bytes to (sniffed as it sniffs), or "none"."""
+    """The decoder the service hands these bytes to (sniffed as it sniffs), or "none";
+    "DG2" for a passport data group (its portrait then goes to its own decoder)."""
+    if is_document(data):
+        return "DG2"
     try:
         return sniff_format(data)
     except UnsupportedImage:
@@ -165,7 +186,7 @@ def test_bases_cover_every_decoder_the_service_accepts(bases, tally):
     from matcher.face.decode import ACCEPTED_FORMATS
 
     assert {_decoder(data) for data in bases.values()} == set(ACCEPTED_FORMATS)
-    for name, data in bases.items():
+    for name, data in {**bases, **_documents(bases)}.items():
         expected = "UnsupportedImage" if name.endswith("_animated") else "ok"
         assert _decode_outcome(data, tally) == expected, name
 
@@ -254,7 +275,7 @@ def test_header_bombs_are_refused_from_the_header(bases, budget, tally):
     slowest = [0.0]
 
     @_fuzz_settings(budget, "decode.bombs")
-    @given(fmt=st.sampled_from(["png", "jpeg", "webp", "heic", "avif"]),
+    @given(fmt=st.sampled_from(["png", "jpeg", "webp", "heic", "avif", "j2k", "jp2"]),
            width=st.integers(1, 2**31 - 1), height=st.integers(1, 2**31 - 1))
     def run(fmt: str, width: int, height: int) -> None:
         if fmt == "jpeg":
@@ -269,7 +290,9 @@ def test_header_bombs_are_refused_from_the_header(bases, budget, tally):
         data = {"png": _png_bomb, "jpeg": _jpeg_bomb,
                 "webp": lambda w, h: webp_bomb(bases["webp_lossy"], w, h),
                 "heic": lambda w, h: ispe_bomb(bases["heic"], w, h),
-                "avif": lambda w, h: ispe_bomb(bases["avif"], w, h)}[fmt](width, height)
+                "avif": lambda w, h: ispe_bomb(bases["avif"], w, h),
+                "j2k": lambda w, h: j2k_bomb(bases["j2k"], w, h),
+                "jp2": lambda w, h: j2k_bomb(bases["jp2"], w, h)}[fmt](width, height)
         start = time.monotonic()
         with pytest.raises(ImageTooLarge):
             decode_image(data)
@@ -386,6 +409,121 @@ def test_webp_chunk_mutations(bases, budget, tally):
     _run_mutations(bases, budget, tally, "webp_chunks", "webp", mutate)
 
 
+def _segments(raw: bytes, start: int) -> list[tuple[int, int]]:
+    """(offset, total length) of each marker segment of a J2K main header, from SIZ."""
+    out, pos = [], start
+    while pos + 4 <= len(raw) and raw[pos] == 0xFF and raw[pos + 1] != 0x90:
+        (n,) = struct.unpack(">H", raw[pos + 2:pos + 4])
+        out.append((pos, 2 + n))
+        pos += 2 + n
+    return out
+
+
+def test_jpeg2000_marker_mutations(bases, budget, tally):
+    """Damage JPEG 2000 headers where they size memory: SIZ (canvas, origin, tile grid,
+    components, depth, subsampling), COD (levels, layers, code blocks), JP2 boxes, tile
+    parts and coded data; cut anywhere."""
+    def mutate(base: bytes, data: st.DataObject) -> bytes:
+        raw = bytearray(base)
+        soc = raw.find(b"\xff\x4f\xff\x51")
+        siz = soc + 2
+        op = data.draw(st.sampled_from(["siz_field", "components", "cod", "segment_length",
+                                        "box_length", "tile_part", "data", "cut"]))
+        if op == "siz_field":   # one 32-bit field of Xsiz .. YTOsiz
+            field = data.draw(st.integers(0, 7))
+            value = data.draw(st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 4096)))
+            raw[siz + 6 + 4 * field:siz + 10 + 4 * field] = struct.pack(">I", value)
+        elif op == "components":
+            pos = data.draw(st.integers(siz + 38, siz + 40 + 3 * 3))
+            raw[pos] = data.draw(st.integers(0, 255))
+        elif op == "cod":
+            cod = raw.find(b"\xff\x52")
+            pos = data.draw(st.integers(cod + 4, cod + 13))
+            raw[pos] = data.draw(st.integers(0, 255))
+        elif op == "segment_length":
+            pos, _ = data.draw(st.sampled_from(_segments(bytes(raw), siz)))
+            raw[pos + 2:pos + 4] = struct.pack(">H", data.draw(st.integers(0, 65535)))
+        elif op == "box_length" and soc > 0:   # a JP2: one of its box lengths
+            pos = data.draw(st.sampled_from([0, 12, 32, soc - 8]))
+            raw[pos:pos + 4] = struct.pack(">I", data.draw(st.sampled_from(
+                [0, 1, 7, 8, 2**31, 2**32 - 1, len(raw)])))
+        elif op == "tile_part":
+            sot = raw.find(b"\xff\x90")
+            for _ in range(data.draw(st.integers(1, 4))):
+                raw[data.draw(st.integers(sot + 2, sot + 11))] = data.draw(st.integers(0, 255))
+        elif op == "data":
+            sod = raw.find(b"\xff\x93")
+            for _ in range(data.draw(st.integers(1, 16))):
+                raw[data.draw(st.integers(sod + 2, len(raw) - 1))] = data.draw(
+                    st.integers(0, 255))
+        else:
+            raw = raw[:data.draw(st.integers(0, len(raw) - 1))]
+        return bytes(raw)
+
+    _run_mutations(bases, budget, tally, "j2k_markers", ("jp2", "j2k"), mutate)
+
+
+def test_document_mutations(bases, budget, tally):
+    """Damage passport DG2s: TLV tags and lengths (up to 2**32), the 19794-5 record's
+    lengths, counts and declared size, the image type, the portrait's own bytes."""
+    documents = _documents(bases)
+
+    def mutate(name: str, data: st.DataObject) -> bytes:
+        raw = bytearray(documents[name])
+        record = raw.find(b"FAC\x00")
+        op = data.draw(st.sampled_from(["tlv_byte", "length_field", "record_field",
+                                        "image_info", "image", "cut", "nest"]))
+        if op == "tlv_byte":    # anywhere in the TLV headers before the record
+            raw[data.draw(st.integers(0, record - 1))] = data.draw(st.integers(0, 255))
+        elif op == "length_field":
+            pos = data.draw(st.integers(1, record - 1))
+            raw[pos:pos + 1] = data.draw(st.sampled_from(
+                [b"\x80", b"\x84\xff\xff\xff\xff", b"\x85\x01\x00\x00\x00\x00",
+                 b"\x82\xff\xff", b"\x00"]))
+        elif op == "record_field":   # record length, face count, face length, point count
+            pos = data.draw(st.sampled_from([record + 8, record + 12, record + 14,
+                                             record + 18]))
+            width = 2 if pos in (record + 12, record + 18) else 4
+            raw[pos:pos + width] = data.draw(st.integers(0, 2**(8 * width) - 1)).to_bytes(
+                width, "big")
+        elif op == "image_info":     # image data type, width, height
+            info = record + 14 + 20
+            pos = data.draw(st.integers(info, info + 5))
+            raw[pos] = data.draw(st.integers(0, 255))
+        elif op == "image":
+            for _ in range(data.draw(st.integers(1, 8))):
+                raw[data.draw(st.integers(record + 46, len(raw) - 1))] = data.draw(
+                    st.integers(0, 255))
+        elif op == "cut":
+            raw = raw[:data.draw(st.integers(1, len(raw) - 1))]
+        else:   # the group template wrapped again and again
+            depth = data.draw(st.integers(1, 64))
+            inner = bytes(raw[2:]) if raw[1] < 0x80 else bytes(raw[2 + (raw[1] & 0x7F):])
+            for _ in range(depth):
+                inner = b"\x7f\x61" + _ber_length(len(inner)) + inner
+            raw = bytearray(b"\x75" + _ber_length(len(inner)) + inner)
+        return bytes(raw)
+
+    names = sorted(documents)
+    counts: Counter[str] = Counter()
+
+    @_fuzz_settings(budget, "decode.documents")
+    @given(name=st.sampled_from(names), data=st.data())
+    def run(name: str, data: st.DataObject) -> None:
+        counts[_decode_outcome(mutate(name, data), tally)] += 1
+        tally.add("fuzz.decode.documents")
+
+    run()
+    assert len(counts) >= 2, f"the mutations never reached both outcomes: {dict(counts)}"
+
+
+def _ber_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(body)]) + body
+
+
 def test_random_bytes_behind_real_magic_numbers(budget, tally):
     """Random bodies after PNG/JPEG/GIF/TIFF/WebP signatures and zero-size inputs."""
     magics = [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"GIF89a",
@@ -393,7 +531,9 @@ def test_random_bytes_behind_real_magic_numbers(budget, tally):
               b"RIFF\x00\x10\x00\x00WEBPVP8X", b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00",
               b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00", b"\x00\x00\x00\x18ftypmif1",
               b"\x00\x00\x00\x1cftypavis\x00\x00\x00\x00", b"\x00\x00\x00\x18ftypheix",
-              b"RIFF\x00\x10\x00\x00WEBPVP8X\x0a\x00\x00\x00\x02\x00\x00\x00ANIM"]
+              b"RIFF\x00\x10\x00\x00WEBPVP8X\x0a\x00\x00\x00\x02\x00\x00\x00ANIM",
+              b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51", b"\x75", b"\x75\x82",
+              b"\x75\x82\x01\x00\x7f\x61", b"FAC\x00010\x00"]
 
     @_fuzz_settings(budget, "decode.magic_random")
     @given(magic=st.sampled_from(magics), body=st.binary(max_size=2048))

@@ -12,10 +12,14 @@ person, and every figure with a 95 % interval from resampling identities (_lfw.p
 its own pairs, the open-set 1:N protocol (_openset.py) at the service's thresholds as the
 gallery grows, the design choices of issue 10 item 4, each measured on the same data, and
 the enrolment rule (which face of a booking photo is enrolled, _enrolment_lfw.py).
-``--quick`` uses 600 people drawn with a fixed seed.
+``--quick`` uses 600 people drawn with a fixed seed. Passport chip portraits (issue 26,
+_document_lfw.py): FNMR and FMR of Verify with a JPEG 2000 chip portrait in a DG2 against
+the plain JPEG reference, and Verify-with-document's cost next to Verify against a
+booking; ``MATCHER_BENCH_ACCURACY_ONLY=document`` runs only that part.
 """
 from __future__ import annotations
 
+import os
 from statistics import NormalDist
 
 import numpy as np
@@ -34,7 +38,16 @@ GALLERY_SIZES = (100, 1_000, 10_000)   # 1:N operating points: travellers booked
 
 
 def run(report: Report, quick: bool) -> None:
+    from ._document_lfw import document_accuracy, verify_cost
+
+    if os.environ.get("MATCHER_BENCH_ACCURACY_ONLY") == "document":
+        verify_cost(report, quick)
+        folder = lfw_dir()
+        if folder is not None:
+            document_accuracy(report, folder, quick)
+        return
     shared = _shared_photos(report)
+    verify_cost(report, quick)
     folder = lfw_dir()
     if folder is None:
         report.param(lfw="absent: shared-photo figures only")
@@ -48,6 +61,7 @@ def run(report: Report, quick: bool) -> None:
     model = load_score_model(default_pack().model_id)
     lfw["enrolment"] = enrolment_accuracy(report, folder, consistency_threshold(model, policy),
                                           policy.fmr_consistency, quick)
+    document_accuracy(report, folder, quick)
     _plot(report, shared, lfw)
 
 

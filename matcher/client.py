@@ -178,6 +178,23 @@ def _probe_fields(image, aligned, template, frames) -> dict:
     return {"frames": make_frames(frames)}
 
 
+def make_document(document: bytes | pb.Document) -> pb.Document:
+    """A travel document's portrait for Verify and Clear: a DG2 exactly as read from the
+    chip (bytes starting with tag 0x75, or a bare ISO/IEC 19794-5 ``FAC`` record), else
+    the portrait image a chip reader already unpacked (JPEG 2000, JPEG, ...); or a ready
+    Document message."""
+    if isinstance(document, pb.Document):
+        return document
+    data = bytes(document)
+    if data[:1] == b"\x75" or data.startswith(b"FAC\x00"):
+        return pb.Document(dg2=data)
+    return pb.Document(image=data)
+
+
+def _document_fields(document: bytes | pb.Document | None) -> dict:
+    return {} if document is None else {"document": make_document(document)}
+
+
 def _timestamp(t: datetime | float | None):
     from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -298,19 +315,26 @@ class MatcherClient:
 
     def verify(self, traveller_id: str, image: bytes | None = None, *, aligned=None,
                template=None, frames: Sequence[bytes | pb.Probe] | None = None,
+               document: bytes | pb.Document | None = None,
                request_id: str = "", timeout: float | None = None) -> pb.MatchResponse:
+        """Against the booking ``traveller_id``; or, with ``document`` (a DG2 or the
+        portrait: see make_document) and ``traveller_id`` "", against the document."""
         return self.read("Verify", pb.VerifyRequest(
             **_probe_fields(image, aligned, template, frames), traveller_id=traveller_id,
-            request_id=request_id, lane_id=self.lane_id), timeout)
+            **_document_fields(document), request_id=request_id, lane_id=self.lane_id),
+            timeout)
 
     def clear(self, claimed_traveller_id: str, image: bytes | None = None, *, aligned=None,
               template=None, frames: Sequence[bytes | pb.Probe] | None = None,
+              document: bytes | pb.Document | None = None,
               top_k: int = 0, request_id: str = "", timeout: float | None = None
               ) -> pb.MatchResponse:
+        """The e-gate flow; with ``document`` the face must match it first
+        (``checks_passed`` in the answer)."""
         return self.read("Clear", pb.ClearRequest(
             **_probe_fields(image, aligned, template, frames),
-            claimed_traveller_id=claimed_traveller_id, top_k=top_k, request_id=request_id,
-            lane_id=self.lane_id), timeout)
+            claimed_traveller_id=claimed_traveller_id, **_document_fields(document),
+            top_k=top_k, request_id=request_id, lane_id=self.lane_id), timeout)
 
     def lane_stream(self, requests: Iterable[pb.LaneRequest], timeout: float | None = None
                     ) -> Iterator[pb.LaneResponse]:

@@ -27,7 +27,7 @@ from ..face.pipeline import Face
 from ..gallery.decision import Decision, Outcome, Reason
 from ..gallery.store import EnrolResult
 from ..templates import EMBEDDING_DIM, Candidate, check_traveller_id, photo_sha256
-from .engine import FRAMES_DISAGREE, Frame, FusedProbe, MatchEngine, photo_bytes
+from .engine import FRAMES_DISAGREE, Frame, FusedProbe, ImageJob, MatchEngine, photo_bytes
 
 # One line per answered request: ids, decision, scores and timings, never a face.
 request_log = logging.getLogger("matcher.requests")
@@ -89,6 +89,10 @@ class Verdict:
 
 
 NO_FACE_VERDICT = Verdict(NO_FACE, "no_face")
+# Clear with a document whose portrait the capture does not match: no booking is looked at.
+DOCUMENT_MISMATCH = "document_mismatch"
+# MatchResponse.checks_passed
+CHECK_DOCUMENT, CHECK_CLAIM, CHECK_SEARCH = "document", "claim", "search"
 
 
 @dataclass(frozen=True)
@@ -108,10 +112,30 @@ class MatchCall:
     top_k: int = 5
     all_faces: bool = False
     as_frames: bool = False
+    # Verify / Clear: the travel document's portrait bytes (a DG2 or an image), checked
+    # for this call only; never stored or logged.
+    document: bytes | None = None
 
     def __post_init__(self) -> None:
-        if self.rpc == "Verify" or (self.rpc == "Clear" and self.traveller_id):
+        if self.document is not None:
+            if self.rpc not in ("Verify", "Clear"):
+                raise InvalidInput("a document is checked by Verify and Clear only")
+            if self.rpc == "Verify" and self.traveller_id:
+                raise InvalidInput("Verify checks a capture against a booking (traveller_id) "
+                                   "or a document, not both: use Clear to check both")
+        if (self.rpc == "Verify" and self.document is None) \
+                or (self.rpc == "Clear" and self.traveller_id):
             check_traveller_id(self.traveller_id)
+
+
+@dataclass(frozen=True)
+class DocumentOutcome:
+    """The capture against a document's portrait: ``verdict`` None when the capture had no
+    usable face to compare; ``face`` the portrait's face; ``sha256`` of the bytes sent."""
+
+    sha256: str
+    face: Face
+    verdict: Verdict | None
 
 
 @dataclass
@@ -126,25 +150,57 @@ class MatchOutcome:
     gallery_version: int
     faces: list[tuple[Face, Verdict]] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    document: DocumentOutcome | None = None
+
+    @property
+    def checks_passed(self) -> tuple[str, ...]:
+        """What held, in order: the document, then the claim or the search."""
+        checks = []
+        if self.document is not None and self.document.verdict is not None \
+                and self.document.verdict.outcome == Outcome.MATCH.value:
+            checks.append(CHECK_DOCUMENT)
+        decision = self.verdict.decision
+        if decision is not None and decision.is_match and decision.mode != "document":
+            checks.append(CHECK_SEARCH if decision.fallback_used or decision.mode == "identify"
+                          else CHECK_CLAIM)
+        return tuple(checks)
 
 
 async def match(engine: MatchEngine, call: MatchCall, frames: Sequence[Frame],
                 deadline: float | None) -> MatchOutcome:
-    """Analyse and fuse the frames, decide, account for it (the audit record is durable
-    before this returns)."""
+    """Analyse and fuse the frames (and the document's portrait, in the same batch when
+    the batcher allows), decide, account for it (the audit record is durable before this
+    returns)."""
     started = time.perf_counter()
-    probe = await engine.analyse_frames(frames, deadline)
+    if call.document is None:
+        probe = await engine.analyse_frames(frames, deadline)
+        portrait = None
+    else:
+        probe, portrait = await asyncio.gather(engine.analyse_frames(frames, deadline),
+                                               _portrait(engine, call.document, deadline))
     gallery_version = engine.gallery.version
     t = time.perf_counter()
     face = probe.face
+    checked: Verdict | None = None   # the capture against the document, when compared
     if probe.template is None:  # no usable frame: FRAME_NO_FACE or FRAME_LOW_QUALITY
         verdict = (NO_FACE_VERDICT if face is None else
                    Verdict(LOW_QUALITY, "low_quality", quality_reasons=face.quality.reasons))
     elif not probe.agree:
         verdict = Verdict(Outcome.NO_MATCH.value, FRAMES_DISAGREE,
                           threshold=engine.decider.point_1to1_for(1).threshold)
-    else:
+    elif portrait is None:
         verdict = Verdict.of(await _decide(engine, call, probe.template, deadline))
+    else:
+        checked = _against_document(engine, probe.template, portrait)
+        if call.rpc == "Verify":
+            verdict = checked
+        elif checked.outcome != Outcome.MATCH.value:
+            verdict = Verdict(checked.outcome, DOCUMENT_MISMATCH, checked.decision,
+                              checked.threshold)
+        else:
+            verdict = Verdict.of(await _decide(engine, call, probe.template, deadline))
+    document = (None if portrait is None else
+                DocumentOutcome(photo_sha256(call.document or b""), portrait, checked))
     faces = []
     if call.all_faces and not call.as_frames:
         faces = await _all_faces(engine, probe, call.top_k, deadline)
@@ -153,9 +209,38 @@ async def match(engine: MatchEngine, call: MatchCall, frames: Sequence[Frame],
     timings["search"] = search_ms
     timings["total"] = (time.perf_counter() - started) * 1e3
     outcome = MatchOutcome(call, verdict, probe, engine.model_id, gallery_version, faces,
-                           timings)
+                           timings, document)
     await _account(engine, outcome)
     return outcome
+
+
+async def _portrait(engine: MatchEngine, document: bytes, deadline: float | None) -> Face:
+    """The face of a document's portrait: its largest, which must pass the quality gate
+    (a chip portrait is made to ICAO's rules; one that fails is not a reference to trust).
+    INVALID_ARGUMENT (document_unusable:...) otherwise; unreadable documents are refused
+    by the decoder (document_unreadable:...)."""
+    analysis = await engine.analyse_one(ImageJob(document), deadline)
+    if not analysis.faces:
+        raise InvalidInput("document_unusable:no_face (no face was found in the document's "
+                           "portrait; check the traveller against the printed page)")
+    face = analysis.faces[0]  # largest first
+    if face.quality.reasons:
+        raise InvalidInput(f"document_unusable:low_quality:{','.join(face.quality.reasons)} "
+                           "(the document's portrait fails the quality gate; check the "
+                           "traveller against the printed page)")
+    return face
+
+
+def _against_document(engine: MatchEngine, template: np.ndarray, portrait: Face) -> Verdict:
+    """The capture (512,) against the portrait, 1:1 at the single-photo threshold: one
+    capture against one photo, the comparison kind of a one-photo booking."""
+    threshold = engine.decider.point_1to1_for(1).threshold
+    score = float(template @ portrait.template)
+    matched = score >= threshold
+    decision = Decision(Outcome.MATCH if matched else Outcome.NO_MATCH,
+                        Reason.ABOVE_THRESHOLD if matched else Reason.BELOW_THRESHOLD,
+                        "document", None, score, threshold)
+    return Verdict.of(decision)
 
 
 async def _decide(engine: MatchEngine, call: MatchCall, template: np.ndarray,
@@ -193,6 +278,7 @@ async def _account(engine: MatchEngine, outcome: MatchOutcome) -> None:
     engine.metrics.observe_stage("total", outcome.timings_ms["total"] / 1e3)
     score = None if verdict.score is None else as_answered(verdict.score)
     decision = verdict.decision
+    document = _document_fields(outcome.document)
     await engine.record(
         "decision", rpc=call.rpc, request_id=call.request_id, lane_id=call.lane_id,
         decision=verdict.outcome, reason=verdict.reason,
@@ -202,14 +288,28 @@ async def _account(engine: MatchEngine, outcome: MatchOutcome) -> None:
         gallery_version=outcome.gallery_version, model_id=outcome.model_id,
         faces_found=probe.faces_found,
         fallback_used=decision is not None and decision.fallback_used,
-        beyond_calibration=verdict.beyond_calibration, frames_used=probe.frames_used)
+        beyond_calibration=verdict.beyond_calibration, frames_used=probe.frames_used,
+        **document)
     request_log.info("rpc=%s request_id=%s lane_id=%s decision=%s reason=%s score=%s "
-                     "faces=%d frames_used=%d batch_queue_ms=%.1f total_ms=%.1f",
+                     "faces=%d frames_used=%d%s batch_queue_ms=%.1f total_ms=%.1f",
                      call.rpc, call.request_id, call.lane_id or "-", verdict.outcome,
                      verdict.reason, "-" if score is None else f"{score:.3f}",
                      probe.faces_found, probe.frames_used,
+                     f" document={document['document_decision']}" if document else "",
                      as_answered(outcome.timings_ms.get("queue", 0.0)),
                      as_answered(outcome.timings_ms["total"]))
+
+
+def _document_fields(document: DocumentOutcome | None) -> dict[str, object]:
+    """The audit fields of a document check: its sha256, decision and score (never the
+    portrait, its template or its bytes)."""
+    if document is None:
+        return {}
+    verdict = document.verdict
+    return {"document_sha256": document.sha256,
+            "document_decision": verdict.outcome if verdict is not None else "NOT_CHECKED",
+            "document_score": (None if verdict is None or verdict.score is None
+                               else as_answered(verdict.score))}
 
 
 def account_failure(engine: MatchEngine, rpc: str, rejected: str | None) -> None:

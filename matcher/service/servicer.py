@@ -27,6 +27,7 @@ from ..errors import (
     StorageUnavailable,
     UnknownTraveller,
 )
+from ..face.document import is_document
 from ..face.pipeline import Face
 from ..templates import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
 from ..v1 import matcher_pb2 as pb
@@ -198,7 +199,41 @@ def match_response(answer: MatchOutcome) -> pb.MatchResponse:
         resp.fallback_used = verdict.decision.fallback_used
     resp.faces.extend(_face_match(face, v) for face, v in answer.faces)
     resp.timings_ms.update(answer.timings_ms)
+    if answer.document is not None:
+        resp.document.CopyFrom(_document_check(answer.document))
+    resp.checks_passed.extend(answer.checks_passed)
     return resp
+
+
+def _document_check(document: outcome.DocumentOutcome) -> pb.DocumentCheck:
+    check = pb.DocumentCheck(sha256=document.sha256, face=face_info(document.face))
+    verdict = document.verdict
+    if verdict is not None:
+        check.decision = pb.Decision.Value(verdict.outcome)
+        check.reason = verdict.reason
+        if verdict.score is not None:
+            check.score = verdict.score
+        if verdict.threshold is not None:
+            check.threshold = verdict.threshold
+    return check
+
+
+def document_bytes(request: pb.VerifyRequest | pb.ClearRequest) -> bytes | None:
+    """The document a Verify or Clear sent (None without one): a DG2 as read from the
+    chip, or the portrait image a reader unpacked."""
+    if not request.HasField("document"):
+        return None
+    kind = request.document.WhichOneof("kind")
+    if kind == "dg2":
+        data = request.document.dg2
+        if not is_document(data):
+            raise InvalidInput("document_unreadable:not_dg2 (document.dg2 does not start "
+                               "with tag 75; send the data group as read, or the portrait "
+                               "as document.image)")
+        return data
+    if kind == "image":
+        return request.document.image
+    raise InvalidInput("the document is empty: set dg2 or image")
 
 
 def _epoch(ts) -> float:
@@ -308,12 +343,19 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         return _Call("Clear", request, rid, request.lane_id,
                      traveller_id=request.claimed_traveller_id, top_k=request.top_k)
 
+    @staticmethod
+    def _document(call: _Call) -> bytes | None:
+        if isinstance(call.request, pb.IdentifyRequest):
+            return None
+        return document_bytes(call.request)
+
     async def _run_call(self, engine: MatchEngine, call: _Call, deadline: float | None
                         ) -> pb.MatchResponse:
         client_id(call.request_id, "request_id")
         client_id(call.lane_id, "lane_id")
         asked = MatchCall(call.rpc, call.request_id, call.lane_id, call.traveller_id,
-                          _top_k(call.top_k), call.all_faces, call.as_frames)
+                          _top_k(call.top_k), call.all_faces, call.as_frames,
+                          self._document(call))
         answer = await outcome.match(engine, asked, self._frames(engine, call), deadline)
         return match_response(answer)
 

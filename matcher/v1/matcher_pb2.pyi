@@ -73,35 +73,47 @@ class IdentifyRequest(_message.Message):
     lane_id: str
     def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., frames: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., top_k: _Optional[int] = ..., all_faces: _Optional[bool] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
 
+class Document(_message.Message):
+    __slots__ = ("dg2", "image")
+    DG2_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    dg2: bytes
+    image: bytes
+    def __init__(self, dg2: _Optional[bytes] = ..., image: _Optional[bytes] = ...) -> None: ...
+
 class VerifyRequest(_message.Message):
-    __slots__ = ("probe", "frames", "traveller_id", "request_id", "lane_id")
+    __slots__ = ("probe", "frames", "traveller_id", "document", "request_id", "lane_id")
     PROBE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     TRAVELLER_ID_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LANE_ID_FIELD_NUMBER: _ClassVar[int]
     probe: Probe
     frames: _containers.RepeatedCompositeFieldContainer[Probe]
     traveller_id: str
+    document: Document
     request_id: str
     lane_id: str
-    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., frames: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., traveller_id: _Optional[str] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., frames: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., traveller_id: _Optional[str] = ..., document: _Optional[_Union[Document, _Mapping]] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
 
 class ClearRequest(_message.Message):
-    __slots__ = ("probe", "frames", "claimed_traveller_id", "top_k", "request_id", "lane_id")
+    __slots__ = ("probe", "frames", "claimed_traveller_id", "document", "top_k", "request_id", "lane_id")
     PROBE_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     CLAIMED_TRAVELLER_ID_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LANE_ID_FIELD_NUMBER: _ClassVar[int]
     probe: Probe
     frames: _containers.RepeatedCompositeFieldContainer[Probe]
     claimed_traveller_id: str
+    document: Document
     top_k: int
     request_id: str
     lane_id: str
-    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., frames: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., claimed_traveller_id: _Optional[str] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, probe: _Optional[_Union[Probe, _Mapping]] = ..., frames: _Optional[_Iterable[_Union[Probe, _Mapping]]] = ..., claimed_traveller_id: _Optional[str] = ..., document: _Optional[_Union[Document, _Mapping]] = ..., top_k: _Optional[int] = ..., request_id: _Optional[str] = ..., lane_id: _Optional[str] = ...) -> None: ...
 
 class Candidate(_message.Message):
     __slots__ = ("traveller_id", "score")
@@ -172,7 +184,7 @@ class FrameOutcome(_message.Message):
     def __init__(self, index: _Optional[int] = ..., status: _Optional[str] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., faces_found: _Optional[int] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ...) -> None: ...
 
 class MatchResponse(_message.Message):
-    __slots__ = ("request_id", "decision", "reason", "quality_reasons", "traveller_id", "score", "threshold", "candidates", "gallery_version", "model_id", "face", "faces_found", "faces", "timings_ms", "claimed_traveller_id", "fallback_used", "beyond_calibration", "frames_used", "frames")
+    __slots__ = ("request_id", "decision", "reason", "quality_reasons", "traveller_id", "score", "threshold", "candidates", "gallery_version", "model_id", "face", "faces_found", "faces", "timings_ms", "claimed_traveller_id", "fallback_used", "beyond_calibration", "frames_used", "frames", "document", "checks_passed")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +211,8 @@ class MatchResponse(_message.Message):
     BEYOND_CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     FRAMES_USED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    CHECKS_PASSED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     decision: Decision
     reason: str
@@ -218,7 +232,25 @@ class MatchResponse(_message.Message):
     beyond_calibration: bool
     frames_used: int
     frames: _containers.RepeatedCompositeFieldContainer[FrameOutcome]
-    def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., gallery_version: _Optional[int] = ..., model_id: _Optional[str] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ..., faces_found: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[FaceMatch, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., claimed_traveller_id: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., beyond_calibration: _Optional[bool] = ..., frames_used: _Optional[int] = ..., frames: _Optional[_Iterable[_Union[FrameOutcome, _Mapping]]] = ...) -> None: ...
+    document: DocumentCheck
+    checks_passed: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., quality_reasons: _Optional[_Iterable[str]] = ..., traveller_id: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., gallery_version: _Optional[int] = ..., model_id: _Optional[str] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ..., faces_found: _Optional[int] = ..., faces: _Optional[_Iterable[_Union[FaceMatch, _Mapping]]] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., claimed_traveller_id: _Optional[str] = ..., fallback_used: _Optional[bool] = ..., beyond_calibration: _Optional[bool] = ..., frames_used: _Optional[int] = ..., frames: _Optional[_Iterable[_Union[FrameOutcome, _Mapping]]] = ..., document: _Optional[_Union[DocumentCheck, _Mapping]] = ..., checks_passed: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DocumentCheck(_message.Message):
+    __slots__ = ("decision", "reason", "score", "threshold", "sha256", "face")
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    FACE_FIELD_NUMBER: _ClassVar[int]
+    decision: Decision
+    reason: str
+    score: float
+    threshold: float
+    sha256: str
+    face: FaceInfo
+    def __init__(self, decision: _Optional[_Union[Decision, str]] = ..., reason: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., sha256: _Optional[str] = ..., face: _Optional[_Union[FaceInfo, _Mapping]] = ...) -> None: ...
 
 class LaneRequest(_message.Message):
     __slots__ = ("identify", "verify", "clear")

@@ -98,6 +98,7 @@ class MatcherServicer:
 
     def Verify(self, request, context):
         """1:1: is this face the traveller `traveller_id`? NOT_FOUND if that id is not enrolled.
+        Or, with `document`: is this face the holder of this travel document? (no gallery)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,7 +106,8 @@ class MatcherServicer:
 
     def Clear(self, request, context):
         """The e-gate flow: verify against the claimed traveller (e.g. read from the passport);
-        if that fails, search 1:N and report whom the face matched instead.
+        if that fails, search 1:N and report whom the face matched instead. With `document`,
+        the face must first match the document's portrait.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

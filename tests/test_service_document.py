@@ -176,3 +176,49 @@ def test_hostile_documents_are_refused_and_the_server_keeps_serving(client, phot
         assert _stored(client) == before, name
         assert client.verify("", photos["obama_2.jpg"], document=good).decision == MATCH
     print(f"slowest hostile-document refusal: {1e3 * slowest:.1f} ms")
+
+
+def test_the_cli_verifies_against_a_dg2_and_enrols_and_compares_one(server, photos, tmp_path,
+                                                                    capsys) -> None:
+    from matcher.cli import main
+
+    document = tmp_path / "dg2.bin"
+    document.write_bytes(chip_dg2(photos["obama_1.jpg"]))
+    capture = tmp_path / "capture.jpg"
+    capture.write_bytes(photos["obama_2.jpg"])
+    address = ["--server", server.address]
+    assert main(["verify", *address, "--document", str(document), str(capture)]) == 0
+    line = capsys.readouterr().out
+    assert "capture.jpg: MATCH" in line and "document MATCH" in line
+    assert "passed: document" in line
+    assert main(["enroll", *address, "cli-chip", str(document), str(capture)]) == 0
+    assert "2 template(s) added" in capsys.readouterr().out
+    assert main(["compare", str(document), str(capture)]) == 0
+    assert float(capsys.readouterr().out.strip()) > 0.5
+
+
+def test_the_overnight_manifest_enrols_a_dg2_among_a_travellers_photos(photos,
+                                                                       tmp_path) -> None:
+    import csv
+    import sqlite3
+
+    from matcher.gallery.primary import STORE_FILE
+    from matcher.reindex.job import ReindexConfig, run_reindex
+
+    document = tmp_path / "T-CHIP.dg2"
+    document.write_bytes(chip_dg2(photos["obama_1.jpg"]))
+    selfie = tmp_path / "selfie.jpg"
+    selfie.write_bytes(photos["obama_3.jpg"])
+    manifest = tmp_path / "bookings.csv"
+    now = time.time()
+    window = [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t)) for t in (now, now + 86_400)]
+    with open(manifest, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["traveller_id", "photo", "valid_from", "valid_to"])
+        w.writerows([["T-CHIP", str(document), *window], ["T-CHIP", str(selfie), *window]])
+    data_dir = tmp_path / "data"
+    run_reindex(ReindexConfig(manifest, data_dir, use_ray=False, progress=False))
+    with sqlite3.connect(data_dir / STORE_FILE) as conn:
+        (rows,) = conn.execute("SELECT COUNT(*) FROM templates WHERE traveller_id='T-CHIP'"
+                               ).fetchone()
+    assert rows == 2

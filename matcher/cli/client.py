@@ -30,6 +30,12 @@ def format_match(name: str, resp) -> str:
         parts.append(f"reason {resp.reason}")
     if resp.frames:
         parts.append(f"frames used {resp.frames_used}/{len(resp.frames)}")
+    if resp.HasField("document"):
+        doc = resp.document
+        parts.append(f"document {pb.Decision.Name(doc.decision)}"
+                     + (f" {doc.score:.3f}" if doc.HasField("score") else ""))
+    if resp.checks_passed:
+        parts.append("passed: " + ", ".join(resp.checks_passed))
     parts.append(f"faces {resp.faces_found}, gallery v{resp.gallery_version}, "
                  f"{resp.timings_ms.get('total', 0.0):.1f} ms")
     return "  ".join(parts)
@@ -131,15 +137,21 @@ def cmd_identify(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import grpc
 
+    document = None
+    if args.document:
+        # no booking: every positional argument is a capture
+        args.images = [args.traveller_id, *args.images]
+        args.traveller_id = ""
+        document = Path(args.document).read_bytes()
     if args.frames:
         with _client(args) as client:
-            return _frames_call(args, lambda frames: client.verify(args.traveller_id,
-                                                                   frames=frames))
+            return _frames_call(args, lambda frames: client.verify(
+                args.traveller_id, frames=frames, document=document))
     status = 0
     with _client(args) as client:
         for path in _images(args):
             try:
-                resp = client.verify(args.traveller_id, path.read_bytes())
+                resp = client.verify(args.traveller_id, path.read_bytes(), document=document)
             except grpc.RpcError as exc:
                 _rpc_failed(path, exc)
                 status = 1
@@ -211,8 +223,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_with_default_server(cmd_identify))
 
     p = add_command(sub, "verify")
-    p.add_argument("traveller_id")
+    p.add_argument("traveller_id", help="the booked traveller (omit it with --document)")
     p.add_argument("images", nargs="*")
+    p.add_argument("--document", metavar="DG2",
+                   help="verify the captures against this travel document instead of a "
+                        "booking: a chip's DG2 as read (or the portrait it holds, e.g. a "
+                        "JPEG 2000); nothing is stored")
     p.add_argument("--demo-probe", action="store_true")
     p.add_argument("--frames", action="store_true", help=FRAMES_HELP)
     _add_client_options(p)
@@ -220,7 +236,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = add_command(sub, "enroll")
     p.add_argument("traveller_id")
-    p.add_argument("images", nargs="+")
+    p.add_argument("images", nargs="+",
+                   help="booking photos: any image format the service takes, or a "
+                        "passport chip's DG2 (its portrait is enrolled)")
     p.add_argument("--accept-low-quality", action="store_true")
     _add_client_options(p)
     p.set_defaults(func=_with_default_server(cmd_enroll))

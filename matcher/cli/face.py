@@ -46,7 +46,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Cosine similarity of the largest face in each of two images."""
+    """Cosine similarity of the largest face in each of two images (a passport chip's DG2
+    is read as its portrait)."""
     from ..face.pipeline import largest_face
 
     pipe = _pipeline(args)
@@ -76,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_embed)
 
     p = add_command(sub, "compare")
-    p.add_argument("a")
-    p.add_argument("b")
+    p.add_argument("a", help="a photo, or a passport chip's DG2")
+    p.add_argument("b", help="a photo, or a passport chip's DG2")
     _add_pipeline_options(p)
     p.set_defaults(func=cmd_compare)

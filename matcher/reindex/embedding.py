@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CorruptImage, EmptyImage, ImageTooLarge, InvalidInput, MatcherError
+from ..errors import (
+    CorruptImage,
+    DocumentUnreadable,
+    EmptyImage,
+    ImageTooLarge,
+    InvalidInput,
+    MatcherError,
+)
 from ..face.enrolment import NO_FACE, GivenFace, QualityVerdict
 from ..face.models import default_pack
 from ..face.pipeline import DecodedPhoto, DetectorConfig, Face, score_settings, settings_hash
@@ -88,7 +95,8 @@ class EmbeddingConfig:
 def _decode_reason(exc: InvalidInput) -> str:
     kind = ("empty" if isinstance(exc, EmptyImage) else
             "corrupt" if isinstance(exc, CorruptImage) else
-            "too_large" if isinstance(exc, ImageTooLarge) else "unsupported")
+            "too_large" if isinstance(exc, ImageTooLarge) else
+            "document" if isinstance(exc, DocumentUnreadable) else "unsupported")
     return f"{UNREADABLE_IMAGE}:{kind}"
 
 

@@ -23,6 +23,8 @@ from .index import IndexConfig, SearchIndex
 from .integrity import quarantined, verify_templates
 from .served import ClaimScore, check_claim_probe, epoch_now, score_claim
 from .snapshot import (
+    PRUNE_AFTER_S,
+    SNAPSHOTS_KEPT,
     SnapshotManifest,
     list_snapshots,
     prune_snapshots,
@@ -40,7 +42,8 @@ SNAPSHOT_DIR = "snapshots"
 @dataclass(frozen=True)
 class GalleryConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
-    snapshots_kept: int = 3
+    snapshots_kept: int = SNAPSHOTS_KEPT
+    snapshot_prune_after_s: float = PRUNE_AFTER_S  # snapshot.prune_snapshots
     # Rebuild in the background once the exact delta holds index.delta_max_templates.
     auto_rebuild: bool = True
     # PRAGMA quick_check at open, interrupted after this many seconds (0: skip). A store
@@ -261,7 +264,8 @@ class PrimaryGallery:
         root = Path(root) if root is not None else self.snapshot_dir
         path = write_snapshot(root, self._index, self.model_id, self.store.store_id)
         if root == self.snapshot_dir:
-            prune_snapshots(root, self.config.snapshots_kept)
+            prune_snapshots(root, self.config.snapshots_kept,
+                            self.config.snapshot_prune_after_s)
         return path
 
     def load_snapshot(self, path: str | Path) -> SnapshotManifest:

@@ -15,6 +15,7 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 FORMAT = 2  # 2: one fused template per traveller, and its photo count
 MANIFEST = "manifest.json"
 PREFIX = "gallery-v"
+SNAPSHOTS_KEPT = 3  # the newest this many stay; older ones are pruned
+# ... once a newer snapshot has existed this long: longer than any replica takes to load one
+PRUNE_AFTER_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -183,13 +187,33 @@ def read_snapshot(path: str | Path, model_id: str, store_id: str | None,
     return m, index
 
 
-def prune_snapshots(root: str | Path, keep: int) -> list[Path]:
-    """Delete all but the ``keep`` newest snapshots (and stale temp folders); returns them."""
+def snapshot_version(path: Path) -> int:
+    """The gallery_version a snapshot holds (from its folder name)."""
+    return int(path.name[len(PREFIX):].split("-")[0])
+
+
+def snapshot_written_at(path: Path) -> float:
+    """When a snapshot was renamed into place (epoch seconds, from its folder name)."""
+    return int(path.name.rsplit("-", 1)[1]) / 1e9
+
+
+def prune_snapshots(root: str | Path, keep: int, superseded_for_s: float = 0.0,
+                    now: float | None = None) -> list[Path]:
+    """Delete all but the ``keep`` newest snapshots (and stale temp folders); returns them.
+
+    A snapshot beyond ``keep`` stays until the next newer one has existed for
+    ``superseded_for_s`` seconds: a replica starts loading a snapshot only while it is the
+    newest, so one that a replica may still be reading is never taken from under it.
+    """
     root = Path(root)
-    removed = list_snapshots(root)[max(keep, 1):]
+    now = time.time() if now is None else now
+    snapshots = list_snapshots(root)
+    keep = max(keep, 1)
+    removed = [old for newer, old in pairwise(snapshots[keep - 1:])
+               if now - snapshot_written_at(newer) >= superseded_for_s]
     if root.is_dir():
         removed += [p for p in root.iterdir() if p.name.startswith(".tmp-")
-                    and time.time() - p.stat().st_mtime > 3600]
+                    and now - p.stat().st_mtime > 3600]
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     return removed

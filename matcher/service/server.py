@@ -42,6 +42,13 @@ from ..gallery.codecs import codec_from_env
 from ..gallery.decision import DecisionPolicy
 from ..gallery.replica import ReplicaGallery, SnapshotWatcher
 from ..gallery.scoremodel import check_settings, load_score_model
+from ..gallery.snapshot import (
+    PRUNE_AFTER_S,
+    SNAPSHOTS_KEPT,
+    list_snapshots,
+    snapshot_version,
+    snapshot_written_at,
+)
 from ..transport import (
     DEFAULT_LISTEN,
     LANE_HEALTH_SERVICE,
@@ -57,6 +64,7 @@ from .batching import BatchConfig
 from .demo import enrol_demo_gallery
 from .engine import AUDIT_FAILURE_POLICIES, MatchEngine
 from .metrics import Metrics, MetricsServer, start_metrics_server
+from .sdnotify import Notifier
 from .servicer import MatcherServicer
 from .serving import ServingState
 
@@ -67,6 +75,9 @@ if TYPE_CHECKING:  # the writer's gallery is imported only by a writer
 log = logging.getLogger(__name__)
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+# An unchanged gallery is published again after this many publishing intervals: a
+# replica's --max-snapshot-age above that many intervals then means "the writer is lost".
+KEEPALIVE_INTERVALS = 3
 
 
 def default_data_dir() -> Path:
@@ -106,6 +117,12 @@ class ServerConfig:
     # Replica: NOT_SERVING for lane traffic while its snapshot is older than this (None:
     # never). Set it above the writer's publishing interval.
     max_snapshot_age_s: float | None = None
+    # Writer: every this many seconds, publish a snapshot if the gallery changed (and one
+    # unchanged every KEEPALIVE_INTERVALS of them, so replicas can tell a quiet writer
+    # from a lost one); 0: only on PublishSnapshot and after the overnight job.
+    publish_interval_s: float = 300.0
+    snapshots_kept: int = SNAPSHOTS_KEPT
+    snapshot_prune_after_s: float = PRUNE_AFTER_S
     max_concurrent_rpcs: int = 256
 
     @property
@@ -129,6 +146,11 @@ class ServerConfig:
                                   f"{self.max_snapshot_age_s}")
         if self.grace_s < 0 or self.drain_notice_s < 0:
             raise AuthConfigError("grace_s and drain_notice_s must not be negative")
+        if self.publish_interval_s < 0 or self.snapshot_prune_after_s < 0:
+            raise AuthConfigError("publish_interval_s and snapshot_prune_after_s must not "
+                                  "be negative")
+        if self.snapshots_kept < 1:
+            raise AuthConfigError(f"snapshots_kept must be >= 1, got {self.snapshots_kept}")
         if self.audit_failure not in AUDIT_FAILURE_POLICIES:
             raise AuthConfigError(f"audit_failure must be one of {AUDIT_FAILURE_POLICIES}, "
                                   f"got {self.audit_failure!r}")
@@ -210,6 +232,8 @@ class RunningServer:
         self._loader: asyncio.Task | None = None
         self._cancel_load = threading.Event()
         self._freshness: asyncio.Task | None = None
+        self._publishing: asyncio.Task | None = None
+        self._published: tuple[int, float] | None = None  # (gallery_version, when)
         self.stale = False
         self.draining = False
 
@@ -246,9 +270,10 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         grace = self.config.grace_s if grace is None else grace
         self._cancel_load.set()
-        if self._freshness is not None:
-            self._freshness.cancel()
-            await asyncio.gather(self._freshness, return_exceptions=True)
+        for task in (self._freshness, self._publishing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)   # refuses new calls, lets in-flight ones finish
         if self._loader is not None and not self._loader.done():
@@ -278,10 +303,14 @@ class RunningServer:
                     log.info("replica waiting for a snapshot: %s", exc)
                 if self._cancel_load.wait(config.watch_interval_s):
                     raise MatcherError("stopped while waiting for a first snapshot")
-        from ..gallery.primary import PrimaryGallery
+        from ..gallery.primary import GalleryConfig, PrimaryGallery
 
         # Encrypted at rest when MATCHER_TEMPLATE_KEY(_FILE) is set, as the overnight job.
-        gallery = PrimaryGallery.open(config.data_dir, pipeline.model_id, codec=codec_from_env())
+        gallery = PrimaryGallery.open(
+            config.data_dir, pipeline.model_id,
+            GalleryConfig(snapshots_kept=config.snapshots_kept,
+                          snapshot_prune_after_s=config.snapshot_prune_after_s),
+            codec=codec_from_env())
         if config.demo:
             enrol_demo_gallery(pipeline, gallery)
         return gallery
@@ -327,12 +356,19 @@ class RunningServer:
             self.serving.loaded(engine, snapshot_name=gallery.snapshot_name)
         else:
             self.serving.loaded(engine, publish=self._publish)
+            newest = list_snapshots(config.snapshot_folder)
+            if newest:
+                self._published = (snapshot_version(newest[0]),
+                                   snapshot_written_at(newest[0]))
         self.watcher.start()
         await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
         self.metrics.set_lane_serving(True)
         if replica and config.max_snapshot_age_s is not None:
             self._freshness = asyncio.create_task(self._watch_freshness(),
                                                   name="snapshot-freshness")
+        if not replica and config.publish_interval_s > 0:
+            self._publishing = asyncio.create_task(self._publish_on_schedule(),
+                                                   name="snapshot-publisher")
         log.info("serving %s as %s: model %s, gallery_version %d, %d travellers (%s), "
                  "ready in %.1f s", self.address, config.role, engine.model_id,
                  gallery.version, gallery.size, gallery.index_kind,
@@ -384,9 +420,30 @@ class RunningServer:
                                 "lane traffic", self._replica().snapshot_name, age)
             await asyncio.sleep(interval)
 
+    async def _publish_on_schedule(self) -> None:
+        """Writer: every publishing interval, publish if the gallery changed since the
+        newest snapshot (or that one is KEEPALIVE_INTERVALS old), so replicas follow
+        enrolments without anyone calling PublishSnapshot."""
+        interval = self.config.publish_interval_s
+        log.info("publishing a snapshot every %.0f s when the gallery changed", interval)
+        while True:
+            await asyncio.sleep(interval)
+            gallery = self.gallery
+            if gallery is None:
+                continue
+            published = self._published
+            if (published is None or gallery.version != published[0]
+                    or time.time() - published[1] >= KEEPALIVE_INTERVALS * interval):
+                try:
+                    await self._publish()
+                except MatcherError as exc:  # disk full, store busy: try again next time
+                    log.error("scheduled snapshot publish failed: %s", exc)
+
     def _on_swap(self, manifest) -> None:
         """Runs in the watcher thread after a hot swap."""
         self.serving.snapshot_served(manifest.path.name)
+        if self.config.role == "writer":  # the overnight job's snapshot: already published
+            self._published = (manifest.gallery_version, manifest.created_at)
         if self.config.role == "replica":
             self.metrics.set_snapshot(manifest.created_at)
         if self.engine is not None:
@@ -409,6 +466,8 @@ class RunningServer:
             return path.name, gallery.version
 
         name, version = await asyncio.to_thread(publish)
+        # What the snapshot holds: changes that landed while it was written are not in it.
+        self._published = (snapshot_version(Path(name)), time.time())
         self.serving.snapshot_served(name)
         log.info("published snapshot %s (gallery_version %d)", name, version)
         return name, version
@@ -464,23 +523,38 @@ async def start_server(config: ServerConfig, pipeline: Pipeline | None = None
 
 async def serve(config: ServerConfig, on_ready=None) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully. ``on_ready(running)`` is
-    awaited once the server is SERVING (the demo uses it to make its first call)."""
+    awaited once the server is SERVING (the demo uses it to make its first call).
+
+    Under a systemd notify unit: READY=1 once SERVING, WATCHDOG=1 while serving, and
+    STOPPING=1 on the signal, before the drain closes the listener (service/sdnotify.py).
+    """
+    notifier = Notifier.from_env()
     running = await start_server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watchdog: asyncio.Task | None = None
     try:
         waiter = asyncio.create_task(stop.wait())
         loader = running.loading
         done, _ = await asyncio.wait({waiter, loader}, return_when=asyncio.FIRST_COMPLETED)
         if loader in done:
             loader.result()  # a loading failure ends serve() with its error
+            notifier.notify("READY=1", f"STATUS=serving on {running.address} as "
+                                       f"{config.role}")
+            watchdog = asyncio.create_task(notifier.watchdog(), name="systemd-watchdog")
             if on_ready is not None:
                 await on_ready(running)
             await waiter
+        notifier.notify("STOPPING=1", "STATUS=draining")
+        if loader in done:
             await running.drain()
     finally:
         log.info("shutting down: finishing in-flight calls (grace %.0f s)", config.grace_s)
         await running.stop()
+        if watchdog is not None:  # pinged through the drain: a slow stop is not a hang
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+        notifier.close()
         log.info("drained and stopped")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
+from logging import DEBUG, INFO
 
 from ..errors import MatcherError
 
@@ -25,8 +25,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "calibrate": ("calibrate", "derive a score model from labelled photos"),
     "thresholds": ("calibrate", "print the thresholds the service uses"),
     "audit": ("audit", "inspect the hash-chained audit log"),
+    "config": ("config", "check a settings file and print the effective settings"),
     "bench": ("bench", "run the benchmark suites (matcher bench -h for their options)"),
 }
+
+# Commands that take --config FILE (matcher.cli.config).
+CONFIGURABLE = ("serve", "demo", "reindex")
 
 DESCRIPTION = ("Face matching for border e-gates: the gRPC service, its clients and the "
                "operator tools.")
@@ -54,6 +58,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def command_parser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    """The parser of one command inside ``parser`` (build_parser's)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = _command(argv)
@@ -63,10 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import main as bench_main
 
         return bench_main(argv[argv.index("bench") + 1:])
-    args = build_parser(command).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
+        parser = build_parser(command)
+        if command in CONFIGURABLE:
+            from .config import apply_file, config_path
+
+            path = config_path(argv)
+            if path is not None:  # the file's settings become defaults; flags still win
+                apply_file(command_parser(parser, command), command, path)
+        args = parser.parse_args(argv)
+        from .logs import setup_logging
+
+        setup_logging(DEBUG if args.verbose else INFO, getattr(args, "log_format", "text"))
         return args.func(args)
     except MatcherError as exc:
         print(f"error: {exc}", file=sys.stderr)

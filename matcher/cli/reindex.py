@@ -6,7 +6,17 @@ import json
 import logging
 from pathlib import Path
 
-from .options import add_command, add_data_option
+from .options import (
+    COUNT,
+    SECONDS,
+    Number,
+    add_command,
+    add_config_option,
+    add_data_option,
+    add_log_format_option,
+    add_model_pack_options,
+    model_pack,
+)
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
@@ -24,7 +34,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         ort_threads=args.ort_threads,
         batch_size=args.batch_size, num_cpus=args.num_cpus,
         object_store_mb=args.object_store_mb, actor_start_timeout_s=args.actor_start_timeout,
-        progress=not args.no_progress, flip=args.flip_augment)
+        progress=not args.no_progress, flip=args.flip_augment, model_pack=model_pack(args),
+        snapshots_kept=args.snapshots_kept,
+        snapshot_prune_after_s=args.snapshot_prune_after)
     summary = run_reindex(config)
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
@@ -34,6 +46,9 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    # The defaults live with the job: imported only when reindex (or config) is the command.
+    from ..reindex.job import ReindexConfig
+
     p = add_command(
         subparsers, "reindex",
         description="Embed every booking photo of a manifest (CSV or Parquet with columns "
@@ -42,6 +57,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                     "snapshot a running 'matcher serve' on the same data dir swaps in. "
                     "Reruns skip photos already in the store.")
     p.add_argument("--manifest", type=Path, required=True, help="bookings .csv or .parquet")
+    add_config_option(p)
     add_data_option(p, "--out", required=True,
                     help="the gallery data dir (store + snapshots), shared with 'matcher serve'")
     p.add_argument("--rejects", type=Path, default=None,
@@ -53,24 +69,39 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                           "loopback), 'auto' on a cluster node, or 'ray://head:10001'")
     ray.add_argument("--no-ray", action="store_true",
                      help="embed in this process instead (no Ray needed)")
-    ray.add_argument("--actors", type=int, default=None,
+    d = ReindexConfig  # its defaults: class attributes of the frozen dataclass
+    ray.add_argument("--actors", type=COUNT, default=d.actors,
                      help="embedder actors (default: cluster CPUs / --cpus-per-actor)")
-    ray.add_argument("--cpus-per-actor", type=float, default=1.0,
-                     help="CPUs Ray reserves per actor")
-    ray.add_argument("--memory-per-actor-mb", type=int, default=None,
+    ray.add_argument("--cpus-per-actor", type=Number(float, 0, low_open=True),
+                     default=d.cpus_per_actor,
+                     help=f"CPUs Ray reserves per actor (default {d.cpus_per_actor:g})")
+    ray.add_argument("--memory-per-actor-mb", type=COUNT, default=d.memory_per_actor_mb,
                      help="memory Ray reserves per actor when placing it (default: none)")
-    ray.add_argument("--ort-threads", type=int, default=1,
-                     help="ONNX Runtime threads per actor")
-    ray.add_argument("--batch-size", type=int, default=8, help="photos per actor call")
-    ray.add_argument("--actor-start-timeout", type=float, default=600.0, metavar="SECONDS",
-                     help="fail if the actors are not all up (placed, models loaded) by then")
-    ray.add_argument("--num-cpus", type=int, default=None,
+    ray.add_argument("--ort-threads", type=COUNT, default=d.ort_threads,
+                     help=f"ONNX Runtime threads per actor (default {d.ort_threads})")
+    ray.add_argument("--batch-size", type=COUNT, default=d.batch_size,
+                     help=f"photos per actor call (default {d.batch_size})")
+    ray.add_argument("--actor-start-timeout", type=Number(float, 0, low_open=True),
+                     default=d.actor_start_timeout_s, metavar="SECONDS",
+                     help="fail if the actors are not all up (placed, models loaded) by "
+                          f"then (default {d.actor_start_timeout_s:g})")
+    ray.add_argument("--num-cpus", type=COUNT, default=d.num_cpus,
                      help="CPUs the local Ray instance may use (default: all it detects)")
-    ray.add_argument("--object-store-mb", type=int, default=500,
-                     help="object store size of the local Ray instance")
+    ray.add_argument("--object-store-mb", type=COUNT, default=d.object_store_mb,
+                     help="object store size of the local Ray instance "
+                          f"(default {d.object_store_mb})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or lines")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--flip-augment", action="store_true",
-                   help="flip augmentation, as 'matcher serve --flip-augment' (off by default)")
+    # The model pack and flip augmentation, as 'matcher serve' takes them: templates the
+    # server it feeds can compare.
+    add_model_pack_options(p)
+    p.add_argument("--snapshots-kept", type=COUNT, default=d.snapshots_kept, metavar="N",
+                   help="newest snapshots kept when pruning, as the writer's "
+                        f"(default {d.snapshots_kept})")
+    p.add_argument("--snapshot-prune-after", type=SECONDS, default=d.snapshot_prune_after_s,
+                   metavar="SECONDS",
+                   help="an older snapshot is deleted only once a newer one has existed "
+                        f"this long (default {d.snapshot_prune_after_s:g})")
+    add_log_format_option(p)
     p.set_defaults(func=cmd_reindex)
 

@@ -6,7 +6,19 @@ import asyncio
 import os
 from pathlib import Path
 
-from .options import add_command, add_data_option, add_model_pack_options, model_pack
+from .options import (
+    COUNT,
+    POSITIVE_SECONDS,
+    RATE,
+    SECONDS,
+    Number,
+    add_command,
+    add_config_option,
+    add_data_option,
+    add_log_format_option,
+    add_model_pack_options,
+    model_pack,
+)
 
 
 def _server_config(args: argparse.Namespace, demo: bool):
@@ -26,6 +38,8 @@ def _server_config(args: argparse.Namespace, demo: bool):
         tls_client_ca=args.tls_client_ca, tokens_file=args.tokens, metrics_listen=metrics,
         audit_failure=args.audit_failure, grace_s=args.grace,
         drain_notice_s=args.drain_notice, max_snapshot_age_s=args.max_snapshot_age,
+        publish_interval_s=args.publish_interval, snapshots_kept=args.snapshots_kept,
+        snapshot_prune_after_s=args.snapshot_prune_after,
         demo=demo or args.demo, score_model=args.score_model, policy=_policy(args))
 
 
@@ -78,17 +92,17 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     from ..gallery.decision import DecisionPolicy
     from ..service.batching import BatchConfig
     from ..service.engine import AUDIT_FAILURE_POLICIES
-    from ..service.server import ServerConfig, default_data_dir
+    from ..service.server import KEEPALIVE_INTERVALS, ServerConfig, default_data_dir
 
     p.add_argument("--listen", default=ServerConfig.listen,
                    help=f"HOST:PORT (default {ServerConfig.listen})")
     # Targets, not thresholds (docs/operating-points.md); None: the policy's defaults.
     policy = DecisionPolicy()
-    p.add_argument("--fmr", type=float,
+    p.add_argument("--fmr", type=RATE,
                    help=f"1:1 target false-match rate (default {policy.fmr_1to1:g})")
-    p.add_argument("--fpir", type=float, help="1:N target false-positive identification rate "
+    p.add_argument("--fpir", type=RATE, help="1:N target false-positive identification rate "
                                               f"(default {policy.fpir_1toN:g})")
-    p.add_argument("--confidence-1ton", type=float, metavar="LEVEL",
+    p.add_argument("--confidence-1ton", type=RATE, metavar="LEVEL",
                    help="confidence of the score model's bound 1:N thresholds are taken at "
                         "(default: the level the cross-validation chose, "
                         f"{policy.confidence_1toN:g})")
@@ -97,18 +111,32 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                          "(default $MATCHER_DATA or ~/.matcher)")
     p.add_argument("--replica-of", metavar="SNAPSHOT_DIR",
                    help="serve read-only from the writer's snapshots in this folder")
-    p.add_argument("--watch-interval", type=float, default=ServerConfig.watch_interval_s,
+    p.add_argument("--watch-interval", type=POSITIVE_SECONDS, default=ServerConfig.watch_interval_s,
                    help="seconds between checks for a newer snapshot "
                         f"(default {ServerConfig.watch_interval_s:g})")
-    p.add_argument("--max-snapshot-age", type=float, default=ServerConfig.max_snapshot_age_s,
-                   metavar="SECONDS",
+    p.add_argument("--max-snapshot-age", type=POSITIVE_SECONDS,
+                   default=ServerConfig.max_snapshot_age_s, metavar="SECONDS",
                    help="replica: report NOT_SERVING for lane traffic while the served "
                         "snapshot is older than this (set it above the writer's publishing "
                         "interval; default: never)")
-    p.add_argument("--grace", type=float, default=ServerConfig.grace_s, metavar="SECONDS",
+    p.add_argument("--publish-interval", type=SECONDS, default=ServerConfig.publish_interval_s,
+                   metavar="SECONDS",
+                   help="writer: publish a snapshot this often if the gallery changed (and "
+                        f"an unchanged one every {KEEPALIVE_INTERVALS} intervals); 0: only "
+                        "on PublishSnapshot and after the overnight job "
+                        f"(default {ServerConfig.publish_interval_s:g})")
+    p.add_argument("--snapshots-kept", type=COUNT, default=ServerConfig.snapshots_kept,
+                   metavar="N", help="writer: newest snapshots kept when pruning "
+                                     f"(default {ServerConfig.snapshots_kept})")
+    p.add_argument("--snapshot-prune-after", type=SECONDS,
+                   default=ServerConfig.snapshot_prune_after_s, metavar="SECONDS",
+                   help="writer: an older snapshot is deleted only once a newer one has "
+                        "existed this long, longer than any replica takes to load one "
+                        f"(default {ServerConfig.snapshot_prune_after_s:g})")
+    p.add_argument("--grace", type=SECONDS, default=ServerConfig.grace_s, metavar="SECONDS",
                    help="SIGTERM: seconds in-flight calls get to finish "
                         f"(default {ServerConfig.grace_s:g})")
-    p.add_argument("--drain-notice", type=float, default=ServerConfig.drain_notice_s,
+    p.add_argument("--drain-notice", type=SECONDS, default=ServerConfig.drain_notice_s,
                    metavar="SECONDS",
                    help="SIGTERM: seconds of NOT_SERVING while still answering, so clients "
                         f"move away before the listener closes "
@@ -127,16 +155,19 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="decisions while the audit log cannot be written (disk full): "
                         "fail_closed refuses them with UNAVAILABLE (default), fail_open "
                         "answers them unaudited (logged, counted)")
-    p.add_argument("--max-batch", type=int, default=defaults.max_batch)
-    p.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_s * 1e3)
-    p.add_argument("--max-queue", type=int, default=defaults.max_queue)
-    p.add_argument("--workers", type=int, default=defaults.workers,
+    p.add_argument("--max-batch", type=COUNT, default=defaults.max_batch)
+    p.add_argument("--max-wait-ms", type=Number(float, 0, 1e4, high_open=True),
+                   default=defaults.max_wait_s * 1e3)
+    p.add_argument("--max-queue", type=COUNT, default=defaults.max_queue)
+    p.add_argument("--workers", type=COUNT, default=defaults.workers,
                    help="model batches in flight at once (threads)")
-    p.add_argument("--threads", type=int, default=ServerConfig.ort_threads,
+    p.add_argument("--threads", type=COUNT, default=ServerConfig.ort_threads,
                    help="ONNX Runtime intra-op threads per model call")
     add_model_pack_options(p)
     p.add_argument("--score-model", type=Path,
                    help="score model from 'matcher calibrate' (default: the shipped one)")
+    add_log_format_option(p)
+    add_config_option(p)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

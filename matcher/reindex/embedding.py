@@ -33,7 +33,7 @@ from ..errors import (
     MatcherError,
 )
 from ..face.enrolment import NO_FACE, GivenFace, QualityVerdict
-from ..face.models import default_pack
+from ..face.models import ModelPack, default_pack
 from ..face.pipeline import DecodedPhoto, DetectorConfig, Face, score_settings, settings_hash
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
 from ..templates import EMBEDDING_DIM, photo_sha256
@@ -68,6 +68,7 @@ class EmbeddingConfig:
     detector: DetectorConfig
     quality: QualityPolicy
     flip: bool
+    model_pack: ModelPack | None
     ray_address: str | None
     num_cpus: int | None
     object_store_mb: int
@@ -79,14 +80,15 @@ class EmbeddingConfig:
     def worker_kwargs(self) -> dict[str, Any]:
         """``PhotoEmbedder``'s arguments: small frozen values, cheap to pickle to actors."""
         return {"ort_threads": self.ort_threads,
-                "detector": self.detector, "quality": self.quality, "flip": self.flip}
+                "detector": self.detector, "quality": self.quality, "flip": self.flip,
+                "model_pack": self.model_pack}
 
     @property
     def outcome_key(self) -> str:
         """Identifies everything that decides a photo's verdict besides its bytes: the
         fingerprint of the pipeline the workers build (``Pipeline.settings_hash``)."""
-        pipeline = settings_hash(score_settings(default_pack(), self.detector, self.quality,
-                                                flip=self.flip))
+        pipeline = settings_hash(score_settings(self.model_pack or default_pack(),
+                                                self.detector, self.quality, flip=self.flip))
         return hashlib.sha256(f"{pipeline} faces".encode()).hexdigest()[:16]
 
 
@@ -129,10 +131,11 @@ class PhotoEmbedder:
 
     def __init__(self, ort_threads: int = 1,
                  detector: DetectorConfig | None = None,
-                 quality: QualityPolicy | None = None, flip: bool = False) -> None:
+                 quality: QualityPolicy | None = None, flip: bool = False,
+                 model_pack: ModelPack | None = None) -> None:
         from ..face.pipeline import Pipeline
 
-        self.pipeline = Pipeline(detector=detector or DetectorConfig(),
+        self.pipeline = Pipeline(model_pack, detector=detector or DetectorConfig(),
                                  quality=quality or DEFAULT_POLICY, threads=ort_threads,
                                  flip=flip)
         self.node_id = ray_node_id()  # an actor never moves: ask once

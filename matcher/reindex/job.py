@@ -27,14 +27,14 @@ from ..face.enrolment import (
     GivenFace,
     choose_faces,
 )
-from ..face.models import default_pack
+from ..face.models import ModelPack, default_pack
 from ..face.pipeline import DetectorConfig
 from ..face.quality import DEFAULT_POLICY, QualityPolicy
 from ..gallery.codecs import TemplateCodec, codec_from_env
 from ..gallery.decision import DecisionPolicy, consistency_threshold
 from ..gallery.primary import STORE_FILE, GalleryConfig, PrimaryGallery
 from ..gallery.scoremodel import load_score_model
-from ..gallery.snapshot import SnapshotManifest, verify_snapshot
+from ..gallery.snapshot import PRUNE_AFTER_S, SNAPSHOTS_KEPT, SnapshotManifest, verify_snapshot
 from ..gallery.store import Enrolment, Store, TravellerSummary
 from ..templates import EMBEDDING_DIM
 from .cache import OUTCOMES_FILE, OutcomeCache, booking_key, hash_photos, remember_reject
@@ -95,6 +95,12 @@ class ReindexConfig:
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     quality: QualityPolicy = DEFAULT_POLICY
     flip: bool = False  # flip augmentation, as the server's pipeline (docs/pipeline.md)
+    # The model pack, as the server's (None: the packaged one with the fp32 embedder): the
+    # job must make the templates the server it feeds compares.
+    model_pack: ModelPack | None = None
+    # Pruning of the snapshot it publishes, as the writer's (gallery/snapshot.py).
+    snapshots_kept: int = SNAPSHOTS_KEPT
+    snapshot_prune_after_s: float = PRUNE_AFTER_S
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.ort_threads < 1 or self.hash_threads < 1:
@@ -109,6 +115,13 @@ class ReindexConfig:
             raise InvalidInput("store_batch_travellers must be >= 1 and store_batch_ms >= 0")
         if not self.actor_start_timeout_s > 0:
             raise InvalidInput("actor_start_timeout_s must be > 0")
+        if self.snapshots_kept < 1 or not self.snapshot_prune_after_s >= 0:
+            raise InvalidInput("snapshots_kept must be >= 1 and snapshot_prune_after_s >= 0")
+
+    @property
+    def pack(self) -> ModelPack:
+        """The model pack the job embeds with."""
+        return self.model_pack or default_pack()
 
     @property
     def embedding(self) -> EmbeddingConfig:
@@ -153,7 +166,7 @@ def _run_locked(config: ReindexConfig, embed: Embed,
     digests = hash_photos((b.photo for b in manifest.bookings), config.hash_threads)
     seconds["hash"] = time.perf_counter() - t
 
-    model_id, codec = default_pack().model_id, codec_from_env()
+    model_id, codec = config.pack.model_id, codec_from_env()
     # Writes go to the Store, not through a PrimaryGallery: it would also hold every new
     # template in its in-memory index, which a night of millions cannot afford. The index
     # is built once, from the store, at the end.
@@ -199,7 +212,10 @@ def _run_locked(config: ReindexConfig, embed: Embed,
         store.close()
 
     t = time.perf_counter()
-    verified = publish_snapshot(data_dir, model_id, codec)
+    verified = publish_snapshot(data_dir, model_id, codec,
+                                GalleryConfig(auto_rebuild=False,
+                                              snapshots_kept=config.snapshots_kept,
+                                              snapshot_prune_after_s=config.snapshot_prune_after_s))
     seconds["index_and_publish"] = time.perf_counter() - t
     summary.gallery_travellers = verified.travellers
     summary.gallery_templates = verified.template_count
@@ -488,11 +504,12 @@ class JobLock:
             self._file = None
 
 
-def publish_snapshot(data_dir: Path, model_id: str, codec: TemplateCodec | None
-                     ) -> SnapshotManifest:
+def publish_snapshot(data_dir: Path, model_id: str, codec: TemplateCodec | None,
+                     config: GalleryConfig | None = None) -> SnapshotManifest:
     """Build the index from the store (bookings already over are left out), write the
     snapshot atomically where ``matcher serve`` watches, and verify it from disk."""
-    with PrimaryGallery.open(data_dir, model_id, GalleryConfig(auto_rebuild=False), codec=codec,
-                      use_snapshots=False) as gallery:
+    config = config or GalleryConfig(auto_rebuild=False)
+    with PrimaryGallery.open(data_dir, model_id, config, codec=codec,
+                             use_snapshots=False) as gallery:
         path = gallery.export_snapshot()
         return verify_snapshot(path, gallery.model_id, gallery.store.store_id)

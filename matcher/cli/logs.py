@@ -104,3 +104,5 @@ def setup_logging(level: int, log_format: str = "text") -> None:
     handler.setFormatter(JsonFormatter() if log_format == "json"
                          else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # Python's warnings become records too, so a JSON log holds nothing but JSON lines.
+    logging.captureWarnings(log_format == "json")

@@ -103,6 +103,8 @@ def setup_logging(level: int, log_format: str = "text") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json"
                          else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    # force: a JSON log replaces any handler set up before; the text log, as it always
+    # did, leaves an existing one (an embedding program's, or a test runner's) alone.
+    logging.basicConfig(level=level, handlers=[handler], force=log_format == "json")
     # Python's warnings become records too, so a JSON log holds nothing but JSON lines.
     logging.captureWarnings(log_format == "json")

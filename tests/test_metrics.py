@@ -6,7 +6,16 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from matcher.service.metrics import MAX_RPC_NAMES, OTHER_RPC, STAGES, Metrics, start_metrics_server
+from matcher.service.metrics import (
+    MAX_LANES,
+    MAX_RPC_NAMES,
+    NO_LANE,
+    OTHER_LANE,
+    OTHER_RPC,
+    STAGES,
+    Metrics,
+    start_metrics_server,
+)
 
 
 def _scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -113,3 +122,20 @@ def test_rpc_label_cardinality_is_capped():
     assert OTHER_RPC in rpcs
 
 
+
+
+def test_decisions_are_counted_per_lane_with_the_lane_label_capped():
+    metrics = Metrics()
+    for i in range(MAX_LANES + 10):
+        metrics.count_decision("Identify", "MATCH", f"K-{i:02d}")
+    metrics.count_decision("Verify", "NO_MATCH", "K-00")
+    metrics.count_decision("Verify", "NO_MATCH", "lane with\nnewline T-123")
+    metrics.count_decision("Clear", "MATCH", "")
+    samples = [s for family in text_string_to_metric_families(metrics.render().decode())
+               if family.name == "matcher_lane_decisions" for s in family.samples
+               if s.name.endswith("_total")]
+    counts = {(s.labels["lane"], s.labels["decision"]): s.value for s in samples}
+    assert counts[("K-00", "MATCH")] == 1 and counts[("K-00", "NO_MATCH")] == 1
+    assert counts[(OTHER_LANE, "MATCH")] == 10 and counts[(OTHER_LANE, "NO_MATCH")] == 1
+    assert counts[(NO_LANE, "MATCH")] == 1
+    assert len({lane for lane, _ in counts}) == MAX_LANES + 2

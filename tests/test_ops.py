@@ -1,5 +1,7 @@
-"""The operations kit (ops/prometheus/): the alerting rules pass promtool's checks and unit
-tests, and a real Prometheus scraping a running server finds every metric they use.
+"""The operations kit (ops/prometheus/, ops/grafana/): every metric the alerting rules and the
+dashboard use is one a running server exports, with the labels they select on; the rules
+pass promtool's checks and unit tests, and a real Prometheus scraping a running server
+finds every metric they use. A renamed metric breaks these tests, not a dashboard.
 
 promtool and prometheus come from Debian's ``prometheus`` package (.ci/run installs it
 where it can); without them these tests skip with one line.
@@ -21,11 +23,15 @@ from service_helpers import ServerThread, server_config
 
 from matcher.client import MatcherClient
 from matcher.face.models import demo_photo
-from matcher.service.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = REPO / "ops" / "prometheus"
 RULES = OPS / "matcher-alerts.yml"
+DASHBOARD = REPO / "ops" / "grafana" / "matcher-dashboard.json"
+# Labels Prometheus adds to every series it scrapes (and a histogram's bucket bound).
+SCRAPE_LABELS = {"job", "instance", "le"}
+_SELECTOR = re.compile(r"\b(matcher_[a-z_]+)\b(?:\{([^}]*)\})?")
+_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
 
 
 def _tool(name: str) -> str:
@@ -41,13 +47,80 @@ def _rule_metrics() -> set[str]:
     return {re.sub(r"_bucket$", "", n) for n in names}
 
 
-def test_every_metric_the_rules_use_is_one_the_service_exports():
-    exported = Metrics().render().decode()
-    families = set(re.findall(r"^# TYPE (\S+) ", exported, re.MULTILINE))
-    counters = {f + "_total" for f in re.findall(r"^# TYPE (\S+) counter", exported,
-                                                 re.MULTILINE)}
-    missing = _rule_metrics() - families - counters
-    assert not missing, f"rules use metrics the service does not export: {sorted(missing)}"
+def _rule_exprs() -> list[str]:
+    """Each alert's expression (the text from its ``expr:`` to its ``for:`` or labels)."""
+    rules = RULES.read_text().split("- alert:")[1:]
+    return [rule.split("expr:", 1)[1].split("labels:", 1)[0] for rule in rules]
+
+
+def _dashboard_exprs() -> list[str]:
+    """Every PromQL expression of the dashboard: its panels' targets and its variables."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    for variable in dashboard["templating"]["list"]:
+        if variable["type"] == "query":
+            exprs.append(variable["definition"])
+    return exprs
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, pipeline) -> dict[str, set[str]]:
+    """Sample name -> label names, read from a running server's /metrics after it has
+    answered a lane's call (labelled counters have series only once counted)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    config = server_config(tmp_path_factory.mktemp("ops"))
+    with ServerThread(config, pipeline) as srv:
+        with MatcherClient(srv.address, timeout=30, lane_id="K-01") as client:
+            client.identify(demo_photo("yaoming.jpg").read_bytes())
+        port = srv.running.metrics_server.port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    names: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            names.setdefault(sample.name, set()).update(sample.labels)
+    return names
+
+
+@pytest.mark.parametrize("source, exprs", [("alert rules", _rule_exprs()),
+                                           ("dashboard", _dashboard_exprs())])
+def test_every_metric_the_rules_and_dashboard_use_is_on_a_running_server(source, exprs,
+                                                                          exported):
+    assert exprs, f"no expressions read from the {source}"
+    problems = []
+    for expr in exprs:
+        used: set[str] = set()
+        for metric, selector in _SELECTOR.findall(expr):
+            if metric not in exported:
+                problems.append(f"{metric}: not exported")
+                continue
+            labels = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", selector))
+            used |= exported[metric]
+            problems += [f"{metric}: no label {label}"
+                         for label in sorted(labels - exported[metric] - SCRAPE_LABELS)]
+        for grouping in _GROUPING.findall(expr):
+            labels = {label.strip() for label in grouping.split(",") if label.strip()}
+            problems += [f"grouped by {label}, which no metric of {expr.strip()!r} has"
+                         for label in sorted(labels - used - SCRAPE_LABELS)]
+    assert not problems, f"the {source} use what a running server does not export: {problems}"
+
+
+def test_the_dashboard_covers_what_an_operator_watches():
+    """Decisions per outcome and lane, latency percentiles, queue and shedding, replica
+    snapshot age, disk headroom, audit failures (issue 27), each from its own metric."""
+    text = " ".join(_dashboard_exprs())
+    for needed in ("matcher_decisions_total", "matcher_lane_decisions_total",
+                   "histogram_quantile(0.99", "matcher_stage_seconds_bucket",
+                   "matcher_queue_depth", 'reason="overload"', "matcher_snapshot_age_seconds",
+                   "matcher_data_disk_free_bytes", "matcher_audit_write_failures_total"):
+        assert needed in text, needed
+    dashboard = json.loads(DASHBOARD.read_text())
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    # Imported into any Grafana: the data source is a variable, never one site's uid.
+    assert all(t["datasource"]["uid"] == "${datasource}" for panel in dashboard["panels"]
+               for t in panel.get("targets", []))
 
 
 def test_alert_rules_pass_promtool_check():

@@ -1,8 +1,9 @@
 """Prometheus metrics of the matching service, on a registry of its own.
 
 Every label value comes from a small closed set (stage, decision kind, RPC name, rejection
-reason, model id), so cardinality stays bounded: traveller ids, request ids, scores and
-anything derived from a face never become labels.
+reason, model id) or a capped one (lane ids: the first MAX_LANES a server sees, the rest
+"other"), so cardinality stays bounded: traveller ids, request ids, scores and anything
+derived from a face never become labels.
 """
 from __future__ import annotations
 
@@ -32,6 +33,11 @@ BATCH_BUCKETS: tuple[float, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 _RPC_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 MAX_RPC_NAMES = 32
 OTHER_RPC = "other"
+# Lane ids come from the lane daemons: a border post has tens of lanes. The label takes
+# the first MAX_LANES plain ids a server sees; any other is "other", none is "none".
+_LANE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,31}$")
+MAX_LANES = 64
+OTHER_LANE, NO_LANE = "other", "none"
 
 
 class Metrics:
@@ -43,6 +49,7 @@ class Metrics:
     def __init__(self, namespace: str = "matcher") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._rpcs: set[str] = set()
+        self._lanes: set[str] = set()
         self._rpc_lock = threading.Lock()
         r = self.registry
         self.stage_seconds = Histogram(
@@ -56,6 +63,9 @@ class Metrics:
         self.decisions = Counter(
             "decisions", "Answers given, by RPC and decision kind",
             ["rpc", "decision"], namespace=namespace, registry=r)
+        self.lane_decisions = Counter(
+            "lane_decisions", "Decisions given, by lane (the caller's lane_id) and decision "
+            "kind", ["lane", "decision"], namespace=namespace, registry=r)
         self.rejected = Counter(
             "requests_rejected", "Requests refused before any work (overload, deadline)",
             ["reason"], namespace=namespace, registry=r)
@@ -122,11 +132,14 @@ class Metrics:
     def set_queue_depth(self, n: int) -> None:
         self.queue_depth.set(max(0, int(n)))
 
-    def count_decision(self, rpc: str, decision: str) -> None:
-        """Count one answer; ``decision`` is one of DECISIONS, ``rpc`` the method name."""
+    def count_decision(self, rpc: str, decision: str, lane_id: str | None = None) -> None:
+        """Count one answer; ``decision`` is one of DECISIONS, ``rpc`` the method name,
+        ``lane_id`` the caller's lane when the answer is a decision for one."""
         if decision not in DECISIONS:
             raise ValueError(f"unknown decision {decision!r}; expected one of {DECISIONS}")
         self.decisions.labels(rpc=self._rpc_label(rpc), decision=decision).inc()
+        if lane_id is not None:
+            self.lane_decisions.labels(lane=self._lane_label(lane_id), decision=decision).inc()
 
     def count_rejected(self, reason: str) -> None:
         if reason not in REJECT_REASONS:
@@ -203,6 +216,19 @@ class Metrics:
     def render(self) -> bytes:
         """The text exposition of this registry (what /metrics serves)."""
         return generate_latest(self.registry)
+
+    def _lane_label(self, lane_id: str) -> str:
+        if not lane_id:
+            return NO_LANE
+        if not _LANE_ID.match(lane_id):
+            return OTHER_LANE
+        with self._rpc_lock:
+            if lane_id in self._lanes:
+                return lane_id
+            if len(self._lanes) >= MAX_LANES:
+                return OTHER_LANE
+            self._lanes.add(lane_id)
+            return lane_id
 
     def _rpc_label(self, rpc: str) -> str:
         if not _RPC_NAME.match(rpc):

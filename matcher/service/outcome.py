@@ -273,7 +273,7 @@ async def _all_faces(engine: MatchEngine, probe: FusedProbe, k: int, deadline: f
 async def _account(engine: MatchEngine, outcome: MatchOutcome) -> None:
     """Metrics, the audit record (durable before the answer leaves), one log line."""
     call, verdict, probe = outcome.call, outcome.verdict, outcome.probe
-    engine.metrics.count_decision(call.rpc, verdict.outcome)
+    engine.metrics.count_decision(call.rpc, verdict.outcome, call.lane_id)
     engine.metrics.observe_stage("search", outcome.timings_ms["search"] / 1e3)
     engine.metrics.observe_stage("total", outcome.timings_ms["total"] / 1e3)
     score = None if verdict.score is None else as_answered(verdict.score)

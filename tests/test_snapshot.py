@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import threading
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -11,7 +12,12 @@ from synthetic import MODEL, NOW, WINDOW, sha, unit
 from matcher.errors import SnapshotError
 from matcher.gallery.index import IndexConfig
 from matcher.gallery.primary import GalleryConfig, PrimaryGallery
-from matcher.gallery.snapshot import list_snapshots, verify_snapshot
+from matcher.gallery.snapshot import (
+    list_snapshots,
+    prune_snapshots,
+    snapshot_written_at,
+    verify_snapshot,
+)
 
 
 def filled(path, n=200, kind="flat", seed=0, sq8=False):
@@ -154,3 +160,30 @@ def test_snapshot_newer_than_its_store_is_refused(tmp_path):
     with PrimaryGallery.open(tmp_path / "g", MODEL) as restored:  # falls back to a store build
         assert restored.version == 20
         assert restored.search(restored.get("T0").templates, 1, NOW)[0][0].traveller_id == "T0"
+
+
+def test_pruning_never_takes_a_snapshot_a_replica_may_still_be_loading(tmp_path):
+    """Beyond the kept ones, a snapshot goes only once its successor has existed for the
+    prune delay: a replica starts loading a snapshot only while it is the newest."""
+    g, centres = filled(tmp_path / "g", n=20)
+    g.config = GalleryConfig(snapshots_kept=2, snapshot_prune_after_s=600.0)
+    folder = tmp_path / "g" / "snapshots"
+    written = []
+    for i in range(5):  # five publishes in quick succession (interval, job, operator)
+        g.enroll(f"N{i}", centres[i:i + 1], *WINDOW, [sha(f"n{i}")])
+        g.rebuild(now=NOW)
+        written.append(g.export_snapshot())
+    assert list_snapshots(folder) == written[::-1]  # all superseded moments ago: all kept
+    successor_at = {old: snapshot_written_at(new) for old, new in pairwise(written)}
+    # Ten minutes after the third was written: the first two were superseded long enough.
+    later = snapshot_written_at(written[2]) + 600.0
+    removed = prune_snapshots(folder, 2, 600.0, now=later)
+    assert sorted(removed) == sorted(written[:2])
+    assert all(later - successor_at[old] >= 600.0 for old in removed)
+    assert list_snapshots(folder) == written[:1:-1]
+    # Far later, only the kept two remain; each one left verifies.
+    prune_snapshots(folder, 2, 600.0, now=later + 3600)
+    assert list_snapshots(folder) == written[:2:-1]
+    assert [verify_snapshot(p, MODEL).gallery_version for p in list_snapshots(folder)] == [
+        25, 24]
+    g.close()

@@ -19,15 +19,11 @@ from .options import (
 )
 
 
-def cmd_reindex(args: argparse.Namespace) -> int:
-    from ..reindex.job import ReindexConfig, run_reindex
+def _reindex_config(args: argparse.Namespace):
+    """ReindexConfig from the options (every default is ReindexConfig's own)."""
+    from ..reindex.job import ReindexConfig
 
-    if not getattr(args, "verbose", False):
-        # One INFO line per enrolled traveller is right for the service, but a night of
-        # millions would bury the progress lines and the summary.
-        for name in ("matcher.gallery.store", "matcher.gallery.primary"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    config = ReindexConfig(
+    return ReindexConfig(
         manifest=args.manifest, data_dir=args.data, rejects_path=args.rejects,
         use_ray=not args.no_ray, ray_address=args.ray_address, actors=args.actors,
         cpus_per_actor=args.cpus_per_actor, memory_per_actor_mb=args.memory_per_actor_mb,
@@ -37,7 +33,17 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         progress=not args.no_progress, flip=args.flip_augment, model_pack=model_pack(args),
         snapshots_kept=args.snapshots_kept,
         snapshot_prune_after_s=args.snapshot_prune_after)
-    summary = run_reindex(config)
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from ..reindex.job import run_reindex
+
+    if not getattr(args, "verbose", False):
+        # One INFO line per enrolled traveller is right for the service, but a night of
+        # millions would bury the progress lines and the summary.
+        for name in ("matcher.gallery.store", "matcher.gallery.primary"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    summary = run_reindex(_reindex_config(args))
     if args.json:
         print(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
     else:

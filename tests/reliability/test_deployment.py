@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 import urllib.request
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +124,7 @@ def test_serve_tells_systemd_ready_only_when_serving_then_watchdog_then_stopping
         # The watchdog pings from the serving loop at half WATCHDOG_USEC.
         assert notify.wait_for(lambda n: len(n.times_of("WATCHDOG=1")) >= 5, 60)
         pings = notify.times_of("WATCHDOG=1")
-        gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
+        gaps = [b - a for a, b in pairwise(pings)]
         # Median: one gap stretched by a busy machine is not the interval. Under systemd's
         # limit (WatchdogSec), and not a flood.
         assert watchdog_s / 4 <= statistics.median(gaps) <= watchdog_s, gaps

@@ -132,3 +132,26 @@ def test_the_shipped_settings_files_pass_config_check(settings, capsys):
     assert main(["config", "check", str(SETTINGS / settings)]) == 0
     out = capsys.readouterr().out
     assert "valid" in out and "# matcher serve" in out
+
+
+def test_the_notifier_reads_systemds_environment(tmp_path):
+    """A path or an abstract socket ('@name'); the watchdog only when it is meant for this
+    process ($WATCHDOG_PID); nothing at all outside systemd."""
+    import socket
+
+    from matcher.service.sdnotify import Notifier
+
+    name = f"@matcher-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(b"\0" + name[1:].encode())
+        notifier = Notifier.from_env({"NOTIFY_SOCKET": name, "WATCHDOG_USEC": "4000000",
+                                      "WATCHDOG_PID": str(os.getpid())})
+        assert notifier.watchdog_s == 4.0
+        assert notifier.notify("READY=1", "STATUS=serving")
+        assert listener.recv(4096) == b"READY=1\nSTATUS=serving"
+        notifier.close()
+    other = Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "s"), "WATCHDOG_USEC": "1",
+                               "WATCHDOG_PID": str(os.getpid() + 1)})
+    assert other.watchdog_s is None  # inherited from a parent: not ours to ping
+    outside = Notifier.from_env({})
+    assert not outside.enabled and outside.notify("READY=1") is False

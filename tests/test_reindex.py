@@ -27,7 +27,7 @@ from PIL import Image, ImageFilter
 from service_helpers import ServerThread, server_config
 
 from matcher.client import MatcherClient
-from matcher.face.models import default_pack
+from matcher.face.models import ModelPack, default_pack
 from matcher.gallery.primary import SNAPSHOT_DIR, STORE_FILE, PrimaryGallery
 from matcher.gallery.snapshot import list_snapshots, verify_snapshot
 from matcher.reindex.cache import OUTCOMES_FILE
@@ -464,7 +464,10 @@ def test_the_outcome_key_is_the_pipeline_fingerprint(tmp_path: Path, monkeypatch
 
     same = key()
     assert key(use_ray=False, ort_threads=2, batch_size=1, actors=3) == same
+    pack = default_pack()
     changed = [key(flip=True),
+               key(model_pack=ModelPack.from_paths(pack.detector.path, pack.detector.sha256,
+                                                   pack.embedder.path, pack.embedder.sha256)),
                key(detector=DetectorConfig(max_side=640)),
                key(quality=replace(DEFAULT_POLICY, min_det_score=0.7))]
     monkeypatch.setattr(pipeline, "SCORE_REVISION", pipeline.SCORE_REVISION + 1)
@@ -480,4 +483,12 @@ def test_the_ray_actors_get_only_the_workers_small_settings(tmp_path: Path) -> N
     shipped = pickle.dumps(config.worker_kwargs())
     assert len(shipped) < 2048
     assert pickle.loads(shipped) == config.worker_kwargs()
-    assert set(config.worker_kwargs()) == {"ort_threads", "detector", "quality", "flip"}
+    assert set(config.worker_kwargs()) == {"ort_threads", "detector", "quality", "flip",
+                                           "model_pack"}
+    # A pack given by path (as 'matcher serve' takes it) travels as two paths and sums.
+    pack = default_pack()
+    custom = ReindexConfig(tmp_path / "bookings.csv", tmp_path / "data",
+                           model_pack=ModelPack.from_paths(
+                               pack.detector.path, pack.detector.sha256,
+                               pack.embedder.path, pack.embedder.sha256)).embedding
+    assert len(pickle.dumps(custom.worker_kwargs())) < 2048

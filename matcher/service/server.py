@@ -233,6 +233,7 @@ class RunningServer:
         self._cancel_load = threading.Event()
         self._freshness: asyncio.Task | None = None
         self._publishing: asyncio.Task | None = None
+        self._publish_now: asyncio.Future | None = None  # a scheduled publish under way
         self._published: tuple[int, float] | None = None  # (gallery_version, when)
         self.stale = False
         self.draining = False
@@ -274,6 +275,8 @@ class RunningServer:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        if self._publish_now is not None:  # let a snapshot being written finish first
+            await asyncio.gather(self._publish_now, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)   # refuses new calls, lets in-flight ones finish
         if self._loader is not None and not self._loader.done():
@@ -434,10 +437,16 @@ class RunningServer:
             published = self._published
             if (published is None or gallery.version != published[0]
                     or time.time() - published[1] >= KEEPALIVE_INTERVALS * interval):
+                # Shielded: a stop while it runs waits for it (stop() gathers it) instead
+                # of closing the store under a snapshot being written.
+                self._publish_now = asyncio.ensure_future(self._publish())
                 try:
-                    await self._publish()
-                except MatcherError as exc:  # disk full, store busy: try again next time
-                    log.error("scheduled snapshot publish failed: %s", exc)
+                    await asyncio.shield(self._publish_now)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # disk full, I/O error: the next interval tries again
+                    log.exception("scheduled snapshot publish failed; next try in %.0f s",
+                                  interval)
 
     def _on_swap(self, manifest) -> None:
         """Runs in the watcher thread after a hot swap."""

@@ -171,6 +171,14 @@ def test_a_replica_follows_enrolments_with_nobody_calling_publish_snapshot(tmp_p
                 time.sleep(0.25)
             info = reader.gallery_info()
             assert info.gallery_version == version and info.travellers == len(templates)
+            # Nothing changes now: the writer still publishes the unchanged gallery every
+            # KEEPALIVE_INTERVALS intervals, so a quiet writer never looks like a lost one.
+            deadline = time.monotonic() + 60
+            while (reader.gallery_info().snapshot == info.snapshot
+                   and time.monotonic() < deadline):
+                time.sleep(0.5)
+            again = reader.gallery_info()
+            assert again.snapshot != info.snapshot and again.gallery_version == version
     print(f"replica snapshot age over {len(ages)} samples while enrolling every ~0.25 s: "
           f"max {max(ages):.1f} s, median {statistics.median(ages):.1f} s "
           f"(publish interval {interval:g} s)")

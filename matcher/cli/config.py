@@ -40,17 +40,17 @@ class ConfigError(MatcherError):
 
 @dataclass(frozen=True)
 class Setting:
-    """One key of the file: its option, the checked value, where it was written."""
+    """One key of the file: the checked value (as argparse makes it), where it was written."""
 
     key: str
-    action: argparse.Action
     value: object
     line: int | None
 
 
 def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Key (long flag without dashes) -> its action, for every setting of ``parser``.
-    Earlier spellings of an option (help suppressed) are not keys."""
+    Earlier spellings of an option (help suppressed) are not keys. (argparse keeps its
+    actions and groups in underscored lists: the one way to map a key to its option.)"""
     keys: dict[str, argparse.Action] = {}
     for action in parser._actions:
         if action.help == argparse.SUPPRESS:
@@ -162,7 +162,7 @@ class SettingsFile:
                 except ValueError as exc:
                     problem(prefix + (key,), f"{name}: {exc}")
                     continue
-                found[key] = Setting(key, action, checked, lines.get(prefix + (key,)))
+                found[key] = Setting(key, checked, lines.get(prefix + (key,)))
             return found
 
         job = data.pop(REINDEX_TABLE, {})

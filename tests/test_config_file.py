@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import re
 import time
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from matcher.cli.config import apply_file
 from matcher.cli.reindex import _reindex_config
 from matcher.cli.serve import _server_config
 from matcher.face.models import ModelPack, default_pack
+from matcher.gallery.scoremodel import SHIPPED_PACKAGE, shipped_file
 from matcher.gallery.snapshot import verify_snapshot
 from matcher.reindex.job import ReindexConfig
 
@@ -109,6 +111,7 @@ def test_the_overnight_job_takes_the_shared_settings_from_the_writers_file(tmp_p
         f'detector = "{pack.detector.path}"\ndetector-sha256 = "{pack.detector.sha256}"\n'
         f'embedder = "{pack.embedder.path}"\nembedder-sha256 = "{pack.embedder.sha256}"\n'
         'snapshots-kept = 4\nsnapshot-prune-after = 120\n'
+        f'score-model = "{tmp_path / "site-model.json"}"\n'
         f'[reindex]\nmanifest = "{tmp_path / "bookings.csv"}"\nno-ray = true\n')
     config = _reindex_config(_parse("reindex", ["--config", str(settings)], settings))
     served = _server_config(_parse("serve", ["--config", str(settings)], settings),
@@ -118,6 +121,7 @@ def test_the_overnight_job_takes_the_shared_settings_from_the_writers_file(tmp_p
         pack.detector.path, pack.detector.sha256, pack.embedder.path, pack.embedder.sha256)
     assert config.snapshots_kept == served.snapshots_kept == 4
     assert config.snapshot_prune_after_s == served.snapshot_prune_after_s == 120
+    assert config.score_model == served.score_model == tmp_path / "site-model.json"
     assert config.manifest == tmp_path / "bookings.csv" and not config.use_ray
 
 
@@ -131,8 +135,10 @@ def test_reindex_defaults_are_reindex_configs_own():
 @pytest.mark.slow
 def test_the_job_embeds_with_the_pack_serve_would_use(tmp_path, faces_dir):
     """A pack given by path (here the packaged files, under the name "custom") is the one
-    the job embeds with: its store and snapshot carry that pack's model id."""
+    the job embeds with: its store and snapshot carry that pack's model id. No score model
+    ships for a custom pack: the job takes serve's --score-model (here the packaged one's)."""
     pack = default_pack()
+    score_model = resources.files(SHIPPED_PACKAGE) / shipped_file(pack.model_id)
     manifest = tmp_path / "bookings.csv"
     day = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86_400))
     later = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 30 * 86_400))
@@ -146,6 +152,7 @@ def test_the_job_embeds_with_the_pack_serve_would_use(tmp_path, faces_dir):
         f'data = "{tmp_path / "data"}"\n'
         f'detector = "{pack.detector.path}"\ndetector-sha256 = "{pack.detector.sha256}"\n'
         f'embedder = "{pack.embedder.path}"\nembedder-sha256 = "{pack.embedder.sha256}"\n'
+        f'score-model = "{score_model}"\n'
         f'[reindex]\nmanifest = "{manifest}"\nno-ray = true\nno-progress = true\n')
     assert main(["reindex", "--config", str(settings)]) == 0
     custom = ModelPack.from_paths(pack.detector.path, pack.detector.sha256,

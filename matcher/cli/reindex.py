@@ -31,6 +31,7 @@ def _reindex_config(args: argparse.Namespace):
         batch_size=args.batch_size, num_cpus=args.num_cpus,
         object_store_mb=args.object_store_mb, actor_start_timeout_s=args.actor_start_timeout,
         progress=not args.no_progress, flip=args.flip_augment, model_pack=model_pack(args),
+        score_model=args.score_model,
         snapshots_kept=args.snapshots_kept,
         snapshot_prune_after_s=args.snapshot_prune_after)
 
@@ -101,6 +102,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     # The model pack and flip augmentation, as 'matcher serve' takes them: templates the
     # server it feeds can compare.
     add_model_pack_options(p)
+    p.add_argument("--score-model", type=Path,
+                   help="score model from 'matcher calibrate', as 'matcher serve' takes it: "
+                        "the enrolment rule's consistency threshold comes from it (default: "
+                        "the one shipped for the model pack)")
     p.add_argument("--snapshots-kept", type=COUNT, default=d.snapshots_kept, metavar="N",
                    help="newest snapshots kept when pruning, as the writer's "
                         f"(default {d.snapshots_kept})")

@@ -98,6 +98,9 @@ class ReindexConfig:
     # The model pack, as the server's (None: the packaged one with the fp32 embedder): the
     # job must make the templates the server it feeds compares.
     model_pack: ModelPack | None = None
+    # The score model the enrolment rule's consistency threshold comes from, as the
+    # server's --score-model (None: the one shipped for the pack).
+    score_model: Path | None = None
     # Pruning of the snapshot it publishes, as the writer's (gallery/snapshot.py).
     snapshots_kept: int = SNAPSHOTS_KEPT
     snapshot_prune_after_s: float = PRUNE_AFTER_S
@@ -173,7 +176,8 @@ def _run_locked(config: ReindexConfig, embed: Embed,
     store = Store.open(data_dir / STORE_FILE, model_id, codec)
     embedding = config.embedding
     cache = OutcomeCache(data_dir / OUTCOMES_FILE, embedding.outcome_key)
-    rule = EnrolmentRule(consistency_threshold(load_score_model(model_id), config.policy))
+    rule = EnrolmentRule(consistency_threshold(load_score_model(model_id, config.score_model),
+                                               config.policy))
     try:
         stored = {t.traveller_id: t for t in store.list_travellers()}
         plans, work = _plan(manifest.bookings, digests, stored, cache, summary, rejects)

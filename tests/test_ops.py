@@ -197,6 +197,13 @@ def test_a_real_prometheus_scrapes_a_running_server_and_loads_the_rules(tmp_path
             rules = [rule for g in groups for rule in g["rules"]]
             assert len(rules) == len(re.findall(r"- alert:", RULES.read_text()))
             assert all(rule["health"] in ("ok", "unknown") for rule in rules), rules
+            # Prometheus parses and runs every dashboard query (Grafana's variables given
+            # the values it would substitute); a bad one answers HTTP 400.
+            for expr in _dashboard_exprs():
+                query = expr.replace("$__rate_interval", "1m").replace("$instance", ".*")
+                if query.startswith("label_values("):  # Grafana's own function
+                    query = query[len("label_values("):].rsplit(",", 1)[0]
+                _query(web_port, query)
         finally:
             proc.terminate()
             proc.wait(30)

@@ -153,11 +153,11 @@ def test_a_replica_follows_enrolments_with_nobody_calling_publish_snapshot(tmp_p
                                                                     "snapshots"),
                              "--watch-interval", "0.5"])
     templates = _templates(40, seed=27)
-    with writer.start(), writer.client() as enroller:
+    with writer, writer.client() as enroller:
         model_id = enroller.gallery_info().model_id
         # The replica waits for the writer's first snapshot: published by itself, as the
         # empty gallery has never been published.
-        with replica.start(), replica.client() as reader:
+        with replica, replica.client() as reader:
             ages, version = [], 0
             for i, t in enumerate(templates):
                 version = enroller.enroll(f"T-{i:03d}", [make_probe(template=t,
@@ -200,7 +200,7 @@ def test_a_settings_file_starts_the_server_and_its_log_is_json(tmp_path, faces_d
                            ["--config", str(settings)], client_kw={"lane_id": "K-07"})
     booking = (faces_dir / "obama_1.jpg").read_bytes()
     probe = (faces_dir / "obama_2.jpg").read_bytes()
-    with server.start(), server.client() as client:
+    with server, server.client() as client:
         client.enroll("T-OBAMA", [booking], request_id="enrol-1")
         answer = client.verify("T-OBAMA", probe, request_id="verify-1")
         assert answer.decision == pb.MATCH

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from matcher.calibrate import LOW_QUALITY, Embedded, capped_rows, pair_scores_for, score_pairs
+from matcher.calibrate.embedding import LOW_QUALITY, Embedded
+from matcher.calibrate.pairs import capped_rows, pair_scores_for, score_pairs
 from matcher.face.models import default_pack
 from matcher.face.pipeline import DetectorConfig, Pipeline
 from matcher.gallery.decision import (

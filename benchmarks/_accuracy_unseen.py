@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from matcher.calibrate import capped_rows
+from matcher.calibrate.pairs import capped_rows
 from matcher.face.pipeline import Pipeline
 from matcher.gallery.decision import CONFIDENCE_1TON, operating_point_1toN
 from matcher.gallery.scoremodel import FUSED, SINGLE

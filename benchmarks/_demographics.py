@@ -28,7 +28,7 @@ puts a surname, or a family name followed by a hyphenated Korean/Chinese given n
   promised 1e-5.
 
 The figures: the population's thresholds (the shipped score model), the same model with
-within-group models fitted to these templates (matcher.calibrate.attach_groups: what
+within-group models fitted to these templates (matcher.calibrate.groups.attach_groups: what
 ``matcher calibrate`` adds with a group column; the population part stays the shipped one),
 group_report's per-group rates with identity-bootstrap intervals, a placebo (random groups
 of the same size drawn from "other": how far chance alone moves a group's FMR), the
@@ -41,17 +41,10 @@ import re
 
 import numpy as np
 
-from matcher.calibrate import (
-    GROUP_CONFIDENCE,
-    MIN_GROUP_PEOPLE,
-    MIN_RESOLVED_PAIRS,
-    attach_groups,
-    capped_rows,
-    fit_score_model,
-    group_report,
-    kind_pairs,
-    score_pairs,
-)
+from matcher.calibrate.fit import MIN_RESOLVED_PAIRS, fit_score_model
+from matcher.calibrate.groups import GROUP_CONFIDENCE, MIN_GROUP_PEOPLE, attach_groups
+from matcher.calibrate.pairs import capped_rows, kind_pairs, score_pairs
+from matcher.calibrate.report import group_report
 from matcher.errors import InvalidInput
 from matcher.face.pipeline import Pipeline
 from matcher.gallery.decision import operating_point_1to1, operating_point_1toN
@@ -149,9 +142,9 @@ def demographics(report: Report, lfw, open_set=None) -> dict:
         "min_group_people": MIN_GROUP_PEOPLE,
         "group_confidence": GROUP_CONFIDENCE,
         "population_model": "the shipped score model; within-group models fitted to these "
-                            "templates (matcher.calibrate.attach_groups), label noise dropped "
-                            "as matcher calibrate drops it; DET and open set on the suite's "
-                            "merged identities"})
+                            "templates (matcher.calibrate.groups.attach_groups), label noise "
+                            "dropped as matcher calibrate drops it; DET and open set on the "
+                            "suite's merged identities"})
     source = lfw.model.document.get("source", {})
     drop, apart = source.get("label_noise_dropped", []), source.get("look_alikes_apart", [])
     bootstrap = 50 if quick else 200
@@ -507,7 +500,7 @@ def write_grouped_labels(folder, out):
     import csv
     from pathlib import Path
 
-    from matcher.calibrate import read_labels
+    from matcher.calibrate.embedding import read_labels
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from matcher.calibrate import central_face, embed_folder, read_labels
+from matcher.calibrate.embedding import central_face, embed_folder, read_labels
 from matcher.face.pipeline import Pipeline, largest_face
 from matcher.gallery.decision import DecisionPolicy, operating_point_1to1
 from matcher.gallery.scoremodel import SINGLE, load_score_model

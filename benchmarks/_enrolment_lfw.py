@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from matcher.calibrate import MAX_PHOTOS_PER_PERSON, read_labels
+from matcher.calibrate.embedding import read_labels
+from matcher.calibrate.pairs import MAX_PHOTOS_PER_PERSON
 from matcher.face.enrolment import (
     BookingPhoto,
     EnrolmentRule,

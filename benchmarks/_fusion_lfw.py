@@ -2,7 +2,7 @@
 flip test-time augmentation (issue 18 item 6) and multi-frame probes (item 5).
 
 Both reuse the identity-disjoint splits of _threshold_cv: calibrate the shipped way on one
-half (matcher.calibrate.fit_with_kinds; 1:1 at the policy's FMR and confidence with the
+half (matcher.calibrate.fit.fit_with_kinds; 1:1 at the policy's FMR and confidence with the
 look-alikes in, 1:N from the fit with them apart at the policy's confidence), then run the
 open-set protocol on the other half at its largest gallery. Variants are paired: the same
 split, gallery and probe draws, only the templates or the probe frames differ. The
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from matcher.calibrate import score_pairs
+from matcher.calibrate.pairs import score_pairs
 from matcher.gallery.decision import DecisionPolicy
 from matcher.gallery.scoremodel import SINGLE, ScoreModel
 
@@ -126,7 +126,7 @@ def jittered_templates(folder, files: np.ndarray, pipeline, seed: int = 7) -> np
     NaN where no usable face was found in it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from matcher.calibrate import central_face
+    from matcher.calibrate.embedding import central_face
     from matcher.face.pipeline import DecodedPhoto
 
     seeds = np.random.default_rng(seed).integers(0, 1 << 31, len(files))

@@ -3,7 +3,7 @@
 Every statistic is computed under a matrix of identity weights ``W`` (R, m): row 0 is all
 ones (the point estimate), rows 1.. are multinomial resamples of the m identities, so a
 person drawn twice counts twice everywhere (their genuine pairs, their impostor pairs,
-their probes). That is the bootstrap of matcher.calibrate.fit_score_model, applied to the
+their probes). That is the bootstrap of matcher.calibrate.fit.fit_score_model, applied to the
 figures the benchmark reports: people, not photos, are the unit that varies.
 """
 from __future__ import annotations
@@ -15,19 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-# _tail_fit is calibrate's own peaks-over-threshold fit: refitting it per resample here
+# tail_fit is calibrate's own peaks-over-threshold fit: refitting it per resample here
 # is the same method, not a second copy of it
-from matcher.calibrate import (
-    MAX_PHOTOS_PER_PERSON,
-    MIN_EXCEEDANCES,
-    TAIL_FMR,
-    TAIL_KEEP_SCORE,
-    Embedded,
-    PairScores,
-    _tail_fit,
-    embed_folder,
-    read_labels,
-)
+from matcher.calibrate.embedding import Embedded, embed_folder, read_labels
+from matcher.calibrate.fit import MIN_EXCEEDANCES, TAIL_FMR, tail_fit
+from matcher.calibrate.pairs import MAX_PHOTOS_PER_PERSON, TAIL_KEEP_SCORE, PairScores
 from matcher.face.pipeline import Pipeline
 from matcher.gallery.scoremodel import ScoreModel, gpd_isf
 
@@ -163,12 +155,12 @@ class Verification:
 
     def gpd_thresholds(self, fmr: float, W: np.ndarray) -> np.ndarray:
         """(R,) thresholds at ``fmr`` from a GPD tail refitted per replicate, exactly as
-        matcher.calibrate.fit_score_model fits it (top TAIL_FMR of impostor pairs)."""
+        matcher.calibrate.fit.fit_score_model fits it (top TAIL_FMR of impostor pairs)."""
         totals = self.impostor_total(W)
         tail_fmr = max(TAIL_FMR, MIN_EXCEEDANCES / totals[0])
         out = np.empty(len(W))
         for r, w in enumerate(W):
-            u, xi, sigma = _tail_fit(self.tail_desc, w[self.ta] * w[self.tb], totals[r],
+            u, xi, sigma = tail_fit(self.tail_desc, w[self.ta] * w[self.tb], totals[r],
                                      tail_fmr)
             out[r] = min(1.0, u + float(gpd_isf(fmr / tail_fmr, xi, sigma)))
         return out

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from matcher.calibrate import capped_rows
+from matcher.calibrate.pairs import capped_rows
 
 from ._binomial import clopper_pearson
 from .harness import Report

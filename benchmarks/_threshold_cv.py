@@ -23,14 +23,13 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from matcher.calibrate import (
+from matcher.calibrate.fit import fit_population, fit_score_model
+from matcher.calibrate.noise import label_noise
+from matcher.calibrate.pairs import (
     FUSED_BOOKING_PHOTOS,
     PairScores,
     drop_identity_pairs,
-    fit_population,
-    fit_score_model,
     fused_pairs,
-    label_noise,
     raw_kind_pairs,
     score_pairs,
 )
@@ -75,7 +74,7 @@ class Calibrated:
 
 def shipped_fit(templates: np.ndarray, identities: np.ndarray, bootstrap: int, seed: int
                 ) -> tuple[ScoreModel, list[dict], dict]:
-    """What ``matcher calibrate`` makes of these rows (matcher.calibrate.fit_population;
+    """What ``matcher calibrate`` makes of these rows (matcher.calibrate.fit.fit_population;
     label noise by names only: no photo evidence in a CV half): (model, label noise
     dropped, the rows' raw_kind_pairs)."""
     raw = raw_kind_pairs(templates, identities)

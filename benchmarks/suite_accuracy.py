@@ -6,7 +6,7 @@ pipeline). With 6 people the set proves the pipeline is wired right (colour orde
 alignment, EXIF, normalisation), not where the tail of the impostor distribution lies.
 
 lfw-dev (../shared/data/lfw-dev, $MATCHER_LFW_DIR or ``--lfw DIR``; 2,875 people): the
-served pipeline's templates (matcher.calibrate.embed_folder, cached), at most 10 photos a
+served pipeline's templates (matcher.calibrate.embedding.embed_folder, cached), at most 10 photos a
 person, and every figure with a 95 % interval from resampling identities (_lfw.py):
 1:1 DET and the impostor tail against the shipped score model, LFW's 10-fold accuracy on
 its own pairs, the open-set 1:N protocol (_openset.py) at the service's thresholds as the

@@ -23,7 +23,7 @@ THRESHOLDS = (0.345, 0.40, 0.45)
 
 def embed(folder: Path):
     """Per labelled photo: unit template, raw norm and quality fields of the central face."""
-    from matcher.calibrate import central_face, read_labels
+    from matcher.calibrate.embedding import central_face, read_labels
     from matcher.face.pipeline import Pipeline
 
     rows = read_labels(folder)

@@ -40,7 +40,7 @@ from benchmarks._lfw import (  # noqa: E402
     ten_fold_accuracy,
     with_ci,
 )
-from matcher.calibrate import Embedded, embed_folder, read_labels  # noqa: E402
+from matcher.calibrate.embedding import Embedded, embed_folder, read_labels  # noqa: E402
 from matcher.face.models import default_pack  # noqa: E402
 from matcher.face.pipeline import Pipeline  # noqa: E402
 from matcher.gallery.scoremodel import ScoreModel  # noqa: E402

@@ -11,7 +11,10 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from matcher.calibrate import LOW_QUALITY, OK, calibrate, embed_folder, fit_score_model, score_pairs
+from matcher.calibrate.embedding import LOW_QUALITY, OK, embed_folder
+from matcher.calibrate.fit import fit_score_model
+from matcher.calibrate.pairs import score_pairs
+from matcher.calibrate.run import calibrate
 from matcher.errors import InvalidInput
 from matcher.gallery.scoremodel import gpd_fit, gpd_isf
 
@@ -30,6 +33,22 @@ def population(n_ids: int, photos: int, seed: int, dim: int = 512):
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = np.repeat(np.array([f"s{seed}-{i}" for i in range(n_ids)]), photos)
     return x.astype(np.float32), ids
+
+
+CALIBRATION_JOBS = ("embedding", "pairs", "noise", "fit", "groups", "report", "run")
+
+
+@pytest.mark.parametrize("job", CALIBRATION_JOBS)
+def test_each_calibration_job_imports_alone(job):
+    """matcher/calibrate/ is one module per job, each importable on its own; the jobs that
+    work on templates already made (pairs, label noise, the fits, the group report) load
+    no ONNX Runtime, so a benchmark can refit cached templates without a pipeline."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import matcher.calibrate.{job}, sys; print(*sys.modules)"],
+        capture_output=True, text=True, check=True, timeout=120).stdout.split()
+    assert f"matcher.calibrate.{job}" in loaded
+    if job not in ("embedding", "run"):
+        assert "onnxruntime" not in loaded and "matcher.face.pipeline" not in loaded
 
 
 def test_pairs_are_every_pair_exactly_once():
@@ -193,7 +212,7 @@ def test_identify_beyond_the_supported_gallery_size_says_so(pipeline, tmp_path):
 
 
 def test_fused_pairs_score_each_fused_booking_against_every_other_photo():
-    from matcher.calibrate import fused_pairs
+    from matcher.calibrate.pairs import fused_pairs
     from matcher.templates import fuse_templates
 
     x, ids = population(30, 4, 11)
@@ -218,7 +237,9 @@ def test_look_alikes_are_listed_and_kept_out_of_the_search_model_only():
     model and states them apart in the model 1:N thresholds come from."""
     from dataclasses import replace
 
-    from matcher.calibrate import drop_identity_pairs, fit_with_kinds, label_noise
+    from matcher.calibrate.fit import fit_with_kinds
+    from matcher.calibrate.noise import label_noise
+    from matcher.calibrate.pairs import drop_identity_pairs
 
     x, ids = population(600, 3, seed=4)
     rng = np.random.default_rng(4)

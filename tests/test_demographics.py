@@ -11,19 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-import matcher.calibrate as calibrate_module
-from matcher.calibrate import (
-    GROUP_CONFIDENCE,
-    MIN_GROUP_PEOPLE,
-    OK,
-    Embedded,
-    attach_groups,
-    calibrate,
-    fit_with_kinds,
-    group_report,
-    read_groups,
-    score_pairs,
-)
+import matcher.calibrate.run as calibrate_run
+from matcher.calibrate.embedding import OK, Embedded
+from matcher.calibrate.fit import fit_with_kinds
+from matcher.calibrate.groups import GROUP_CONFIDENCE, MIN_GROUP_PEOPLE, attach_groups, read_groups
+from matcher.calibrate.pairs import score_pairs
+from matcher.calibrate.report import group_report
+from matcher.calibrate.run import calibrate
 from matcher.errors import InvalidInput
 from matcher.gallery.decision import DecisionPolicy, operating_point_1to1, operating_point_1toN
 from matcher.gallery.scoremodel import FUSED, SINGLE, ScoreModel
@@ -217,7 +211,7 @@ def test_calibrate_with_a_group_column(tmp_path, monkeypatch):
     (tmp_path / "labels.csv").write_text("\n".join(",".join(r) for r in rows) + "\n")
     embedded = Embedded(np.array([r[0] for r in rows[1:]]), ids.astype(str),
                         np.full(len(ids), OK), np.full(len(ids), ""), x, "settings", "sha")
-    monkeypatch.setattr(calibrate_module, "embed_folder", lambda *a, **k: embedded)
+    monkeypatch.setattr(calibrate_run, "embed_folder", lambda *a, **k: embedded)
     pipeline = SimpleNamespace(model_id="synthetic", settings_hash=lambda: "settings",
                                score_settings=lambda: {})
     model, report = calibrate(tmp_path, pipeline, bootstrap=30)

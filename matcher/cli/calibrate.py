@@ -10,7 +10,7 @@ from .options import add_command, add_model_pack_options, model_pack
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from ..calibrate import calibrate, write_json
+    from ..calibrate.run import calibrate, write_json
     from ..face.pipeline import Pipeline
 
     # Exactly the served pipeline: default detector settings and quality gate.

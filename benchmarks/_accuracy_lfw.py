@@ -1,32 +1,30 @@
 """The lfw-dev half of the accuracy suite (issue 10, items 4-6); see suite_accuracy.py."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from matcher.calibrate.embedding import LOW_QUALITY, Embedded
+from matcher.calibrate.embedding import LOW_QUALITY
 from matcher.calibrate.pairs import capped_rows, pair_scores_for, score_pairs
-from matcher.face.models import default_pack
 from matcher.face.pipeline import DetectorConfig, Pipeline
 from matcher.gallery.decision import (
-    DecisionPolicy,
     decide_identification,
     operating_point_1to1,
     operating_point_1toN,
 )
-from matcher.gallery.scoremodel import SINGLE, ScoreModel, load_score_model
+from matcher.gallery.scoremodel import SINGLE
 from matcher.templates import Candidate
 
 from . import _openset as ops
 from ._binomial import binomial_tail
 from ._lfw import (
+    Lfw,
     Verification,
     det_band,
     embedded_lfw,
     genuine_rows,
-    identity_weights,
+    load_lfw,
     merge_label_noise,
     pair_templates_scores,
     read_pairs,
@@ -49,27 +47,9 @@ MODELLED_SIZES = (10_000, 30_000, 100_000, 300_000, 1_000_000)
 REFERENCE_DETECTOR = DetectorConfig(input_size=(640, 640))
 
 
-@dataclass
-class Lfw:
-    """One lfw-dev run: templates, people and the bootstrap shared by every figure."""
-
-    folder: Path
-    quick: bool
-    embedded: Embedded
-    names: np.ndarray        # (m,) identities after merging label noise, sorted
-    person: np.ndarray       # (n,) identity index of each row
-    W: np.ndarray            # (R, m) identity weights, row 0 all ones
-    model: ScoreModel
-    policy: DecisionPolicy
-    merged: list[str]
-
-    def verification(self, embedded: Embedded | None = None) -> Verification:
-        return Verification(pair_scores_for(embedded or self.embedded), self.names)
-
-
 def lfw_accuracy(report: Report, folder: Path, quick: bool) -> dict:
     """Record every lfw-dev figure and check; returns what the plot needs."""
-    lfw = _load(report, folder, quick)
+    lfw = load_lfw(report, folder, quick)
     out = {"model": lfw.model, "one_to_one": _one_to_one(report, lfw),
            "pairs": _lfw_pairs(report, lfw)}
     out["open_set"] = o = _open_set(report, lfw)
@@ -85,31 +65,6 @@ def lfw_accuracy(report: Report, folder: Path, quick: bool) -> dict:
     out["demographics"] = demographics(report, lfw, out["open_set"])
     out["target_fpir"] = lfw.policy.fpir_1toN
     return out
-
-
-def _load(report: Report, folder: Path, quick: bool) -> Lfw:
-    model = load_score_model(default_pack().model_id)
-    pipeline = Pipeline(threads=1)
-    # the shipped thresholds describe the templates of one pipeline setting; measured on
-    # another they prove nothing (the service would refuse to start with them)
-    report.check("lfw_pipeline_settings_match_the_score_model",
-                 pipeline.settings_hash() == model.settings_hash,
-                 f"pipeline {pipeline.settings_hash()}, score model {model.settings_hash}: "
-                 "re-run matcher calibrate if they differ")
-    embedded, merged = merge_label_noise(embedded_lfw(folder, pipeline, quick), model)
-    names, person = np.unique(embedded.identities, return_inverse=True)
-    replicates = 100 if quick else 200
-    report.param(lfw={
-        "folder": str(folder), "photos": int(len(embedded.files)),
-        "identities": int(len(names)),
-        "subset": "600 people drawn with seed 0, at most 10 photos each" if quick else "all",
-        "photos_per_person_cap": "10 (first in label order) for every statistic",
-        "bootstrap": f"{replicates} resamples of identities (seed 0); intervals are 95 %",
-        "label_noise_merged": merged,
-        "score_model": f"{model.model_id} settings {model.settings_hash}",
-    })
-    return Lfw(folder, quick, embedded, names, person.astype(np.int64),
-               identity_weights(len(names), replicates), model, DecisionPolicy(), merged)
 
 
 def _record(report: Report, key: str, values: np.ndarray, unit: str, note: str = "",
@@ -213,33 +168,6 @@ def _lfw_pairs(report: Report, lfw: Lfw) -> dict:
 
 # -- open-set 1:N ---------------------------------------------------------------------
 
-def _scores(lfw: Lfw, probe_rows: np.ndarray, gallery_rows: np.ndarray) -> np.ndarray:
-    t = lfw.embedded.templates
-    return t[probe_rows] @ t[gallery_rows].T
-
-
-@dataclass
-class OpenSet:
-    """The main protocol's probes x gallery, person-level (one column per person)."""
-
-    proto: ops.Protocol
-    scores: np.ndarray       # (probes, people) float32; probes = mated then non-mated
-    people: np.ndarray       # (people,) identity of each column
-    ranked: ops.Ranked
-    fnir_at: np.ndarray | None = None       # (R, len(FPIRS))
-    curve: tuple | None = None              # (FPIR, FNIR) for the plot
-    growth: list[dict] = field(default_factory=list)
-    modelled: list[dict] = field(default_factory=list)
-
-
-def _protocol(lfw: Lfw) -> OpenSet:
-    rows = capped_rows(lfw.embedded.identities, lfw.embedded.usable())
-    proto = ops.split(rows, lfw.person)
-    probes = np.concatenate([proto.mated, proto.nonmated])
-    scores, people = ops.person_scores(_scores(lfw, probes, proto.gallery), proto.gallery_person)
-    return OpenSet(proto, scores, people, ops.rank(scores, people, lfw.person[probes]))
-
-
 def _service_rates(lfw: Lfw, r: ops.Ranked, gallery_size: int, margin: float | None = None,
                    refused: np.ndarray | None = None):
     """(operating point, FNIR, FPIR) at the service's threshold for ``gallery_size``."""
@@ -250,8 +178,8 @@ def _service_rates(lfw: Lfw, r: ops.Ranked, gallery_size: int, margin: float | N
     return point, fnir, fpir
 
 
-def _open_set(report: Report, lfw: Lfw) -> OpenSet:
-    o = _protocol(lfw)
+def _open_set(report: Report, lfw: Lfw) -> ops.OpenSet:
+    o = ops.open_set_of(lfw)
     proto, r, g = o.proto, o.ranked, len(o.people)
     report.param(open_set={
         "gallery": g, "enrolled_with_more_photos": len(proto.enrolled_multi),
@@ -286,7 +214,7 @@ def _check_margin_rule(report: Report, r: ops.Ranked, n: int = 300) -> None:
                  f"{int((ours != theirs).sum())} of {n} probes decided otherwise")
 
 
-def _gallery_growth(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
+def _gallery_growth(report: Report, lfw: Lfw, o: ops.OpenSet) -> list[dict]:
     """FPIR and FNIR at the service's threshold for N, on nested sub-galleries."""
     g = len(o.people)
     order = np.random.default_rng(0).permutation(g)
@@ -365,7 +293,7 @@ def _design_row(item: str, label: str, fnir: np.ndarray) -> dict:
     return {"item": item, "label": label, **with_ci(fnir)}
 
 
-def _margin(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
+def _margin(report: Report, lfw: Lfw, o: ops.OpenSet) -> list[dict]:
     """(a) The margin rule at the service threshold for the whole gallery."""
     g = len(o.people)
     # the margin bites only where a runner-up can come close to a low threshold: small
@@ -414,7 +342,7 @@ def _compare_fnir(report: Report, lfw: Lfw, item: str, variants: dict[str, ops.R
     return rows
 
 
-def _multi_enrolment(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
+def _multi_enrolment(report: Report, lfw: Lfw, o: ops.OpenSet) -> list[dict]:
     """(b) People with >= 3 photos enrolled with 2, probed with the rest; scores of a
     person's templates fused by max or mean, against one enrolled photo."""
     rows = capped_rows(lfw.embedded.identities, lfw.embedded.usable())
@@ -424,7 +352,7 @@ def _multi_enrolment(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
     second = rows[three & (rank == 1)]
     probes = np.concatenate([rows[three & (rank >= 2)], o.proto.nonmated])
     gallery = np.concatenate([o.proto.gallery, second])
-    scores = _scores(lfw, probes, gallery)
+    scores = lfw.scores(probes, gallery)
     column_person = lfw.person[gallery]
     g = len(o.proto.gallery)
     variants = {}
@@ -437,14 +365,14 @@ def _multi_enrolment(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
                          f"{int(three.sum()) - 2 * len(second)} mated probes")
 
 
-def _probe_frames(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
+def _probe_frames(report: Report, lfw: Lfw, o: ops.OpenSet) -> list[dict]:
     """(c) Two photos of one person fused at the probe, standing in for two frames of a
     lane stream (LFW has no video: its photos differ more than frames do)."""
     mated_groups, mated_who = ops.frame_groups(o.proto.mated, lfw.person)
     non_groups, non_who = ops.frame_groups(o.proto.nonmated, lfw.person)
     groups = np.concatenate([mated_groups, non_groups])
     who = np.concatenate([mated_who, non_who])
-    scores = _scores(lfw, groups.ravel(), o.proto.gallery)
+    scores = lfw.scores(groups.ravel(), o.proto.gallery)
     variants = {"one frame": scores.reshape(len(groups), 2, -1)[:, 0],
                 "two frames max": ops.fuse_frames(scores, 2, "max"),
                 "two frames mean": ops.fuse_frames(scores, 2, "mean")}
@@ -457,7 +385,7 @@ def _probe_frames(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
                          "probes; LFW has no video, so photos stand in for frames")
 
 
-def _znorm(report: Report, lfw: Lfw, o: OpenSet) -> list[dict]:
+def _znorm(report: Report, lfw: Lfw, o: ops.OpenSet) -> list[dict]:
     """(d) Cohort Z-norm: half the one-photo distractors form the cohort and leave the
     gallery, so no template is normalised by scores it is then judged on."""
     d = o.proto.distractors
@@ -528,7 +456,7 @@ def _quality_gate(report: Report, lfw: Lfw) -> list[dict]:
     has_ok = np.isin(lfw.person[accepted_first], lfw.person[rows[~refused_photo[rows]]])
     proto = ops.split(accepted_first[has_ok], lfw.person)
     probes = np.concatenate([proto.mated, proto.nonmated])
-    scores, people = ops.person_scores(_scores(lfw, probes, proto.gallery), proto.gallery_person)
+    scores, people = ops.person_scores(lfw.scores(probes, proto.gallery), proto.gallery_person)
     r = ops.rank(scores, people, lfw.person[probes])
     out, fnirs = [], {}
     for label, refused in (("without gate", None), ("with gate", refused_photo[probes])):

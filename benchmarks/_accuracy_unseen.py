@@ -19,7 +19,7 @@ EXPECTED_SIZES = (1_000, 10_000, 40_000)
 
 
 def unseen_people(report: Report, lfw) -> dict:
-    """lfw: _accuracy_lfw.Lfw (label noise already merged into one identity)."""
+    """lfw: _lfw.Lfw (label noise already merged into one identity)."""
     rows = capped_rows(lfw.embedded.identities, lfw.embedded.usable())
     x, ids = lfw.embedded.templates[rows], lfw.embedded.identities[rows]
     quick = lfw.quick

@@ -51,7 +51,7 @@ from matcher.gallery.decision import operating_point_1to1, operating_point_1toN
 from matcher.gallery.scoremodel import FUSED, SINGLE
 
 from . import _openset as ops
-from ._lfw import Verification, det_band, embedded_lfw, with_ci
+from ._lfw import Verification, det_band, embedded_lfw, load_lfw, with_ci
 from .harness import Report
 
 EAST_ASIAN, OTHER = "east_asian_name", "other"
@@ -124,7 +124,7 @@ COVERAGE_EXPECTED_PAIRS = 5
 def demographics(report: Report, lfw, open_set=None) -> dict:
     """Record the per-group figures and checks of lfw-dev; returns what the plot needs.
 
-    lfw: _accuracy_lfw.Lfw (label noise merged); open_set: its OpenSet (built if None)."""
+    lfw: _lfw.Lfw (label noise merged); open_set: its OpenSet (built if None)."""
     quick = lfw.quick
     # As `matcher calibrate` sees lfw-dev (label noise dropped as pairs, not merged into one
     # identity as the rest of the suite does), so the thresholds here are the ones a
@@ -348,9 +348,7 @@ def _cost(report: Report, lfw, model, groups, open_set) -> dict:
     """What the worst-group thresholds cost: 1:N FNIR (and FPIR) through the open-set
     protocol at N = its gallery, overall and by the probe's group, and the FNIR to expect
     at larger N from the model (FNMR of the booking kind at the 1:N threshold)."""
-    from ._accuracy_lfw import _protocol
-
-    o = open_set or _protocol(lfw)
+    o = open_set or ops.open_set_of(lfw)
     r, g = o.ranked, len(o.people)
     population = model.with_worst_group(False)
     of_person = np.array([groups[str(n)] for n in lfw.names])
@@ -520,7 +518,6 @@ def main(argv: list[str] | None = None) -> int:
     import time
     from pathlib import Path
 
-    from ._accuracy_lfw import _load
     from ._faces import lfw_dir
     from .harness import machine_info
 
@@ -544,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report = Report("demographics", args.quick)
     started = time.perf_counter()
-    d = demographics(report, _load(report, folder, args.quick))
+    d = demographics(report, load_lfw(report, folder, args.quick))
     _, axes = report.plot(1, 3, figsize=(20, 6))
     plot_demographics(axes.ravel(), d)
     report.save(args.out, machine_info(), time.perf_counter() - started)

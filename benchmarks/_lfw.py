@@ -19,9 +19,18 @@ import numpy as np
 # is the same method, not a second copy of it
 from matcher.calibrate.embedding import Embedded, embed_folder, read_labels
 from matcher.calibrate.fit import MIN_EXCEEDANCES, TAIL_FMR, tail_fit
-from matcher.calibrate.pairs import MAX_PHOTOS_PER_PERSON, TAIL_KEEP_SCORE, PairScores
+from matcher.calibrate.pairs import (
+    MAX_PHOTOS_PER_PERSON,
+    TAIL_KEEP_SCORE,
+    PairScores,
+    pair_scores_for,
+)
+from matcher.face.models import default_pack
 from matcher.face.pipeline import Pipeline
-from matcher.gallery.scoremodel import ScoreModel, gpd_isf
+from matcher.gallery.decision import DecisionPolicy
+from matcher.gallery.scoremodel import ScoreModel, gpd_isf, load_score_model
+
+from .harness import Report
 
 CACHE = Path.home() / ".cache" / "matcher"
 QUICK_IDENTITIES = 600
@@ -260,3 +269,54 @@ def ten_fold_accuracy(scores: np.ndarray, same: np.ndarray, fold: np.ndarray
         thr[k] = best_threshold(scores[~test], same[~test])
         acc[k] = ((scores[test] > thr[k]) == same[test]).mean()
     return acc, thr
+
+
+# -- one run of the suite over lfw-dev ----------------------------------------------
+
+@dataclasses.dataclass
+class Lfw:
+    """One lfw-dev run: templates, people and the bootstrap shared by every figure."""
+
+    folder: Path
+    quick: bool
+    embedded: Embedded
+    names: np.ndarray        # (m,) identities after merging label noise, sorted
+    person: np.ndarray       # (n,) identity index of each row
+    W: np.ndarray            # (R, m) identity weights, row 0 all ones
+    model: ScoreModel
+    policy: DecisionPolicy
+    merged: list[str]
+
+    def verification(self, embedded: Embedded | None = None) -> Verification:
+        return Verification(pair_scores_for(embedded or self.embedded), self.names)
+
+    def scores(self, probe_rows: np.ndarray, gallery_rows: np.ndarray) -> np.ndarray:
+        """(probes, gallery) float32 cosine of the rows' templates."""
+        t = self.embedded.templates
+        return t[probe_rows] @ t[gallery_rows].T
+
+
+def load_lfw(report: Report, folder: Path, quick: bool) -> Lfw:
+    """lfw-dev through the served pipeline, label noise merged, against the shipped model."""
+    model = load_score_model(default_pack().model_id)
+    pipeline = Pipeline(threads=1)
+    # the shipped thresholds describe the templates of one pipeline setting; measured on
+    # another they prove nothing (the service would refuse to start with them)
+    report.check("lfw_pipeline_settings_match_the_score_model",
+                 pipeline.settings_hash() == model.settings_hash,
+                 f"pipeline {pipeline.settings_hash()}, score model {model.settings_hash}: "
+                 "re-run matcher calibrate if they differ")
+    embedded, merged = merge_label_noise(embedded_lfw(folder, pipeline, quick), model)
+    names, person = np.unique(embedded.identities, return_inverse=True)
+    replicates = 100 if quick else 200
+    report.param(lfw={
+        "folder": str(folder), "photos": int(len(embedded.files)),
+        "identities": int(len(names)),
+        "subset": "600 people drawn with seed 0, at most 10 photos each" if quick else "all",
+        "photos_per_person_cap": "10 (first in label order) for every statistic",
+        "bootstrap": f"{replicates} resamples of identities (seed 0); intervals are 95 %",
+        "label_noise_merged": merged,
+        "score_model": f"{model.model_id} settings {model.settings_hash}",
+    })
+    return Lfw(folder, quick, embedded, names, person.astype(np.int64),
+               identity_weights(len(names), replicates), model, DecisionPolicy(), merged)

@@ -9,11 +9,17 @@ make the gallery larger and are nobody's mate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from matcher.calibrate.pairs import capped_rows
+
 from ._lfw import SEED
+
+if TYPE_CHECKING:
+    from ._lfw import Lfw
 
 
 @dataclass
@@ -192,3 +198,26 @@ def cohort_znorm(scores: np.ndarray, gallery: np.ndarray, cohort: np.ndarray) ->
     c = cohort @ gallery.T                          # (c, g) impostor scores per column
     mu, sd = c.mean(axis=0), c.std(axis=0, ddof=1)
     return (scores - mu) / sd
+
+
+@dataclass
+class OpenSet:
+    """The main protocol's probes x gallery, person-level (one column per person)."""
+
+    proto: Protocol
+    scores: np.ndarray       # (probes, people) float32; probes = mated then non-mated
+    people: np.ndarray       # (people,) identity of each column
+    ranked: Ranked
+    fnir_at: np.ndarray | None = None       # (R, len(FPIRS)), FPIRS of _accuracy_lfw
+    curve: tuple | None = None              # (FPIR, FNIR) for the plot
+    growth: list[dict] = field(default_factory=list)
+    modelled: list[dict] = field(default_factory=list)
+
+
+def open_set_of(lfw: Lfw) -> OpenSet:
+    """The main protocol on ``lfw``'s usable rows (at most 10 a person), ranked."""
+    rows = capped_rows(lfw.embedded.identities, lfw.embedded.usable())
+    proto = split(rows, lfw.person)
+    probes = np.concatenate([proto.mated, proto.nonmated])
+    scores, people = person_scores(lfw.scores(probes, proto.gallery), proto.gallery_person)
+    return OpenSet(proto, scores, people, rank(scores, people, lfw.person[probes]))

@@ -96,6 +96,73 @@ def test_layer_imports_nothing_above_it(layer, forbidden):
     assert offending(modules_in(layer), forbidden) == {}
 
 
+def import_graph(*packages: Path) -> dict[str, set[str]]:
+    """Module -> the modules of ``packages`` it imports, every import statement counted
+    (type-only ones under TYPE_CHECKING and those inside functions too). An imported
+    name resolves to the longest module it names (``from .x import y`` is module x)."""
+    paths = [p for package in packages for p in sorted(package.rglob("*.py"))]
+    known = {_module_name(p) for p in paths}
+
+    def module_of(name: str) -> str | None:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for path in paths:
+        me = _module_name(path)
+        graph[me] = {m for m in map(module_of, imports_of(path)) if m and m != me}
+    return graph
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of ``graph``: its strongly connected components of more than one
+    module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(circles)
+
+
+def test_the_circle_finder_finds_circles():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": set()}
+    assert import_circles(graph) == [["a", "b", "c"]]
+    assert import_circles({"x": {"y"}, "y": {"x"}, "z": set()}) == [["x", "y"]]
+
+
+def test_no_import_circle_in_matcher_or_benchmarks():
+    """A module never imports, even lazily or only for its types, one that imports it
+    back: each layer can be read, and loaded, before the ones that use it."""
+    assert import_circles(import_graph(PACKAGE, PACKAGE.parent / "benchmarks")) == []
+
+
 def _loaded_after(statement: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", f"{statement}\nimport sys\n"
                           "print('\\n'.join(sys.modules))"],

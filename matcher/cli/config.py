@@ -63,7 +63,7 @@ def _option_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Actio
 
 def _command_parser(command: str) -> argparse.ArgumentParser:
     """The full parser of one command (``serve``, ``demo`` or ``reindex``)."""
-    from . import build_parser, command_parser
+    from .commands import build_parser, command_parser
 
     return command_parser(build_parser(command), command)
 

@@ -93,8 +93,8 @@ def add_config_option(p: argparse.ArgumentParser) -> None:
 
 def add_command(sub: argparse._SubParsersAction, name: str,
                 **kwargs) -> argparse.ArgumentParser:
-    """Add command ``name`` with its one-line help from matcher.cli.COMMANDS."""
-    from . import COMMANDS
+    """Add command ``name`` with its one-line help from matcher.cli.commands.COMMANDS."""
+    from .commands import COMMANDS
 
     return sub.add_parser(name, help=COMMANDS[name][1], **kwargs)
 

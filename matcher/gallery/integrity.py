@@ -1,5 +1,4 @@
-"""Is a stored row, or the store file, intact; the quarantine of rows that are not; and
-what the operator reads when the store is damaged."""
+"""Is a stored row, or the store file, intact; and the quarantine of rows that are not."""
 from __future__ import annotations
 
 import hashlib
@@ -9,17 +8,13 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import DiskFull, GalleryError, StorageUnavailable, StoreBusy, StoreDamaged
+from ..errors import GalleryError, StorageUnavailable, StoreDamaged
 from ..templates import EMBEDDING_DIM, NORM_TOLERANCE
 from .codecs import row_context
-
-if TYPE_CHECKING:  # the store calls in here, so only its type is imported
-    from .store import Store
+from .database import StoreFile, damaged_store_message
 
 log = logging.getLogger(__name__)
 
@@ -67,41 +62,6 @@ class DamagedRow:
     reason: str
 
 
-def damaged_store_message(path: Path, detail: str) -> str:
-    """What an operator reads when the store cannot be served from: the file, the
-    problem, and the ways back."""
-    d = path.parent
-    return (f"gallery store {path} is damaged ({detail[:200]}); matcher will not serve from "
-            f"it. Keep it for investigation: move it aside with its -wal and -shm files "
-            f"(mv {path} {path}.damaged), then restore the last good backup of it, or rebuild "
-            f"it from the bookings with `matcher reindex --manifest BOOKINGS --data {d}`; "
-            f"check the result with `matcher gallery stats --data {d}`. Meanwhile a read "
-            f"replica can serve the last good snapshot: `matcher serve --replica-of "
-            f"{d / 'snapshots'} --data OTHER_DIR`")
-
-
-def storage_error(exc: sqlite3.Error, path: Path) -> Exception:
-    """A typed error for an SQLite failure an operator can act on (disk full, lock held
-    by another process, I/O error, damaged file); other errors come back unchanged."""
-    name = getattr(exc, "sqlite_errorname", "") or ""
-    text = str(exc)
-    if name == "SQLITE_FULL" or "disk is full" in text:
-        return DiskFull(f"disk full: the disk holding the gallery store {path.name} has no "
-                        f"space left; nothing was written. Free space on it: enrolment "
-                        f"resumes without a restart")
-    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
-        return StoreBusy(f"the gallery store {path.name} is locked by another process (or "
-                         f"its disk is stalled) for longer than this write could wait; "
-                         f"nothing was written, retry later")
-    if name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or "malformed" in text \
-            or "not a database" in text:
-        return StoreDamaged(damaged_store_message(path, text))
-    if name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN", "SQLITE_READONLY")):
-        return StorageUnavailable(f"the gallery store {path.name} cannot be written "
-                                  f"({name}: disk I/O error); nothing was written")
-    return exc
-
-
 # -- the quarantine: damaged rows, recorded and never searched --------------------------
 
 def quarantined_ids(c: sqlite3.Connection, traveller_id: str | None = None) -> set[int]:
@@ -113,7 +73,7 @@ def quarantined_ids(c: sqlite3.Connection, traveller_id: str | None = None) -> s
                                     "traveller_id=?", (traveller_id,))}
 
 
-def quarantine(store: Store, damaged: Sequence[DamagedRow], wait_s: float | None = None
+def quarantine(store: StoreFile, damaged: Sequence[DamagedRow], wait_s: float | None = None
                ) -> None:
     """Record damaged rows (outside any read transaction). They are skipped by every
     read whether or not this record could be written (their checksum fails each time),
@@ -152,7 +112,7 @@ def drop_quarantined(c: sqlite3.Connection, traveller_id: str,
     return len(drop)
 
 
-def quarantined(store: Store) -> list[DamagedRow]:
+def quarantined(store: StoreFile) -> list[DamagedRow]:
     """Rows in quarantine, oldest first (what `matcher gallery stats` lists)."""
     return [DamagedRow(*r) for r in store._reader().execute(
         "SELECT template_id, traveller_id, photo_sha256, reason FROM quarantine "
@@ -161,7 +121,7 @@ def quarantined(store: Store) -> list[DamagedRow]:
 
 # -- checks of every row and of the file ------------------------------------------------
 
-def verify_templates(store: Store) -> list[DamagedRow]:
+def verify_templates(store: StoreFile) -> list[DamagedRow]:
     """Check every template row's checksum (no decryption, no key needed); quarantine
     the rows that fail and return them (newly found ones only)."""
     damaged: list[DamagedRow] = []
@@ -179,7 +139,7 @@ def verify_templates(store: Store) -> list[DamagedRow]:
     return damaged
 
 
-def check_file(store: Store, max_s: float) -> None:
+def check_file(store: StoreFile, max_s: float) -> None:
     """Refuse a store file that fails ``PRAGMA quick_check`` (StoreDamaged); one too big
     to check within ``max_s`` seconds is logged and served."""
     started = time.monotonic()
@@ -195,7 +155,7 @@ def check_file(store: Store, max_s: float) -> None:
                  time.monotonic() - started)
 
 
-def quick_check(store: Store, max_s: float) -> str | None:
+def quick_check(store: StoreFile, max_s: float) -> str | None:
     """SQLite's ``PRAGMA quick_check``: "ok", or its first problems joined by "; ".
 
     None if it did not finish within ``max_s`` seconds (interrupted, so a huge store
@@ -216,6 +176,6 @@ def quick_check(store: Store, max_s: float) -> str | None:
     return "; ".join(str(r[0]) for r in rows)
 
 
-def integrity_check(store: Store) -> str:
+def integrity_check(store: StoreFile) -> str:
     """SQLite's full ``PRAGMA integrity_check`` of the store file: "ok" or its first problem."""
     return store._reader().execute("PRAGMA integrity_check").fetchone()[0]

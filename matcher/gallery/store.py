@@ -10,17 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import GalleryError, InvalidInput, StoreBusy, UnknownTraveller
+from ..errors import GalleryError, InvalidInput, UnknownTraveller
 from ..templates import (
     EMBEDDING_DIM,
     MAX_TEMPLATES_PER_TRAVELLER,
@@ -29,6 +27,7 @@ from ..templates import (
     to_epoch,
 )
 from .codecs import PlainCodec, TemplateCodec, row_context
+from .database import StoreFile, storage_error
 from .integrity import (
     DamagedRow,
     check_file,
@@ -36,7 +35,6 @@ from .integrity import (
     quarantine,
     quarantined_ids,
     row_problem,
-    storage_error,
     template_checksum,
 )
 from .schema import migrate
@@ -155,29 +153,17 @@ class TravellerSummary:
 
 # -- the store --------------------------------------------------------------------------
 
-class Store:
-    """Thread-safe. Writes are serialised and return only after COMMIT has been fsynced.
-
-    Its transactions (``_read``, ``_write``) are also the ones of the modules beside it
-    that work on stored rows: integrity.py (checks, quarantine) and rewrap.py."""
+class Store(StoreFile):
+    """The traveller store: travellers, their templates and the change log, in one
+    StoreFile (database.py: thread-safe; writes return only after COMMIT is fsynced)."""
 
     def __init__(self, path: str | Path, model_id: str, codec: TemplateCodec | None = None,
                  write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
                  ) -> None:
         """``quick_check_s`` > 0: run ``PRAGMA quick_check`` first, for at most that long,
         and refuse a store that fails it (StoreDamaged) before anything else reads it."""
-        self.path = Path(path)
         self.codec: TemplateCodec = codec or PlainCodec()
-        self.write_wait_s = write_wait_s
-        self._write_lock = threading.Lock()
-        self._local = threading.local()
-        self._readers: list[sqlite3.Connection] = []
-        self._readers_lock = threading.Lock()
-        self._closed = False
-        try:
-            self._conn = self._connect()
-        except sqlite3.Error as e:
-            raise storage_error(e, self.path) from None
+        super().__init__(path, write_wait_s)
         try:
             if quick_check_s > 0:
                 check_file(self, quick_check_s)
@@ -201,44 +187,6 @@ class Store:
              write_wait_s: float = DEFAULT_WRITE_WAIT_S, quick_check_s: float = 0.0
              ) -> Store:
         return cls(path, model_id, codec, write_wait_s, quick_check_s)
-
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so nothing is left in
-        # an implicit transaction and every acknowledged write is really committed.
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                               timeout=30.0)
-        conn.execute("PRAGMA journal_mode=WAL")
-        # FULL: the WAL is fsynced at every commit, so an acknowledged enrolment survives
-        # a power cut, not only a process crash.
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        # Deleted template bytes are overwritten, not left in free pages.
-        conn.execute("PRAGMA secure_delete=ON")
-        return conn
-
-    def _reader(self) -> sqlite3.Connection:
-        """A per-thread read connection: WAL readers never wait for the writer's fsync."""
-        if self._closed:
-            raise GalleryError("the gallery store is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            self._local.conn = conn
-            with self._readers_lock:
-                self._readers.append(conn)
-        return conn
-
-    def close(self) -> None:
-        with self._write_lock:
-            if self._closed:
-                return
-            self._closed = True
-            with self._readers_lock:
-                for conn in self._readers:
-                    conn.close()
-                self._readers.clear()
-            if hasattr(self, "_conn"):
-                self._conn.close()
 
     def __enter__(self) -> Store:
         return self
@@ -270,65 +218,6 @@ class Store:
     @property
     def gallery_version(self) -> int:
         return int(self._meta("gallery_version") or 0)
-
-    # -- transactions -----------------------------------------------------------------
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """One read transaction on this thread's reader: every statement in the block sees
-        the same committed state, and the writer's fsync never waits on it (WAL)."""
-        c = self._reader()
-        c.execute("BEGIN")
-        try:
-            yield c
-        finally:
-            c.execute("COMMIT")
-
-    @contextmanager
-    def _write(self, wait_s: float | None = None) -> Iterator[sqlite3.Connection]:
-        """One write transaction, committed (durable) when the block ends.
-
-        Waits at most ``wait_s`` (capped by ``write_wait_s``) for this process's earlier
-        writes and for another process's write lock, then raises StoreBusy; a full disk
-        raises DiskFull. Either way the transaction is rolled back and nothing was written.
-        """
-        wait = self.write_wait_s if wait_s is None else max(0.0, min(wait_s, self.write_wait_s))
-        deadline = time.monotonic() + wait
-        if not self._write_lock.acquire(timeout=wait):
-            raise StoreBusy(f"an earlier write to the gallery store {self.path.name} is still "
-                            f"waiting (its write lock is held by another process, or the disk "
-                            f"is stalled); nothing was written, retry later")
-        try:
-            if self._closed:
-                raise GalleryError("the gallery store is closed")
-            c = self._conn
-            try:
-                remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-                c.execute(f"PRAGMA busy_timeout={remaining_ms}")
-                c.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as e:
-                raise storage_error(e, self.path) from None
-            try:
-                yield c
-                c.execute("COMMIT")
-            except BaseException as e:
-                if c.in_transaction:
-                    try:
-                        c.execute("ROLLBACK")
-                    except sqlite3.Error:  # SQLite has already rolled back, e.g. SQLITE_FULL
-                        log.warning("rollback of a failed write to %s failed", self.path.name)
-                if isinstance(e, sqlite3.Error):
-                    raise storage_error(e, self.path) from None
-                raise
-        finally:
-            self._write_lock.release()
-
-    def _checkpoint_wal(self) -> bool:
-        """Copy the WAL into the database file and truncate it, so rewritten rows' old
-        bytes leave the -wal file; False if a reader kept it from finishing."""
-        with self._write_lock:
-            busy, _, _ = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-        return not busy
 
     # -- writes ---------------------------------------------------------------------
 

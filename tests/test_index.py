@@ -114,6 +114,22 @@ def test_delta_upsert_replaces_a_travellers_templates():
     assert ix.search(probes[5:6], 1, NOW + 150)[0][0].traveller_id == "T00005"
 
 
+def test_fused_photo_counts_follow_the_traveller_and_snapshots_keep_the_built_ones():
+    """A traveller's fused photo count (which 1:1 threshold applies) lives with its slot:
+    re-enrolment changes it, removal forgets it, and a snapshot of the index still stores
+    the counts the built part was made with."""
+    ix, gallery, owner, probes, ids = build("flat", n_ids=4, per_id=1)
+    ix = SearchIndex.build(gallery, owner, np.arange(4), ids, np.full(4, NOW - 1),
+                           np.full(4, NOW + 3600), 1, ix.config, photos=np.array([1, 2, 3, 1]))
+    assert [ix.photos(t) for t in ids] == [1, 2, 3, 1]
+    ix.upsert(ids[0], NOW - 1, NOW + 10, gallery[:1], [10], photos=2)   # a second photo
+    ix.upsert("NEW", NOW - 1, NOW + 10, gallery[:1], [11], photos=3)
+    assert ix.photos(ids[0]) == 2 and ix.photos("NEW") == 3
+    assert ix.remove(ids[1]) and ix.remove("NEW")
+    assert ix.photos(ids[1]) == 1 and ix.photos("NEW") == 1     # not their old counts
+    assert ix.built_photos().tolist() == [1, 2, 3, 1]           # as the built part has them
+
+
 def test_small_and_empty_indexes():
     empty = SearchIndex.build(np.empty((0, 512), np.float32), np.empty(0, np.int32),
                               np.empty(0, np.int64), [], np.empty(0), np.empty(0), 0,

@@ -13,6 +13,7 @@ from matcher.errors import GalleryError, InvalidInput, UnknownTraveller
 from matcher.gallery.codecs import PlainCodec
 from matcher.gallery.schema import SCHEMA_VERSION
 from matcher.gallery.store import Enrolment, Store
+from matcher.templates import MAX_TEMPLATES_PER_TRAVELLER
 
 
 @pytest.fixture
@@ -276,6 +277,17 @@ def test_replace_templates_refuses_what_it_cannot_do(store):
         store.replace_templates("A1", [], np.empty((0, 512), np.float32), [], T0, T1)
     with pytest.raises(InvalidInput, match="L2-normalised"):
         store.replace_templates("A1", [], x[1:] * 2, [sha(2)], T0, T1)
+    # the window and template limit are enrolment's, with or without new photos
+    none = np.empty((0, 512), np.float32)
+    with pytest.raises(InvalidInput, match="valid_from must be before valid_to"):
+        store.replace_templates("A1", [sha(1)], none, [], T1, T0)
+    with pytest.raises(InvalidInput, match="valid_from must be before valid_to"):
+        store.replace_templates("A1", [], x[1:], [sha(2)], T1, T0)
+    many = np.repeat(x[1:], MAX_TEMPLATES_PER_TRAVELLER, axis=0)
+    with pytest.raises(InvalidInput, match=f"would have {MAX_TEMPLATES_PER_TRAVELLER + 1}"):
+        store.replace_templates("A1", [sha(1)], many,
+                                [sha(100 + i) for i in range(MAX_TEMPLATES_PER_TRAVELLER)],
+                                T0, T1)
     assert store.gallery_version == 1 and store.get("A1").photo_sha256s == (sha(1),)
 
 

@@ -358,6 +358,7 @@ class _Table:
     valid_from: np.ndarray
     valid_to: np.ndarray
     active: np.ndarray
+    photos: np.ndarray  # booking photos fused into the slot's template (1:1 threshold)
     count: int
 
 
@@ -383,20 +384,17 @@ class SearchIndex:
                  valid_to: np.ndarray, built_version: int, config: IndexConfig,
                  photos: np.ndarray | None = None) -> None:
         t = len(traveller_ids)
-        # Booking photos fused into each traveller's template (a 1:1 threshold depends on it).
-        counts = (np.ones(t, np.int64) if photos is None else photos).tolist()
-        self._photos: dict[str, int] = dict(zip(traveller_ids, counts, strict=True))
+        photos = np.ones(t, np.int64) if photos is None else np.asarray(photos, np.int64)
         self.config = config
         self.built_version = built_version
         self.applied_version = built_version
         self._built_travellers = t
         table = _Table(list(traveller_ids), _grow(np.asarray(valid_from, np.float64), t),
                        _grow(np.asarray(valid_to, np.float64), t),
-                       _grow(np.ones(t, bool), t), t)
+                       _grow(np.ones(t, bool), t), _grow(photos, t), t)
         delta = _Delta(np.empty((0, D), np.float32), np.empty(0, np.int32),
                        np.empty(0, np.int64), 0)
         self._slots: dict[str, int] = {tid: i for i, tid in enumerate(traveller_ids)}
-        self._built_photos = dict(self._photos)
         self._view = _View(built, delta, table)
         # Counts the writer's changes to the traveller table, after each one is in place.
         self._table_changes = 0
@@ -473,12 +471,13 @@ class SearchIndex:
 
     def built_photos(self) -> np.ndarray:
         """Booking photos behind each traveller of ``built_table`` (what a snapshot stores)."""
-        ids = self._view.table.ids[:self._built_travellers]
-        return np.array([self._built_photos.get(tid, 1) for tid in ids], np.int64)
+        return self._view.table.photos[:self._built_travellers].copy()
 
     def photos(self, traveller_id: str) -> int:
-        """Booking photos fused into the traveller's template (1 if unknown)."""
-        return self._photos.get(traveller_id, 1)
+        """Booking photos fused into the traveller's template (1 if not searchable)."""
+        slot = self._slots.get(traveller_id)
+        # _slots never names a slot before the view holding it is published (upsert)
+        return 1 if slot is None else int(self._view.table.photos[slot])
 
     # -- writer side (caller holds the gallery's write lock) --------------------------
 
@@ -486,14 +485,14 @@ class SearchIndex:
                templates: np.ndarray, template_ids: Sequence[int], photos: int = 1) -> None:
         """Make the traveller searchable with exactly these templates (k, 512) float32,
         made from ``photos`` booking photos."""
-        self._photos[traveller_id] = photos
         v = self._view
         tb, dl = v.table, v.delta
         slot = tb.count
         vf = _grow(tb.valid_from, slot + 1)
         vt = _grow(tb.valid_to, slot + 1)
         active = _grow(tb.active, slot + 1)
-        vf[slot], vt[slot], active[slot] = valid_from, valid_to, True
+        fused = _grow(tb.photos, slot + 1)
+        vf[slot], vt[slot], active[slot], fused[slot] = valid_from, valid_to, True, photos
         tb.ids.append(traveller_id)
         m, k = dl.count, len(templates)
         dv = _grow(dl.vectors, m + k)
@@ -505,7 +504,7 @@ class SearchIndex:
         # Publish the new slot first, then retire the old one: a concurrent search sees the
         # traveller at every moment (possibly twice, which the per-traveller merge absorbs).
         self._view = _View(v.built, _Delta(dv, do, dt, m + k),
-                           _Table(tb.ids, vf, vt, active, slot + 1))
+                           _Table(tb.ids, vf, vt, active, fused, slot + 1))
         old = self._slots.get(traveller_id)
         if old is not None:
             active[old] = False

@@ -126,6 +126,31 @@ def _check_sha256(s: object) -> str:
     return s
 
 
+def _check_window(valid_from: datetime | float, valid_to: datetime | float
+                  ) -> tuple[float, float]:
+    """A booking window [valid_from, valid_to) as epoch seconds; it must not be empty."""
+    vf, vt = to_epoch(valid_from, "valid_from"), to_epoch(valid_to, "valid_to")
+    if not vf < vt:
+        raise InvalidInput("valid_from must be before valid_to")
+    return vf, vt
+
+
+def _check_template_limit(traveller_id: str, count: int) -> None:
+    if count > MAX_TEMPLATES_PER_TRAVELLER:
+        raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
+                           f" templates; {traveller_id!r} would have {count}")
+
+
+def _new_photos(stored: set[str], photo_sha256s: Sequence[str]) -> dict[str, int]:
+    """Photo sha256 -> its first row, for the photos not stored yet (a photo sent twice
+    is stored once)."""
+    new: dict[str, int] = {}
+    for i, sha in enumerate(photo_sha256s):
+        if sha not in stored and sha not in new:
+            new[sha] = i
+    return new
+
+
 def stored_model_id(path: str | Path) -> str | None:
     """The model_id a store file was created for, read without opening it for writing."""
     path = Path(path)
@@ -234,13 +259,16 @@ class Store(StoreFile):
         c.execute("INSERT INTO changes VALUES (?, ?, ?, ?)", (version, traveller_id, kind, now))
         return version
 
-    def _check_enrolment(self, e: Enrolment) -> _Checked:
-        """Validate one enrolment (no store access); raises InvalidInput / GalleryError."""
+    def _check_enrolment(self, e: Enrolment, allow_empty: bool = False) -> _Checked:
+        """Validate one enrolment (no store access); raises InvalidInput / GalleryError.
+        ``allow_empty``: no templates and no photos is valid too (a replacement that keeps
+        only stored photos)."""
         traveller_id = check_traveller_id(e.traveller_id)
-        x = check_templates(e.templates)
-        vf, vt = to_epoch(e.valid_from, "valid_from"), to_epoch(e.valid_to, "valid_to")
-        if not vf < vt:
-            raise InvalidInput("valid_from must be before valid_to")
+        if allow_empty and np.asarray(e.templates).size == 0 and not len(e.photo_sha256s):
+            x = np.empty((0, EMBEDDING_DIM), np.float32)
+        else:
+            x = check_templates(e.templates)
+        vf, vt = _check_window(e.valid_from, e.valid_to)
         shas = [_check_sha256(s) for s in e.photo_sha256s]
         if len(shas) != len(x):
             raise InvalidInput(f"got {len(x)} templates but {len(shas)} photo_sha256 values")
@@ -257,14 +285,8 @@ class Store(StoreFile):
                         (e.traveller_id,)).fetchone()
         stored = {r[0] for r in c.execute(
             "SELECT photo_sha256 FROM templates WHERE traveller_id=?", (e.traveller_id,))}
-        new: dict[str, int] = {}
-        for i, sha in enumerate(e.photo_sha256s):
-            if sha not in stored and sha not in new:
-                new[sha] = i
-        if len(stored) + len(new) > MAX_TEMPLATES_PER_TRAVELLER:
-            raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
-                               f" templates; {e.traveller_id!r} would have "
-                               f"{len(stored) + len(new)}")
+        new = _new_photos(stored, e.photo_sha256s)
+        _check_template_limit(e.traveller_id, len(stored) + len(new))
         window_changed = row is None or (row[0], row[1]) != (e.valid_from, e.valid_to)
         if not new and not window_changed and not healed:
             return EnrolResult(e.traveller_id, self._version(c), 0, False)
@@ -365,24 +387,15 @@ class Store(StoreFile):
         """
         traveller_id = check_traveller_id(traveller_id)
         keep = {_check_sha256(s) for s in keep_sha256s}
-        x = np.asarray(new_templates)
-        if x.size == 0 and not len(new_sha256s):
-            x = np.empty((0, EMBEDDING_DIM), np.float32)
-            new_shas: list[str] = []
-        else:
-            checked = self._check_enrolment(Enrolment(traveller_id, x, valid_from, valid_to,
-                                                      new_sha256s))
-            x, new_shas = checked.templates, checked.photo_sha256s
-        vf, vt = to_epoch(valid_from, "valid_from"), to_epoch(valid_to, "valid_to")
-        if not vf < vt:
-            raise InvalidInput("valid_from must be before valid_to")
+        checked = self._check_enrolment(Enrolment(traveller_id, new_templates, valid_from,
+                                                  valid_to, new_sha256s), allow_empty=True)
+        x, new_shas, vf, vt = (checked.templates, checked.photo_sha256s, checked.valid_from,
+                               checked.valid_to)
         wanted = keep | set(new_shas)
         if not wanted:
             raise InvalidInput(f"replacing {traveller_id!r} would leave no template; "
                                f"remove the traveller instead")
-        if len(wanted) > MAX_TEMPLATES_PER_TRAVELLER:
-            raise InvalidInput(f"a traveller may have at most {MAX_TEMPLATES_PER_TRAVELLER}"
-                               f" templates; {traveller_id!r} would have {len(wanted)}")
+        _check_template_limit(traveller_id, len(wanted))
         now = time.time()
         with self._write() as c:
             row = c.execute("SELECT valid_from, valid_to FROM travellers WHERE traveller_id=?",
@@ -396,10 +409,7 @@ class Store(StoreFile):
                 raise InvalidInput(f"{len(missing)} of the photos to keep for "
                                    f"{traveller_id!r} are not stored for them")
             stale = stored - wanted
-            new: dict[str, int] = {}
-            for i, sha in enumerate(new_shas):
-                if sha not in stored and sha not in new:
-                    new[sha] = i
+            new = _new_photos(stored, new_shas)
             if not stale and not new and (row[0], row[1]) == (vf, vt):
                 return EnrolResult(traveller_id, self._version(c), 0, False)
             c.executemany("DELETE FROM templates WHERE traveller_id=? AND photo_sha256=?",

@@ -250,14 +250,19 @@ class MicroBatcher(Generic[In, Out]):
         """Fail the queued requests whose deadline has passed and forget the abandoned
         ones, so neither counts against the live requests arriving behind them."""
         for req in list(self._pending):
-            if req.future.done():
+            if req.future.done() or self._expire(req, now):
                 self._forget(req)
-            elif req.deadline is not None and req.deadline <= now:
-                req.future.set_exception(
-                    DeadlineExpired("the deadline passed while the request was queued"))
-                self._forget(req)
-                if self._on_expired is not None:
-                    self._on_expired()
+
+    def _expire(self, req: _Request, now: float) -> bool:
+        """Fail ``req`` with DeadlineExpired (and count it) if its deadline has passed by
+        ``now``; whether it did."""
+        if req.deadline is None or req.deadline > now:
+            return False
+        req.future.set_exception(
+            DeadlineExpired("the deadline passed while the request was queued"))
+        if self._on_expired is not None:
+            self._on_expired()
+        return True
 
     def expected_wait_s(self, weight: int = 1) -> float:
         """Roughly how long a request of ``weight`` units queued now waits before and
@@ -308,13 +313,8 @@ class MicroBatcher(Generic[In, Out]):
         for req in batch:
             if req.dropped or req.future.done():  # failed already, or the caller left
                 continue
-            if req.deadline is not None and req.deadline <= now:
-                req.future.set_exception(
-                    DeadlineExpired("the deadline passed while the request was queued"))
-                if self._on_expired is not None:
-                    self._on_expired()
-                continue
-            live.append(req)
+            if not self._expire(req, now):
+                live.append(req)
         return live
 
     async def _work(self) -> None:

@@ -1,14 +1,18 @@
 """Audit log: the chain verifies, every kind of tampering is caught, reopening continues it."""
 from __future__ import annotations
 
+import errno
 import itertools
 import json
+import os
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from matcher.cli import main as cli_main
+from matcher.errors import AuditUnavailable
 from matcher.service.audit import GENESIS_HASH, AuditError, AuditLog, read_records, verify_chain
 
 
@@ -151,6 +155,58 @@ def test_reopen_refuses_a_tampered_last_record(tmp_path):
     path.write_bytes(path.read_bytes().replace(b'"MATCH"', b'"NO_MATCH"'))
     with pytest.raises(AuditError, match="fails its hash"):
         AuditLog(path)
+
+
+def _fstat_failing_for(monkeypatch, name: str) -> None:
+    """os.fstat fails (EIO) for any open file called ``name``, and only for it."""
+    real = os.fstat
+
+    def fstat(fd):
+        if isinstance(fd, int) and os.path.basename(os.readlink(f"/proc/self/fd/{fd}")) == name:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fstat", fstat)
+
+
+def test_a_file_size_that_cannot_be_read_is_an_audit_failure(tmp_path, monkeypatch):
+    """The write's first step failing is AuditUnavailable like any other I/O failure (what
+    --audit-failure applies to), not an UnboundLocalError; nothing is written."""
+    path = tmp_path / "audit.log"
+    log = AuditLog(path)
+    first = _decision(log, 1)
+    with monkeypatch.context() as m:
+        _fstat_failing_for(m, "audit.log")
+        with pytest.raises(AuditUnavailable, match="cannot be written"):
+            _decision(log, 2)
+    assert _decision(log, 3)["prev_hash"] == first["hash"]
+    log.close()
+    assert tuple(verify_chain(path)) == (True, 2, None)
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+def test_audit_failure_policy_applies_when_the_log_size_cannot_be_read(
+        policy, pipeline, tmp_path, monkeypatch):
+    import grpc
+    from service_helpers import ServerThread
+
+    from matcher.client import MatcherClient
+    from matcher.service.server import ServerConfig
+    from matcher.v1 import matcher_pb2 as pb
+
+    config = ServerConfig(listen="127.0.0.1:0", data_dir=tmp_path / "data",
+                          metrics_listen=None, audit_failure=policy)
+    probe = np.zeros(512, np.float32)
+    probe[0] = 1.0
+    with ServerThread(config, pipeline) as server, MatcherClient(server.address) as client:
+        _fstat_failing_for(monkeypatch, "audit.log")
+        if policy == "fail_open":
+            assert client.identify(template=probe).decision == pb.NO_MATCH  # unaudited
+        else:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.identify(template=probe)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        monkeypatch.undo()
 
 
 def test_concurrent_appends_stay_one_valid_chain(tmp_path):

@@ -61,6 +61,26 @@ def test_export_then_stats_then_verify(data_dir, capsys):
     assert not json.loads(out)["snapshots"][0]["ok"]
 
 
+def test_stats_counts_searchable_now_as_a_search_does(data_dir, capsys):
+    """`gallery stats` gives the N the 1:N threshold is taken at (PrimaryGallery.searchable,
+    what GetGalleryInfo reports): a traveller booked now whose only template is damaged
+    is not searched, so not counted, whether the index comes from the store or a snapshot."""
+    import sqlite3
+
+    from matcher.gallery.primary import STORE_FILE
+
+    run(["gallery", "export-snapshot", "--data", str(data_dir)], capsys)
+    with sqlite3.connect(data_dir / STORE_FILE) as c:   # T0 (booked now): its one row rots
+        c.execute("UPDATE templates SET template = zeroblob(2048) WHERE traveller_id='T0'")
+    code, out = run(["gallery", "stats", "--data", str(data_dir)], capsys)
+    stats = json.loads(out)
+    assert [q["traveller_id"] for q in stats["quarantined"]] == ["T0"]
+    assert stats["searchable_now"] == 5
+    for use_snapshots in (True, False):
+        with PrimaryGallery.open(data_dir, MODEL, use_snapshots=use_snapshots) as g:
+            assert g.searchable() == stats["searchable_now"], use_snapshots
+
+
 def test_missing_store_is_a_clear_error(tmp_path, capsys):
     code, _ = run(["gallery", "stats", "--data", str(tmp_path / "nothing")], capsys)
     assert code == 2 and "no gallery store" in run.err

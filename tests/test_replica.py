@@ -26,6 +26,7 @@ def test_writer_and_replica_behind_round_robin(tmp_path, pipeline, faces_dir):
             MatcherClient(writer.address, timeout=30) as to_writer:
         for identity, file in plan.items():
             to_writer.enroll(identity, [(faces_dir / file).read_bytes()])
+        to_writer.enroll("obama", [(faces_dir / "obama_3.jpg").read_bytes()])  # a second photo
         first = to_writer.publish_snapshot()
         replica_config = server_config(replica_dir, role="replica", watch_interval_s=0.1,
                                        snapshot_source=writer_dir / "snapshots")
@@ -44,7 +45,9 @@ def test_writer_and_replica_behind_round_robin(tmp_path, pipeline, faces_dir):
                 resp = both.identify(obama)
                 assert resp.decision == pb.MATCH and resp.traveller_id == "obama"
             assert to_replica.verify("obama", obama).decision == pb.MATCH
-            assert to_replica.get_traveller("obama").templates == 1
+            # both count the traveller's stored templates (the replica holds them fused)
+            assert to_replica.get_traveller("obama").templates == 2
+            assert to_writer.get_traveller("obama").templates == 2
 
             # Writes belong to the writer.
             for call in (lambda: to_replica.enroll("yao", [yao]),

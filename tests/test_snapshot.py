@@ -97,6 +97,20 @@ def test_foreign_and_incomplete_snapshots_are_refused(tmp_path):
     g.close()
 
 
+def test_a_snapshot_without_its_photo_counts_fails_verification(tmp_path):
+    """photos.npy is what read_snapshot needs since format 2: a manifest that does not list
+    it fails verify_snapshot (matcher gallery verify-snapshot), not only a later load."""
+    g, _ = filled(tmp_path / "g", n=5)
+    path = g.export_snapshot()
+    g.close()
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]["photos.npy"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    (path / "photos.npy").unlink()
+    with pytest.raises(SnapshotError, match="lacks.*photos.npy"):
+        verify_snapshot(path)
+
+
 def test_failed_hot_swap_keeps_serving_and_good_swap_never_fails_a_search(tmp_path):
     g, centres = filled(tmp_path / "g", n=300, kind="flat")
     other, _ = filled(tmp_path / "other", n=10)
@@ -186,4 +200,35 @@ def test_pruning_never_takes_a_snapshot_a_replica_may_still_be_loading(tmp_path)
     assert list_snapshots(folder) == written[:2:-1]
     assert [verify_snapshot(p, MODEL).gallery_version for p in list_snapshots(folder)] == [
         25, 24]
+
+
+def _writer_and_replica(path):
+    from matcher.gallery.replica import ReplicaGallery
+
+    g, centres = filled(path, n=20)
+    two = unit(centres[3] + 0.05 * np.random.default_rng(7).standard_normal((2, 512)))
+    g.enroll("TWO", two, *WINDOW, [sha(100), sha(101)])
+    g.rebuild(now=NOW)
+    g.export_snapshot()
+    return g, ReplicaGallery.open(g.snapshot_dir, MODEL), centres
+
+
+def test_a_replica_counts_the_templates_the_writer_stores(tmp_path):
+    """A traveller booked with two photos has two stored templates on the writer and on a
+    replica of its snapshot, which holds only their fused template."""
+    g, replica, _ = _writer_and_replica(tmp_path / "g")
+    for tid, stored in (("TWO", 2), ("T5", 1)):
+        assert g.get(tid).template_count == replica.get(tid).template_count == stored
+    g.close()
+
+
+def test_a_replica_refuses_the_search_the_writer_refuses(tmp_path):
+    from matcher.errors import InvalidInput
+
+    g, replica, centres = _writer_and_replica(tmp_path / "g")
+    for k in (0, -1, 2.0):
+        for gallery in (g, replica):
+            with pytest.raises(InvalidInput, match="k must be a positive integer"):
+                gallery.search(centres[:1], k, NOW)
+    assert replica.search(centres[:1], 1, NOW)[0][0].traveller_id == "T0"
     g.close()

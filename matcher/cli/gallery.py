@@ -43,13 +43,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "data_dir": str(data_dir), "model_id": store.model_id,
             "store_id": store.store_id, "schema_version": store.schema_version,
             "gallery_version": store.gallery_version, "travellers": travellers,
-            # the N of a 1:N search now (one fused template per traveller)
-            "searchable_now": store.booked_at(time.time()),
             "templates": templates}
         snapshots: list[dict[str, object]] = []
         # Every row's checksum (no key needed); damaged rows are quarantined as they would
         # be at the service's next start, and listed by traveller for re-enrolment.
         verify_templates(store)
+        # the N of a 1:N search now (one fused template per traveller), after the check: a
+        # traveller left with no intact template is not searched
+        out["searchable_now"] = store.searchable_at(time.time())
         out["quarantined"] = [{"template_id": d.template_id, "traveller_id": d.traveller_id,
                                "photo_sha256": d.photo_sha256, "reason": d.reason}
                               for d in quarantined(store)]

@@ -389,9 +389,11 @@ class SearchIndex:
         self.built_version = built_version
         self.applied_version = built_version
         self._built_travellers = t
+        # A traveller left with no intact template (all quarantined) is in the table but
+        # cannot be matched, so a search does not count it.
         table = _Table(list(traveller_ids), _grow(np.asarray(valid_from, np.float64), t),
                        _grow(np.asarray(valid_to, np.float64), t),
-                       _grow(np.ones(t, bool), t), _grow(photos, t), t)
+                       _grow(photos > 0, t), _grow(photos, t), t)
         delta = _Delta(np.empty((0, D), np.float32), np.empty(0, np.int32),
                        np.empty(0, np.int64), 0)
         self._slots: dict[str, int] = {tid: i for i, tid in enumerate(traveller_ids)}

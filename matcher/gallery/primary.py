@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import GalleryError, InvalidInput, SnapshotError
-from ..templates import Candidate, check_templates, check_traveller_id, fuse_groups, fuse_templates
+from ..errors import GalleryError, SnapshotError
+from ..templates import Candidate, check_traveller_id, fuse_groups, fuse_templates
 from .codecs import TemplateCodec
 from .index import IndexConfig, SearchIndex
 from .integrity import quarantined, verify_templates
-from .served import ClaimScore, check_claim_probe, epoch_now, score_claim
+from .served import ClaimScore, check_claim_probe, check_search, epoch_now, score_claim
 from .snapshot import (
     PRUNE_AFTER_S,
     SNAPSHOTS_KEPT,
@@ -212,9 +212,7 @@ class PrimaryGallery:
                ) -> list[list[Candidate]]:
         """1:N. probes (n, 512) float32 L2-normalised -> per probe up to k Candidates
         (traveller_id, best score), best first, among travellers valid at ``now``."""
-        if not isinstance(k, int) or k < 1:
-            raise InvalidInput("k must be a positive integer")
-        x = check_templates(probes, what="probe templates", allow_empty=True)
+        x, k = check_search(probes, k)
         return self._index.search(x, k, epoch_now(now))
 
     def score_traveller(self, traveller_id: str, probe: np.ndarray,

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GalleryError, SnapshotError, UnknownTraveller
-from ..templates import EMBEDDING_DIM, Candidate, check_templates, check_traveller_id
+from ..templates import EMBEDDING_DIM, Candidate, check_traveller_id
 from .index import IndexConfig, SearchIndex
-from .served import ClaimScore, check_claim_probe, epoch_now, score_claim
+from .served import ClaimScore, check_claim_probe, check_search, epoch_now, score_claim
 from .snapshot import SnapshotManifest, list_snapshots, read_snapshot
 from .store import EnrolResult, Traveller
 
@@ -106,7 +106,7 @@ class ReplicaGallery:
     # -- reads ----------------------------------------------------------------------
 
     def search(self, probes: np.ndarray, k: int = 5, now=None) -> list[list[Candidate]]:
-        x = check_templates(probes, what="probe templates", allow_empty=True)
+        x, k = check_search(probes, k)
         return self._state.index.search(x, k, epoch_now(now))
 
     def score_traveller(self, traveller_id: str, probe: np.ndarray, now=None) -> ClaimScore:
@@ -128,9 +128,11 @@ class ReplicaGallery:
         built = state.index.built
         templates = (built.vectors[rows] if len(rows)
                      else np.empty((0, EMBEDDING_DIM), np.float32))
-        # Photo hashes live only in the writer's store.
+        # Photo hashes live only in the writer's store; the snapshot keeps how many photos
+        # (stored templates) each fused template was made of.
         return Traveller(traveller_id, valid_from, valid_to, 0.0, 0.0, templates,
-                         tuple(int(t) for t in built.template_ids[rows]), (), self.model_id)
+                         tuple(int(t) for t in built.template_ids[rows]), (), self.model_id,
+                         state.index.photos(traveller_id))
 
     # -- writes are the writer's ----------------------------------------------------
 

@@ -65,6 +65,13 @@ def epoch_now(now: datetime | float | None) -> float:
     return time.time() if now is None else to_epoch(now, "now")
 
 
+def check_search(probes: np.ndarray, k: object) -> tuple[np.ndarray, int]:
+    """A 1:N search's probes (n, 512) float32 (n may be 0) and its k, a positive int."""
+    if not isinstance(k, int) or k < 1:
+        raise InvalidInput("k must be a positive integer")
+    return check_templates(probes, what="probe templates", allow_empty=True), k
+
+
 def check_claim_probe(probe: np.ndarray) -> np.ndarray:
     """The one probe template of a 1:1 check -> (512,) float32; checked before any lookup."""
     x = check_templates(probe, what="the probe template")

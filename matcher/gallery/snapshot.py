@@ -32,6 +32,9 @@ PREFIX = "gallery-v"
 SNAPSHOTS_KEPT = 3  # the newest this many stay; older ones are pruned
 # ... once a newer snapshot has existed this long: longer than any replica takes to load one
 PRUNE_AFTER_S = 600.0
+# The traveller table beside the index's own files: ids, booking windows, and the booking
+# photos fused into each traveller's template (format 2).
+TABLE_FILES = ("travellers.txt", "windows.npy", "photos.npy")
 
 
 @dataclass(frozen=True)
@@ -65,7 +68,7 @@ def write_snapshot(root: str | Path, index: SearchIndex, model_id: str, store_id
         (tmp / "travellers.txt").write_text("\n".join(ids), encoding="utf-8")
         np.save(tmp / "windows.npy", np.stack([valid_from, valid_to]))
         np.save(tmp / "photos.npy", index.built_photos())
-        names += ["travellers.txt", "windows.npy", "photos.npy"]
+        names += TABLE_FILES
         for name in names:
             fsync_path(tmp / name)
         manifest = {
@@ -140,7 +143,7 @@ def verify_snapshot(path: str | Path, model_id: str | None = None,
     if store_id is not None and m.store_id != store_id:
         raise SnapshotError(f"snapshot {path.name} was made from another gallery store "
                             f"({m.store_id[:8]}, this one is {store_id[:8]})")
-    required = {"positions.npy", "travellers.txt", "windows.npy"}
+    required = {"positions.npy", *TABLE_FILES}
     if not required <= set(m.files):
         missing = sorted(required - set(m.files))
         raise SnapshotError(f"snapshot {path.name} manifest lacks {missing}")

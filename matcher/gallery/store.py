@@ -48,7 +48,8 @@ DEFAULT_WRITE_WAIT_S = 10.0
 
 @dataclass(frozen=True)
 class Traveller:
-    """One booked traveller; ``templates`` is (k, 512) float32, one row per photo."""
+    """One booked traveller; ``templates`` is (k, 512) float32, one row per photo (a read
+    replica holds only their fused template: one row, ``template_count`` photos)."""
 
     traveller_id: str
     valid_from: float  # UTC epoch seconds, inclusive
@@ -59,6 +60,7 @@ class Traveller:
     template_ids: tuple[int, ...]
     photo_sha256s: tuple[str, ...]
     model_id: str
+    template_count: int  # intact templates stored for the traveller, one per booking photo
 
 
 @dataclass(frozen=True)
@@ -470,7 +472,8 @@ class Store(StoreFile):
         templates = np.stack([self._decode(traveller_id, r[1], r[2], r[3]) for r in good]) \
             if good else np.empty((0, EMBEDDING_DIM), np.float32)
         return Traveller(traveller_id, row[0], row[1], row[2], row[3], templates,
-                         tuple(r[0] for r in good), tuple(r[1] for r in good), self.model_id)
+                         tuple(r[0] for r in good), tuple(r[1] for r in good), self.model_id,
+                         len(good))
 
     def find(self, traveller_id: str) -> Traveller | None:
         try:
@@ -498,10 +501,13 @@ class Store(StoreFile):
         return (c.execute("SELECT COUNT(*) FROM travellers").fetchone()[0],
                 c.execute("SELECT COUNT(*) FROM templates").fetchone()[0])
 
-    def booked_at(self, now: float) -> int:
-        """Travellers whose booking window is open at ``now`` (the N of a 1:N search)."""
+    def searchable_at(self, now: float) -> int:
+        """Travellers a search at ``now`` looks at, as the index counts them (the N of a 1:N
+        search): booking window open, and at least one intact (not quarantined) template."""
         return self._reader().execute(
-            "SELECT COUNT(*) FROM travellers WHERE valid_from <= ? AND ? < valid_to",
+            "SELECT COUNT(*) FROM travellers t WHERE valid_from <= ? AND ? < valid_to AND "
+            "EXISTS (SELECT 1 FROM templates m WHERE m.traveller_id = t.traveller_id AND "
+            "m.template_id NOT IN (SELECT template_id FROM quarantine))",
             (now, now)).fetchone()[0]
 
     def changes_since(self, gallery_version: int) -> list[Change]:

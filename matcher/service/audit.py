@@ -177,6 +177,9 @@ class AuditLog:
             line = canonical_json(record) + b"\n"
             try:
                 size_before = os.fstat(self._fd).st_size
+            except OSError as exc:  # nothing written yet
+                raise _io_failure(exc) from None
+            try:
                 _write_all(self._fd, line)
             except OSError as exc:
                 # Leave no half line behind for the next record to be glued onto.

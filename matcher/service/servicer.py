@@ -490,7 +490,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
     async def GetTraveller(self, request: pb.GetTravellerRequest, context) -> pb.TravellerInfo:
         async def body(engine: MatchEngine, deadline: float | None) -> pb.TravellerInfo:
             t = await engine.get_traveller(check_traveller_id(request.traveller_id))
-            info = pb.TravellerInfo(traveller_id=t.traveller_id, templates=len(t.templates),
+            info = pb.TravellerInfo(traveller_id=t.traveller_id, templates=t.template_count,
                                     photo_sha256=list(t.photo_sha256s), model_id=t.model_id)
             info.valid_from.FromNanoseconds(int(t.valid_from * 1e9))
             info.valid_to.FromNanoseconds(int(t.valid_to * 1e9))

@@ -39,3 +39,11 @@ def test_every_relative_link_and_image_exists() -> None:
     assert "docs/perf/latest.md" in targets
     missing = [t for t in targets if not (REPO / t).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_audit_log_operators_are_told_to_verify_is_the_one_the_server_writes() -> None:
+    from matcher.service.audit import AUDIT_FILE
+
+    for doc in (README, (REPO / "docs" / "security.md").read_text()):
+        named = re.findall(r"matcher audit +verify +(\S+)", doc)
+        assert named and {Path(p).name for p in named} == {AUDIT_FILE}

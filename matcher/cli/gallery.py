@@ -28,7 +28,7 @@ def _model_id(args: argparse.Namespace, store_path: Path) -> str:
 def cmd_stats(args: argparse.Namespace) -> int:
     """Counts and versions from the store and the snapshots; builds no index."""
     from ..gallery.integrity import quarantined, verify_templates
-    from ..gallery.primary import SNAPSHOT_DIR, STORE_FILE
+    from ..gallery.layout import SNAPSHOT_DIR, STORE_FILE
     from ..gallery.snapshot import list_snapshots, verify_snapshot
     from ..gallery.store import Store
 
@@ -73,7 +73,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Rebuild the index from the store (unless --no-rebuild) and write a snapshot."""
     from ..gallery.index import IndexConfig
-    from ..gallery.primary import STORE_FILE, GalleryConfig, PrimaryGallery
+    from ..gallery.layout import STORE_FILE
+    from ..gallery.primary import GalleryConfig, PrimaryGallery
     from ..gallery.snapshot import verify_snapshot
 
     data_dir = args.data
@@ -97,7 +98,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Exit 0 if the snapshot is intact (and fits the store, with --data), else 1."""
     from ..gallery.index import IndexConfig
-    from ..gallery.primary import STORE_FILE
+    from ..gallery.layout import STORE_FILE
     from ..gallery.snapshot import read_snapshot, verify_snapshot
     from ..gallery.store import Store
 
@@ -131,7 +132,7 @@ def cmd_rewrap(args: argparse.Namespace) -> int:
     """Re-encrypt every template not yet under the current key (and, with --from-plain,
     encrypt a store written without a key); prints the count as JSON."""
     from ..gallery.codecs import ENV_KEY, ENV_KEY_FILE, PlainCodec, codec_from_env
-    from ..gallery.primary import STORE_FILE
+    from ..gallery.layout import STORE_FILE
     from ..gallery.rewrap import rewrap_templates
     from ..gallery.store import Store
 

@@ -51,7 +51,8 @@ class DetectorConfig:
     input_size: tuple[int, int] | None = None
     max_side: int = 320
     fallback_max_side: int | None = 640
-    confident_score: float = 0.6  # QualityPolicy.min_det_score: below it a face is rejected
+    # A face below the quality gate's detection score is rejected: no need to look again.
+    confident_score: float = QualityPolicy.min_det_score
     score_threshold: float = 0.5
     nms_iou: float = 0.4
     max_faces: int = 64

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DiskFull, GalleryError, StorageUnavailable, StoreBusy, StoreDamaged
+from .layout import SNAPSHOT_DIR
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ def damaged_store_message(path: Path, detail: str) -> str:
             f"it from the bookings with `matcher reindex --manifest BOOKINGS --data {d}`; "
             f"check the result with `matcher gallery stats --data {d}`. Meanwhile a read "
             f"replica can serve the last good snapshot: `matcher serve --replica-of "
-            f"{d / 'snapshots'} --data OTHER_DIR`")
+            f"{d / SNAPSHOT_DIR} --data OTHER_DIR`")
 
 
 def storage_error(exc: sqlite3.Error, path: Path) -> Exception:

@@ -21,6 +21,7 @@ from ..templates import Candidate, check_traveller_id, fuse_groups, fuse_templat
 from .codecs import TemplateCodec
 from .index import IndexConfig, SearchIndex
 from .integrity import quarantined, verify_templates
+from .layout import SNAPSHOT_DIR, STORE_FILE
 from .served import ClaimScore, check_claim_probe, check_search, epoch_now, score_claim
 from .snapshot import (
     PRUNE_AFTER_S,
@@ -35,8 +36,6 @@ from .store import EnrolResult, Store, Traveller
 
 log = logging.getLogger(__name__)
 
-STORE_FILE = "gallery.sqlite3"
-SNAPSHOT_DIR = "snapshots"
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,8 @@ _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,47}$")
 # A record is at most ~10 KB (MAX_FIELDS x MAX_STRING), so a torn line plus the last
 # complete one always fit in this many bytes from the end.
 _TAIL_BYTES = 64 * 1024
+# The log the server keeps in its data folder (ServerConfig.audit_path names another).
+AUDIT_FILE = "audit.log"
 
 
 class AuditError(MatcherError):

@@ -40,6 +40,7 @@ from ..face.models import ModelPack
 from ..face.pipeline import Pipeline
 from ..gallery.codecs import codec_from_env
 from ..gallery.decision import DecisionPolicy
+from ..gallery.layout import SNAPSHOT_DIR
 from ..gallery.replica import ReplicaGallery, SnapshotWatcher
 from ..gallery.scoremodel import check_settings, load_score_model
 from ..gallery.snapshot import (
@@ -58,7 +59,7 @@ from ..transport import (
     split_host_port,
 )
 from ..v1 import matcher_pb2 as pb
-from .audit import AuditLog
+from .audit import AUDIT_FILE, AuditLog
 from .auth import TokenAuthInterceptor, TokenBook, check_exposure
 from .batching import BatchConfig
 from .demo import enrol_demo_gallery
@@ -130,7 +131,7 @@ class ServerConfig:
         """The snapshots a replica serves, or those the writer publishes."""
         if self.role == "replica" and self.snapshot_source is not None:
             return self.snapshot_source
-        return self.data_dir / "snapshots"
+        return self.data_dir / SNAPSHOT_DIR
 
     def __post_init__(self) -> None:
         if self.role not in ("writer", "replica"):
@@ -329,7 +330,7 @@ class RunningServer:
         check_settings(score_model, pipeline.settings_hash(), pipeline.model_id)
         # The audit log before the gallery: a damaged one refuses start-up at once, and a
         # gallery that fails to open leaves no log file open behind it.
-        audit = AuditLog(config.audit_path or config.data_dir / "audit.log")
+        audit = AuditLog(config.audit_path or config.data_dir / AUDIT_FILE)
         try:
             gallery = self._open_gallery(pipeline)
         except BaseException:

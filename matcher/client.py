@@ -17,8 +17,8 @@ resolves to several (``dns:///matcher.internal:50051``). What a lane gets from i
 * A dead server: its calls fail UNAVAILABLE and gRPC retries them on another server
   (reads only: Identify, Verify, Clear, GetTraveller, GetGalleryInfo; at most 3 attempts
   within the call's deadline). Writes are never retried behind your back.
-* A stalled server: a read still unanswered after the 95th percentile of recent answers
-  is sent again to another server (matcher.hedging); keepalive pings every 2 s drop the
+* A stalled server: a read still unanswered after twice the 95th percentile of recent
+  answers is sent again to another server (matcher.hedging); keepalive pings every 2 s drop the
   stalled connection within ~4 s, and the server is used again once it answers its
   health check.
 * When no server is fit for lanes (every replica stale and the writer down), reads go to

@@ -13,14 +13,14 @@ hedges here, for reads only (a hedge runs the call twice).
 
 Delay: ``delay_factor`` (2) times the ``quantile`` (0.95) of the last ``window`` answered
 attempts' own latencies, measured from each attempt's start, so a stall does not teach
-the client to wait longer; at least ``min_delay_s``, at most ``max_delay_fraction`` of the
-call's timeout (the hedge needs time to answer too); half the timeout until
+the client to wait longer; at least ``min_delay_s``, at most ``max_delay_fraction`` of
+the call's timeout (the hedge needs time to answer too); half the timeout until
 ``min_samples`` answers are known. The factor keeps hedges for calls that are stuck, not
-merely slow: hedging at the 95th percentile itself sent 5 % of calls twice more in steady
-state, and when a fault slowed every server a little (one of three killed), the extra
-work slowed them more and hedging fed on itself (failover benchmark: p50 28 -> 500 ms for
-4 s). Budget: no new hedge while more than ``max_hedged_fraction`` (a quarter) of the
-recent calls were hedged, so a slow cluster is not sent the work twice over.
+merely slow: hedging at the quantile itself sends a steady share of all calls twice more,
+and when a fault slows every server a little, that extra work slows them further and
+hedging feeds on itself (docs/operations.md, "Why twice the p95"). Budget: no new hedge
+while more than ``max_hedged_fraction`` (a quarter) of the recent calls were hedged, so a
+slow cluster is not sent the work twice over.
 
 A refusal that another server may not repeat (UNAVAILABLE, RESOURCE_EXHAUSTED) starts the
 next attempt at once (after ``retry_backoff_s``) when none is in flight; an answer about

@@ -94,8 +94,18 @@ async def worker_held(b: MicroBatcher, fn: Recorder, item: int = 0
     await first
 
 
+class SlowRecorder(Recorder):
+    """A Recorder whose every batch takes at least COMPUTE_S."""
+
+    COMPUTE_S = 0.02
+
+    def __call__(self, items: list[int]) -> list[int]:
+        time.sleep(self.COMPUTE_S)
+        return super().__call__(items)
+
+
 def test_concurrent_requests_share_batches_and_get_their_own_results():
-    fn = Recorder()
+    fn = SlowRecorder()
 
     async def main():
         async with started(fn, BatchConfig(max_batch=8, max_wait_s=0.05, workers=1)) as b:
@@ -107,7 +117,12 @@ def test_concurrent_requests_share_batches_and_get_their_own_results():
     assert sorted(x for batch in fn.batches for x in batch) == list(range(20))
     assert max(len(batch) for batch in fn.batches) == 8
     assert all(1 <= len(batch) <= 8 for batch in fn.batches)
-    assert all(stats.batch_size >= 1 and stats.queue_ms >= 0 for _, stats in out)
+    # each answer reports the batch it ran in, and how long it queued for it: with one
+    # worker, the third batch waited behind two batches' compute
+    size_of = {x: len(batch) for batch in fn.batches for x in batch}
+    assert [stats.batch_size for _, stats in out] == [size_of[i] for i in range(20)]
+    behind = 2 * SlowRecorder.COMPUTE_S * 1e3
+    assert min(out[i][1].queue_ms for i in fn.batches[2]) >= behind
 
 
 def test_a_lone_request_is_served_after_max_wait_without_company():

@@ -188,9 +188,18 @@ def test_warp_edges_and_outside():
 
 
 def test_warp_no_faces_leaves_empty_batch():
-    out = np.empty((0, 3, 112, 112), dtype=np.float32)
-    _native.warp_faces_to_batch(random_image(np.random.default_rng(0), 4, 4),
-                                np.empty((0, 2, 3)), out, EMB_MEAN, EMB_INV_STD)
+    """No faces is a valid call with an empty batch, as in the twin; a batch of another
+    length is refused before anything is written."""
+    image = random_image(np.random.default_rng(0), 4, 4)
+    no_faces = np.empty((0, 2, 3))
+    for warp in (_native.warp_faces_to_batch, _reference.warp_faces_to_batch):
+        out = np.empty((0, 3, 112, 112), dtype=np.float32)
+        assert warp(image, no_faces, out, EMB_MEAN, EMB_INV_STD) is None
+        assert out.shape == (0, 3, 112, 112)
+    one = np.full((1, 3, 112, 112), 7.0, np.float32)
+    with pytest.raises(ValueError, match="out"):
+        _native.warp_faces_to_batch(image, no_faces, one, EMB_MEAN, EMB_INV_STD)
+    assert (one == 7.0).all()
 
 
 # -- SCRFD decode ------------------------------------------------------------------------

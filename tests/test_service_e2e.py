@@ -165,14 +165,16 @@ def test_no_face_and_low_quality_are_decisions(client, enrolled, faces_dir):
 
 def test_enrol_then_remove_a_traveller(client, enrolled, faces_dir):
     probe = (faces_dir / "rose_leslie_2.jpg").read_bytes()
-    client.enroll("temp-traveller", [(faces_dir / "rose_leslie_1.jpg").read_bytes()])
+    enrolled_at = client.enroll("temp-traveller",
+                                [(faces_dir / "rose_leslie_1.jpg").read_bytes()]).gallery_version
     assert client.verify("temp-traveller", probe).decision == pb.MATCH
     # Two travellers with the same face: identification is ambiguous, never a guess.
     ambiguous = client.identify(probe)
     assert ambiguous.decision == pb.NO_MATCH and ambiguous.reason == "ambiguous"
     removed = client.remove("temp-traveller")
-    assert removed.gallery_version > 0
+    assert removed.gallery_version == enrolled_at + 1   # the removal is the next change
     after = client.identify(probe)
+    assert after.gallery_version == removed.gallery_version  # answered without the traveller
     assert after.decision == pb.MATCH and after.traveller_id == "rose_leslie"
     assert "temp-traveller" not in [c.traveller_id for c in after.candidates]
     assert _code(lambda: client.get_traveller("temp-traveller")) == grpc.StatusCode.NOT_FOUND

@@ -196,6 +196,7 @@ def _record_points(report: Report, rep: dict) -> None:
                 headline = (name == EAST_ASIAN and row["mode"] == "1:1"
                             and row["kind"] == SINGLE)
                 report.figure(f"{tag}_fmr", r["fmr"], "rate", summary=headline,
+                              resolved=r["resolved"],
                               note=f"{row['target']}, threshold {row['threshold'][label]:.4f}: "
                                    f"{r['false_matches']} of {r['impostor_pairs']:,} within-"
                                    f"group pairs (95% CI {ci[0]:.2g}..{ci[1]:.2g}); "

@@ -95,8 +95,12 @@ class Report:
         self.params.update(kwargs)
 
     def figure(self, key: str, values: float | Sequence[float], unit: str, *,
-               summary: bool = False, note: str = "") -> dict:
-        """Record one figure; a sequence is summarised as min/median/max over repeats."""
+               summary: bool = False, note: str = "", resolved: bool = True) -> dict:
+        """Record one figure; a sequence is summarised as min/median/max over repeats.
+
+        ``resolved=False``: the data cannot support the figure as a point (too few events
+        behind it; the note says why): it is kept, marked, and never in the summary table,
+        where it would read as a measured rate."""
         vals = [float(values)] if isinstance(values, (int, float)) else [float(v) for v in values]
         if not vals:
             raise ValueError(f"figure {key!r} has no values")
@@ -104,8 +108,10 @@ class Report:
                  "max": max(vals), "n": len(vals)}
         if note:
             entry["note"] = note
+        if not resolved:
+            entry["resolved"] = False
         self.figures[key] = entry
-        if summary and key not in self.summary_keys:
+        if summary and resolved and key not in self.summary_keys:
             self.summary_keys.append(key)
         return entry
 
@@ -160,7 +166,9 @@ def format_value(entry: dict) -> str:
     text = f"{med:.4g}"
     if entry["n"] > 1:
         text += f" ({entry['min']:.3g}-{entry['max']:.3g})"
-    return f"{text} {entry['unit']}"
+    # a figure its data does not resolve says so wherever it is printed (Report.figure)
+    resolved = "" if entry.get("resolved", True) else " (not resolved)"
+    return f"{text} {entry['unit']}{resolved}"
 
 
 def write_summary(out_dir: Path, docs: list[dict], command: str,

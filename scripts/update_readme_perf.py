@@ -3,7 +3,8 @@
     matcher bench --out bench-out && python scripts/update_readme_perf.py bench-out
 
 Writes docs/perf/latest.md (the run's summary.md: command, machine, headline figures and
-every check, then every figure each suite recorded), copies the suites' PNGs into
+every check, then every figure each suite recorded, those its data does not resolve
+marked so and never among the headline figures), copies the suites' PNGs into
 docs/perf/, and replaces the text between the PERF markers in README.md with one line
 naming the run plus the plots. The README's targets table is written by hand from
 latest.md, so every figure it quotes can be found there.

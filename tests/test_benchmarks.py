@@ -62,3 +62,33 @@ def test_the_binomial_tail_and_interval_agree_with_the_closed_forms() -> None:
     lower, upper = clopper_pearson(3, 1_000)
     assert binomial_tail(3, 1_000, lower) == pytest.approx(0.025, abs=1e-9)
     assert binomial_cdf(3, 1_000, upper) == pytest.approx(0.025, abs=1e-9)
+
+
+def test_a_figure_its_data_does_not_resolve_stays_out_of_the_summary(tmp_path: Path) -> None:
+    """An FNIR at an FPIR that lets one or two non-mated probes pass is recorded with its
+    note, marked, and left out of the summary table and the published perf page's headline
+    rows, where it would read as a measured miss rate."""
+    import importlib.util
+
+    from benchmarks.harness import Report, machine_info, write_summary
+
+    report = Report("accuracy", quick=True)
+    report.figure("fnir_at_fpir_0.01", 0.021, "rate", summary=True, note="15.4 may pass")
+    report.figure("fnir_at_fpir_0.001", 0.855, "rate", summary=True, resolved=False,
+                  note="1.5 may pass (fewer than 5: the interval, not the point)")
+    out = tmp_path / "bench"
+    doc = report.save(out, machine_info(), 1.0)
+    assert doc["summary_keys"] == ["fnir_at_fpir_0.01"]
+    saved = json.loads((out / "accuracy.json").read_text())["figures"]["fnir_at_fpir_0.001"]
+    assert saved["resolved"] is False and saved["median"] == 0.855 and "1.5" in saved["note"]
+    summary = write_summary(out, [doc], "matcher bench", {}).read_text()
+    assert "fnir_at_fpir_0.01 |" in summary and "fnir_at_fpir_0.001" not in summary
+
+    spec = importlib.util.spec_from_file_location(
+        "update_readme_perf", REPO / "scripts" / "update_readme_perf.py")
+    assert spec is not None and spec.loader is not None
+    perf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(perf)
+    headline, every = perf.latest_md(out).split("## Every figure")
+    assert "fnir_at_fpir_0.001" not in headline
+    assert "| fnir_at_fpir_0.001 | 0.855 rate (not resolved) | 1.5 may pass" in every

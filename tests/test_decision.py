@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from matcher.errors import GalleryError, InvalidInput
@@ -109,6 +110,68 @@ def test_score_model_file_round_trips(tmp_path, shipped):
     path.write_text("{not json")
     with pytest.raises(GalleryError, match="cannot read score model"):
         ScoreModel.load(path)
+
+
+def _models(m: ScoreModel, path: str = "model"):
+    """The model and every model inside it (kinds, search, groups), by path."""
+    yield path, m
+    for name, sub in m.kinds.items():
+        yield from _models(sub, f"{path}.kinds.{name}")
+    if m.search is not None:
+        yield from _models(m.search, f"{path}.search")
+    for name, sub in m.groups.items():
+        yield from _models(sub, f"{path}.groups.{name}")
+
+
+def assert_same_model(a: ScoreModel, b: ScoreModel) -> None:
+    """Every array a threshold is taken from, equal to the bit, in every inner model."""
+    pairs = dict(_models(a)), dict(_models(b))
+    assert pairs[0].keys() == pairs[1].keys()
+    for path, x in pairs[0].items():
+        y = pairs[1][path]
+        assert x.tail == y.tail and x.fmr_floor == y.fmr_floor, path
+        for name in ("replicates", "empirical", "genuine", "resolved_fmr",
+                     "resolved_thresholds"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=path)
+
+
+def test_a_score_model_is_read_back_unchanged_whichever_way_it_was_written(tmp_path, shipped):
+    """The compact file (thresholds in whole units of 1e-5) and the older one (decimals,
+    indented) read to the same floats: every threshold to the last digit."""
+    compact = tmp_path / "compact.json"
+    shipped.save(compact)
+    assert_same_model(ScoreModel.load(compact), shipped)
+
+    def as_decimals(doc):
+        if isinstance(doc, dict):
+            doc = {k: as_decimals(v) for k, v in doc.items()}
+            if "thresholds_e5" in doc:
+                doc["thresholds"] = np.round(np.asarray(doc.pop("thresholds_e5")) / 1e5,
+                                             5).tolist()
+            return doc
+        return [as_decimals(v) for v in doc] if isinstance(doc, list) else doc
+
+    older = tmp_path / "older.json"
+    older.write_text(json.dumps(as_decimals(json.loads(compact.read_text())), indent=1))
+    assert_same_model(ScoreModel.load(older), shipped)
+
+
+def test_the_shipped_score_models_are_compact_and_give_the_calibrated_thresholds(shipped):
+    """Each file is read at every start: under 1 MB. Its thresholds are the ones lfw-dev
+    gave (docs/operating-points.md), to the last digit; re-calibrating changes them here."""
+    import importlib.resources
+
+    folder = importlib.resources.files("matcher.score_models")
+    files = [f for f in folder.iterdir() if f.name.endswith(".json")]
+    assert len(files) == 2 and all(len(f.read_bytes()) < 1_000_000 for f in files)
+    policy = DecisionPolicy()
+    one_to_one = {kind: operating_point_1to1(shipped, 1e-5, policy.min_threshold,
+                                             policy.confidence_1to1, kind).threshold
+                  for kind in ("single", "fused")}
+    assert one_to_one == {"single": 0.3817785525172104, "fused": 0.38580614658714885}
+    assert [operating_point_1toN(shipped, policy.fpir_1toN, n, policy.min_threshold,
+                                 policy.confidence_1toN).threshold
+            for n in (1_000, 23_593)] == [0.40649271720861063, 0.42507888672460675]
 
 
 def C(tid, s):

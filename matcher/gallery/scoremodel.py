@@ -34,6 +34,9 @@ from ..errors import GalleryError, InvalidInput
 
 SINGLE, FUSED = "single", "fused"  # comparison kinds: one booking photo, or several fused
 FORMAT = 2  # 2: resolved-tail resamples kept whole; comparison kinds
+# The resolved tail's resampled thresholds in whole units of 1e-5 (older files of this
+# format hold them as decimals under "thresholds"; both are read).
+THRESHOLDS_E5 = "thresholds_e5"
 SHIPPED_PACKAGE = "matcher.score_models"
 
 
@@ -326,7 +329,9 @@ class ScoreModel:
             "impostor_empirical": np.round(self.empirical, 9).tolist(),
             "impostor_resolved": {
                 "fmr": self.resolved_fmr.tolist(),
-                "thresholds": np.round(self.resolved_thresholds, 5).tolist()},
+                # (resamples, rates) to 5 decimals, as whole numbers of 1e-5: a quarter of
+                # the file shorter, read back (divided by 1e5) to the same floats
+                THRESHOLDS_E5: np.rint(self.resolved_thresholds * 1e5).astype(np.int64).tolist()},
             "genuine_fnmr": np.round(self.genuine, 6).tolist(),
         })
         if self.kinds:
@@ -350,19 +355,24 @@ class ScoreModel:
         search = cls.from_document(doc["search"]) if "search" in doc else None
         groups = {name: cls.from_document(sub) for name, sub in doc.get("groups", {}).items()}
         fmr = np.asarray(resolved["fmr"], dtype=np.float64)
+        if THRESHOLDS_E5 in resolved:
+            thresholds = np.asarray(resolved[THRESHOLDS_E5], dtype=np.float64) / 1e5
+        else:  # written before the whole-number form: decimals
+            thresholds = np.asarray(resolved["thresholds"], dtype=np.float64)
         return cls(doc["model_id"], doc["settings_hash"], float(doc["confidence"]),
                    float(tail["tail_fmr"]), (tail["u"], tail["xi"], tail["sigma"]),
                    np.asarray(tail["replicates"], dtype=np.float64),
                    float(doc["fmr_floor"]),
                    np.asarray(doc["impostor_empirical"], dtype=np.float64),
                    np.asarray(doc["genuine_fnmr"], dtype=np.float64), doc, fmr,
-                   np.asarray(resolved["thresholds"], dtype=np.float64).reshape(-1, len(fmr)),
+                   thresholds.reshape(-1, len(fmr)),
                    kinds, search, groups, bool(doc.get("worst_group", False)),
                    doc.get("group_confidence"))
 
     def save(self, path: Path) -> None:
         """Whole or not at all: every threshold the service uses comes from this file."""
-        atomic_write_text(path, json.dumps(self.to_document(), indent=1) + "\n")
+        # compact: read at every start, shipped in the package
+        atomic_write_text(path, json.dumps(self.to_document(), separators=(",", ":")) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> ScoreModel:

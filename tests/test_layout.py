@@ -163,6 +163,17 @@ def test_no_import_circle_in_matcher_or_benchmarks():
     assert import_circles(import_graph(PACKAGE, PACKAGE.parent / "benchmarks")) == []
 
 
+def test_every_benchmarks_module_imports():
+    """The benchmarks run for most of an hour and only on demand: a name moved in matcher/
+    (a module split, say) fails here, in seconds, not at the end of a run."""
+    modules = sorted(p.stem for p in (PACKAGE.parent / "benchmarks").glob("*.py")
+                     if p.stem != "__main__")
+    statement = "; ".join(f"import benchmarks.{m}" for m in modules)
+    done = subprocess.run([sys.executable, "-c", statement], cwd=PACKAGE.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def _loaded_after(statement: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", f"{statement}\nimport sys\n"
                           "print('\\n'.join(sys.modules))"],

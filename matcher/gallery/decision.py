@@ -137,6 +137,8 @@ class Decision:
     fallback_used: bool = False
     # False when the threshold rests on an FMR beyond the calibration data (see module doc)
     supported: bool = True
+    # The gallery_version the deciding search or booking read saw (None: no gallery read)
+    gallery_version: int | None = None
 
     @property
     def is_match(self) -> bool:
@@ -208,28 +210,34 @@ class Decider:
                             self.point_1to1.threshold, traveller_id)
         t = self.point_1to1_for(claim.photos).threshold
         if not claim.within_window:
-            return Decision(Outcome.NO_MATCH, Reason.OUTSIDE_WINDOW, "verify", None,
-                            claim.score, t, traveller_id)
-        if claim.score >= t:
-            return Decision(Outcome.MATCH, Reason.ABOVE_THRESHOLD, "verify", traveller_id,
-                            claim.score, t, traveller_id)
-        return Decision(Outcome.NO_MATCH, Reason.BELOW_THRESHOLD, "verify", None, claim.score,
-                        t, traveller_id)
+            outcome, reason, matched = Outcome.NO_MATCH, Reason.OUTSIDE_WINDOW, None
+        elif claim.score >= t:
+            outcome, reason, matched = Outcome.MATCH, Reason.ABOVE_THRESHOLD, traveller_id
+        else:
+            outcome, reason, matched = Outcome.NO_MATCH, Reason.BELOW_THRESHOLD, None
+        return Decision(outcome, reason, "verify", matched, claim.score, t, traveller_id,
+                        gallery_version=claim.gallery_version)
 
     def identify_many(self, probes: np.ndarray, k: int = 5,
                       now: datetime | float | None = None) -> list[Decision]:
-        """1:N for each probe (n, 512); one batched gallery search."""
+        """1:N for each probe (n, 512); one batched gallery search.
+
+        The threshold is the one for the N the search itself looked at, and each decision
+        names the gallery_version searched: an enrolment or a hot swap meanwhile changes
+        neither apart from the search.
+        """
         k = max(k, 2)  # the margin rule needs the runner-up
-        point = self.point_1toN(now=now)
+        found = self.gallery.search(probes, k, now)
+        point = self.point_1toN(gallery_size=found.searchable)
         t = point.threshold
         decisions = []
-        for cands in self.gallery.search(probes, k, now):
+        for cands in found:
             outcome, reason = decide_identification(cands, t, self.policy.margin)
             decisions.append(Decision(
                 outcome, reason, "identify",
                 cands[0].traveller_id if outcome is Outcome.MATCH else None,
                 cands[0].score if cands else None, t, None, tuple(cands),
-                supported=point.supported))
+                supported=point.supported, gallery_version=found.gallery_version))
         return decisions
 
     def identify(self, probe: np.ndarray, k: int = 5,
@@ -252,7 +260,8 @@ class Decider:
         second = self.identify(probe, k, now)
         if not second.is_match:
             return Decision(first.outcome, first.reason, first.mode, None, first.score,
-                            first.threshold, traveller_id, second.candidates, True)
+                            first.threshold, traveller_id, second.candidates, True,
+                            gallery_version=second.gallery_version)
         return Decision(second.outcome, second.reason, "identify", second.traveller_id,
                         second.score, second.threshold, traveller_id, second.candidates, True,
-                        second.supported)
+                        second.supported, second.gallery_version)

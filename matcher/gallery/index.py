@@ -3,8 +3,9 @@
 A ``SearchIndex`` is an immutable FAISS index built from the store at one gallery_version,
 plus an append-only exact "delta" of templates enrolled since, plus a traveller table
 (id, booking window, active flag) that every candidate is filtered through at search time.
-Writers (one at a time) publish a new ``_View`` reference after each change; searches take
-that reference once, so they never lock and never see a half-applied change.
+Writers (one at a time) publish a new ``_View`` reference after each change, with the
+gallery_version it brings the index to; searches take that reference once, so they never
+lock, never see a half-applied change, and say which gallery_version they searched.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -367,6 +368,21 @@ class _View:
     built: BuiltIndex
     delta: _Delta
     table: _Table
+    version: int  # the gallery_version this view reflects
+
+
+class SearchResult(list[list[Candidate]]):
+    """A 1:N search's answer: per probe up to k Candidates, best first (a list of lists,
+    as it always was), and the gallery state they came from, read from the one view the
+    search ran on: ``gallery_version`` and ``searchable``, the travellers it looked at (the
+    N of the 1:N threshold). A hot swap or an enrolment during the search changes neither.
+    """
+
+    def __init__(self, candidates: list[list[Candidate]], gallery_version: int,
+                 searchable: int) -> None:
+        super().__init__(candidates)
+        self.gallery_version = gallery_version
+        self.searchable = searchable
 
 
 def _grow(a: np.ndarray, needed: int) -> np.ndarray:
@@ -387,7 +403,6 @@ class SearchIndex:
         photos = np.ones(t, np.int64) if photos is None else np.asarray(photos, np.int64)
         self.config = config
         self.built_version = built_version
-        self.applied_version = built_version
         self._built_travellers = t
         # A traveller left with no intact template (all quarantined) is in the table but
         # cannot be matched, so a search does not count it.
@@ -397,12 +412,14 @@ class SearchIndex:
         delta = _Delta(np.empty((0, D), np.float32), np.empty(0, np.int32),
                        np.empty(0, np.int64), 0)
         self._slots: dict[str, int] = {tid: i for i, tid in enumerate(traveller_ids)}
-        self._view = _View(built, delta, table)
+        self._view = _View(built, delta, table, built_version)
         # Counts the writer's changes to the traveller table, after each one is in place.
         self._table_changes = 0
-        # (table changes, lo, hi, count): ``count`` travellers are searchable at every now
-        # in [lo, hi). One tuple, replaced whole, so concurrent readers need no lock.
-        self._searchable_span: tuple[int, float, float, int] = (-1, 0.0, 0.0, 0)
+        # (view, table changes, lo, hi, count): ``count`` travellers of ``view`` are
+        # searchable at every now in [lo, hi). One tuple, replaced whole, so concurrent
+        # readers need no lock.
+        self._searchable_span: tuple[_View | None, int, float, float, int] = (
+            None, -1, 0.0, 0.0, 0)
 
     @classmethod
     def build(cls, vectors: np.ndarray, owner: np.ndarray, template_ids: np.ndarray,
@@ -428,18 +445,33 @@ class SearchIndex:
         """Travellers currently searchable (ignoring booking windows)."""
         return len(self._slots)
 
+    @property
+    def applied_version(self) -> int:
+        """The gallery_version the index reflects (built, then changes replayed)."""
+        return self._view.version
+
+    @applied_version.setter
+    def applied_version(self, version: int) -> None:
+        if version != self._view.version:
+            self._view = replace(self._view, version=version)
+
     def searchable(self, now: float) -> int:
-        """Travellers a search at ``now`` looks at: active, booking window open.
+        """Travellers a search at ``now`` looks at: active, booking window open."""
+        return self._searchable(self._view, now)
+
+    def _searchable(self, v: _View, now: float) -> int:
+        """``searchable`` for the view ``v`` (the one a search runs on).
 
         Asked for on every search batch, so the count is kept with the span of time it
         holds for (up to the nearest booking-window edge) and counted again only once
-        ``now`` leaves that span or the table changes: always the exact count."""
-        changes, lo, hi, count = self._searchable_span
-        if changes == self._table_changes and lo <= now < hi:
+        ``now`` leaves that span, the view is another or the table changes: always the
+        exact count."""
+        view, changes, lo, hi, count = self._searchable_span
+        if view is v and changes == self._table_changes and lo <= now < hi:
             return count
         # Read before the table: a change made meanwhile moves the counter past this key.
         changes = self._table_changes
-        t = self._view.table
+        t = v.table
         n = t.count
         active, vf, vt = t.active[:n], t.valid_from[:n], t.valid_to[:n]
         opened, closed = vf <= now, vt <= now
@@ -449,7 +481,7 @@ class SearchIndex:
                  np.max(vt, where=active & closed, initial=-math.inf))
         hi = min(np.min(vf, where=active & ~opened, initial=math.inf),
                  np.min(vt, where=active & ~closed, initial=math.inf))
-        self._searchable_span = (changes, float(lo), float(hi), count)
+        self._searchable_span = (v, changes, float(lo), float(hi), count)
         return count
 
     @property
@@ -484,9 +516,11 @@ class SearchIndex:
     # -- writer side (caller holds the gallery's write lock) --------------------------
 
     def upsert(self, traveller_id: str, valid_from: float, valid_to: float,
-               templates: np.ndarray, template_ids: Sequence[int], photos: int = 1) -> None:
+               templates: np.ndarray, template_ids: Sequence[int], photos: int = 1,
+               version: int | None = None) -> None:
         """Make the traveller searchable with exactly these templates (k, 512) float32,
-        made from ``photos`` booking photos."""
+        made from ``photos`` booking photos; ``version``: the gallery_version the change
+        brings the index to, published with it (None: the index's stays)."""
         v = self._view
         tb, dl = v.table, v.delta
         slot = tb.count
@@ -506,31 +540,38 @@ class SearchIndex:
         # Publish the new slot first, then retire the old one: a concurrent search sees the
         # traveller at every moment (possibly twice, which the per-traveller merge absorbs).
         self._view = _View(v.built, _Delta(dv, do, dt, m + k),
-                           _Table(tb.ids, vf, vt, active, fused, slot + 1))
+                           _Table(tb.ids, vf, vt, active, fused, slot + 1),
+                           v.version if version is None else version)
         old = self._slots.get(traveller_id)
         if old is not None:
             active[old] = False
         self._slots[traveller_id] = slot
         self._table_changes += 1
 
-    def remove(self, traveller_id: str) -> bool:
+    def remove(self, traveller_id: str, version: int | None = None) -> bool:
+        """Make the traveller unsearchable at once, searches in flight included (the slot
+        is retired in place); ``version`` as for ``upsert``."""
         slot = self._slots.pop(traveller_id, None)
         if slot is None:
             return False
         self._view.table.active[slot] = False
         self._table_changes += 1
+        if version is not None:
+            self.applied_version = version
         return True
 
     # -- reader side --------------------------------------------------------------
 
-    def search(self, probes: np.ndarray, k: int, now: float) -> list[list[Candidate]]:
+    def search(self, probes: np.ndarray, k: int, now: float) -> SearchResult:
         """Top-k travellers per probe among those active and within their window at ``now``.
 
-        probes (n, 512) float32 L2-normalised -> n lists of at most k Candidates, best first.
+        probes (n, 512) float32 L2-normalised -> n lists of at most k Candidates, best first,
+        with the gallery_version and the searchable count of the view searched.
         """
         v = self._view
         total = v.built.ntotal + v.delta.count
-        results: list[list[Candidate]] = [[] for _ in range(len(probes))]
+        results = SearchResult([[] for _ in range(len(probes))], v.version,
+                               self._searchable(v, now))
         if total == 0 or k < 1:
             return results
         limit = min(total, MAX_APPROX_FETCH) if v.built.approximate else total

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GalleryError, SnapshotError
-from ..templates import Candidate, check_traveller_id, fuse_groups, fuse_templates
+from ..templates import check_traveller_id, fuse_groups, fuse_templates
 from .codecs import TemplateCodec
-from .index import IndexConfig, SearchIndex
+from .index import IndexConfig, SearchIndex, SearchResult
 from .integrity import quarantined, verify_templates
 from .layout import SNAPSHOT_DIR, STORE_FILE
 from .served import ClaimScore, check_claim_probe, check_search, epoch_now, score_claim
@@ -208,9 +208,10 @@ class PrimaryGallery:
         return self.store.get(traveller_id)
 
     def search(self, probes: np.ndarray, k: int = 5, now: datetime | float | None = None
-               ) -> list[list[Candidate]]:
+               ) -> SearchResult:
         """1:N. probes (n, 512) float32 L2-normalised -> per probe up to k Candidates
-        (traveller_id, best score), best first, among travellers valid at ``now``."""
+        (traveller_id, best score), best first, among travellers valid at ``now``; with
+        the gallery_version and searchable count of the index state searched."""
         x, k = check_search(probes, k)
         return self._index.search(x, k, epoch_now(now))
 
@@ -218,8 +219,9 @@ class PrimaryGallery:
                         now: datetime | float | None = None) -> ClaimScore:
         """1:1 against the durable store. probe (512,) float32; raises UnknownTraveller."""
         x = check_claim_probe(probe)
-        t = self.store.get(check_traveller_id(traveller_id))
-        return score_claim(t.traveller_id, t.templates, x, t.valid_from, t.valid_to, now)
+        t, version = self.store.get_with_version(check_traveller_id(traveller_id))
+        return score_claim(t.traveller_id, t.templates, x, t.valid_from, t.valid_to, now,
+                           version)
 
     # -- rebuild and snapshots ------------------------------------------------------
 
@@ -273,15 +275,16 @@ class PrimaryGallery:
         return manifest
 
 
-def _index_traveller(index: SearchIndex, t: Traveller) -> None:
+def _index_traveller(index: SearchIndex, t: Traveller, version: int | None = None) -> None:
     """The index holds one template per traveller: the fused template of every intact
-    booking photo (so N counts travellers), filed under the first photo's template id."""
+    booking photo (so N counts travellers), filed under the first photo's template id.
+    ``version``: the gallery_version published with the change (SearchIndex.upsert)."""
     if not len(t.templates):
-        index.remove(t.traveller_id)
+        index.remove(t.traveller_id, version)
         return
     index.upsert(t.traveller_id, t.valid_from, t.valid_to,
                  fuse_templates(t.templates)[None, :], [min(t.template_ids)],
-                 len(t.templates))
+                 len(t.templates), version)
 
 
 def _drop_damaged(store: Store, index: SearchIndex) -> None:
@@ -318,10 +321,17 @@ def _replay(store: Store, index: SearchIndex) -> None:
     changes = store.changes_since(index.applied_version)
     if not changes:
         return
-    for traveller_id in dict.fromkeys(c.traveller_id for c in changes):
+    version = changes[-1].gallery_version
+    travellers = list(dict.fromkeys(c.traveller_id for c in changes))
+    for i, traveller_id in enumerate(travellers):
+        # The last change is published with the version the index then reflects, so a
+        # search sees the service's own enrolment or removal with its version, never
+        # apart from it. (A replay of several changes shows the ones before it under the
+        # version before them.)
+        at = version if i == len(travellers) - 1 else None
         t = store.find(traveller_id)
         if t is None:
-            index.remove(traveller_id)
+            index.remove(traveller_id, at)
         else:
-            _index_traveller(index, t)
-    index.applied_version = changes[-1].gallery_version
+            _index_traveller(index, t, at)
+    index.applied_version = version  # a removal of someone the index never held

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GalleryError, SnapshotError, UnknownTraveller
-from ..templates import EMBEDDING_DIM, Candidate, check_traveller_id
-from .index import IndexConfig, SearchIndex
+from ..templates import EMBEDDING_DIM, check_traveller_id
+from .index import IndexConfig, SearchIndex, SearchResult
 from .served import ClaimScore, check_claim_probe, check_search, epoch_now, score_claim
 from .snapshot import SnapshotManifest, list_snapshots, read_snapshot
 from .store import EnrolResult, Traveller
@@ -105,7 +105,7 @@ class ReplicaGallery:
 
     # -- reads ----------------------------------------------------------------------
 
-    def search(self, probes: np.ndarray, k: int = 5, now=None) -> list[list[Candidate]]:
+    def search(self, probes: np.ndarray, k: int = 5, now=None) -> SearchResult:
         x, k = check_search(probes, k)
         return self._state.index.search(x, k, epoch_now(now))
 
@@ -117,7 +117,8 @@ class ReplicaGallery:
             raise UnknownTraveller(f"traveller {traveller_id!r} is not in the gallery")
         valid_from, valid_to = state.windows[traveller_id]
         return score_claim(traveller_id, state.index.built.vectors[rows], x, valid_from,
-                           valid_to, now, state.index.photos(traveller_id))
+                           valid_to, now, state.manifest.gallery_version,
+                           state.index.photos(traveller_id))
 
     def get(self, traveller_id: str) -> Traveller:
         state = self._state

@@ -9,7 +9,8 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import InvalidInput
-from ..templates import Candidate, check_templates, fuse_templates, to_epoch
+from ..templates import check_templates, fuse_templates, to_epoch
+from .index import SearchResult
 from .store import EnrolResult, Traveller
 
 
@@ -23,6 +24,7 @@ class ClaimScore:
     valid_from: float
     valid_to: float
     photos: int = 1       # booking photos fused into the one template compared
+    gallery_version: int = 0  # the gallery_version the booking was read at
 
 
 class ServedGallery(Protocol):
@@ -46,7 +48,7 @@ class ServedGallery(Protocol):
     def searchable(self, now: datetime | float | None = None) -> int: ...
 
     def search(self, probes: np.ndarray, k: int = 5, now: datetime | float | None = None
-               ) -> list[list[Candidate]]: ...
+               ) -> SearchResult: ...
 
     def score_traveller(self, traveller_id: str, probe: np.ndarray,
                         now: datetime | float | None = None) -> ClaimScore: ...
@@ -82,11 +84,12 @@ def check_claim_probe(probe: np.ndarray) -> np.ndarray:
 
 def score_claim(traveller_id: str, templates: np.ndarray, probe: np.ndarray,
                 valid_from: float, valid_to: float, now: datetime | float | None,
-                photos: int | None = None) -> ClaimScore:
+                gallery_version: int, photos: int | None = None) -> ClaimScore:
     """Cosine of a checked (512,) probe with the traveller's fused booking template (one
     comparison, as a search makes it), and whether the booking holds at ``now``.
-    ``templates``: one row per booking photo, or the fused one of ``photos`` photos."""
+    ``templates``: one row per booking photo, or the fused one of ``photos`` photos, as
+    read at ``gallery_version``."""
     score = float(fuse_templates(templates) @ probe) if len(templates) else float("-inf")
     t = epoch_now(now)
     return ClaimScore(traveller_id, score, valid_from <= t < valid_to, valid_from, valid_to,
-                      len(templates) if photos is None else photos)
+                      len(templates) if photos is None else photos, gallery_version)

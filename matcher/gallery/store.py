@@ -449,8 +449,13 @@ class Store(StoreFile):
 
     def get(self, traveller_id: str) -> Traveller:
         """One traveller with its intact templates (damaged ones quarantined, left out)."""
+        return self.get_with_version(traveller_id)[0]
+
+    def get_with_version(self, traveller_id: str) -> tuple[Traveller, int]:
+        """``get``, and the gallery_version the traveller was read at (same transaction)."""
         traveller_id = check_traveller_id(traveller_id)
         with self._read() as c:  # one consistent read of the traveller and its templates
+            version = self._version(c)
             row = c.execute("SELECT valid_from, valid_to, created_at, updated_at FROM travellers"
                             " WHERE traveller_id=?", (traveller_id,)).fetchone()
             rows = c.execute("SELECT template_id, photo_sha256, codec, template, model_id, "
@@ -473,7 +478,7 @@ class Store(StoreFile):
             if good else np.empty((0, EMBEDDING_DIM), np.float32)
         return Traveller(traveller_id, row[0], row[1], row[2], row[3], templates,
                          tuple(r[0] for r in good), tuple(r[1] for r in good), self.model_id,
-                         len(good))
+                         len(good)), version
 
     def find(self, traveller_id: str) -> Traveller | None:
         try:

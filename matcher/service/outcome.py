@@ -178,7 +178,6 @@ async def match(engine: MatchEngine, call: MatchCall, frames: Sequence[Frame],
     else:
         probe, portrait = await asyncio.gather(engine.analyse_frames(frames, deadline),
                                                _portrait(engine, call.document, deadline))
-    gallery_version = engine.gallery.version
     t = time.perf_counter()
     face = probe.face
     checked: Verdict | None = None   # the capture against the document, when compared
@@ -205,6 +204,12 @@ async def match(engine: MatchEngine, call: MatchCall, frames: Sequence[Frame],
     if call.all_faces and not call.as_frames:
         faces = await _all_faces(engine, probe, call.top_k, deadline)
     search_ms = (time.perf_counter() - t) * 1e3
+    # The version the deciding search or booking read saw; an answer that read no
+    # gallery (no face, a document alone) names the one served as it is answered.
+    decided = verdict.decision
+    gallery_version = (decided.gallery_version
+                       if decided is not None and decided.gallery_version is not None
+                       else engine.gallery.version)
     timings = {k: float(v) for k, v in probe.timings_ms.items()}
     timings["search"] = search_ms
     timings["total"] = (time.perf_counter() - started) * 1e3

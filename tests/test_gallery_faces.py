@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from matcher.errors import UnknownTraveller
 from matcher.gallery.decision import Decider, Outcome, Reason
 from matcher.gallery.primary import PrimaryGallery
 
@@ -95,7 +96,10 @@ def test_removed_traveller_is_never_returned_again(gallery, face_templates, tmp_
         d = decider.identify(probe[0], now=NOW)
         assert d.outcome is Outcome.NO_MATCH
         assert "obama" not in {c.traveller_id for c in d.candidates}
-        assert decider.verify(probe[0], "obama", NOW).reason is Reason.UNKNOWN_TRAVELLER
+        with pytest.raises(UnknownTraveller):
+            decider.verify(probe[0], "obama", NOW)
+        assert decider.claim_then_search(probe[0], "obama", NOW, fallback=False).reason \
+            is Reason.UNKNOWN_TRAVELLER
         gallery.rebuild(now=NOW)  # nor after a rebuild
     gallery.close()
     # nor after a restart

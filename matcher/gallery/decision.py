@@ -202,12 +202,9 @@ class Decider:
 
     def verify(self, probe: np.ndarray, traveller_id: str,
                now: datetime | float | None = None) -> Decision:
-        """1:1 against the claimed traveller. probe (512,) float32 L2-normalised."""
-        try:
-            claim = self.gallery.score_traveller(traveller_id, probe, now)
-        except UnknownTraveller:
-            return Decision(Outcome.NO_MATCH, Reason.UNKNOWN_TRAVELLER, "verify", None, None,
-                            self.point_1to1.threshold, traveller_id)
+        """1:1 against the claimed traveller. probe (512,) float32 L2-normalised; raises
+        UnknownTraveller for a traveller the gallery does not hold."""
+        claim = self.gallery.score_traveller(traveller_id, probe, now)
         t = self.point_1to1_for(claim.photos).threshold
         if not claim.within_window:
             outcome, reason, matched = Outcome.NO_MATCH, Reason.OUTSIDE_WINDOW, None
@@ -251,9 +248,15 @@ class Decider:
         """Verify the claim; if it fails and fallback is on, identify 1:N instead.
 
         A fallback MATCH names whoever the probe matched (maybe not the claimed traveller:
-        the caller decides what a different identity means at the gate).
+        the caller decides what a different identity means at the gate). An unknown claim
+        is a failed claim here (UNKNOWN_TRAVELLER), not an error: the search may still
+        clear the traveller.
         """
-        first = self.verify(probe, traveller_id, now)
+        try:
+            first = self.verify(probe, traveller_id, now)
+        except UnknownTraveller:
+            first = Decision(Outcome.NO_MATCH, Reason.UNKNOWN_TRAVELLER, "verify", None, None,
+                             self.point_1to1.threshold, traveller_id)
         use_fallback = self.policy.fallback_to_search if fallback is None else fallback
         if first.is_match or not use_fallback:
             return first

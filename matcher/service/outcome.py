@@ -252,11 +252,8 @@ async def _decide(engine: MatchEngine, call: MatchCall, template: np.ndarray,
                   deadline: float | None) -> Decision:
     if call.rpc == "Identify":
         return (await engine.identify(template[None, :], call.top_k, deadline))[0]
-    if call.rpc == "Verify":
-        decision = await engine.verify(template, call.traveller_id)
-        if decision.reason is Reason.UNKNOWN_TRAVELLER:
-            raise UnknownTraveller(f"traveller {call.traveller_id!r} is not enrolled")
-        return decision
+    if call.rpc == "Verify":  # UnknownTraveller (NOT_FOUND) from the gallery
+        return await engine.verify(template, call.traveller_id)
     return await engine.clear(template, call.traveller_id, call.top_k)
 
 

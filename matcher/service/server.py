@@ -227,7 +227,6 @@ class RunningServer:
         self.metrics_server = metrics_server
         self.engine: MatchEngine | None = None
         self.gallery: PrimaryGallery | ReplicaGallery | None = None
-        self.score_model: ScoreModel | None = None
         self.audit: AuditLog | None = None
         self.watcher: SnapshotWatcher | None = None
         self._loader: asyncio.Task | None = None
@@ -342,7 +341,7 @@ class RunningServer:
         config = self.config
         started = time.monotonic()
         models, gallery, score_model, audit = await asyncio.to_thread(self._load, pipeline)
-        self.gallery, self.score_model, self.audit = gallery, score_model, audit
+        self.gallery, self.audit = gallery, audit
         engine = MatchEngine(models, gallery, config.batch, config.policy,
                              self.metrics, audit, config.search_threads, score_model,
                              audit_failure=config.audit_failure)

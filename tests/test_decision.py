@@ -50,6 +50,25 @@ def test_a_score_model_of_other_settings_is_refused(pipeline, shipped):
         check_settings(other, pipeline.settings_hash(), pipeline.model_id)
 
 
+def test_score_model_pipeline_and_gallery_are_checked_together_in_one_place(pipeline, shipped,
+                                                                          tmp_path):
+    """Whichever of the three is the odd one out, one check refuses it with one message."""
+    from matcher.gallery.primary import PrimaryGallery
+    from matcher.service.engine import MatchEngine
+
+    settings, model_id = pipeline.settings_hash(), pipeline.model_id
+    check_settings(shipped, settings, model_id, model_id)
+    odd_ones = [(dataclasses.replace(shipped, model_id="other@0"), settings, model_id, None),
+                (shipped, "0" * 16, model_id, None),
+                (shipped, settings, model_id, "other@0")]
+    for model, hash_, pipeline_model, gallery_model in odd_ones:
+        with pytest.raises(GalleryError, match="its thresholds would not hold"):
+            check_settings(model, hash_, pipeline_model, gallery_model)
+    with PrimaryGallery.open(tmp_path, "other@0") as gallery, \
+            pytest.raises(GalleryError, match="the gallery holds other@0: its thresholds"):
+        MatchEngine(pipeline, gallery, score_model=shipped)
+
+
 def test_thresholds_are_conservative_and_monotone(shipped):
     fmrs = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
     for confidence in (0.5, 0.75, 0.95):

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image, ImageFilter
 
 from matcher.client import make_probe
+from matcher.face.frames import FRAMES_DISAGREE
 from matcher.service.audit import read_records
-from matcher.service.engine import FRAMES_DISAGREE, ImageJob
+from matcher.service.engine import ImageJob
 from matcher.templates import fuse_templates
 from matcher.v1 import matcher_pb2 as pb
 
@@ -109,12 +110,15 @@ def test_no_usable_frame_is_no_face_or_low_quality(client, enrolled, photos):
     assert low.faces_found == 1 and low.face.x2 > low.face.x1
 
 
-def test_frames_of_two_people_are_not_fused(client, enrolled, photos):
-    """A second person's frame (a tailgater) must not lend its face to the fused probe."""
+def test_frames_of_two_people_are_not_fused(client, enrolled, photos, server):
+    """A second person's frame (a tailgater) must not lend its face to the fused probe;
+    the answer names the "same person" score the frames were held to (Decider's)."""
     frames = [photos["obama_2.jpg"], photos["biden_2.jpg"]]
+    same_person = server.running.serving.engine.decider.same_person
     for resp in (client.identify(frames=frames), client.verify("obama", frames=frames),
                  client.verify("biden", frames=frames), client.clear("biden", frames=frames)):
         assert resp.decision == pb.NO_MATCH and resp.reason == FRAMES_DISAGREE
+        assert resp.threshold == pytest.approx(same_person, abs=1e-6)
         assert resp.traveller_id == "" and not resp.candidates
         assert [f.status for f in resp.frames] == ["used", "used"]
 

@@ -24,7 +24,7 @@ from datetime import datetime
 
 import numpy as np
 
-from ..errors import GalleryError, InvalidInput, UnknownTraveller
+from ..errors import InvalidInput, UnknownTraveller
 from ..templates import Candidate
 from .scoremodel import FUSED, SINGLE, ScoreModel, load_score_model
 from .served import ServedGallery
@@ -159,16 +159,17 @@ def decide_identification(candidates: list[Candidate], threshold: float, margin:
 
 
 class Decider:
-    """Turns gallery scores into decisions under one policy, for one model."""
+    """Turns gallery scores into decisions under one policy, for one model.
+
+    ``score_model``: by default the one shipped for the gallery's model; one given is the
+    caller's to check (scoremodel.check_settings, as MatchEngine does).
+    """
 
     def __init__(self, gallery: ServedGallery, policy: DecisionPolicy | None = None,
                  score_model: ScoreModel | None = None) -> None:
         self.gallery = gallery
         self.policy = policy or DecisionPolicy()
         self.score_model = score_model or load_score_model(gallery.model_id)
-        if self.score_model.model_id != gallery.model_id:
-            raise GalleryError(f"the score model is for {self.score_model.model_id}, the "
-                               f"gallery holds {gallery.model_id} templates")
         self._points_1toN: dict[int, OperatingPoint] = {}  # by N; model and policy fixed
         # A claim is one comparison with the traveller's booking: one photo, or several
         # fused, each kind at its own threshold (the fused tail is the heavier one).
@@ -184,6 +185,13 @@ class Decider:
     def point_1to1_for(self, photos: int) -> OperatingPoint:
         """The 1:1 point for a traveller booked with ``photos`` photos."""
         return self.points_1to1[FUSED if photos > 1 else SINGLE]
+
+    @property
+    def same_person(self) -> float:
+        """The score at which two captures of one photo each are one person: the
+        single-photo 1:1 threshold. What frames of one probe must reach between them
+        (matcher.face.frames) and a capture against a document's portrait."""
+        return self.point_1to1_for(1).threshold
 
     def point_1toN(self, gallery_size: int | None = None,
                    now: datetime | float | None = None) -> OperatingPoint:

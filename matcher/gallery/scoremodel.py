@@ -404,14 +404,19 @@ def load_score_model(model_id: str, path: str | Path | None = None) -> ScoreMode
     return ScoreModel.from_document(json.loads(ref.read_text()))
 
 
-def check_settings(model: ScoreModel, settings_hash: str, model_id: str) -> None:
-    """Refuse a score model made for another pipeline (see the module docstring)."""
-    if model.model_id != model_id:
-        raise GalleryError(f"the score model was made for model {model.model_id}, the "
-                           f"pipeline runs {model_id}; run 'matcher calibrate' for it")
-    if model.settings_hash != settings_hash:
-        raise GalleryError(
-            f"the score model was calibrated with pipeline settings {model.settings_hash}, "
-            f"the served pipeline has {settings_hash}: its thresholds would not hold. "
-            "Re-calibrate with 'matcher calibrate --labels DIR --out FILE' and serve with "
-            "--score-model FILE (or restore the calibrated settings)")
+def check_settings(model: ScoreModel, settings_hash: str, model_id: str,
+                   gallery_model_id: str | None = None) -> None:
+    """The one check that the score model, the pipeline (``model_id``, ``settings_hash``)
+    and the gallery (the model its templates are of; None: not open yet) belong together:
+    thresholds hold only for the pipeline they were calibrated with, on templates of its
+    model (see the module docstring)."""
+    if (model.model_id, model.settings_hash) == (model_id, settings_hash) \
+            and gallery_model_id in (None, model_id):
+        return
+    gallery = "" if gallery_model_id is None else f", the gallery holds {gallery_model_id}"
+    raise GalleryError(
+        f"the score model was calibrated for {model.model_id} with pipeline settings "
+        f"{model.settings_hash}, the served pipeline is {model_id} with {settings_hash}"
+        f"{gallery}: its thresholds would not hold. Re-calibrate with 'matcher calibrate "
+        "--labels DIR --out FILE' and serve with --score-model FILE (or restore the "
+        "calibrated settings); a gallery is served only by the model it was enrolled with")

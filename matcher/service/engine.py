@@ -1,6 +1,6 @@
 """What the service does with a probe, in numpy terms: batched face analysis, frame
-fusion, gallery decisions, enrolment, audit. servicer.py turns protos into calls on this
-and back.
+fusion (matcher.face.frames), gallery decisions, enrolment, audit. servicer.py turns
+protos into calls on this and back.
 
 Compute layout: model calls go through one MicroBatcher (decode -> detect -> align ->
 embed in its worker threads); 1:N searches through a second that puts every waiting search
@@ -9,9 +9,9 @@ run in a small thread pool, SQLite writes in their own pool with a deadline, so 
 write holds neither a model worker nor a 1:1 check. The event loop only moves bytes.
 
 A probe may come as up to ``MAX_FRAMES`` frames of one traveller: they go to the model
-batcher as one job (one batch: one detector run per input size, one embedder run), the
-frames without a usable face are skipped, and the usable frames' templates are fused
-into one (``fuse_templates``) that is matched once, if they look like one person.
+batcher as one job (one batch: one detector run per input size, one embedder run), and
+their analyses are fused into one probe (``fuse_frames``) that is matched once, if they
+look like one person.
 """
 from __future__ import annotations
 
@@ -20,17 +20,18 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..errors import AuditUnavailable, DeadlineExpired, InvalidInput, MatcherError
-from ..face.pipeline import Face, Pipeline, StageTimings
+from ..face.frames import Analysis, FusedProbe, check_frame_count, fuse_frames
+from ..face.pipeline import Pipeline, StageTimings
 from ..gallery.decision import Decider, Decision, DecisionPolicy, consistency_threshold
 from ..gallery.scoremodel import ScoreModel, check_settings
 from ..gallery.served import ServedGallery
 from ..gallery.store import EnrolResult, Traveller
-from ..templates import ALIGNED_SIZE, EMBEDDING_DIM, check_templates, fuse_templates
+from ..templates import ALIGNED_SIZE, EMBEDDING_DIM, check_templates
 from .audit import AuditLog
 from .batching import BatchConfig, MicroBatcher
 from .metrics import Metrics
@@ -40,13 +41,6 @@ log = logging.getLogger(__name__)
 ALIGNED_RAW_BYTES = ALIGNED_SIZE * ALIGNED_SIZE * 3
 AUDIT_FAILURE_POLICIES = ("fail_closed", "fail_open")
 SEARCH_BATCH = 64  # probes per 1:N gallery call
-MAX_FRAMES = 8     # frames of one traveller in one matching request
-
-# What became of one frame of a probe (MatchResponse.frames[].status), and why a fused
-# probe was not matched.
-FRAME_USED, FRAME_NO_FACE, FRAME_LOW_QUALITY = "used", "no_face", "low_quality"
-FRAMES_DISAGREE = "frames_disagree"
-
 
 # -- jobs for the model batcher ----------------------------------------------------------
 
@@ -83,132 +77,12 @@ def job_weight(job: Job) -> int:
 
 
 @dataclass
-class Analysis:
-    """Faces of one probe, largest first; for a template or aligned probe, one pseudo face
-    with only a template. timings_ms per stage (the batch's time for shared stages)."""
-
-    faces: list[Face]
-    templates: np.ndarray              # (n, 512) float32, rows match ``faces`` (or 1 row)
-    from_image: bool
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    shape: tuple[int, int] = (0, 0)    # the photo's full-size (height, width); images only
-
-
-@dataclass
 class FramesAnalysis:
     """A FramesJob's answer: one Analysis per frame, in order, and the job's stage times
     (decode summed over its frames; detect, align, embed, quality: its batch's)."""
 
     frames: list[Analysis]
     timings_ms: dict[str, float]
-
-
-@dataclass(frozen=True)
-class FrameOutcome:
-    """What one frame gave: ``status`` FRAME_USED (its template is in the fused probe),
-    FRAME_NO_FACE or FRAME_LOW_QUALITY; ``face`` its largest face (None for templates,
-    aligned faces and no face); ``faces_found`` how many faces it had."""
-
-    status: str
-    face: Face | None
-    faces_found: int
-
-    @property
-    def quality_reasons(self) -> tuple[str, ...]:
-        return self.face.quality.reasons if self.face is not None else ()
-
-
-@dataclass
-class FusedProbe:
-    """One traveller's probe made from 1..MAX_FRAMES frames.
-
-    template: (512,) float32, L2-normalised: the usable frames' templates fused; None when
-    no frame was usable (``status`` then says FRAME_NO_FACE or FRAME_LOW_QUALITY).
-    best: the frame the answer reports (face box, quality reasons): the used frame with
-    the largest face, else the frame whose largest face has the fewest quality reasons
-    (ties: the larger face); None when no frame had a face. agree: False when the used
-    frames are not alike enough to be one person (FRAMES_DISAGREE: nothing is matched).
-    analyses: each frame's Analysis, in order.
-    """
-
-    template: np.ndarray | None
-    frames: list[FrameOutcome]
-    best: int | None
-    analyses: list[Analysis]
-    timings_ms: dict[str, float] = field(default_factory=dict)
-    agree: bool = True
-
-    @property
-    def frames_used(self) -> int:
-        return sum(f.status == FRAME_USED for f in self.frames)
-
-    @property
-    def status(self) -> str:
-        """FRAME_USED (a template to match), FRAME_LOW_QUALITY or FRAME_NO_FACE."""
-        if self.template is not None:
-            return FRAME_USED
-        return FRAME_NO_FACE if self.best is None else FRAME_LOW_QUALITY
-
-    @property
-    def face(self) -> Face | None:
-        return None if self.best is None else self.frames[self.best].face
-
-    @property
-    def faces_found(self) -> int:
-        return 0 if self.best is None else self.frames[self.best].faces_found
-
-
-def frame_outcome(analysis: Analysis) -> FrameOutcome:
-    """One frame's verdict: an image's largest face decides, as for a single probe."""
-    if not analysis.from_image:
-        return FrameOutcome(FRAME_USED, None, 0)
-    if not analysis.faces:
-        return FrameOutcome(FRAME_NO_FACE, None, 0)
-    face = analysis.faces[0]  # largest first
-    status = FRAME_LOW_QUALITY if face.quality.reasons else FRAME_USED
-    return FrameOutcome(status, face, len(analysis.faces))
-
-
-def _best_frame(frames: list[FrameOutcome]) -> int | None:
-    def area(f: FrameOutcome) -> float:
-        return f.face.area if f.face is not None else -1.0
-
-    used = [i for i, f in enumerate(frames) if f.status == FRAME_USED]
-    if used:
-        return max(used, key=lambda i: area(frames[i]))
-    faced = [i for i, f in enumerate(frames) if f.face is not None]
-    if not faced:
-        return None
-    return min(faced, key=lambda i: (len(frames[i].quality_reasons), -area(frames[i])))
-
-
-def fuse_frames(analyses: list[Analysis], timings_ms: dict[str, float] | None = None,
-                same_person: float | None = None) -> FusedProbe:
-    """Frames of one traveller -> one probe: unusable frames skipped, the rest fused.
-
-    ``same_person``: the score every two used frames must reach (see frames_agree); None
-    skips the check.
-    """
-    frames = [frame_outcome(a) for a in analyses]
-    used = [a.templates[0] for a, f in zip(analyses, frames, strict=True) if f.status == FRAME_USED]
-    template = fuse_templates(np.stack(used)) if used else None
-    agree = not used or same_person is None or frames_agree(np.stack(used), same_person)
-    return FusedProbe(template, frames, _best_frame(frames), analyses,
-                      dict(timings_ms or {}), agree)
-
-
-def frames_agree(templates: np.ndarray, threshold: float) -> bool:
-    """True if every two of the (k, 512) unit templates score at least ``threshold``.
-
-    Fusing frames of two people gives a template that lies between them and can match
-    either (two unrelated faces fuse to about 0.7 cosine with each): a tailgater's frame
-    must not lend its face to the traveller's. The 1:1 threshold is what "the same person"
-    means everywhere else.
-    """
-    if len(templates) < 2:
-        return True
-    scores = templates @ templates.T
-    return bool(scores.min() >= threshold)
 
 
 def _frames_timings(frames: list[Analysis], shared: dict[str, dict[str, float]]
@@ -274,16 +148,13 @@ class MatchEngine:
             raise ValueError(f"audit_failure must be one of {AUDIT_FAILURE_POLICIES}, "
                              f"got: {audit_failure!r}")
         self.audit_failure = audit_failure
-        if gallery.model_id != pipeline.model_id:
-            raise MatcherError(f"gallery holds model {gallery.model_id} templates, the "
-                               f"pipeline runs {pipeline.model_id}")
         self.pipeline = pipeline
         self.gallery = gallery
         self.decider = Decider(gallery, policy, score_model)
+        check_settings(self.decider.score_model, pipeline.settings_hash(), pipeline.model_id,
+                       gallery.model_id)
         self.consistency_threshold = consistency_threshold(self.decider.score_model,
                                                            self.decider.policy)
-        # Thresholds only hold for the pipeline settings the score model was made with.
-        check_settings(self.decider.score_model, pipeline.settings_hash(), pipeline.model_id)
         self.metrics = metrics or Metrics()
         self.audit = audit
         self.batcher: MicroBatcher[Job, Analysis | FramesAnalysis] = MicroBatcher(
@@ -450,9 +321,7 @@ class MatchEngine:
         job, exactly as a single probe always was. A frame that cannot be read fails the
         whole request, its message naming the frame.
         """
-        if not 1 <= len(frames) <= MAX_FRAMES:
-            raise InvalidInput(f"send 1 to {MAX_FRAMES} frames of one traveller, "
-                               f"got {len(frames)}")
+        check_frame_count(len(frames))
         positions = [i for i, f in enumerate(frames) if not isinstance(f, np.ndarray)]
         jobs = [f for f in frames if not isinstance(f, np.ndarray)]
         if len(frames) == 1:
@@ -471,8 +340,7 @@ class MatchEngine:
         by_job = iter(analysed)
         analyses = [Analysis([], f[None, :], False) if isinstance(f, np.ndarray)
                     else next(by_job) for f in frames]
-        # two captures compared, one photo each: the single-photo 1:1 threshold
-        return fuse_frames(analyses, timings, self.decider.point_1to1_for(1).threshold)
+        return fuse_frames(analyses, timings, self.decider.same_person)
 
     async def _in_search_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._search_pool, fn, *args)

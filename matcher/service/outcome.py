@@ -23,11 +23,12 @@ from ..face.enrolment import (
     choose_faces,
     explain,
 )
+from ..face.frames import FRAMES_DISAGREE, FusedProbe
 from ..face.pipeline import Face
 from ..gallery.decision import Decision, Outcome, Reason
 from ..gallery.store import EnrolResult
 from ..templates import EMBEDDING_DIM, Candidate, check_traveller_id, photo_sha256
-from .engine import FRAMES_DISAGREE, Frame, FusedProbe, ImageJob, MatchEngine, photo_bytes
+from .engine import Frame, ImageJob, MatchEngine, photo_bytes
 
 # One line per answered request: ids, decision, scores and timings, never a face.
 request_log = logging.getLogger("matcher.requests")
@@ -185,8 +186,7 @@ async def match(engine: MatchEngine, call: MatchCall, frames: Sequence[Frame],
         verdict = (NO_FACE_VERDICT if face is None else
                    Verdict(LOW_QUALITY, "low_quality", quality_reasons=face.quality.reasons))
     elif not probe.agree:
-        verdict = Verdict(Outcome.NO_MATCH.value, FRAMES_DISAGREE,
-                          threshold=engine.decider.point_1to1_for(1).threshold)
+        verdict = Verdict(Outcome.NO_MATCH.value, FRAMES_DISAGREE, threshold=probe.same_person)
     elif portrait is None:
         verdict = Verdict.of(await _decide(engine, call, probe.template, deadline))
     else:
@@ -239,7 +239,7 @@ async def _portrait(engine: MatchEngine, document: bytes, deadline: float | None
 def _against_document(engine: MatchEngine, template: np.ndarray, portrait: Face) -> Verdict:
     """The capture (512,) against the portrait, 1:1 at the single-photo threshold: one
     capture against one photo, the comparison kind of a one-photo booking."""
-    threshold = engine.decider.point_1to1_for(1).threshold
+    threshold = engine.decider.same_person
     score = float(template @ portrait.template)
     matched = score >= threshold
     decision = Decision(Outcome.MATCH if matched else Outcome.NO_MATCH,

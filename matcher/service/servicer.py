@@ -28,16 +28,15 @@ from ..errors import (
     UnknownTraveller,
 )
 from ..face.document import is_document
+from ..face.frames import FrameOutcome
 from ..face.pipeline import Face
 from ..templates import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
 from ..v1 import matcher_pb2 as pb
 from ..v1 import matcher_pb2_grpc as pb_grpc
 from . import outcome
 from .engine import (
-    MAX_FRAMES,
     AlignedJob,
     Frame,
-    FrameOutcome,
     ImageJob,
     MatchEngine,
     aligned_from_raw,
@@ -264,9 +263,6 @@ class _Call:
             return [self.request.probe]
         if self.request.HasField("probe"):
             raise InvalidInput("set either probe or frames, not both")
-        if len(frames) > MAX_FRAMES:
-            raise InvalidInput(f"send at most {MAX_FRAMES} frames of one traveller, "
-                               f"got {len(frames)}")
         if self.all_faces and len(frames) > 1:
             raise InvalidInput("all_faces answers for every face of one photo: send that "
                                "photo as probe, not several frames")

@@ -35,8 +35,9 @@ from matcher.face.pipeline import (
 )
 from matcher.gallery.primary import PrimaryGallery
 from matcher.gallery.scoremodel import load_score_model
+from matcher.service.analysis import ImageJob
 from matcher.service.batching import BatchConfig
-from matcher.service.engine import ImageJob, MatchEngine
+from matcher.service.engine import MatchEngine
 
 from . import _int8
 from ._faces import FaceAnalysisPeer, Photo, lfw_dir, load_photos, pair_scores
@@ -50,7 +51,7 @@ WORKERS = 2       # the two-worker layout: one per core, single-threaded ORT in 
 # The headline mode is the service's layout (matcher.service.server defaults): an asyncio event loop
 # submitting every photo at once to a real MatchEngine with BatchConfig() (2 workers,
 # batches of up to 4, taken greedily), each worker decoding its batch and running
-# analyse_many on single-threaded ORT sessions in MatchEngine._run_batch. The others are for
+# analyse_many on single-threaded ORT sessions in analysis.BatchAnalyser. The others are for
 # comparison; "ours_default_1_worker_2_threads" was the headline before (one batch at a time,
 # 2 intra-op threads), which is not how the service runs.
 HEADLINE = "ours_default_service_layout"
@@ -251,7 +252,7 @@ def _lane_portraits(report: Report, ours: Pipeline, ours_640: Pipeline, photos: 
 
 class _ServiceLayout:
     """The service's model path as it runs: a MatchEngine of BatchConfig() (its MicroBatcher
-    and _run_batch) on its own event loop, over an empty gallery; photos go in as ImageJobs."""
+    and BatchAnalyser) on its own event loop, over an empty gallery; photos go in as ImageJobs."""
 
     def __init__(self, pipe: Pipeline) -> None:
         self._folder = tempfile.TemporaryDirectory(prefix="bench-service-layout-")

@@ -310,7 +310,8 @@ def test_engine_batches_real_photos_with_the_same_templates_as_one_by_one(pipeli
                                                                            faces_dir, tmp_path):
     """The real batch function: templates from a batch equal the unbatched pipeline's."""
     from matcher.gallery.primary import PrimaryGallery
-    from matcher.service.engine import ImageJob, MatchEngine
+    from matcher.service.analysis import ImageJob
+    from matcher.service.engine import MatchEngine
 
     files = ["obama_1.jpg", "biden_2.jpg", "kit_harington_1.jpg", "rose_leslie_1.jpg",
              "alex_lacamoire_1.jpg", "group_two_people.jpg"]

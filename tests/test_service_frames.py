@@ -13,8 +13,8 @@ from PIL import Image, ImageFilter
 
 from matcher.client import make_probe
 from matcher.face.frames import FRAMES_DISAGREE
+from matcher.service.analysis import ImageJob
 from matcher.service.audit import read_records
-from matcher.service.engine import ImageJob
 from matcher.templates import fuse_templates
 from matcher.v1 import matcher_pb2 as pb
 

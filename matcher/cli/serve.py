@@ -90,8 +90,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
     # The defaults live with the server: imported only when serve or demo is the command.
     from ..gallery.decision import DecisionPolicy
+    from ..service.auditing import AUDIT_FAILURE_POLICIES
     from ..service.batching import BatchConfig
-    from ..service.engine import AUDIT_FAILURE_POLICIES
     from ..service.server import KEEPALIVE_INTERVALS, ServerConfig, default_data_dir
 
     p.add_argument("--listen", default=ServerConfig.listen,

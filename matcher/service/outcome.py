@@ -28,7 +28,8 @@ from ..face.pipeline import Face
 from ..gallery.decision import Decision, Outcome, Reason
 from ..gallery.store import EnrolResult
 from ..templates import EMBEDDING_DIM, Candidate, check_traveller_id, photo_sha256
-from .engine import Frame, ImageJob, MatchEngine, photo_bytes
+from .analysis import Frame, ImageJob, photo_bytes
+from .engine import MatchEngine
 
 # One line per answered request: ids, decision, scores and timings, never a face.
 request_log = logging.getLogger("matcher.requests")

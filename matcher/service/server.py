@@ -60,10 +60,11 @@ from ..transport import (
 )
 from ..v1 import matcher_pb2 as pb
 from .audit import AUDIT_FILE, AuditLog
+from .auditing import AUDIT_FAILURE_POLICIES
 from .auth import TokenAuthInterceptor, TokenBook, check_exposure
 from .batching import BatchConfig
 from .demo import enrol_demo_gallery
-from .engine import AUDIT_FAILURE_POLICIES, MatchEngine
+from .engine import MatchEngine
 from .metrics import Metrics, MetricsServer, start_metrics_server
 from .sdnotify import Notifier
 from .servicer import MatcherServicer

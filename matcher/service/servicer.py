@@ -34,15 +34,15 @@ from ..templates import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
 from ..v1 import matcher_pb2 as pb
 from ..v1 import matcher_pb2_grpc as pb_grpc
 from . import outcome
-from .engine import (
+from .analysis import (
     AlignedJob,
     Frame,
     ImageJob,
-    MatchEngine,
     aligned_from_raw,
     frame_error,
     template_from_values,
 )
+from .engine import MatchEngine
 from .outcome import MatchCall, MatchOutcome, Verdict, request_log
 from .serving import ServingState
 

@@ -73,6 +73,134 @@ class LaneReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What every lane of one run does: the probes, the call, when to stop, what to keep."""
+
+    images: Sequence[bytes]
+    lanes: int
+    rpc: str
+    claims: Sequence[str]                  # verify/clear: the traveller id of each image
+    timeout: float
+    stop: threading.Event
+    requests_per_lane: int | None
+    duration_s: float | None
+    interval_s: float | None
+    timeline: bool
+    on_answer: Callable[[str], None] | None
+
+
+@dataclass
+class _Tally:
+    """One lane's results, kept apart from the others' until the lane ends (no lock)."""
+
+    latencies_ms: list[float] = field(default_factory=list)
+    decisions: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    calls: list[tuple[float, float, str]] = field(default_factory=list)
+
+    def add_to(self, report: LaneReport) -> None:
+        report.latencies_ms.extend(self.latencies_ms)
+        report.decisions.update(self.decisions)
+        report.errors.update(self.errors)
+        report.timeline.extend(self.calls)
+
+
+def _check_plan(images: Sequence[bytes], rpc: str, traveller_ids: Sequence[str] | None,
+                requests_per_lane: int | None, duration_s: float | None,
+                stop: threading.Event | None) -> None:
+    if not images:
+        raise ValueError("the lane simulator needs at least one image")
+    if requests_per_lane is None and duration_s is None and stop is None:
+        raise ValueError("give requests_per_lane, duration_s or a stop event")
+    if rpc in ("verify", "clear") and (traveller_ids is None or len(traveller_ids) != len(images)):
+        raise ValueError(f"{rpc} needs one traveller id per image")
+
+
+def _ask(client: MatcherClient, plan: _Plan, j: int, lane_id: str) -> pb.MatchResponse:
+    """One call of the plan's kind for image ``j``, as a lane daemon sends it."""
+    probe = pb.Probe(image=plan.images[j])
+    if plan.rpc == "identify":
+        return client.read("Identify", pb.IdentifyRequest(probe=probe, lane_id=lane_id),
+                           plan.timeout)
+    if plan.rpc == "verify":
+        return client.read("Verify", pb.VerifyRequest(probe=probe, lane_id=lane_id,
+                                                      traveller_id=plan.claims[j]),
+                           plan.timeout)
+    return client.read("Clear", pb.ClearRequest(probe=probe, lane_id=lane_id,
+                                                claimed_traveller_id=plan.claims[j]),
+                       plan.timeout)
+
+
+def _lane(plan: _Plan, number: int, client: MatcherClient, start_gate: threading.Barrier,
+          run_began: list[float]) -> _Tally:
+    """Lane ``number``: wait for the start, then send, wait for the answer, note it, and
+    send the next (or wait for its slot, with ``interval_s``) until the plan says stop."""
+    lane_id = f"lane-{number:02d}"
+    tally = _Tally()
+    start_gate.wait()
+    began = time.monotonic()
+    end = None if plan.duration_s is None else began + plan.duration_s
+    interval, stop = plan.interval_s, plan.stop
+    sent = 0
+    if interval and stop.wait(interval * number / plan.lanes):
+        return tally
+    while not stop.is_set():
+        if plan.requests_per_lane is not None and sent >= plan.requests_per_lane:
+            break
+        if end is not None and time.monotonic() >= end:
+            break
+        j = (number + sent) % len(plan.images)
+        sent += 1
+        t = time.perf_counter()
+        sent_at = time.monotonic() - run_began[0]
+        try:
+            resp = _ask(client, plan, j, lane_id)
+        except grpc.RpcError as exc:
+            tally.errors[exc.code().name] += 1
+            if plan.timeline:
+                tally.calls.append((sent_at, (time.perf_counter() - t) * 1e3, exc.code().name))
+        else:
+            latency_ms = (time.perf_counter() - t) * 1e3
+            tally.latencies_ms.append(latency_ms)
+            name = pb.Decision.Name(resp.decision)
+            tally.decisions[name] += 1
+            if plan.timeline:
+                tally.calls.append((sent_at, latency_ms, name))
+            if plan.on_answer is not None:
+                plan.on_answer(name)
+        if interval:
+            pause = began + interval * (sent + number / plan.lanes) - time.monotonic()
+            if pause > 0 and stop.wait(pause):
+                break
+    return tally
+
+
+def _run(plan: _Plan, client: MatcherClient) -> LaneReport:
+    """Start every lane together, wait for all of them, and add up what they saw."""
+    report = LaneReport(plan.lanes, 0.0)
+    lock = threading.Lock()
+    start_gate = threading.Barrier(plan.lanes + 1)
+    run_began = [0.0]  # set just before the lanes are let go; read by each of them
+
+    def lane(number: int) -> None:
+        tally = _lane(plan, number, client, start_gate, run_began)
+        with lock:
+            tally.add_to(report)
+
+    threads = [threading.Thread(target=lane, args=(i,), name=f"lane-{i}", daemon=True)
+               for i in range(plan.lanes)]
+    for t in threads:
+        t.start()
+    run_began[0] = time.monotonic()
+    start_gate.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    report.seconds = time.perf_counter() - began
+    return report
+
+
 def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, *,
               requests_per_lane: int | None = None, duration_s: float | None = None,
               rpc: str = "identify", traveller_ids: Sequence[str] | None = None,
@@ -93,92 +221,16 @@ def run_lanes(target: str | Sequence[str], images: Sequence[bytes], lanes: int, 
     ``client``: a MatcherClient to share (default: one made from the other arguments and
     closed at the end); calls go through its methods, so its failover and hedging apply.
     """
-    if not images:
-        raise ValueError("the lane simulator needs at least one image")
-    if requests_per_lane is None and duration_s is None and stop is None:
-        raise ValueError("give requests_per_lane, duration_s or a stop event")
-    if rpc in ("verify", "clear") and (traveller_ids is None or len(traveller_ids) != len(images)):
-        raise ValueError(f"{rpc} needs one traveller id per image")
-    claims: Sequence[str] = traveller_ids or ()  # verify/clear: one per image, checked above
-    stop = stop or threading.Event()
-    report = LaneReport(lanes, 0.0)
-    lock = threading.Lock()
+    _check_plan(images, rpc, traveller_ids, requests_per_lane, duration_s, stop)
+    plan = _Plan(images, lanes, rpc, traveller_ids or (), timeout, stop or threading.Event(),
+                 requests_per_lane, duration_s, interval_s, timeline, on_answer)
     own_client = client is None
     if client is None:
         client = MatcherClient(target, token=token, ca=ca, cert=cert, key=key,
                                timeout=timeout, server_name=server_name)
-    start_gate = threading.Barrier(lanes + 1)
-    run_began = [0.0]
-
-    def lane(number: int) -> None:
-        lane_id = f"lane-{number:02d}"
-        latencies: list[float] = []
-        decisions: Counter[str] = Counter()
-        errors: Counter[str] = Counter()
-        calls: list[tuple[float, float, str]] = []
-        start_gate.wait()
-        began = time.monotonic()
-        end = None if duration_s is None else began + duration_s
-        sent = 0
-        if interval_s and stop.wait(interval_s * number / lanes):
-            return
-        while not stop.is_set():
-            if requests_per_lane is not None and sent >= requests_per_lane:
-                break
-            if end is not None and time.monotonic() >= end:
-                break
-            j = (number + sent) % len(images)
-            sent += 1
-            t = time.perf_counter()
-            sent_at = time.monotonic() - run_began[0]
-            try:
-                if rpc == "identify":
-                    req = pb.IdentifyRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id)
-                    resp = client.read("Identify", req, timeout)
-                elif rpc == "verify":
-                    req = pb.VerifyRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id,
-                                           traveller_id=claims[j])
-                    resp = client.read("Verify", req, timeout)
-                else:
-                    req = pb.ClearRequest(probe=pb.Probe(image=images[j]), lane_id=lane_id,
-                                          claimed_traveller_id=claims[j])
-                    resp = client.read("Clear", req, timeout)
-            except grpc.RpcError as exc:
-                errors[exc.code().name] += 1
-                if timeline:
-                    calls.append((sent_at, (time.perf_counter() - t) * 1e3, exc.code().name))
-            else:
-                latency_ms = (time.perf_counter() - t) * 1e3
-                latencies.append(latency_ms)
-                name = pb.Decision.Name(resp.decision)
-                decisions[name] += 1
-                if timeline:
-                    calls.append((sent_at, latency_ms, name))
-                if on_answer is not None:
-                    on_answer(name)
-            if interval_s:
-                pause = began + interval_s * (sent + number / lanes) - time.monotonic()
-                if pause > 0 and stop.wait(pause):
-                    break
-        with lock:
-            report.latencies_ms.extend(latencies)
-            report.decisions.update(decisions)
-            report.errors.update(errors)
-            report.timeline.extend(calls)
-
-    threads = [threading.Thread(target=lane, args=(i,), name=f"lane-{i}", daemon=True)
-               for i in range(lanes)]
-    for t in threads:
-        t.start()
     try:
-        run_began[0] = time.monotonic()
-        start_gate.wait()
-        began = time.perf_counter()
-        for t in threads:
-            t.join()
-        report.seconds = time.perf_counter() - began
+        return _run(plan, client)
     finally:
-        stop.set()
+        plan.stop.set()
         if own_client:
             client.close()
-    return report

@@ -418,3 +418,22 @@ def test_client_commands_identify_verify_enroll_and_lane(server, client, enrolle
     assert main(["identify", *address, str(faces_dir / "labels.csv")]) == 1
     assert "INVALID_ARGUMENT" in capsys.readouterr().err
     client.remove("cli-traveller")
+
+
+def test_lane_simulator_sends_each_kind_of_call_and_keeps_its_timeline(server, enrolled,
+                                                                       faces_dir):
+    from matcher.lane import run_lanes
+
+    obama = (faces_dir / "obama_4.jpg").read_bytes()
+    for rpc in ("identify", "verify", "clear"):
+        seen: list[str] = []
+        report = run_lanes(server.address, [obama], 2, requests_per_lane=2, rpc=rpc,
+                           traveller_ids=["obama"], timeline=True, interval_s=0.01,
+                           timeout=60, on_answer=seen.append)
+        assert report.answered == 4 and report.failed == 0, (rpc, report.summary())
+        assert report.decisions == {"MATCH": 4} and seen == ["MATCH"] * 4
+        assert sorted(d for _, _, d in report.timeline) == ["MATCH"] * 4
+    with pytest.raises(ValueError, match="one traveller id per image"):
+        run_lanes(server.address, [obama], 1, requests_per_lane=1, rpc="verify")
+    with pytest.raises(ValueError, match="at least one image"):
+        run_lanes(server.address, [], 1, requests_per_lane=1)

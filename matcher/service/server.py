@@ -316,8 +316,19 @@ class RunningServer:
                           snapshot_prune_after_s=config.snapshot_prune_after_s),
             codec=codec_from_env())
         if config.demo:
-            enrol_demo_gallery(pipeline, gallery)
+            try:
+                self._check_not_stopped()
+                enrol_demo_gallery(pipeline, gallery)
+            except BaseException:
+                gallery.close()
+                raise
         return gallery
+
+    def _check_not_stopped(self) -> None:
+        """Between the load's steps: give up once stop() was called (the thread that
+        loads cannot be cancelled, only asked to stop)."""
+        if self._cancel_load.is_set():
+            raise MatcherError("stopped while loading models and gallery")
 
     def _load(self, pipeline: Pipeline | None
               ) -> tuple[Pipeline, PrimaryGallery | ReplicaGallery, ScoreModel, AuditLog]:
@@ -330,6 +341,7 @@ class RunningServer:
         check_settings(score_model, pipeline.settings_hash(), pipeline.model_id)
         # The audit log before the gallery: a damaged one refuses start-up at once, and a
         # gallery that fails to open leaves no log file open behind it.
+        self._check_not_stopped()
         audit = AuditLog(config.audit_path or config.data_dir / AUDIT_FILE)
         try:
             gallery = self._open_gallery(pipeline)
@@ -338,10 +350,28 @@ class RunningServer:
             raise
         return pipeline, gallery, score_model, audit
 
+    async def _load_in_thread(self, pipeline: Pipeline | None
+                              ) -> tuple[Pipeline, PrimaryGallery | ReplicaGallery, ScoreModel,
+                                         AuditLog]:
+        """``_load`` in a thread. Cancelling the await does not stop the thread: a stop()
+        during the load waits for it and closes the store and audit log it opened, so
+        the store's files and lock are not left held by a server that never served."""
+        loading = asyncio.ensure_future(asyncio.to_thread(self._load, pipeline))
+        try:
+            return await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            await asyncio.wait({loading})
+            if not loading.cancelled() and loading.exception() is None:
+                _, gallery, _, audit = loading.result()
+                await asyncio.to_thread(gallery.close)
+                audit.close()
+                log.info("stopped while loading: closed the gallery and audit log it opened")
+            raise
+
     async def _load_and_serve(self, pipeline: Pipeline | None) -> None:
         config = self.config
         started = time.monotonic()
-        models, gallery, score_model, audit = await asyncio.to_thread(self._load, pipeline)
+        models, gallery, score_model, audit = await self._load_in_thread(pipeline)
         self.gallery, self.audit = gallery, audit
         engine = MatchEngine(models, gallery, config.batch, config.policy,
                              self.metrics, audit, config.search_threads, score_model,

@@ -395,15 +395,16 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             finally:
                 slots.release()
 
+        in_flight: set[asyncio.Task] = set()
+
         async def read() -> None:
-            tasks: set[asyncio.Task] = set()
             try:
                 async for request in request_iterator:
                     await slots.acquire()
                     task = asyncio.create_task(answer(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                await asyncio.gather(*tasks)
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.gather(*in_flight)
             finally:
                 await out.put(None)
 
@@ -413,7 +414,13 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 yield response
             await reader  # surfaces a broken request stream
         finally:
+            # The lane cancelled or went away: what is still being answered is answered
+            # to nobody. Cancelled, a request leaves the model queue at once and is
+            # neither decided, audited nor counted (the reader, waiting for a free slot,
+            # would not cancel the requests it started).
             reader.cancel()
+            for task in list(in_flight):
+                task.cancel()
 
     # -- gallery --------------------------------------------------------------------------
 

@@ -248,7 +248,7 @@ def test_a_traveller_is_one_fused_template_and_n_counts_who_is_booked_now(tmp_pa
         policy.fmr_1to1, policy.confidence_1to1, FUSED)))
     assert fused.score == pytest.approx(float(fuse_templates(four) @ probe), abs=1e-5)
     # the index holds one template per traveller; today's search counts today's travellers
-    assert gallery.template_count == gallery.size == 5
+    assert gallery.index_entries == gallery.size == 5 and gallery.template_count == 11
     assert decider.point_1toN(now=10.0).gallery_size == 2
     assert decider.point_1toN(now=day + 10).gallery_size == 1
     assert decider.point_1toN(now=10 * day).gallery_size == 0

@@ -122,11 +122,15 @@ def test_fused_photo_counts_follow_the_traveller_and_snapshots_keep_the_built_on
     ix = SearchIndex.build(gallery, owner, np.arange(4), ids, np.full(4, NOW - 1),
                            np.full(4, NOW + 3600), 1, ix.config, photos=np.array([1, 2, 3, 1]))
     assert [ix.photos(t) for t in ids] == [1, 2, 3, 1]
+    assert (ix.travellers, ix.stored_templates, ix.entries) == (4, 7, 4)
     ix.upsert(ids[0], NOW - 1, NOW + 10, gallery[:1], [10], photos=2)   # a second photo
     ix.upsert("NEW", NOW - 1, NOW + 10, gallery[:1], [11], photos=3)
     assert ix.photos(ids[0]) == 2 and ix.photos("NEW") == 3
+    # The stored templates follow the travellers; the entries keep the dead row too.
+    assert (ix.travellers, ix.stored_templates, ix.entries) == (5, 11, 6)
     assert ix.remove(ids[1]) and ix.remove("NEW")
     assert ix.photos(ids[1]) == 1 and ix.photos("NEW") == 1     # not their old counts
+    assert (ix.travellers, ix.stored_templates, ix.entries) == (3, 6, 6)
     assert ix.built_photos().tolist() == [1, 2, 3, 1]           # as the built part has them
 
 

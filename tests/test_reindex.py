@@ -205,7 +205,9 @@ def test_a_server_started_on_the_result_identifies_the_shared_faces(
             MatcherClient(srv.address) as client:
         info = client.gallery_info()
         assert info.gallery_version == night.summary["gallery_version"]
-        assert (info.travellers, info.templates) == (len(GOOD), len(GOOD))  # one fused each
+        # one fused template each in the index, every booking photo's template stored
+        assert (info.travellers, info.index_entries) == (len(GOOD), len(GOOD))
+        assert info.templates == sum(len(v) for v in GOOD.values())
         assert info.searchable_travellers == len(GOOD)
         for name, expected in PROBES.items():
             r = client.identify((faces_dir / name).read_bytes())

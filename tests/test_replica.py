@@ -37,6 +37,14 @@ def test_writer_and_replica_behind_round_robin(tmp_path, pipeline, faces_dir):
             assert info.role == "replica" and info.snapshot == first.snapshot
             assert info.gallery_version == first.gallery_version
             assert info.travellers == len(plan)
+            # Both count the stored templates (obama's two photos count two) and, apart,
+            # the index's entries: one fused template per traveller once rebuilt.
+            for side in (to_writer, to_replica):
+                info = side.gallery_info()
+                assert (info.travellers, info.templates, info.index_entries) == \
+                    (len(plan), len(plan) + 1, len(plan)), info.role
+            assert writer.running.metrics.registry.get_sample_value(
+                "matcher_gallery_size") == len(plan) + 1
 
             # Reads are served by both, spread by gRPC's round robin.
             roles = {both.gallery_info().role for _ in range(8)}

@@ -412,6 +412,9 @@ class SearchIndex:
         delta = _Delta(np.empty((0, D), np.float32), np.empty(0, np.int32),
                        np.empty(0, np.int64), 0)
         self._slots: dict[str, int] = {tid: i for i, tid in enumerate(traveller_ids)}
+        # Intact booking templates behind the active slots (kept by the writer's changes,
+        # so reading it costs nothing at 10M travellers).
+        self._stored_templates = int(photos[photos > 0].sum())
         self._view = _View(built, delta, table, built_version)
         # Counts the writer's changes to the traveller table, after each one is in place.
         self._table_changes = 0
@@ -485,10 +488,17 @@ class SearchIndex:
         return count
 
     @property
-    def template_count(self) -> int:
-        """Templates held, including those of removed travellers not yet rebuilt away."""
+    def entries(self) -> int:
+        """Vectors the index searches: one fused template per traveller, plus those of
+        removed or re-enrolled travellers not yet rebuilt away."""
         v = self._view
         return v.built.ntotal + v.delta.count
+
+    @property
+    def stored_templates(self) -> int:
+        """Intact booking templates behind the searchable travellers' fused ones (a
+        traveller booked with three photos counts three)."""
+        return self._stored_templates
 
     @property
     def delta_template_count(self) -> int:
@@ -545,6 +555,8 @@ class SearchIndex:
         old = self._slots.get(traveller_id)
         if old is not None:
             active[old] = False
+            self._stored_templates -= int(fused[old])
+        self._stored_templates += photos
         self._slots[traveller_id] = slot
         self._table_changes += 1
 
@@ -555,6 +567,7 @@ class SearchIndex:
         if slot is None:
             return False
         self._view.table.active[slot] = False
+        self._stored_templates -= int(self._view.table.photos[slot])
         self._table_changes += 1
         if version is not None:
             self.applied_version = version

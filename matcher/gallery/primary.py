@@ -136,7 +136,14 @@ class PrimaryGallery:
 
     @property
     def template_count(self) -> int:
-        return self._index.template_count
+        """Intact templates stored for the travellers of ``size``, one per booking photo
+        (the index searches one fused template per traveller)."""
+        return self._index.stored_templates
+
+    @property
+    def index_entries(self) -> int:
+        """Vectors the index holds: travellers, plus removed ones not yet rebuilt away."""
+        return self._index.entries
 
     def searchable(self, now: datetime | float | None = None) -> int:
         """Travellers whose booking window is open at ``now``: who a search can match."""
@@ -160,7 +167,7 @@ class PrimaryGallery:
                 "index_version": ix.applied_version, "index_built_version": ix.built_version,
                 "index_kind": ix.kind, "index_params": ix.built.params,
                 "travellers": travellers, "templates": templates,
-                "index_travellers": ix.travellers, "index_templates": ix.template_count,
+                "index_travellers": ix.travellers, "index_entries": ix.entries,
                 "searchable_now": ix.searchable(time.time()),  # the N of a 1:N search now
                 "delta_templates": ix.delta_template_count,
                 "quarantined": [{"template_id": d.template_id, "traveller_id": d.traveller_id,

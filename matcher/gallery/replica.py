@@ -85,7 +85,14 @@ class ReplicaGallery:
 
     @property
     def template_count(self) -> int:
-        return self._state.index.template_count
+        """Intact templates the writer stored for the travellers of ``size`` (from the
+        snapshot's photo counts; the replica holds only their fused templates)."""
+        return self._state.index.stored_templates
+
+    @property
+    def index_entries(self) -> int:
+        """Vectors the index holds: travellers, plus removed ones not yet rebuilt away."""
+        return self._state.index.entries
 
     def searchable(self, now=None) -> int:
         """Travellers whose booking window is open at ``now``: who a search can match."""

@@ -70,7 +70,8 @@ class Metrics:
             "requests_rejected", "Requests refused before any work (overload, deadline)",
             ["reason"], namespace=namespace, registry=r)
         self.gallery_size = Gauge(
-            "gallery_size", "Templates in the live gallery", namespace=namespace, registry=r)
+            "gallery_size", "Templates stored for the live gallery's travellers, one per "
+            "booking photo (GalleryInfo.templates)", namespace=namespace, registry=r)
         self.gallery_version = Gauge(
             "gallery_version", "Version number of the live gallery snapshot",
             namespace=namespace, registry=r)
@@ -148,7 +149,7 @@ class Metrics:
         self.rejected.labels(reason=reason).inc()
 
     def set_gallery(self, size: int, version: int | str) -> None:
-        """Publish the live gallery's template count and snapshot version.
+        """Publish the live gallery's stored templates and snapshot version.
 
         ``version`` is an integer (or a string of digits); anything else is refused so a
         free-form string can never end up in the exposition.

@@ -508,7 +508,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             many = decider.point_1toN(gallery_size=searchable)  # the N a search uses now
             return pb.GalleryInfo(
                 gallery_version=g.version, travellers=g.size, templates=g.template_count,
-                searchable_travellers=searchable,
+                searchable_travellers=searchable, index_entries=g.index_entries,
                 model_id=engine.model_id, index_kind=g.index_kind, role=self.serving.role,
                 snapshot=self.serving.snapshot_name,
                 threshold_1to1=decider.point_1to1.threshold, threshold_1ton=many.threshold,

@@ -365,7 +365,7 @@ class GetGalleryInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GalleryInfo(_message.Message):
-    __slots__ = ("gallery_version", "travellers", "templates", "model_id", "index_kind", "role", "snapshot", "threshold_1to1", "threshold_1ton", "fmr_1to1", "fpir_1ton", "max_supported_gallery_size", "one_to_many_supported", "score_model", "searchable_travellers")
+    __slots__ = ("gallery_version", "travellers", "templates", "model_id", "index_kind", "role", "snapshot", "threshold_1to1", "threshold_1ton", "fmr_1to1", "fpir_1ton", "max_supported_gallery_size", "one_to_many_supported", "score_model", "searchable_travellers", "index_entries")
     GALLERY_VERSION_FIELD_NUMBER: _ClassVar[int]
     TRAVELLERS_FIELD_NUMBER: _ClassVar[int]
     TEMPLATES_FIELD_NUMBER: _ClassVar[int]
@@ -381,6 +381,7 @@ class GalleryInfo(_message.Message):
     ONE_TO_MANY_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
     SCORE_MODEL_FIELD_NUMBER: _ClassVar[int]
     SEARCHABLE_TRAVELLERS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     gallery_version: int
     travellers: int
     templates: int
@@ -396,7 +397,8 @@ class GalleryInfo(_message.Message):
     one_to_many_supported: bool
     score_model: str
     searchable_travellers: int
-    def __init__(self, gallery_version: _Optional[int] = ..., travellers: _Optional[int] = ..., templates: _Optional[int] = ..., model_id: _Optional[str] = ..., index_kind: _Optional[str] = ..., role: _Optional[str] = ..., snapshot: _Optional[str] = ..., threshold_1to1: _Optional[float] = ..., threshold_1ton: _Optional[float] = ..., fmr_1to1: _Optional[float] = ..., fpir_1ton: _Optional[float] = ..., max_supported_gallery_size: _Optional[int] = ..., one_to_many_supported: _Optional[bool] = ..., score_model: _Optional[str] = ..., searchable_travellers: _Optional[int] = ...) -> None: ...
+    index_entries: int
+    def __init__(self, gallery_version: _Optional[int] = ..., travellers: _Optional[int] = ..., templates: _Optional[int] = ..., model_id: _Optional[str] = ..., index_kind: _Optional[str] = ..., role: _Optional[str] = ..., snapshot: _Optional[str] = ..., threshold_1to1: _Optional[float] = ..., threshold_1ton: _Optional[float] = ..., fmr_1to1: _Optional[float] = ..., fpir_1ton: _Optional[float] = ..., max_supported_gallery_size: _Optional[int] = ..., one_to_many_supported: _Optional[bool] = ..., score_model: _Optional[str] = ..., searchable_travellers: _Optional[int] = ..., index_entries: _Optional[int] = ...) -> None: ...
 
 class PublishSnapshotRequest(_message.Message):
     __slots__ = ()

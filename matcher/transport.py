@@ -36,9 +36,19 @@ SERVER_KEEPALIVE_TIMEOUT_MS = 10_000
 # GOAWAY (too_many_pings).
 MAX_PING_STRIKES = 2
 
-# A request is at most a 20 MB photo (decode.DecodeLimits.max_bytes) plus protobuf
-# framing; anything bigger is refused by gRPC before it is buffered. Answers are small.
-MAX_REQUEST_BYTES = 21 * 1024 * 1024
+# Caps on what a request carries (docs/service.md#message-sizes):
+# - a photo (probe, frame, booking photo, document) at most MAX_PHOTO_BYTES, checked by
+#   the decoder (face/decode.DecodeLimits.max_bytes, held equal by a test), INVALID_ARGUMENT
+#   naming the cap and the photo;
+# - the photos of one request together at most MAX_REQUEST_PHOTO_BYTES: an Enroll of 16
+#   booking photos or an Identify of 8 frames is several photos, but a 20 MB each of them
+#   would hold 320 MB per call; the servicer checks it, INVALID_ARGUMENT naming the cap;
+# - the message at most MAX_REQUEST_BYTES (those photos plus framing), refused by gRPC
+#   before it is buffered (RESOURCE_EXHAUSTED, gRPC's message names the byte limit).
+# Answers are small.
+MAX_PHOTO_BYTES = 20 * 1024 * 1024
+MAX_REQUEST_PHOTO_BYTES = 64 * 1024 * 1024
+MAX_REQUEST_BYTES = MAX_REQUEST_PHOTO_BYTES + 1024 * 1024
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (

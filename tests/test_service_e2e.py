@@ -271,8 +271,8 @@ def test_each_bad_input_gets_its_status_code(client, enrolled, faces_dir, server
         "enrol with an inverted window": (
             lambda: client.enroll("x", [photo], valid_from=2e9, valid_to=1e9),
             grpc.StatusCode.INVALID_ARGUMENT),
-        "message over the size limit": (lambda: client.identify(b"\xff" * (22 * 1024 * 1024)),
-                                        grpc.StatusCode.RESOURCE_EXHAUSTED),
+        "a photo over its 20 MiB cap": (lambda: client.identify(b"\xff" * (22 * 1024 * 1024)),
+                                        grpc.StatusCode.INVALID_ARGUMENT),
         "deadline already passed": (lambda: client.identify(photo, timeout=1e-4),
                                     grpc.StatusCode.DEADLINE_EXCEEDED),
     }
@@ -437,3 +437,47 @@ def test_lane_simulator_sends_each_kind_of_call_and_keeps_its_timeline(server, e
         run_lanes(server.address, [obama], 1, requests_per_lane=1, rpc="verify")
     with pytest.raises(ValueError, match="at least one image"):
         run_lanes(server.address, [], 1, requests_per_lane=1)
+
+
+def test_request_caps_per_photo_and_per_request(server, client, enrolled, faces_dir):
+    """A photo is at most 20 MiB (the decoder says so), a request's photos at most 64 MiB
+    in all (the servicer says so), a message a little more (gRPC refuses it unread)."""
+    from matcher.face.decode import DEFAULT_LIMITS
+    from matcher.transport import MAX_PHOTO_BYTES, MAX_REQUEST_BYTES, MAX_REQUEST_PHOTO_BYTES
+
+    assert DEFAULT_LIMITS.max_bytes == MAX_PHOTO_BYTES
+    photo = (faces_dir / "obama_4.jpg").read_bytes()
+
+    def padded(size: int) -> bytes:  # the same JPEG, zero bytes after its end
+        return photo + b"\x00" * (size - len(photo))
+
+    # Four frames of 15 MiB: far past the old 21 MiB cap, within the request's.
+    four = [padded(15 * 2**20)] * 4
+    assert client.identify(frames=four).decision == pb.MATCH
+    # One photo over its cap: INVALID_ARGUMENT naming it.
+    with pytest.raises(grpc.RpcError) as info:
+        client.identify(padded(MAX_PHOTO_BYTES + 1))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "the limit is 21.0 MB" in info.value.details()
+    # Photos that fit one by one but not together: INVALID_ARGUMENT naming the cap.
+    over = [padded(MAX_REQUEST_PHOTO_BYTES // 4 + 2**16)] * 4
+    for call in (lambda: client.identify(frames=over),
+                 lambda: client.enroll("T-CAPS", over)):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "at most 64 MiB (each photo at most 20 MiB)" in info.value.details()
+    # Past the message cap: gRPC refuses it before it is read, naming its byte limit.
+    channel = grpc.insecure_channel(server.address,
+                                    options=[("grpc.max_send_message_length", -1)])
+    try:
+        identify = channel.unary_unary("/matcher.v1.Matcher/Identify",
+                                       request_serializer=pb.IdentifyRequest.SerializeToString,
+                                       response_deserializer=pb.MatchResponse.FromString)
+        huge = pb.IdentifyRequest(frames=[pb.Probe(image=padded(MAX_REQUEST_BYTES // 4))] * 5)
+        with pytest.raises(grpc.RpcError) as info:
+            identify(huge, timeout=60)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(MAX_REQUEST_BYTES) in info.value.details()
+    finally:
+        channel.close()

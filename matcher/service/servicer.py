@@ -31,6 +31,7 @@ from ..face.document import is_document
 from ..face.frames import FrameOutcome
 from ..face.pipeline import Face
 from ..templates import MAX_TEMPLATES_PER_TRAVELLER, check_traveller_id
+from ..transport import MAX_PHOTO_BYTES, MAX_REQUEST_PHOTO_BYTES
 from ..v1 import matcher_pb2 as pb
 from ..v1 import matcher_pb2_grpc as pb_grpc
 from . import outcome
@@ -120,6 +121,26 @@ def _top_k(value: int) -> int:
     if not 1 <= value <= MAX_TOP_K:
         raise InvalidInput(f"top_k must be between 1 and {MAX_TOP_K}, got {value}")
     return value
+
+
+def _photo_bytes(probe: pb.Probe) -> int:
+    kind = probe.WhichOneof("kind")
+    if kind == "image":
+        return len(probe.image)
+    if kind == "aligned":
+        return len(probe.aligned.data)
+    return 0  # a template: 2 KB of floats
+
+
+def check_request_bytes(probes: list[pb.Probe], document: bytes | None = None) -> None:
+    """INVALID_ARGUMENT when the photos of one request together pass
+    MAX_REQUEST_PHOTO_BYTES (each photo's own cap is the decoder's)."""
+    total = sum(_photo_bytes(p) for p in probes) + len(document or b"")
+    if total > MAX_REQUEST_PHOTO_BYTES:
+        raise InvalidInput(f"the request carries {total / 2**20:.1f} MiB of photos; one "
+                           f"request may carry at most {MAX_REQUEST_PHOTO_BYTES // 2**20} "
+                           f"MiB (each photo at most {MAX_PHOTO_BYTES // 2**20} MiB): send "
+                           f"fewer or smaller photos")
 
 
 def frame_input(probe: pb.Probe, model_id: str) -> Frame:
@@ -349,9 +370,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                         ) -> pb.MatchResponse:
         client_id(call.request_id, "request_id")
         client_id(call.lane_id, "lane_id")
+        document = self._document(call)
+        check_request_bytes(call.probes(), document)
         asked = MatchCall(call.rpc, call.request_id, call.lane_id, call.traveller_id,
-                          _top_k(call.top_k), call.all_faces, call.as_frames,
-                          self._document(call))
+                          _top_k(call.top_k), call.all_faces, call.as_frames, document)
         answer = await outcome.match(engine, asked, self._frames(engine, call), deadline)
         return match_response(answer)
 
@@ -433,6 +455,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         if not request.photos or len(request.photos) > MAX_TEMPLATES_PER_TRAVELLER:
             raise InvalidInput(f"send 1 to {MAX_TEMPLATES_PER_TRAVELLER} photos, "
                                f"got {len(request.photos)}")
+        check_request_bytes(list(request.photos))
         photos = [frame_input(photo, engine.model_id) for photo in request.photos]
         done = await outcome.enrol(
             engine, request_id, traveller_id, photos,

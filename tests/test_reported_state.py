@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,13 +29,20 @@ def _enrol(gallery: PrimaryGallery, i: int, template: np.ndarray) -> int:
     return gallery.enroll(f"t{i}", template[None, :], *WINDOW, [f"{i:064x}"]).gallery_version
 
 
-async def _identify_until(engine: MatchEngine, templates: list[np.ndarray],
-                          probes: range, done: threading.Event, lanes: int = 4
-                          ) -> list[tuple[int, MatchOutcome]]:
+def _identify_while(engine: MatchEngine, templates: list[np.ndarray], probes: range,
+                    change: Callable[[], None], lanes: int = 4
+                    ) -> list[tuple[int, MatchOutcome]]:
     """Identify probes of ``probes`` (template i is traveller t{i}'s) from ``lanes``
-    concurrent callers until ``done`` is set; (probe, answer) for each."""
+    concurrent callers while ``change`` runs in a thread; (probe, answer) for each."""
     answers: list[tuple[int, MatchOutcome]] = []
     ids = itertools.count()
+    done = threading.Event()
+
+    def changing() -> None:
+        try:
+            change()
+        finally:
+            done.set()
 
     async def lane(n: int) -> None:
         rng = np.random.default_rng(n)
@@ -43,7 +51,17 @@ async def _identify_until(engine: MatchEngine, templates: list[np.ndarray],
             call = MatchCall("Identify", f"r{next(ids)}", f"lane-{n}")
             answers.append((i, await match(engine, call, [templates[i]], None)))
 
-    await asyncio.gather(*(lane(n) for n in range(lanes)))
+    async def main() -> None:
+        engine.start()
+        try:
+            thread = threading.Thread(target=changing)
+            thread.start()
+            await asyncio.gather(*(lane(n) for n in range(lanes)))
+            thread.join()
+        finally:
+            await engine.stop()
+
+    asyncio.run(main())
     return answers
 
 
@@ -78,30 +96,15 @@ def test_an_answer_names_the_version_and_threshold_it_searched_while_travellers_
     searchable_at = {gallery.version: base}
     audit = AuditLog(tmp_path / "audit.log")
     engine = MatchEngine(pipeline, gallery, audit=audit)
-    done = threading.Event()
 
     def enrol_the_rest() -> None:
-        try:
-            for i in range(base, len(templates)):
-                version = _enrol(gallery, i, templates[i])
-                matched_from[i] = version
-                searchable_at[version] = i + 1  # one traveller more with each version
-        finally:
-            done.set()
-
-    async def main() -> list[tuple[int, MatchOutcome]]:
-        engine.start()
-        try:
-            writer = threading.Thread(target=enrol_the_rest)
-            writer.start()
-            answers = await _identify_until(engine, templates, range(len(templates)), done)
-            writer.join()
-            return answers
-        finally:
-            await engine.stop()
+        for i in range(base, len(templates)):
+            version = _enrol(gallery, i, templates[i])
+            matched_from[i] = version
+            searchable_at[version] = i + 1  # one traveller more with each version
 
     try:
-        answers = asyncio.run(main())
+        answers = _identify_while(engine, templates, range(len(templates)), enrol_the_rest)
     finally:
         gallery.close()
         audit.close()
@@ -127,30 +130,15 @@ def test_an_answer_names_the_version_and_threshold_it_searched_across_hot_swaps(
     replica = ReplicaGallery.open(data / "snapshots", pipeline.model_id)
     audit = AuditLog(tmp_path / "audit.log")
     engine = MatchEngine(pipeline, replica, audit=audit)
-    done = threading.Event()
 
     def swap_back_and_forth() -> None:
-        try:
-            for _ in range(100):
-                replica.load_snapshot(small)
-                replica.load_snapshot(large)
-        finally:
-            done.set()
-
-    async def main() -> list[tuple[int, MatchOutcome]]:
-        engine.start()
-        try:
-            swapper = threading.Thread(target=swap_back_and_forth)
-            swapper.start()
-            # travellers of the larger snapshot only: matched in it, never in the smaller
-            answers = await _identify_until(engine, templates, range(10, 30), done)
-            swapper.join()
-            return answers
-        finally:
-            await engine.stop()
+        for _ in range(100):
+            replica.load_snapshot(small)
+            replica.load_snapshot(large)
 
     try:
-        answers = asyncio.run(main())
+        # travellers of the larger snapshot only: matched in it, never in the smaller
+        answers = _identify_while(engine, templates, range(10, 30), swap_back_and_forth)
     finally:
         audit.close()
     assert {out.gallery_version for _, out in answers} == {small_version, large_version}

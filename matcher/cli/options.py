@@ -149,3 +149,21 @@ def model_pack(args: argparse.Namespace):
                          "--embedder and --embedder-sha256")
     return ModelPack.from_paths(args.detector, args.detector_sha256, args.embedder,
                                 args.embedder_sha256)
+
+
+def add_shared_gallery_options(p: argparse.ArgumentParser) -> None:
+    """The score model and snapshot retention, which the writer and the overnight job
+    share (one settings file for both): one definition, one set of defaults."""
+    from ..gallery.snapshot import PRUNE_AFTER_S, SNAPSHOTS_KEPT
+
+    p.add_argument("--score-model", type=Path,
+                   help="score model from 'matcher calibrate' (default: the one shipped for "
+                        "the model pack); the enrolment rule's consistency threshold comes "
+                        "from it too")
+    p.add_argument("--snapshots-kept", type=COUNT, default=SNAPSHOTS_KEPT, metavar="N",
+                   help=f"newest snapshots kept when pruning (default {SNAPSHOTS_KEPT})")
+    p.add_argument("--snapshot-prune-after", type=SECONDS, default=PRUNE_AFTER_S,
+                   metavar="SECONDS",
+                   help="an older snapshot is deleted only once a newer one has existed "
+                        "this long, longer than any replica takes to load one "
+                        f"(default {PRUNE_AFTER_S:g})")

@@ -8,13 +8,13 @@ from pathlib import Path
 
 from .options import (
     COUNT,
-    SECONDS,
     Number,
     add_command,
     add_config_option,
     add_data_option,
     add_log_format_option,
     add_model_pack_options,
+    add_shared_gallery_options,
     model_pack,
 )
 
@@ -102,17 +102,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     # The model pack and flip augmentation, as 'matcher serve' takes them: templates the
     # server it feeds can compare.
     add_model_pack_options(p)
-    p.add_argument("--score-model", type=Path,
-                   help="score model from 'matcher calibrate', as 'matcher serve' takes it: "
-                        "the enrolment rule's consistency threshold comes from it (default: "
-                        "the one shipped for the model pack)")
-    p.add_argument("--snapshots-kept", type=COUNT, default=d.snapshots_kept, metavar="N",
-                   help="newest snapshots kept when pruning, as the writer's "
-                        f"(default {d.snapshots_kept})")
-    p.add_argument("--snapshot-prune-after", type=SECONDS, default=d.snapshot_prune_after_s,
-                   metavar="SECONDS",
-                   help="an older snapshot is deleted only once a newer one has existed "
-                        f"this long (default {d.snapshot_prune_after_s:g})")
+    add_shared_gallery_options(p)
     add_log_format_option(p)
     p.set_defaults(func=cmd_reindex)
 

@@ -17,6 +17,7 @@ from .options import (
     add_data_option,
     add_log_format_option,
     add_model_pack_options,
+    add_shared_gallery_options,
     model_pack,
 )
 
@@ -125,14 +126,6 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                         f"an unchanged one every {KEEPALIVE_INTERVALS} intervals); 0: only "
                         "on PublishSnapshot and after the overnight job "
                         f"(default {ServerConfig.publish_interval_s:g})")
-    p.add_argument("--snapshots-kept", type=COUNT, default=ServerConfig.snapshots_kept,
-                   metavar="N", help="writer: newest snapshots kept when pruning "
-                                     f"(default {ServerConfig.snapshots_kept})")
-    p.add_argument("--snapshot-prune-after", type=SECONDS,
-                   default=ServerConfig.snapshot_prune_after_s, metavar="SECONDS",
-                   help="writer: an older snapshot is deleted only once a newer one has "
-                        "existed this long, longer than any replica takes to load one "
-                        f"(default {ServerConfig.snapshot_prune_after_s:g})")
     p.add_argument("--grace", type=SECONDS, default=ServerConfig.grace_s, metavar="SECONDS",
                    help="SIGTERM: seconds in-flight calls get to finish "
                         f"(default {ServerConfig.grace_s:g})")
@@ -164,8 +157,7 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=COUNT, default=ServerConfig.ort_threads,
                    help="ONNX Runtime intra-op threads per model call")
     add_model_pack_options(p)
-    p.add_argument("--score-model", type=Path,
-                   help="score model from 'matcher calibrate' (default: the shipped one)")
+    add_shared_gallery_options(p)
     add_log_format_option(p)
     add_config_option(p)
 

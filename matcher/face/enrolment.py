@@ -250,13 +250,13 @@ def _best_track(tracks: list[dict[int, int]], photos: Sequence[BookingPhoto],
     widest = [t for t in tracks if len(t) == most]
     if len({tuple(sorted(t.items())) for t in widest}) == 1:
         return widest[0]
+    mains = {i: main_face(photos[i], dominant_area_ratio) for t in widest for i in t}
 
-    def mains(track: dict[int, int]) -> int:
-        return sum(main_face(photos[i], dominant_area_ratio) is photos[i].faces[f]
-                   for i, f in track.items())
+    def made_of_mains(track: dict[int, int]) -> int:
+        return sum(mains[i] is photos[i].faces[f] for i, f in track.items())
 
-    ranked = sorted(widest, key=mains, reverse=True)
-    if mains(ranked[0]) > mains(ranked[1]):
+    ranked = sorted(widest, key=made_of_mains, reverse=True)
+    if made_of_mains(ranked[0]) > made_of_mains(ranked[1]):
         return ranked[0]
     return None
 

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Generator, Iterable
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import IO
 
@@ -250,11 +251,11 @@ class _Plan:
     new: dict[str, np.ndarray] = field(default_factory=dict)
     kept: set[str] = field(default_factory=set)
 
-    @property
+    @cached_property
     def booking_key(self) -> str:
         """Names this exact set of photos: a refusal that depends on the booking's other
         photos is remembered for it alone."""
-        return booking_key(self.rows)
+        return booking_key(self.rows)  # read once ``rows`` is complete (after _plan's loop)
 
 
 def _plan(bookings: list[Booking], digests: dict[Path, tuple[str | None, str]],

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 from service_helpers import Started
@@ -26,6 +27,15 @@ _METRICS = re.compile(rb"metrics on http://127\.0\.0\.1:(\d+)/metrics")
 _RECENT_BYTES = 1 << 20
 # Serve /metrics on a port the server picks (read back as ServerProcess.metrics_port).
 METRICS_ANY_PORT = ("--metrics-listen", "127.0.0.1:0")
+
+
+def metric(port: int, name: str) -> float:
+    """One unlabelled sample of a server's /metrics (KeyError if it is not there)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise KeyError(name)
 
 
 def rss_kib(pid: int) -> int:

@@ -13,14 +13,13 @@ import socket
 import statistics
 import threading
 import time
-import urllib.request
 from itertools import pairwise
 from pathlib import Path
 
-import numpy as np
 from _leaks import byte_forms, find_leaks, template_forms
-from _server import METRICS_ANY_PORT, ServerProcess
+from _server import METRICS_ANY_PORT, ServerProcess, metric
 from grpc_health.v1 import health_pb2
+from synthetic import templates
 
 from matcher.client import make_probe
 from matcher.transport import SERVICE
@@ -29,19 +28,6 @@ from matcher.v1 import matcher_pb2 as pb
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 FAR_FUTURE = 4_102_444_800.0
-
-
-def _templates(n: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, 512)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise KeyError(name)
 
 
 class NotifySocket:
@@ -152,25 +138,25 @@ def test_a_replica_follows_enrolments_with_nobody_calling_publish_snapshot(tmp_p
                             [*METRICS_ANY_PORT, "--replica-of", str(tmp_path / "writer" /
                                                                     "snapshots"),
                              "--watch-interval", "0.5"])
-    templates = _templates(40, seed=27)
+    travellers = templates(40, seed=27)
     with writer, writer.client() as enroller:
         model_id = enroller.gallery_info().model_id
         # The replica waits for the writer's first snapshot: published by itself, as the
         # empty gallery has never been published.
         with replica, replica.client() as reader:
             ages, version = [], 0
-            for i, t in enumerate(templates):
+            for i, t in enumerate(travellers):
                 version = enroller.enroll(f"T-{i:03d}", [make_probe(template=t,
                                                                     model_id=model_id)],
                                           valid_to=FAR_FUTURE).gallery_version
-                ages.append(_metric(replica.metrics_port, "matcher_snapshot_age_seconds"))
+                ages.append(metric(replica.metrics_port, "matcher_snapshot_age_seconds"))
                 time.sleep(0.25)
             deadline = time.monotonic() + 60
             while reader.gallery_info().gallery_version < version and time.monotonic() < deadline:
-                ages.append(_metric(replica.metrics_port, "matcher_snapshot_age_seconds"))
+                ages.append(metric(replica.metrics_port, "matcher_snapshot_age_seconds"))
                 time.sleep(0.25)
             info = reader.gallery_info()
-            assert info.gallery_version == version and info.travellers == len(templates)
+            assert info.gallery_version == version and info.travellers == len(travellers)
             # Nothing changes now: the writer still publishes the unchanged gallery every
             # KEEPALIVE_INTERVALS intervals, so a quiet writer never looks like a lost one.
             deadline = time.monotonic() + 60

@@ -11,13 +11,13 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
-from _server import METRICS_ANY_PORT, ServerProcess
+from _server import METRICS_ANY_PORT, ServerProcess, metric
+from synthetic import templates, unit
 
 from matcher.client import make_probe
 from matcher.face.models import default_pack
@@ -29,28 +29,15 @@ from matcher.v1 import matcher_pb2 as pb
 FAR_FUTURE = 4_102_444_800.0
 
 
-def _templates(n: int, seed: int) -> np.ndarray:
-    x = np.random.default_rng(seed).standard_normal((n, 512)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
 def _one_traveller(n: int, seed: int) -> np.ndarray:
     """n templates of one person (one direction, a little noise each): a booking's photos
     must show one traveller (the enrolment rule refuses a mix as photos_disagree)."""
-    x = _templates(1, seed) + 0.02 * np.random.default_rng(seed + 1).standard_normal((n, 512))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    noise = np.random.default_rng(seed + 1).standard_normal((n, 512))
+    return unit(templates(1, seed) + 0.02 * noise)
 
 
 def _probes(x: np.ndarray) -> list[pb.Probe]:
     return [make_probe(template=t) for t in x]
-
-
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise KeyError(name)
 
 
 @pytest.fixture
@@ -88,7 +75,7 @@ def test_disk_full_refuses_writes_loses_nothing_and_recovers_without_restart(
         small_disk, tmp_path, tally):
     data = small_disk / "data"
     server = ServerProcess(data, tmp_path / "serve.log", METRICS_ANY_PORT)
-    ref = _templates(1, seed=1)
+    ref = templates(1, seed=1)
     acked: dict[str, int] = {}
     with server:
         with server.client() as client:
@@ -151,7 +138,7 @@ sys.stdin.read()
 
 def test_a_store_locked_by_another_process(tmp_path, tally):
     data = tmp_path / "data"
-    x = _templates(2, seed=7)
+    x = templates(2, seed=7)
     server = ServerProcess(data, tmp_path / "serve.log")
     with server:
         with server.client() as client:
@@ -214,7 +201,7 @@ def test_a_store_locked_by_another_process(tmp_path, tally):
 
 def test_a_replica_keeps_serving_when_its_snapshot_share_disappears(tmp_path):
     share = tmp_path / "share"
-    x = _templates(4, seed=11)
+    x = templates(4, seed=11)
     model_id = default_pack().model_id  # what the replica's pipeline runs
     with PrimaryGallery.open(tmp_path / "writer", model_id) as writer:
         for i in range(3):
@@ -232,13 +219,13 @@ def test_a_replica_keeps_serving_when_its_snapshot_share_disappears(tmp_path):
             share.rename(gone)
             assert replica.wait_for_output(b"is gone or unreadable", 60)
             assert client.identify(template=x[1]).traveller_id == "T1"
-            assert _metric(mport, "matcher_snapshot_source_up") == 0
+            assert metric(mport, "matcher_snapshot_source_up") == 0
             # the age of the snapshot it still serves, and it keeps growing
             asked = time.time()
-            age = _metric(mport, "matcher_snapshot_age_seconds")
+            age = metric(mport, "matcher_snapshot_age_seconds")
             assert asked - created <= age <= time.time() - created
             time.sleep(0.05)
-            assert _metric(mport, "matcher_snapshot_age_seconds") > age
+            assert metric(mport, "matcher_snapshot_age_seconds") > age
 
             writer.enroll("T3", x[3], 0.0, FAR_FUTURE, [f"{3:064x}"])
             writer.rebuild()
@@ -248,4 +235,4 @@ def test_a_replica_keeps_serving_when_its_snapshot_share_disappears(tmp_path):
             assert replica.wait_for_output(f"hot-swapped to snapshot {second.name}".encode(), 60)
             assert client.gallery_info().snapshot == second.name
             assert client.identify(template=x[3]).traveller_id == "T3"
-            assert _metric(mport, "matcher_snapshot_source_up") == 1
+            assert metric(mport, "matcher_snapshot_source_up") == 1
